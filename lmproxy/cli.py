@@ -1,0 +1,269 @@
+"""The command line: flags + config file -> Config, then run the router."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+import sys
+from typing import Any
+
+import strategies
+from lmproxy import __version__
+from lmproxy.config import Config, ConfigError, build_config, load_toml, parse_backend
+
+DEFAULTS = Config()
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '33554432', '32MiB', '32m', '512k'..."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1048576, 512KiB or 32MiB)")
+    number, unit = match.groups()
+    return int(number) * _UNITS[(unit or "")[:1].lower()]
+
+
+def _option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    return key, value
+
+
+def _backend(text: str) -> Any:
+    try:
+        return parse_backend(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DEFAULTS
+    parser = argparse.ArgumentParser(
+        prog="lmproxy",
+        description=(
+            "A fast OpenAI-compatible router for LLM inference services. It sends each "
+            "request to a healthy backend service that serves the request's model and "
+            "streams the answer back. Drop-in for the InfiniLM-SVC router."
+        ),
+        epilog=(
+            "examples:\n"
+            "  lmproxy --demo                      router + two simulated backends\n"
+            "  lmproxy --backend a=http://10.0.0.5:8100 --backend http://10.0.0.6:8100,weight=2\n"
+            "  lmproxy --config lmproxy.toml --port 9000\n"
+            "  lmproxy --static-services services.json --router-port 8000\n\n"
+            "Every option can also be set in the TOML config file, with underscores\n"
+            "(health_interval = 10); the command line wins over the file."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"lmproxy {__version__}")
+    g = parser.add_argument_group("serving")
+    g.add_argument("--host", help=f"address to listen on (default: {d.host})")
+    g.add_argument(
+        "--port",
+        "--router-port",
+        dest="port",
+        type=int,
+        help=f"port to listen on; 0 picks a free one (default: {d.port})",
+    )
+    g.add_argument("--config", metavar="FILE", help="TOML config file (see README)")
+    g.add_argument(
+        "--demo",
+        action="store_true",
+        default=None,
+        help="also start two simulated backends (models Qwen3-32B and 9g_8b_thinking)",
+    )
+    g.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help=f"log verbosity (default: {d.log_level})",
+    )
+    g = parser.add_argument_group("services")
+    g.add_argument(
+        "--backend",
+        action="append",
+        type=_backend,
+        dest="services",
+        metavar="[NAME=]URL[,OPT]",
+        help=(
+            "a backend service; repeatable. Options after commas: weight=N, model=NAME "
+            "(repeatable; otherwise models are discovered from /v1/models), health=/path. "
+            "e.g. service_9g8b_8100=http://10.0.0.5:8100,weight=2"
+        ),
+    )
+    g.add_argument(
+        "--static-services",
+        metavar="FILE",
+        help="InfiniLM-SVC static services JSON file",
+    )
+    g.add_argument(
+        "--health-interval",
+        type=float,
+        metavar="S",
+        help=f"seconds between active health checks (default: {d.health_interval:g})",
+    )
+    g.add_argument(
+        "--health-timeout",
+        type=float,
+        metavar="S",
+        help=f"seconds a health check may take (default: {d.health_timeout:g})",
+    )
+    g.add_argument(
+        "--max-errors",
+        type=int,
+        metavar="N",
+        help=(
+            "consecutive failed requests that eject a service until its next passing "
+            f"health check; 0 never ejects (default: {d.max_errors})"
+        ),
+    )
+    g = parser.add_argument_group("requests")
+    g.add_argument(
+        "--connect-timeout",
+        type=float,
+        metavar="S",
+        help=f"seconds to connect to a backend (default: {d.connect_timeout:g})",
+    )
+    g.add_argument(
+        "--request-timeout",
+        type=float,
+        metavar="S",
+        help=(
+            "seconds to wait for a backend's response head, and the longest silence "
+            f"between stream chunks; never limits a healthy stream (default: {d.request_timeout:g})"
+        ),
+    )
+    g.add_argument(
+        "--retries",
+        type=int,
+        metavar="N",
+        help=(
+            "times a request is retried on another service when it could not be delivered; "
+            f"never once a response byte reached the client (default: {d.retries})"
+        ),
+    )
+    g.add_argument(
+        "--max-body-size",
+        type=parse_size,
+        metavar="SIZE",
+        help=f"largest request body, e.g. 32MiB (default: {d.max_body_size // 2**20}MiB)",
+    )
+    g.add_argument(
+        "--default-model",
+        metavar="MODEL",
+        help="model for requests that name none (default: the only served model, if just one)",
+    )
+    g.add_argument(
+        "--api-key",
+        action="append",
+        dest="api_keys",
+        metavar="KEY",
+        help=(
+            "require 'Authorization: Bearer KEY' on API endpoints; repeatable "
+            "(also LMPROXY_API_KEYS, comma-separated). /health stays open"
+        ),
+    )
+    g = parser.add_argument_group("routing")
+    g.add_argument(
+        "--strategy",
+        metavar="NAME",
+        help=f"routing strategy, by name or module:Class (default: {d.strategy})",
+    )
+    g.add_argument(
+        "--strategy-opt",
+        action="append",
+        type=_option,
+        dest="strategy_options",
+        metavar="KEY=VALUE",
+        help="an option for the strategy; repeatable",
+    )
+    g.add_argument(
+        "--list-strategies", action="store_true", help="list the installed strategies and exit"
+    )
+    g = parser.add_argument_group("connections")
+    g.add_argument(
+        "--pool-max-idle",
+        type=int,
+        metavar="N",
+        help=f"idle keep-alive connections kept per service (default: {d.pool_max_idle})",
+    )
+    g.add_argument(
+        "--pool-idle-timeout",
+        type=float,
+        metavar="S",
+        help=f"seconds an idle backend connection is kept (default: {d.pool_idle_timeout:g})",
+    )
+    g.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        metavar="S",
+        help=f"seconds an idle client connection is kept open (default: {d.keepalive_timeout:g})",
+    )
+    g.add_argument(
+        "--header-timeout",
+        type=float,
+        metavar="S",
+        help=f"seconds a client may take to send request headers (default: {d.header_timeout:g})",
+    )
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        metavar="S",
+        help=(
+            "on SIGTERM/SIGINT, seconds to let requests in flight finish "
+            f"(default: {d.shutdown_timeout:g})"
+        ),
+    )
+    return parser
+
+
+def load_config(argv: list[str] | None = None) -> Config | None:
+    """Parse flags and the config file; None when the command only printed something."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    if args.pop("list_strategies"):
+        for name, summary in strategies.available().items():
+            print(f"{name:20} {summary}")
+        return None
+    config_path = args.pop("config")
+    file_values = load_toml(config_path) if config_path else {}
+    if args.get("strategy_options") is not None:
+        args["strategy_options"] = dict(args["strategy_options"])
+    args["services"] = args["services"] or []
+    return build_config(file_values, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = load_config(argv)
+    except ConfigError as exc:
+        print(f"lmproxy: error: {exc}", file=sys.stderr)
+        return 2
+    if config is None:
+        return 0
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+    )
+    try:
+        import uvloop
+    except ImportError:  # Windows: plain asyncio still works, only slower
+        uvloop = None
+    from lmproxy.app import serve
+
+    try:
+        if uvloop is not None:
+            uvloop.run(serve(config))
+        else:
+            asyncio.run(serve(config))
+    except (strategies.StrategyError, ConfigError) as exc:
+        print(f"lmproxy: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

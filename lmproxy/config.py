@@ -1,0 +1,286 @@
+"""The router's configuration: defaults, the TOML file, ``--backend`` and static-services JSON.
+
+Everything lands in one :class:`Config`. Precedence is defaults < config file <
+command line; the command line only overrides what it was actually given.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+
+MiB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """A configuration mistake; the message says what to change."""
+
+
+class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """One backend service as configured."""
+
+    url: str
+    name: str = ""
+    weight: int = 1
+    models: list[str] = []
+    health_path: str = "/health"
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme != "http":
+            raise ConfigError(
+                f"service {self.name or self.url!r}: url {self.url!r} must start with http:// "
+                "(TLS to backends is not supported; put them on a trusted network)"
+            )
+        if not parts.hostname:
+            raise ConfigError(f"service url {self.url!r} has no host")
+        try:
+            parts.port  # noqa: B018 - validates the port
+        except ValueError as exc:
+            raise ConfigError(f"service url {self.url!r}: {exc}") from None
+        if self.weight < 0:
+            raise ConfigError(f"service {self.name or self.url!r}: weight must be >= 0")
+        if not self.health_path.startswith("/"):
+            raise ConfigError(
+                f"service {self.name or self.url!r}: health_path {self.health_path!r} "
+                "must start with '/'"
+            )
+        if not self.name:
+            self.name = f"{parts.hostname}:{parts.port or 80}"
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or 80
+
+    @property
+    def path_prefix(self) -> str:
+        return urlsplit(self.url).path.rstrip("/")
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Every setting; each is also a command-line flag and a key of the TOML file."""
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    services: list[ServiceSpec] = []
+    static_services: str | None = None
+    health_interval: float = 30.0
+    health_timeout: float = 5.0
+    max_errors: int = 3
+    connect_timeout: float = 5.0
+    request_timeout: float = 300.0
+    retries: int = 2
+    max_body_size: int = 32 * MiB
+    default_model: str | None = None
+    strategy: str = "round-robin"
+    strategy_options: dict[str, str] = {}
+    pool_max_idle: int = 64
+    pool_idle_timeout: float = 30.0
+    keepalive_timeout: float = 75.0
+    header_timeout: float = 10.0
+    shutdown_timeout: float = 30.0
+    api_keys: list[str] = []
+    log_level: str = "info"
+    demo: bool = False
+
+    def validate(self) -> None:
+        positive = {
+            "health_interval": self.health_interval,
+            "health_timeout": self.health_timeout,
+            "connect_timeout": self.connect_timeout,
+            "request_timeout": self.request_timeout,
+            "max_body_size": self.max_body_size,
+            "keepalive_timeout": self.keepalive_timeout,
+            "header_timeout": self.header_timeout,
+            "pool_idle_timeout": self.pool_idle_timeout,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        for name, value in {
+            "max_errors": self.max_errors,
+            "retries": self.retries,
+            "pool_max_idle": self.pool_max_idle,
+            "shutdown_timeout": self.shutdown_timeout,
+        }.items():
+            if value < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be 0-65535, got {self.port}")
+        names: set[str] = set()
+        for spec in self.services:
+            if spec.name in names:
+                raise ConfigError(
+                    f"two services are named {spec.name!r}; give each --backend a unique "
+                    "name (NAME=URL)"
+                )
+            names.add(spec.name)
+
+    @property
+    def binds_publicly(self) -> bool:
+        try:
+            return not ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host != "localhost"
+
+
+# --- --backend NAME=URL,weight=N,model=M,health=/path -------------------------------
+
+_BACKEND_KEYS = ("weight", "model", "health")
+
+
+def parse_backend(text: str) -> ServiceSpec:
+    """Parse one ``--backend`` value: ``[NAME=]URL[,weight=N][,model=M]...[,health=/path]``."""
+    url, *options = text.split(",")
+    name = ""
+    head, sep, rest = url.partition("=")
+    if sep and "://" not in head:
+        name, url = head, rest
+    weight = 1
+    models: list[str] = []
+    health = "/health"
+    for option in options:
+        key, sep, value = option.partition("=")
+        key = key.strip()
+        if not sep or key not in _BACKEND_KEYS:
+            raise ConfigError(
+                f"--backend {text!r}: unknown option {option!r}; options are "
+                "weight=N, model=NAME (repeatable) and health=/path"
+            )
+        if key == "weight":
+            try:
+                weight = int(value)
+            except ValueError:
+                raise ConfigError(f"--backend {text!r}: weight must be an integer") from None
+        elif key == "model":
+            models.append(value)
+        else:
+            health = value
+    try:
+        return ServiceSpec(url=url, name=name, weight=weight, models=models, health_path=health)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"--backend {text!r}: {exc}") from None
+
+
+# --- the TOML file --------------------------------------------------------------
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    """Read the config file into plain values; keys use underscores or dashes."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path!r}: {exc.strerror}") from None
+    try:
+        data = msgspec.toml.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def build_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> Config:
+    """Merge file and command line into a validated Config."""
+    merged = {**file_values}
+    cli_services = cli_values.pop("services", [])
+    merged.update({k: v for k, v in cli_values.items() if v is not None})
+    try:
+        config = msgspec.convert(merged, Config, str_keys=True)
+    except (msgspec.ValidationError, ConfigError) as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
+    config.services = [*config.services, *cli_services]
+    if config.static_services:
+        config.services.extend(load_static_services(config.static_services))
+    env_keys = os.environ.get("LMPROXY_API_KEYS", "")
+    config.api_keys = [*config.api_keys, *(k.strip() for k in env_keys.split(",") if k.strip())]
+    config.validate()
+    return config
+
+
+# --- InfiniLM-SVC static services JSON --------------------------------------------
+
+
+class _Metadata(msgspec.Struct):
+    type: str | None = None
+    models: list[str] | None = None
+    model: str | None = None
+    models_list: list[dict[str, Any]] | None = None
+
+
+class _StaticEntry(msgspec.Struct):
+    name: str | None = None
+    host: str | None = None
+    port: int | None = None
+    url: str | None = None
+    weight: int = 1
+    metadata: _Metadata = msgspec.field(default_factory=_Metadata)
+    health_path: str = "/health"
+
+
+def load_static_services(path: str) -> list[ServiceSpec]:
+    """Every variant the InfiniLM-SVC routers accept.
+
+    ``{"services": [...]}``, a bare ``[...]``, or ``{"static_services": [...]}``;
+    models in ``metadata.models``, ``metadata.model`` or ``metadata.models_list``;
+    ``metadata.type`` may be absent, and entries of another type are skipped as
+    the seed's registry does.
+    """
+    try:
+        data = msgspec.json.decode(Path(path).read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read static services file {path!r}: {exc.strerror}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"static services file {path!r} is not valid JSON: {exc}") from None
+    if isinstance(data, dict):
+        entries = data.get("services", data.get("static_services"))
+        if isinstance(entries, dict):  # {"static_services": {"services": [...]}}
+            entries = entries.get("services")
+    else:
+        entries = data
+    if not isinstance(entries, list):
+        raise ConfigError(
+            f"static services file {path!r}: expected a list of services, "
+            '{"services": [...]} or {"static_services": [...]}'
+        )
+    specs = []
+    for index, item in enumerate(entries):
+        try:
+            entry = msgspec.convert(item, _StaticEntry)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"static services file {path!r}, entry {index}: {exc}") from None
+        meta = entry.metadata
+        if meta.type not in (None, "openai-api"):
+            continue
+        if entry.url:
+            url = entry.url
+        elif entry.host and entry.port:
+            url = f"http://{entry.host}:{entry.port}"
+        else:
+            raise ConfigError(
+                f"static services file {path!r}, entry {index}: needs host and port, or url"
+            )
+        models = list(meta.models or [])
+        if meta.model:
+            models.append(meta.model)
+        models.extend(str(m["id"]) for m in meta.models_list or [] if "id" in m)
+        try:
+            specs.append(
+                ServiceSpec(
+                    url=url,
+                    name=entry.name or "",
+                    weight=entry.weight,
+                    models=list(dict.fromkeys(models)),
+                    health_path=entry.health_path,
+                )
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"static services file {path!r}, entry {index}: {exc}") from None
+    return specs

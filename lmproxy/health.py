@@ -1,0 +1,106 @@
+"""Active health checks and model discovery, one loop per service.
+
+Each check asks the service's own health path (never a supervisor port, the
+InfiniLM router's mistake: a hung engine must fail its check), then, unless the
+models were configured, its model list: ``/v1/models``, falling back to
+``/models``. Both together must finish within ``health_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import msgspec
+
+from lmproxy.probe import ProbeError, http_get
+from lmproxy.registry import Registry, Service
+
+log = logging.getLogger("lmproxy")
+
+# A service whose models were never learnt is retried this often at most, so a
+# backend started after the router becomes routable within seconds, not a full
+# health interval.
+DISCOVERY_RETRY_S = 2.0
+
+
+class _Model(msgspec.Struct):
+    id: str
+    created: int | None = None
+    owned_by: str | None = None
+
+
+class _ModelList(msgspec.Struct):
+    data: list[_Model]
+
+
+_decode_models = msgspec.json.Decoder(_ModelList).decode
+
+
+class HealthChecker:
+    def __init__(self, registry: Registry, interval_s: float, timeout_s: float) -> None:
+        self.registry = registry
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def start(self) -> None:
+        for service in self.registry.services.values():
+            self.watch(service)
+
+    def watch(self, service: Service) -> None:
+        self._tasks[service.name] = asyncio.create_task(
+            self._loop(service), name=f"health:{service.name}"
+        )
+
+    async def stop(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        self._tasks.clear()
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(s) for s in self.registry.services.values()))
+
+    async def _loop(self, service: Service) -> None:
+        while True:
+            await self.check(service)
+            delay = self.interval_s
+            if not service.models_known:
+                delay = min(delay, DISCOVERY_RETRY_S)
+            await asyncio.sleep(delay)
+
+    async def check(self, service: Service) -> None:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                models = await self._probe(service)
+        except TimeoutError:
+            self.registry.probe_failed(service, f"health check timed out after {self.timeout_s}s")
+        except ProbeError as exc:
+            self.registry.probe_failed(service, f"health check failed: {exc}")
+        else:
+            self.registry.probe_passed(service, models)
+
+    async def _probe(self, service: Service) -> list[tuple[str, int, str]] | None:
+        prefix = service.path_prefix.decode()
+        status, _ = await http_get(
+            service.host, service.port, prefix + service.health_path, self.timeout_s
+        )
+        if not 200 <= status < 300:
+            raise ProbeError(f"{service.health_path} answered {status}")
+        if service.models_configured:
+            return None
+        for path in ("/v1/models", "/models"):
+            status, body = await http_get(service.host, service.port, prefix + path, self.timeout_s)
+            if status == 404:
+                continue
+            if status != 200:
+                raise ProbeError(f"{path} answered {status}")
+            try:
+                listing = _decode_models(body)
+            except msgspec.DecodeError as exc:
+                raise ProbeError(f"{path} is not an OpenAI model list: {exc}") from None
+            now = int(time.time())
+            return [(m.id, m.created or now, m.owned_by or "lmproxy") for m in listing.data]
+        raise ProbeError("neither /v1/models nor /models exists; configure the models instead")

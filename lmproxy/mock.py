@@ -1,0 +1,544 @@
+"""A simulated OpenAI-compatible backend, shaped like InfiniLM's inference server.
+
+It serves ``/health``, ``/models``, ``/v1/models``, chat and text completions
+(plain and streamed), and embeddings, with ``usage`` in its answers. It is fast
+(uvloop + httptools) so that it is never the bottleneck of a benchmark, and it
+fails on demand so that tests can prove what the router does about failures.
+
+Fault modes, set for one request by the ``X-Mock-Fault`` header or for all
+requests at run time by ``POST /mock/fault`` with ``{"fault": MODE}`` (``none``
+clears it):
+
+==================  =========================================================
+``500``/``503``/``429``  answer that status with a JSON error body
+``hang``            accept the request and never answer
+``close``           close the connection without answering
+``close-mid-stream``  send half the tokens, then close the connection
+``stall-mid-stream``  send half the tokens, then go silent (connection open)
+``garbage``         answer bytes that are not HTTP
+``unhealthy``       ``/health`` answers 503 (set at run time)
+==================  =========================================================
+
+Timing per request can be overridden with ``X-Mock-TTFT`` and
+``X-Mock-Token-Delay`` (seconds). ``GET /mock/stats`` reports what the simulator
+saw, including streams the client (the router) cut off: that is how tests see a
+hang-up reach the backend.
+
+Run it as ``python -m lmproxy.mock --port 8100 --model Qwen3-32B``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import sys
+import time
+from typing import Any
+
+import httptools
+import msgspec
+
+from lmproxy.config import ServiceSpec
+
+FAULTS = (
+    "none",
+    "500",
+    "503",
+    "429",
+    "hang",
+    "close",
+    "close-mid-stream",
+    "stall-mid-stream",
+    "garbage",
+    "unhealthy",
+)
+WORDS = (
+    "The quick brown fox jumps over the lazy dog while the router streams "
+    "every token as soon as the backend produces it"
+).split(" ")
+CREATED = 1705312200
+HIGH_WATER = 64 * 1024
+
+_encode = msgspec.json.Encoder().encode
+
+
+class _Body(msgspec.Struct):
+    model: str | None = None
+    stream: bool | None = False
+    max_tokens: int | None = None
+    input: Any = None
+    messages: msgspec.Raw = msgspec.Raw(b"")
+    prompt: msgspec.Raw = msgspec.Raw(b"")
+
+
+_decode_body = msgspec.json.Decoder(_Body).decode
+
+
+class MockState:
+    """Settings and counters of one simulated backend."""
+
+    def __init__(
+        self,
+        name: str,
+        models: list[str],
+        ttft_s: float = 0.0,
+        token_delay_s: float = 0.0,
+        tokens: int = 16,
+        fault: str = "none",
+    ) -> None:
+        self.name = name
+        self.models = models
+        self.ttft_s = ttft_s
+        self.token_delay_s = token_delay_s
+        self.tokens = tokens
+        self.fault = fault
+        self.ids = itertools.count(1)
+        self.requests = 0
+        self.completed = 0
+        self.streams_started = 0
+        self.streams_completed = 0
+        self.client_disconnects = 0  # a response the client stopped before its end
+        self.open_connections = 0
+        self.total_connections = 0
+        self.last_headers: dict[str, str] = {}
+        self.last_body = b""
+        self.paths: list[str] = []
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "fault": self.fault,
+            "requests": self.requests,
+            "completed": self.completed,
+            "streams_started": self.streams_started,
+            "streams_completed": self.streams_completed,
+            "client_disconnects": self.client_disconnects,
+            "open_connections": self.open_connections,
+            "total_connections": self.total_connections,
+            "last_headers": self.last_headers,
+            "paths": self.paths[-50:],
+        }
+
+
+def _json(status: int, payload: Any, extra: bytes = b"") -> bytes:
+    body = _encode(payload)
+    return b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s" % (
+        status,
+        len(body),
+        extra,
+        body,
+    )
+
+
+class MockConnection(asyncio.Protocol):
+    def __init__(self, state: MockState) -> None:
+        self.state = state
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.url = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.body: list[bytes] = []
+        self.task: asyncio.Task[None] | None = None
+        self.responding = False  # a response is under way and not finished
+        self.closed = False
+        self.queue: list[tuple[bytes, bytes, dict[bytes, bytes], bytes]] = []
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    # --- asyncio.Protocol -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.set_write_buffer_limits(HIGH_WATER)  # type: ignore[union-attr]
+        self.state.open_connections += 1
+        self.state.total_connections += 1
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._write(_json(400, {"error": "bad request"}))
+            self._close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.state.open_connections -= 1
+        if self.responding:
+            self.state.client_disconnects += 1
+        if self.task is not None:
+            self.task.cancel()
+        self.writable.set()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    # --- httptools callbacks --------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = {}
+        self.body = []
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.lower()] = value
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        request = (self.parser.get_method(), self.url, self.headers, b"".join(self.body))
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._serve(request))
+        else:
+            self.queue.append(request)
+
+    # --- serving ----------------------------------------------------------------------
+
+    async def _serve(self, request: tuple[bytes, bytes, dict[bytes, bytes], bytes]) -> None:
+        while True:
+            self.responding = True
+            await self._handle(*request)
+            self.responding = False
+            if not self.queue or self.closed:
+                break
+            request = self.queue.pop(0)
+        self.task = None
+
+    def _write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def _close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    async def _handle(
+        self, method: bytes, url: bytes, headers: dict[bytes, bytes], body: bytes
+    ) -> None:
+        state = self.state
+        path = url.split(b"?", 1)[0].decode("latin-1")
+        state.requests += 1
+        state.paths.append(path)
+        state.last_headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()}
+        state.last_body = body
+        if path == "/health":
+            if state.fault == "unhealthy":
+                self._write(_json(503, {"status": "unhealthy"}))
+            else:
+                self._write(_json(200, {"status": "healthy"}))
+            state.completed += 1
+            return
+        if path in ("/models", "/v1/models"):
+            data = [
+                {"id": m, "object": "model", "created": CREATED, "owned_by": state.name}
+                for m in state.models
+            ]
+            self._write(_json(200, {"object": "list", "data": data}))
+            state.completed += 1
+            return
+        if path == "/mock/stats":
+            self._write(_json(200, state.stats()))
+            return
+        if path == "/mock/fault":
+            try:
+                fault = msgspec.json.decode(body)["fault"]
+            except (msgspec.DecodeError, KeyError, TypeError):
+                fault = None
+            if fault not in FAULTS:
+                self._write(_json(400, {"error": f"fault must be one of {', '.join(FAULTS)}"}))
+                return
+            state.fault = fault
+            self._write(_json(200, {"fault": fault}))
+            return
+        kind = {
+            "/v1/chat/completions": "chat",
+            "/chat/completions": "chat",
+            "/v1/completions": "text",
+            "/completions": "text",
+            "/v1/embeddings": "embedding",
+            "/embeddings": "embedding",
+        }.get(path)
+        if kind is None or method != b"POST":
+            self._write(_json(404, {"error": f"no route {method.decode()} {path}"}))
+            return
+        fault = headers.get(b"x-mock-fault", b"").decode() or state.fault
+        if await self._fault_before_answer(fault):
+            return
+        try:
+            request = _decode_body(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._write(_json(400, {"error": f"invalid body: {exc}"}))
+            return
+        model = request.model or (state.models[0] if state.models else "mock")
+        if model not in state.models:
+            self._write(_json(404, {"error": f"model {model!r} is not served here"}))
+            return
+        ttft = float(headers.get(b"x-mock-ttft", b"") or state.ttft_s)
+        delay = float(headers.get(b"x-mock-token-delay", b"") or state.token_delay_s)
+        prompt_tokens = max(1, len(body) // 4)
+        if kind == "embedding":
+            await asyncio.sleep(ttft)
+            self._write(_json(200, _embeddings(model, request.input, prompt_tokens)))
+            state.completed += 1
+            return
+        n = request.max_tokens if request.max_tokens else state.tokens
+        if request.stream:
+            await self._stream(kind, model, n, prompt_tokens, ttft, delay, fault)
+        else:
+            await asyncio.sleep(ttft + delay * n)
+            text = _text(n)
+            payload = _completion(kind, state, model, text, n, prompt_tokens)
+            self._write(_json(200, payload, b"X-Mock-Server: %s\r\n" % state.name.encode()))
+            state.completed += 1
+
+    async def _fault_before_answer(self, fault: str) -> bool:
+        if fault in ("500", "503", "429"):
+            status = int(fault)
+            extra = b"Retry-After: 1\r\n" if status == 429 else b""
+            self._write(_json(status, {"error": f"simulated {status}"}, extra))
+            return True
+        if fault == "hang":
+            await asyncio.Event().wait()  # until the connection is lost
+            return True
+        if fault == "close":
+            self._close()
+            return True
+        if fault == "garbage":
+            self._write(b"HTTP/1.1 2OO NOT\x00HTTP\r\n\x01\x02garbage\r\n\r\n")
+            self._close()
+            return True
+        return False
+
+    async def _stream(
+        self,
+        kind: str,
+        model: str,
+        n: int,
+        prompt_tokens: int,
+        ttft: float,
+        delay: float,
+        fault: str,
+    ) -> None:
+        state = self.state
+        state.streams_started += 1
+        await asyncio.sleep(ttft)
+        cid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{state.name}-{next(state.ids)}"
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        created = int(time.time())
+        self._write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+            b"X-Mock-Server: %s\r\nTransfer-Encoding: chunked\r\n\r\n" % state.name.encode()
+        )
+        cut_at = n // 2 if fault in ("close-mid-stream", "stall-mid-stream") else -1
+        pending: list[bytes] = []
+        if kind == "chat":
+            pending.append(_event(cid, obj, created, model, {"role": "assistant", "content": ""}))
+        for i in range(n):
+            if i == cut_at:
+                self._flush(pending)
+                if fault == "close-mid-stream":
+                    self._close()  # FIN after what was sent, as a killed process does
+                    return
+                await asyncio.Event().wait()
+            word = WORDS[i % len(WORDS)] + " "
+            if kind == "chat":
+                pending.append(_event(cid, obj, created, model, {"content": word}))
+            else:
+                pending.append(_text_event(cid, obj, created, model, word))
+            if delay:
+                self._flush(pending)
+                await asyncio.sleep(delay)
+                if not self.writable.is_set():
+                    await self.writable.wait()
+                if self.closed:
+                    return
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": n,
+            "total_tokens": prompt_tokens + n,
+        }
+        final: dict[str, Any] = {
+            "id": cid,
+            "object": obj,
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "length" if n else "stop",
+                    **({"delta": {}} if kind == "chat" else {"text": ""}),
+                }
+            ],
+            "usage": usage,
+        }
+        pending.append(b"data: " + _encode(final) + b"\n\n")
+        pending.append(b"data: [DONE]\n\n")
+        self._flush(pending)
+        self._write(b"0\r\n\r\n")
+        state.streams_completed += 1
+        state.completed += 1
+
+    def _flush(self, pending: list[bytes]) -> None:
+        if pending:
+            data = b"".join(pending)
+            pending.clear()
+            self._write(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+def _event(cid: str, obj: str, created: int, model: str, delta: dict[str, str]) -> bytes:
+    chunk = {
+        "id": cid,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+    }
+    return b"data: " + _encode(chunk) + b"\n\n"
+
+
+def _text_event(cid: str, obj: str, created: int, model: str, text: str) -> bytes:
+    chunk = {
+        "id": cid,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "finish_reason": None}],
+    }
+    return b"data: " + _encode(chunk) + b"\n\n"
+
+
+def _text(n: int) -> str:
+    return "".join(WORDS[i % len(WORDS)] + " " for i in range(n))
+
+
+def _completion(
+    kind: str, state: MockState, model: str, text: str, n: int, prompt_tokens: int
+) -> dict[str, Any]:
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": n,
+        "total_tokens": prompt_tokens + n,
+    }
+    if kind == "chat":
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": "length",
+        }
+        obj, prefix = "chat.completion", "chatcmpl"
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": "length"}
+        obj, prefix = "text_completion", "cmpl"
+    return {
+        "id": f"{prefix}-{state.name}-{next(state.ids)}",
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage,
+    }
+
+
+def _embeddings(model: str, inputs: Any, prompt_tokens: int) -> dict[str, Any]:
+    items = (
+        inputs
+        if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int)
+        else [inputs]
+    )
+    data = [
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": [((hash(str(item)) >> k) % 1000) / 1000 for k in range(8)],
+        }
+        for i, item in enumerate(items)
+    ]
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+
+
+async def start_mock(state: MockState, host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: MockConnection(state), host, port, backlog=4096)
+
+
+DEMO_BACKENDS = (("demo-qwen3-32b", "Qwen3-32B"), ("demo-9g-8b-thinking", "9g_8b_thinking"))
+
+
+async def start_demo_backends() -> tuple[list[asyncio.Server], list[ServiceSpec]]:
+    """Two simulated backends on free loopback ports, paced so streaming is visible."""
+    servers, specs = [], []
+    for name, model in DEMO_BACKENDS:
+        state = MockState(name, [model], ttft_s=0.05, token_delay_s=0.02, tokens=32)
+        server = await start_mock(state)
+        port = server.sockets[0].getsockname()[1]
+        servers.append(server)
+        specs.append(ServiceSpec(url=f"http://127.0.0.1:{port}", name=name))
+    return servers, specs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lmproxy.mock",
+        description="A simulated OpenAI-compatible LLM backend with fault modes, for tests, "
+        "demos and benchmarks.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8100, help="port; 0 picks one (default: 8100)")
+    parser.add_argument("--name", default="", help="name in responses (default: mock-PORT)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME",
+        help="a model to serve; repeatable (default: Qwen3-32B)",
+    )
+    parser.add_argument("--ttft", type=float, default=0.0, help="seconds to first token")
+    parser.add_argument("--token-delay", type=float, default=0.0, help="seconds between tokens")
+    parser.add_argument(
+        "--tokens", type=int, default=16, help="tokens per answer without max_tokens (default 16)"
+    )
+    parser.add_argument("--fault", choices=FAULTS, default="none", help="fault mode at start")
+    args = parser.parse_args(argv)
+
+    async def run() -> None:
+        state = MockState(
+            args.name,
+            args.models or ["Qwen3-32B"],
+            args.ttft,
+            args.token_delay,
+            args.tokens,
+            args.fault,
+        )
+        server = await start_mock(state, args.host, args.port)
+        port = server.sockets[0].getsockname()[1]
+        state.name = state.name or f"mock-{port}"
+        print(f"mock backend {state.name} listening on http://{args.host}:{port}", flush=True)
+        async with server:
+            await server.serve_forever()
+
+    try:
+        import uvloop
+
+        uvloop.run(run())
+    except ImportError:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""One request's journey: validate -> choose -> forward -> relay -> account.
+
+:func:`forward` runs as one task per proxied request. It resolves the route,
+asks the strategy for a service, takes a pooled connection and sends the
+original bytes. From then on no task is involved: the upstream connection's
+parser callbacks feed an :class:`Exchange`, which frames the body for the client
+and writes it once per backend read. The task only wakes again when the
+exchange has an outcome, to retry, report or account.
+
+Retries happen only while nothing has reached the client: a connect failure, or
+a connection that dropped before any response byte. Once the response head is
+written, a failure ends the stream with an SSE error event (or a cut
+connection, for a body that cannot carry one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from typing import TYPE_CHECKING
+
+from lmproxy.errors import Fault, ProxyError, sse_error_event, status_line
+from lmproxy.request import MODEL_PATHS, RequestHead, RouteRequest, decode_head, with_model
+from lmproxy.upstream import LENGTH, NO_BODY, ConnectError, UpstreamConnection
+
+if TYPE_CHECKING:
+    from lmproxy.app import Router
+    from lmproxy.registry import Service
+    from lmproxy.server import ClientConnection, ClientRequest
+
+# RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Request headers the router sets itself for the backend connection.
+REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+LARGE_BODY = 64 * 1024  # above this the body is written beside the head, not copied onto it
+
+
+class Outcome(enum.Enum):
+    DONE = "done"  # the response completed
+    STALE = "stale"  # a reused connection was closed before any byte: retry anywhere
+    DROPPED = "dropped"  # connection lost before any byte: retry elsewhere
+    BROKEN = "broken"  # garbage before the head: 502
+    TIMEOUT = "timeout"  # no head within the request timeout: 504
+    CUT = "cut"  # failed after the head reached the client
+    CLIENT_GONE = "client_gone"
+
+
+class Exchange:
+    """Relays one response from an upstream connection to the client connection."""
+
+    __slots__ = (
+        "_chunked",
+        "_framing",
+        "_out",
+        "_sse",
+        "_timer",
+        "client",
+        "conn",
+        "head_sent",
+        "loop",
+        "outcome",
+        "reason",
+        "reusable",
+        "sent_at",
+        "status",
+        "timeout_s",
+        "ttfb_s",
+    )
+
+    def __init__(
+        self, client: ClientConnection, conn: UpstreamConnection, timeout_s: float
+    ) -> None:
+        self.client = client
+        self.conn = conn
+        self.loop = conn.loop
+        self.timeout_s = timeout_s
+        self.outcome: asyncio.Future[Outcome] = self.loop.create_future()
+        self.status = 0
+        self.reason = ""
+        self.head_sent = False
+        self.reusable = False
+        self.ttfb_s = 0.0
+        self.sent_at = self.loop.time()
+        self._out: list[bytes] = []
+        self._chunked = False
+        self._framing = NO_BODY
+        self._sse = False
+        self._timer = self.loop.call_later(timeout_s, self._on_timer)
+
+    # --- Sink: called by the upstream connection --------------------------------
+
+    def on_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int
+    ) -> None:
+        self.status = status
+        self._framing = framing
+        self.ttfb_s = self.loop.time() - self.sent_at
+        client = self.client
+        request = client.current
+        assert request is not None
+        keep_alive = request.keep_alive and not client.closing
+        if framing in (LENGTH, NO_BODY):
+            self._chunked = False
+        elif request.http_minor >= 1:
+            self._chunked = True
+        else:
+            keep_alive = False  # an HTTP/1.0 client learns the end from the close
+        request.keep_alive = keep_alive
+        out = [status_line(status, reason)]
+        for name, value in headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP or (self._chunked and lname == b"content-length"):
+                continue
+            if lname == b"content-type" and value.startswith(b"text/event-stream"):
+                self._sse = True
+            out.append(b"%s: %s\r\n" % (name, value))
+        if self._chunked:
+            out.append(b"Transfer-Encoding: chunked\r\n")
+        if not keep_alive:
+            out.append(b"Connection: close\r\n")
+        out.append(b"\r\n")
+        self._out.append(b"".join(out))
+        self.head_sent = True
+
+    def on_body(self, piece: bytes) -> None:
+        if self._chunked:
+            self._out += (b"%x\r\n" % len(piece), piece, b"\r\n")
+        else:
+            self._out.append(piece)
+
+    def flush(self) -> None:
+        out = self._out
+        if out:
+            self.client.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def on_complete(self, reusable: bool) -> None:
+        if self._chunked:
+            self._out.append(b"0\r\n\r\n")
+        self.flush()
+        self.reusable = reusable
+        self._settle(Outcome.DONE)
+
+    def on_lost(self, reason: str, broken: bool) -> None:
+        self.reason = reason
+        if self.head_sent:
+            self._cut(reason)
+        elif broken:
+            self._settle(Outcome.BROKEN)
+        elif self.conn.reused and not self.conn.received_any:
+            self._settle(Outcome.STALE)
+        else:
+            self._settle(Outcome.DROPPED)
+
+    # --- events from the client side and the clock ---------------------------------
+
+    def client_gone(self) -> None:
+        """The client hung up: stop the backend's work at once, never pool the socket."""
+        self.conn.close()
+        self._settle(Outcome.CLIENT_GONE)
+
+    def pause(self) -> None:
+        self.conn.pause_reading()
+
+    def resume(self) -> None:
+        # Time spent waiting on a slow client is not the backend's silence.
+        self.conn.last_activity = self.loop.time()
+        self.conn.resume_reading()
+
+    def _on_timer(self) -> None:
+        if self.outcome.done():
+            return
+        now = self.loop.time()
+        if not self.head_sent:
+            self.reason = f"no response from the backend within {self.timeout_s:g}s"
+            self.conn.close()
+            self._settle(Outcome.TIMEOUT)
+            return
+        if self.client.write_paused:
+            self.conn.last_activity = now
+        silent_s = now - self.conn.last_activity
+        if silent_s >= self.timeout_s:
+            self.conn.close()
+            self._cut(f"the backend sent nothing for {self.timeout_s:g}s")
+        else:
+            self._timer = self.loop.call_later(self.timeout_s - silent_s, self._on_timer)
+
+    # --- internals ------------------------------------------------------------
+
+    def _cut(self, reason: str) -> None:
+        """End a response the backend broke off after its head reached the client."""
+        self.reason = reason
+        if self._sse and self._framing != LENGTH:
+            message = f"the backend failed mid-stream: {reason}"
+            event = sse_error_event(message)
+            if self._chunked:
+                self._out += (b"%x\r\n" % len(event), event, b"\r\n0\r\n\r\n")
+            else:
+                self._out.append(event)
+            self.flush()
+        # The body is incomplete or was patched: this connection carries nothing more.
+        self.client.close()
+        self._settle(Outcome.CUT)
+
+    def _settle(self, outcome: Outcome) -> None:
+        self._timer.cancel()
+        if not self.outcome.done():
+            self.outcome.set_result(outcome)
+
+
+def _route(router: Router, request: ClientRequest) -> RouteRequest:
+    """Decode what routing needs; raise the 400/404/503 a request deserves."""
+    path = request.path
+    head: RequestHead | None = None
+    body = request.body
+    model_required = path in MODEL_PATHS
+    if model_required or (body and (request.is_json or body.lstrip()[:1] == b"{")):
+        head = decode_head(path, body)
+    model = head.model if head is not None else None
+    if model is None and model_required:
+        model = router.config.default_model
+        if model is None:
+            served = router.registry.served_models()
+            if len(served) != 1:
+                raise ProxyError(
+                    Fault.BAD_REQUEST,
+                    "'model' is required; served models: " + (", ".join(served) or "none yet"),
+                )
+            model = served[0]
+        body = with_model(body, model)
+    return RouteRequest(path, model, head, body, request.headers)
+
+
+def _candidates(router: Router, route: RouteRequest) -> list[Service]:
+    registry = router.registry
+    model = route.model
+    if model is None:
+        found = registry.healthy()
+        if not found:
+            raise ProxyError(Fault.NO_HEALTHY_SERVICE, "no healthy service is available")
+        return found
+    found = registry.candidates(model)
+    if found:
+        return found
+    if model in registry.known_models:
+        raise ProxyError(
+            Fault.NO_HEALTHY_SERVICE,
+            f"no healthy service for model {model!r}; check /services for their state",
+        )
+    if registry.discovery_pending():
+        pending = [s.name for s in registry.services.values() if not s.models_known]
+        raise ProxyError(
+            Fault.NO_HEALTHY_SERVICE,
+            f"model {model!r} is not known yet: model discovery is still pending on "
+            f"{', '.join(pending)}; retry shortly",
+        )
+    models = ", ".join(registry.known_models) or "none"
+    raise ProxyError(Fault.NOT_FOUND, f"model {model!r} not found; available models: {models}")
+
+
+def _request_data(service: Service, request: ClientRequest, body: bytes) -> list[bytes]:
+    lines = [
+        b"%s %s%s HTTP/1.1\r\nHost: %s\r\n"
+        % (request.method, service.path_prefix, request.target, service.host_header)
+    ]
+    for name, value in request.headers:
+        if name not in REQUEST_DROP:
+            lines.append(b"%s: %s\r\n" % (name, value))
+    if body or request.method in (b"POST", b"PUT", b"PATCH"):
+        lines.append(b"Content-Length: %d\r\n" % len(body))
+    lines.append(b"\r\n")
+    head = b"".join(lines)
+    if len(body) > LARGE_BODY:
+        return [head, body]
+    return [head + body]
+
+
+async def forward(router: Router, client: ClientConnection, request: ClientRequest) -> None:
+    """Answer one proxied request; the task the client connection runs for it."""
+    try:
+        await _forward(router, client, request)
+    except ProxyError as exc:
+        if not client.closing:
+            client.respond_error(exc.status, exc.message)
+
+
+async def _forward(router: Router, client: ClientConnection, request: ClientRequest) -> None:
+    route = _route(router, request)
+    registry = router.registry
+    strategy = router.strategy
+    timeout_s = router.config.request_timeout
+    tried: list[Service] = []
+    failures = 0
+    last_error: ProxyError | None = None
+    while True:
+        try:
+            candidates = _candidates(router, route)
+        except ProxyError:
+            if last_error is not None:  # the failure itself explains it better than a 503
+                raise last_error from None
+            raise
+        if tried:
+            candidates = [s for s in candidates if s not in tried]
+            if not candidates:
+                raise last_error  # type: ignore[misc]
+        service = strategy.choose(candidates, route)
+        pool = service.pool
+        assert pool is not None
+        try:
+            conn = await pool.acquire()
+        except ConnectError as exc:
+            registry.request_failed(service, str(exc))
+            last_error = ProxyError(
+                Fault.BACKEND_UNREACHABLE, f"service {service.name} is unreachable: {exc}"
+            )
+            tried.append(service)
+            failures += 1
+            if failures > router.config.retries:
+                raise last_error from None
+            continue
+        if client.closing:  # hung up while we connected
+            pool.release(conn)
+            return
+        data = _request_data(service, request, route.body)
+        exchange = Exchange(client, conn, timeout_s)
+        client.exchange = exchange
+        service.in_flight += 1
+        strategy.on_start(service, route)
+        conn.send(exchange, data, head_only=request.method == b"HEAD")
+        if client.write_paused:
+            exchange.pause()
+        outcome = await exchange.outcome
+        client.exchange = None
+        service.in_flight -= 1
+        latency_s = exchange.loop.time() - exchange.sent_at
+        if exchange.head_sent:
+            strategy.on_first_byte(service, exchange.ttfb_s)
+        if outcome is Outcome.DONE:
+            service.request_count += 1
+            service.latencies.append(latency_s)
+            if exchange.status >= 500 or exchange.status == 429:
+                service.error_count += 1
+            else:
+                registry.request_succeeded(service)
+            strategy.on_end(service, latency_s, exchange.status < 500)
+            if exchange.reusable:
+                pool.release(conn)
+            else:
+                conn.close()
+            client.response_done()
+            return
+        if outcome is Outcome.CLIENT_GONE:
+            service.request_count += 1
+            strategy.on_end(service, latency_s, True)
+            return
+        strategy.on_end(service, latency_s, False)
+        if outcome is Outcome.STALE:
+            # Not the service's fault: its keep-alive timer beat ours. Retry anywhere.
+            failures += 1
+            if failures > router.config.retries:
+                raise ProxyError(Fault.BACKEND_UNREACHABLE, exchange.reason)
+            continue
+        service.request_count += 1
+        registry.request_failed(service, exchange.reason)
+        if outcome is Outcome.DROPPED:
+            last_error = ProxyError(
+                Fault.BACKEND_UNREACHABLE,
+                f"service {service.name} closed the connection before answering",
+            )
+            tried.append(service)
+            failures += 1
+            if failures > router.config.retries:
+                raise last_error
+            continue
+        if outcome is Outcome.BROKEN:
+            raise ProxyError(
+                Fault.BACKEND_BROKEN,
+                f"service {service.name} answered broken HTTP: {exchange.reason}",
+            )
+        if outcome is Outcome.TIMEOUT:
+            raise ProxyError(
+                Fault.BACKEND_TIMEOUT,
+                f"service {service.name} sent no response within {timeout_s:g}s "
+                "(--request-timeout)",
+            )
+        return  # CUT: the client already has the error event and a closed connection

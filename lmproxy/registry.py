@@ -1,0 +1,209 @@
+"""The services the router knows, the models each serves, and whether each is healthy.
+
+Health has two inputs: the active checker (``health.py``) sets it after every
+probe, and the proxy ejects a service passively after ``max_errors`` consecutive
+failed requests. An ejected service comes back only through a passing probe.
+The per-model candidate lists are cached and rebuilt only when health or
+membership changes, so a request's lookup is one dict access.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from lmproxy.config import ServiceSpec
+
+if TYPE_CHECKING:
+    from lmproxy.upstream import Pool
+
+log = logging.getLogger("lmproxy")
+
+LATENCY_WINDOW = 100  # requests behind the mean in /stats
+
+
+class ModelInfo:
+    __slots__ = ("created", "owned_by")
+
+    def __init__(self, created: int, owned_by: str) -> None:
+        self.created = created
+        self.owned_by = owned_by
+
+
+class Service:
+    """One backend service: its address, models, health and live figures."""
+
+    __slots__ = (
+        "consecutive_errors",
+        "error_count",
+        "health_path",
+        "healthy",
+        "host",
+        "host_header",
+        "in_flight",
+        "last_check",
+        "last_error",
+        "latencies",
+        "models",
+        "models_configured",
+        "models_known",
+        "name",
+        "path_prefix",
+        "pool",
+        "port",
+        "request_count",
+        "ttfb_s",
+        "url",
+        "weight",
+    )
+
+    def __init__(self, spec: ServiceSpec) -> None:
+        self.name = spec.name
+        self.url = spec.url.rstrip("/")
+        self.host = spec.host
+        self.port = spec.port
+        host = f"[{spec.host}]" if ":" in spec.host else spec.host  # IPv6 literal
+        self.host_header = f"{host}:{spec.port}".encode()
+        self.path_prefix = spec.path_prefix.encode()
+        self.weight = spec.weight
+        self.health_path = spec.health_path
+        self.models: tuple[str, ...] = tuple(spec.models)
+        self.models_configured = bool(spec.models)
+        # False until the models are known: configured, or listed by the backend once.
+        self.models_known = self.models_configured
+        self.healthy = False
+        self.consecutive_errors = 0
+        self.request_count = 0
+        self.error_count = 0
+        self.in_flight = 0
+        self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.ttfb_s: float | None = None
+        self.last_check: float | None = None
+        self.last_error = ""
+        self.pool: Pool | None = None
+
+    @property
+    def mean_latency_s(self) -> float:
+        return sum(self.latencies) / len(self.latencies) if self.latencies else 0.0
+
+    def __repr__(self) -> str:
+        return f"<Service {self.name} {self.url} healthy={self.healthy}>"
+
+
+class Registry:
+    def __init__(self, max_errors: int = 3) -> None:
+        self.max_errors = max_errors
+        self.services: dict[str, Service] = {}
+        self.known_models: dict[str, ModelInfo] = {}
+        self._candidates: dict[str, list[Service]] = {}
+        self._healthy: list[Service] = []
+        self.started_at = int(time.time())
+
+    # --- membership ---------------------------------------------------------
+
+    def add(self, spec: ServiceSpec) -> Service:
+        service = Service(spec)
+        self.services[service.name] = service
+        log.info(
+            "service %s at %s (weight %d, health %s)",
+            service.name,
+            service.url,
+            service.weight,
+            service.health_path,
+        )
+        for model in service.models:
+            self._learn_model(service, model, self.started_at, "lmproxy")
+        self._changed()
+        return service
+
+    # --- lookups on the request path ---------------------------------------------
+
+    def candidates(self, model: str) -> list[Service]:
+        """Healthy services serving ``model``, in registration order."""
+        found = self._candidates.get(model)
+        if found is None:
+            found = [s for s in self._healthy if model in s.models]
+            self._candidates[model] = found
+        return found
+
+    def healthy(self) -> list[Service]:
+        return self._healthy
+
+    def discovery_pending(self) -> bool:
+        """Some service's models are not known yet: an unknown model may still appear."""
+        return any(not s.models_known for s in self.services.values())
+
+    def served_models(self) -> list[str]:
+        """Models some service currently lists, healthy or not, in first-seen order."""
+        seen: dict[str, None] = {}
+        for service in self.services.values():
+            seen.update(dict.fromkeys(service.models))
+        return list(seen)
+
+    def healthy_models(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for service in self._healthy:
+            seen.update(dict.fromkeys(service.models))
+        return list(seen)
+
+    # --- health ---------------------------------------------------------------
+
+    def probe_passed(self, service: Service, models: list[tuple[str, int, str]] | None) -> None:
+        """An active check passed; ``models`` is what the service listed, if it was asked."""
+        service.last_check = time.time()
+        if models is not None and not service.models_configured:
+            new = tuple(m for m, _, _ in models)
+            for model, created, owned_by in models:
+                if model not in service.models:
+                    self._learn_model(service, model, created, owned_by)
+            for model in service.models:
+                if model not in new:
+                    log.info("service %s no longer lists model %s", service.name, model)
+            service.models = new
+            service.models_known = True
+        if not service.healthy:
+            log.info("service %s is healthy", service.name)
+        service.healthy = True
+        service.consecutive_errors = 0
+        service.last_error = ""
+        self._changed()
+
+    def probe_failed(self, service: Service, reason: str) -> None:
+        service.last_check = time.time()
+        service.last_error = reason
+        if service.healthy:
+            log.warning("service %s is unhealthy: %s", service.name, reason)
+            service.healthy = False
+            self._changed()
+
+    def request_failed(self, service: Service, reason: str) -> None:
+        """A proxied request failed by the service's fault (never a client hang-up)."""
+        service.error_count += 1
+        service.consecutive_errors += 1
+        service.last_error = reason
+        if service.healthy and self.max_errors and service.consecutive_errors >= self.max_errors:
+            log.warning(
+                "service %s ejected after %d consecutive failed requests (last: %s); "
+                "it returns after its next passing health check",
+                service.name,
+                service.consecutive_errors,
+                reason,
+            )
+            service.healthy = False
+            self._changed()
+
+    def request_succeeded(self, service: Service) -> None:
+        service.consecutive_errors = 0
+
+    # --- internals ------------------------------------------------------------
+
+    def _learn_model(self, service: Service, model: str, created: int, owned_by: str) -> None:
+        log.info("service %s serves model %s", service.name, model)
+        if model not in self.known_models:
+            self.known_models[model] = ModelInfo(created, owned_by)
+
+    def _changed(self) -> None:
+        self._healthy = [s for s in self.services.values() if s.healthy]
+        self._candidates.clear()

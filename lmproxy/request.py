@@ -1,0 +1,126 @@
+"""The request edge: decode only what routing and validation need, keep the bytes.
+
+The body is decoded once into a small msgspec Struct: ``model``, ``stream``, the
+sampling fields the InfiniLM router validates, and the fields strategies key on.
+Everything else (the messages themselves, tool schemas...) is skipped by the
+decoder without being materialised; ``messages`` and ``prompt`` stay raw JSON.
+The original bytes are what the backend receives.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from lmproxy.errors import Fault, ProxyError
+
+_Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
+_TopP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+_MaxTokens = Annotated[int, msgspec.Meta(gt=0)]
+_RepetitionPenalty = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
+
+_ABSENT = msgspec.Raw(b"")
+
+
+class RequestHead(msgspec.Struct, gc=False):
+    """The fields of an OpenAI-style request body that the router reads."""
+
+    model: str | None = None
+    stream: bool | None = None
+    temperature: _Temperature | None = None
+    top_p: _TopP | None = None
+    top_k: int | None = None
+    max_tokens: _MaxTokens | None = None
+    repetition_penalty: _RepetitionPenalty | None = None
+    user: str | None = None
+    prompt_cache_key: str | None = None
+    messages: msgspec.Raw = _ABSENT
+    prompt: msgspec.Raw = _ABSENT
+
+
+_decode_head = msgspec.json.Decoder(RequestHead).decode
+
+CHAT_PATHS = frozenset({b"/v1/chat/completions", b"/chat/completions"})
+COMPLETION_PATHS = frozenset({b"/v1/completions", b"/completions"})
+# Paths whose body must carry a model (or get the default one).
+MODEL_PATHS = CHAT_PATHS | COMPLETION_PATHS | {b"/v1/embeddings", b"/embeddings"}
+
+
+class RouteRequest:
+    """What a strategy sees of a request: its model, its decoded head, its headers."""
+
+    __slots__ = ("body", "head", "headers", "model", "path")
+
+    def __init__(
+        self,
+        path: bytes,
+        model: str | None,
+        head: RequestHead | None,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        self.path = path
+        self.model = model
+        self.head = head
+        self.body = body
+        self.headers = headers
+
+    def header(self, name: bytes) -> bytes | None:
+        """The value of header ``name`` (lower-case bytes), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.head and self.head.stream)
+
+
+def _is_empty_json_array(raw: bytes) -> bool:
+    return b"".join(raw.split()) == b"[]"
+
+
+def decode_head(path: bytes, body: bytes) -> RequestHead:
+    """Decode and validate a JSON body; 400 with a message naming the field otherwise."""
+    if not body:
+        raise ProxyError(
+            Fault.BAD_REQUEST, "request body is empty; send a JSON object with a 'model' field"
+        )
+    try:
+        head = _decode_head(body)
+    except msgspec.ValidationError as exc:
+        raise ProxyError(Fault.BAD_REQUEST, f"invalid request body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ProxyError(Fault.BAD_REQUEST, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ProxyError(Fault.BAD_REQUEST, "request body is nested too deeply") from None
+    if path in CHAT_PATHS:
+        messages = head.messages
+        if messages is _ABSENT or bytes(messages) == b"null":
+            raise ProxyError(
+                Fault.BAD_REQUEST, "'messages' is required: a non-empty list of chat messages"
+            )
+        raw = bytes(messages)
+        if not raw.startswith(b"["):
+            raise ProxyError(Fault.BAD_REQUEST, "'messages' must be a list of chat messages")
+        if _is_empty_json_array(raw):
+            raise ProxyError(Fault.BAD_REQUEST, "'messages' must not be empty")
+    elif path in COMPLETION_PATHS and (head.prompt is _ABSENT or bytes(head.prompt) == b"null"):
+        raise ProxyError(Fault.BAD_REQUEST, "'prompt' is required for text completions")
+    return head
+
+
+def with_model(body: bytes, model: str) -> bytes:
+    """The body with ``"model"`` set, for a request that left it out.
+
+    Backends require the field, so a request routed to the default model must
+    carry it. Only called when the decoded body (a JSON object) had no model.
+    """
+    # Appended last: JSON parsers keep the last of duplicate keys, so this also
+    # overrides an explicit "model": null.
+    end = body.rindex(b"}")
+    inner = body[:end].rstrip()
+    separator = b"" if inner.endswith(b"{") else b","
+    return inner + separator + b'"model":' + msgspec.json.encode(model) + b"}"

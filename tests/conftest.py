@@ -1,0 +1,213 @@
+"""Fixtures that start real processes on loopback: simulated backends and the router.
+
+Every process gets an ephemeral port (``--port 0``) and reports it on its first
+line of output; every wait polls with a deadline; every process is killed at
+the end of its test.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT_S = 20.0
+_PORT_LINE = re.compile(rb"listening on http://[^:\s]+:(\d+)")
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float = 10.0, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy, or fail the test."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what or predicate}")
+        time.sleep(0.02)
+
+
+class Response:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.body[:200]!r}>"
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10.0,
+) -> Response:
+    """One HTTP request on a fresh connection; ``body`` may be bytes or JSON-able."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        payload = body if isinstance(body, bytes | None) else json.dumps(body).encode()
+        all_headers = {"Content-Type": "application/json"} if payload is not None else {}
+        all_headers.update(headers or {})
+        conn.request(method, path, body=payload, headers=all_headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+    finally:
+        conn.close()
+
+
+def chat_body(model: str | None = "Qwen3-32B", **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": "Hello"}], **extra}
+    if model is not None:
+        body["model"] = model
+    return body
+
+
+class Process:
+    """A real child process whose output goes to a file we can read at any time."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.log_file = tempfile.NamedTemporaryFile(prefix="lmproxy-test-", suffix=".log")
+        self.proc = subprocess.Popen(
+            [sys.executable, *args],
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+        self.port = 0
+
+    @property
+    def output(self) -> str:
+        return Path(self.log_file.name).read_text(errors="replace")
+
+    def wait_for_port(self) -> int:
+        def found() -> int | None:
+            match = _PORT_LINE.search(Path(self.log_file.name).read_bytes())
+            if match:
+                return int(match.group(1))
+            if self.proc.poll() is not None:
+                raise AssertionError(f"process exited {self.proc.returncode}:\n{self.output}")
+            return None
+
+        self.port = wait_until(found, STARTUP_TIMEOUT_S, "the process to listen")
+        return self.port
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log_file.close()
+
+
+class Mock(Process):
+    """A simulated backend: ``python -m lmproxy.mock``."""
+
+    def __init__(self, name: str, models: list[str], *extra: str, port: int = 0) -> None:
+        args = ["-m", "lmproxy.mock", "--port", str(port), "--name", name]
+        for model in models:
+            args += ["--model", model]
+        super().__init__([*args, *extra])
+        self.name = name
+        self.models = models
+        self.wait_for_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def backend_arg(self, *options: str) -> str:
+        return ",".join([f"{self.name}={self.url}", *options])
+
+    def stats(self) -> dict[str, Any]:
+        return request(self.port, "GET", "/mock/stats").json()
+
+    def set_fault(self, fault: str) -> None:
+        assert request(self.port, "POST", "/mock/fault", {"fault": fault}).status == 200
+
+
+class Router(Process):
+    """The router under test: ``python -m lmproxy`` on 127.0.0.1."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        super().__init__(["-m", "lmproxy", "--host", "127.0.0.1", "--port", "0", *args], env)
+        self.wait_for_port()
+
+    def get(self, path: str, **kw: Any) -> Response:
+        return request(self.port, "GET", path, **kw)
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> Response:
+        return request(self.port, "POST", path, body, **kw)
+
+    def wait_healthy(self, count: int, timeout_s: float = 10.0) -> None:
+        def ready() -> bool:
+            health = self.get("/health").json()
+            return health["healthy_services"].split("/")[0] == str(count)
+
+        wait_until(ready, timeout_s, f"{count} healthy services")
+
+    def stats_of(self, name: str) -> dict[str, Any]:
+        for service in self.get("/stats").json()["services"]:
+            if service["name"] == name:
+                return service
+        raise KeyError(name)
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., Any]]:
+    """Start processes (``spawn(Mock, ...)``, ``spawn(Router, ...)``); all stop at the end."""
+    started: list[Process] = []
+
+    def start(kind: type[Process], *args: Any, **kwargs: Any) -> Any:
+        proc = kind(*args, **kwargs)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in reversed(started):
+        proc.stop()
+
+
+@pytest.fixture
+def two_backends(spawn: Callable[..., Any]) -> tuple[Mock, Mock]:
+    return (
+        spawn(Mock, "svc-qwen", ["Qwen3-32B"]),
+        spawn(Mock, "svc-9g", ["9g_8b_thinking"]),
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,145 @@
+"""The router's own endpoints, in the shapes of the InfiniLM-SVC API document."""
+
+from __future__ import annotations
+
+import datetime
+
+from conftest import Mock, Router, chat_body, wait_until
+
+
+def test_health_reports_healthy_services(spawn, two_backends):
+    a, b = two_backends
+    router = spawn(Router, "--backend", a.backend_arg(), "--backend", b.backend_arg())
+    router.wait_healthy(2)
+    resp = router.get("/health")
+    assert resp.status == 200
+    body = resp.json()
+    assert body["status"] == "healthy"
+    assert body["router"] == "running"
+    assert body["healthy_services"] == "2/2"
+    datetime.datetime.fromisoformat(body["timestamp"])
+
+
+def test_health_is_503_with_same_shape_when_no_service_is_healthy(spawn):
+    backend = spawn(Mock, "sick", ["m"], "--fault", "unhealthy")
+    router = spawn(Router, "--backend", backend.backend_arg(), "--health-interval", "0.2")
+    wait_until(lambda: router.get("/stats").json()["services"][0]["last_check"], what="a check")
+    resp = router.get("/health")
+    assert resp.status == 503
+    assert resp.json()["healthy_services"] == "0/1"
+    assert resp.json()["status"] == "unhealthy"
+    # ...and it turns healthy as soon as the backend passes its check.
+    backend.set_fault("none")
+    router.wait_healthy(1)
+    assert router.get("/health").status == 200
+
+
+def test_models_is_deduplicated_union_of_healthy_services(spawn):
+    a = spawn(Mock, "a", ["Qwen3-32B", "shared"])
+    b = spawn(Mock, "b", ["9g_8b_thinking", "shared"])
+    router = spawn(Router, "--backend", a.backend_arg(), "--backend", b.backend_arg())
+    router.wait_healthy(2)
+    for path in ("/models", "/v1/models"):
+        body = router.get(path).json()
+        assert body["object"] == "list"
+        ids = [m["id"] for m in body["data"]]
+        assert sorted(ids) == ["9g_8b_thinking", "Qwen3-32B", "shared"]
+        for model in body["data"]:
+            assert model["object"] == "model"
+            assert isinstance(model["created"], int)
+            assert isinstance(model["owned_by"], str)
+    one = router.get("/v1/models/shared")
+    assert one.status == 200 and one.json()["id"] == "shared"
+    assert router.get("/v1/models/nope").status == 404
+
+
+def test_models_leaves_out_unhealthy_services(spawn):
+    a = spawn(Mock, "a", ["alpha"])
+    b = spawn(Mock, "b", ["beta"])
+    router = spawn(
+        Router,
+        "--backend",
+        a.backend_arg(),
+        "--backend",
+        b.backend_arg(),
+        "--health-interval",
+        "0.2",
+    )
+    router.wait_healthy(2)
+    b.set_fault("unhealthy")
+    router.wait_healthy(1)
+    assert [m["id"] for m in router.get("/v1/models").json()["data"]] == ["alpha"]
+
+
+def test_services_lists_every_service(spawn, two_backends):
+    a, b = two_backends
+    router = spawn(Router, "--backend", a.backend_arg(), "--backend", b.backend_arg("weight=3"))
+    router.wait_healthy(2)
+    body = router.get("/services").json()
+    assert body["total"] == 2
+    by_name = {s["name"]: s for s in body["services"]}
+    assert by_name["svc-qwen"] == {
+        "name": "svc-qwen",
+        "url": a.url,
+        "healthy": True,
+        "models": ["Qwen3-32B"],
+        "weight": 1,
+    }
+    assert by_name["svc-9g"]["weight"] == 3
+
+
+def test_stats_count_real_proxied_requests(spawn, two_backends):
+    a, b = two_backends
+    router = spawn(Router, "--backend", a.backend_arg(), "--backend", b.backend_arg())
+    router.wait_healthy(2)
+    for _ in range(3):
+        assert router.post("/v1/chat/completions", chat_body("Qwen3-32B")).status == 200
+    assert (
+        router.post(
+            "/v1/chat/completions", chat_body("Qwen3-32B"), headers={"X-Mock-Fault": "500"}
+        ).status
+        == 500
+    )
+    body = router.get("/stats").json()
+    assert body["total_services"] == 2
+    assert body["healthy_services"] == 2
+    qwen = router.stats_of("svc-qwen")
+    assert qwen["request_count"] == 4
+    assert qwen["error_count"] == 1
+    assert qwen["response_time"] > 0
+    assert qwen["in_flight"] == 0
+    datetime.datetime.fromisoformat(qwen["last_check"])
+    idle = router.stats_of("svc-9g")
+    assert idle["request_count"] == 0 and idle["response_time"] == 0
+
+
+def test_router_endpoints_answer_get_only(spawn, two_backends):
+    a, _ = two_backends
+    router = spawn(Router, "--backend", a.backend_arg())
+    resp = router.post("/health", {})
+    assert resp.status == 405
+    assert "GET" in resp.json()["error"]
+
+
+def test_unknown_path_is_404_with_hint(spawn, two_backends):
+    a, _ = two_backends
+    router = spawn(Router, "--backend", a.backend_arg())
+    resp = router.get("/nowhere")
+    assert resp.status == 404
+    assert "/v1/" in resp.json()["error"]
+
+
+def test_api_keys_guard_everything_but_health(spawn, two_backends):
+    a, _ = two_backends
+    router = spawn(Router, "--backend", a.backend_arg(), "--api-key", "sekrit")
+    router.wait_healthy(1)
+    assert router.get("/health").status == 200
+    denied = router.post("/v1/chat/completions", chat_body())
+    assert denied.status == 401
+    assert "Authorization: Bearer" in denied.json()["error"]
+    assert router.get("/v1/models").status == 401
+    auth = {"Authorization": "Bearer sekrit"}
+    assert router.post("/v1/chat/completions", chat_body(), headers=auth).status == 200
+    assert router.get("/v1/models", headers=auth).status == 200
+    wrong = {"Authorization": "Bearer nope"}
+    assert router.post("/v1/chat/completions", chat_body(), headers=wrong).status == 401

@@ -1,0 +1,208 @@
+"""Every error the router answers itself: status, {"error": message}, and what it names."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from conftest import Mock, Router, chat_body, free_port, wait_until
+
+
+@pytest.fixture
+def router(spawn, two_backends):
+    a, b = two_backends
+    router = spawn(Router, "--backend", a.backend_arg(), "--backend", b.backend_arg())
+    router.wait_healthy(2)
+    return router
+
+
+def _error(resp, status):
+    assert resp.status == status, resp
+    assert resp.headers["content-type"] == "application/json"
+    body = resp.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str)
+    return body["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [
+        (b"not json", "not valid JSON"),
+        (b"", "body is empty"),
+        (b"[1, 2]", "Expected `object`"),
+        (b'{"model": 5, "messages": []}', "$.model"),
+        (b'{"model": "Qwen3-32B", "messages": [{"role": "user"}], "stream": "yes"}', "$.stream"),
+        (
+            b'{"model": "Qwen3-32B", "messages": [{"role": "user"}], "temperature": 2.5}',
+            "$.temperature",
+        ),
+        (
+            b'{"model": "Qwen3-32B", "messages": [{"role": "user"}], "temperature": -0.1}',
+            "$.temperature",
+        ),
+        (b'{"model": "Qwen3-32B", "messages": [{"role": "user"}], "top_p": 1.5}', "$.top_p"),
+        (b'{"model": "Qwen3-32B", "messages": [{"role": "user"}], "top_k": 1.5}', "$.top_k"),
+        (
+            b'{"model": "Qwen3-32B", "messages": [{"role": "user"}], "max_tokens": 0}',
+            "$.max_tokens",
+        ),
+        (
+            b'{"model": "Qwen3-32B", "messages": [{"role": "user"}], "max_tokens": "9"}',
+            "$.max_tokens",
+        ),
+        (
+            b'{"model": "Qwen3-32B", "messages": [{"role": "user"}], "repetition_penalty": 2.1}',
+            "$.repetition_penalty",
+        ),
+        (b'{"model": "Qwen3-32B"}', "'messages' is required"),
+        (b'{"model": "Qwen3-32B", "messages": []}', "'messages' must not be empty"),
+        (b'{"model": "Qwen3-32B", "messages": {"role": "user"}}', "'messages' must be a list"),
+        (b'{"messages": [{"role": "user", "content": "x"}]}', "'model' is required"),
+        (
+            b'{"model": "Qwen3-32B", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            "nested too deeply",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else v[:40].decode(errors="replace"),
+)
+def test_400_names_what_is_wrong(router, body, names):
+    message = _error(router.post("/v1/chat/completions", body), 400)
+    assert names in message
+
+
+def test_400_missing_prompt_for_completions(router):
+    message = _error(router.post("/v1/completions", {"model": "Qwen3-32B"}), 400)
+    assert "'prompt' is required" in message
+
+
+def test_400_missing_model_lists_the_models(router):
+    message = _error(router.post("/v1/chat/completions", chat_body(model=None)), 400)
+    assert "Qwen3-32B" in message and "9g_8b_thinking" in message
+
+
+def test_valid_edges_of_the_ranges_pass(router):
+    body = chat_body(temperature=0, top_p=1, top_k=-1, max_tokens=1, repetition_penalty=2)
+    assert router.post("/v1/chat/completions", body).status == 200
+
+
+def test_missing_model_uses_the_only_served_model(spawn):
+    only = spawn(Mock, "only", ["solo"])
+    router = spawn(Router, "--backend", only.backend_arg())
+    router.wait_healthy(1)
+    resp = router.post("/v1/chat/completions", chat_body(model=None))
+    assert resp.status == 200
+    assert resp.json()["model"] == "solo"  # the backend was told the model
+
+
+def test_missing_model_uses_default_model(spawn, two_backends):
+    a, b = two_backends
+    router = spawn(
+        Router,
+        "--backend",
+        a.backend_arg(),
+        "--backend",
+        b.backend_arg(),
+        "--default-model",
+        "9g_8b_thinking",
+    )
+    router.wait_healthy(2)
+    resp = router.post("/chat/completions", chat_body(model=None))
+    assert resp.status == 200
+    assert resp.headers["x-mock-server"] == "svc-9g"
+
+
+def test_404_unknown_model_lists_available(router):
+    message = _error(router.post("/v1/chat/completions", chat_body("gpt-9")), 404)
+    assert "gpt-9" in message and "Qwen3-32B" in message and "9g_8b_thinking" in message
+
+
+def test_503_known_model_without_healthy_service(spawn):
+    backend = spawn(Mock, "a", ["Qwen3-32B"])
+    router = spawn(Router, "--backend", backend.backend_arg(), "--health-interval", "0.2")
+    router.wait_healthy(1)
+    backend.set_fault("unhealthy")
+    router.wait_healthy(0)
+    message = _error(router.post("/v1/chat/completions", chat_body()), 503)
+    assert "no healthy service" in message and "Qwen3-32B" in message
+
+
+def test_503_while_discovery_is_pending(spawn):
+    port = free_port()
+    router = spawn(Router, "--backend", f"late=http://127.0.0.1:{port}")
+    message = _error(router.post("/v1/chat/completions", chat_body()), 503)
+    assert "discovery" in message and "late" in message
+    # The backend comes up: its models become routable within seconds, not an interval.
+    spawn(Mock, "late", ["Qwen3-32B"], port=port)
+    router.wait_healthy(1, timeout_s=10)
+    assert router.post("/v1/chat/completions", chat_body()).status == 200
+
+
+def test_502_when_backend_is_unreachable(spawn):
+    backend = spawn(Mock, "a", ["Qwen3-32B"])
+    router = spawn(Router, "--backend", backend.backend_arg(), "--health-interval", "60")
+    router.wait_healthy(1)
+    backend.kill()  # the router still thinks it healthy: its next check is a minute away
+    message = _error(router.post("/v1/chat/completions", chat_body()), 502)
+    assert "a" in message and "unreachable" in message or "closed" in message
+    assert router.stats_of("a")["error_count"] >= 1
+
+
+def test_502_when_backend_answers_garbage(router):
+    resp = router.post("/v1/chat/completions", chat_body(), headers={"X-Mock-Fault": "garbage"})
+    message = _error(resp, 502)
+    assert "svc-qwen" in message and "broken HTTP" in message
+
+
+def test_504_when_backend_hangs(spawn):
+    backend = spawn(Mock, "a", ["Qwen3-32B"], "--fault", "hang")
+    router = spawn(Router, "--backend", backend.backend_arg(), "--request-timeout", "0.5")
+    router.wait_healthy(1)
+    started = time.monotonic()
+    message = _error(router.post("/v1/chat/completions", chat_body()), 504)
+    assert 0.4 < time.monotonic() - started < 5
+    assert "--request-timeout" in message
+
+
+def test_backend_errors_pass_through_unchanged(router):
+    for fault in ("500", "503", "429"):
+        resp = router.post("/v1/chat/completions", chat_body(), headers={"X-Mock-Fault": fault})
+        assert resp.status == int(fault)
+        assert resp.json() == {"error": f"simulated {fault}"}
+    assert resp.headers["retry-after"] == "1"
+
+
+def test_413_is_sent_without_reading_the_body(spawn, two_backends):
+    a, _ = two_backends
+    router = spawn(Router, "--backend", a.backend_arg(), "--max-body-size", "1KiB")
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+        # Announce 10 MB but send none of it: the answer must come anyway.
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n"
+        )
+        data = wait_until(lambda: sock.recv(65536), 5, "the 413")
+    assert data.startswith(b"HTTP/1.1 413")
+    assert b"--max-body-size" in data
+    assert b"Connection: close" in data
+
+
+def test_413_for_chunked_body_over_the_limit(spawn, two_backends):
+    a, _ = two_backends
+    router = spawn(Router, "--backend", a.backend_arg(), "--max-body-size", "1KiB")
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n800\r\n" + b"x" * 2048 + b"\r\n"
+        )
+        data = wait_until(lambda: sock.recv(65536), 5, "the 413")
+    assert data.startswith(b"HTTP/1.1 413")
+
+
+def test_malformed_request_is_400_and_close(router):
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+        sock.sendall(b"GARBAGE\x00 / HTTP/9\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 400")
+    assert b'"error"' in data

@@ -1,0 +1,108 @@
+"""The official openai SDK pointed at the router, as users call it."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from conftest import Router
+
+
+@pytest.fixture
+def client(spawn, two_backends):
+    a, b = two_backends
+    router = spawn(Router, "--backend", a.backend_arg(), "--backend", b.backend_arg())
+    router.wait_healthy(2)
+    with openai.OpenAI(
+        base_url=f"http://127.0.0.1:{router.port}/v1",
+        api_key="not-needed",
+        timeout=10,
+        max_retries=0,
+    ) as client:
+        yield client
+
+
+def test_chat_completion(client):
+    completion = client.chat.completions.create(
+        model="Qwen3-32B",
+        messages=[{"role": "user", "content": "Hello"}],
+        temperature=0.7,
+        top_p=0.9,
+        max_tokens=6,
+        extra_body={"top_k": 50, "repetition_penalty": 1.0, "chat_template_kwargs": {}},
+    )
+    assert completion.model == "Qwen3-32B"
+    assert completion.choices[0].message.content.split() == [
+        "The",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+    ]
+    assert completion.usage.completion_tokens == 6
+
+
+def test_chat_completion_streaming(client):
+    stream = client.chat.completions.create(
+        model="9g_8b_thinking",
+        messages=[{"role": "user", "content": "Tell me a story"}],
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.split() == ["The", "quick", "brown", "fox", "jumps", "over", "the", "lazy"]
+    assert chunks[-1].usage.completion_tokens == 8
+
+
+def test_text_completion(client):
+    completion = client.completions.create(
+        model="Qwen3-32B", prompt="The capital of France is", max_tokens=3
+    )
+    assert completion.choices[0].text.split() == ["The", "quick", "brown"]
+
+
+def test_text_completion_streaming(client):
+    stream = client.completions.create(model="Qwen3-32B", prompt="Once", max_tokens=4, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices).split() == [
+        "The",
+        "quick",
+        "brown",
+        "fox",
+    ]
+
+
+def test_embeddings(client):
+    result = client.embeddings.create(model="9g_8b_thinking", input=["a", "b", "c"])
+    assert len(result.data) == 3
+
+
+def test_models_list(client):
+    assert sorted(m.id for m in client.models.list()) == ["9g_8b_thinking", "Qwen3-32B"]
+    assert client.models.retrieve("Qwen3-32B").id == "Qwen3-32B"
+
+
+def test_errors_reach_the_sdk_as_its_exceptions(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
+    assert "gpt-9" in info.value.body  # the SDK hands over the "error" string
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model="Qwen3-32B", messages=[{"role": "user", "content": "x"}], temperature=5
+        )
+
+
+def test_stream_error_mid_stream_raises_in_the_sdk(client):
+    stream = client.chat.completions.create(
+        model="Qwen3-32B",
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=10,
+        stream=True,
+        extra_headers={"X-Mock-Fault": "close-mid-stream"},
+    )
+    received = []
+    with pytest.raises(openai.APIError):
+        for chunk in stream:
+            received.append(chunk)
+    assert received  # the tokens before the failure arrived

@@ -86,7 +86,8 @@ class Process:
     """A real child process whose output goes to a file we can read at any time."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.log_file = tempfile.NamedTemporaryFile(prefix="lmproxy-test-", suffix=".log")
+        # Closed in stop(): the file outlives this constructor on purpose.
+        self.log_file = tempfile.NamedTemporaryFile(prefix="lmproxy-test-", suffix=".log")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, *args],
             stdout=self.log_file,

@@ -86,8 +86,10 @@ class MockState:
         token_delay_s: float = 0.0,
         tokens: int = 16,
         fault: str = "none",
+        v1_models: bool = True,
     ) -> None:
         self.name = name
+        self.v1_models = v1_models
         self.models = models
         self.ttft_s = ttft_s
         self.token_delay_s = token_delay_s
@@ -238,6 +240,9 @@ class MockConnection(asyncio.Protocol):
             else:
                 self._write(_json(200, {"status": "healthy"}))
             state.completed += 1
+            return
+        if path == "/v1/models" and not state.v1_models:
+            self._write(_json(404, {"detail": "Not Found"}))
             return
         if path in ("/models", "/v1/models"):
             data = [
@@ -514,6 +519,10 @@ def main(argv: list[str] | None = None) -> int:
         "--tokens", type=int, default=16, help="tokens per answer without max_tokens (default 16)"
     )
     parser.add_argument("--fault", choices=FAULTS, default="none", help="fault mode at start")
+    parser.add_argument(
+        "--no-v1-models", action="store_true",
+        help="answer 404 on /v1/models (only /models), like older InfiniLM servers",
+    )
     args = parser.parse_args(argv)
 
     async def run() -> None:
@@ -523,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             args.ttft,
             args.token_delay,
             args.tokens,
-            args.fault,
+            args.fault, v1_models=not args.no_v1_models,
         )
         server = await start_mock(state, args.host, args.port)
         port = server.sockets[0].getsockname()[1]

@@ -1,0 +1,322 @@
+"""Configuration: --backend, the TOML file, InfiniLM static-services JSON, the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, Mock, Router, chat_body
+
+from lmproxy.cli import load_config
+from lmproxy.config import ConfigError, load_static_services, parse_backend
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lmproxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+# --- --backend ------------------------------------------------------------------
+
+
+def test_backend_plain_url():
+    spec = parse_backend("http://10.0.0.5:8100")
+    assert (spec.name, spec.host, spec.port, spec.weight, spec.models) == (
+        "10.0.0.5:8100",
+        "10.0.0.5",
+        8100,
+        1,
+        [],
+    )
+
+
+def test_backend_with_name_weight_models_and_health():
+    spec = parse_backend(
+        "service_9g8b_8100=http://10.0.0.5:8100,weight=3,model=a,model=b,health=/healthz"
+    )
+    assert spec.name == "service_9g8b_8100"
+    assert spec.url == "http://10.0.0.5:8100"
+    assert spec.weight == 3
+    assert spec.models == ["a", "b"]
+    assert spec.health_path == "/healthz"
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("https://x:1", "http://"),
+        ("x:1", "http://"),
+        ("http://x:1,weight=two", "weight must be an integer"),
+        ("http://x:1,colour=red", "unknown option"),
+        ("http://x:1,health=nope", "must start with '/'"),
+        ("http://x:99999", "Port out of range"),
+    ],
+)
+def test_backend_errors_say_what_to_change(text, names):
+    with pytest.raises(ConfigError, match=names):
+        parse_backend(text)
+
+
+def test_duplicate_names_are_refused():
+    with pytest.raises(ConfigError, match="unique"):
+        load_config(["--backend", "a=http://x:1", "--backend", "a=http://y:2"])
+
+
+# --- the TOML file ------------------------------------------------------------------
+
+
+def test_every_setting_comes_from_the_toml_file(tmp_path):
+    path = tmp_path / "lmproxy.toml"
+    path.write_text(
+        """
+host = "127.0.0.2"
+port = 9100
+health_interval = 7
+health-timeout = 2
+max_errors = 4
+connect_timeout = 1.5
+request_timeout = 60
+retries = 1
+max_body_size = 1048576
+default_model = "m"
+strategy = "round-robin"
+pool_max_idle = 8
+pool_idle_timeout = 9
+keepalive_timeout = 11
+header_timeout = 12
+shutdown_timeout = 13
+api_keys = ["k1"]
+log_level = "debug"
+
+[[services]]
+name = "a"
+url = "http://10.0.0.5:8100"
+weight = 2
+models = ["m"]
+health_path = "/healthz"
+"""
+    )
+    config = load_config(["--config", str(path)])
+    assert config.host == "127.0.0.2" and config.port == 9100
+    assert (config.health_interval, config.health_timeout, config.max_errors) == (7, 2, 4)
+    assert (config.connect_timeout, config.request_timeout, config.retries) == (1.5, 60, 1)
+    assert config.max_body_size == 1048576 and config.default_model == "m"
+    assert (config.pool_max_idle, config.pool_idle_timeout) == (8, 9)
+    assert (config.keepalive_timeout, config.header_timeout, config.shutdown_timeout) == (
+        11,
+        12,
+        13,
+    )
+    assert config.api_keys == ["k1"] and config.log_level == "debug"
+    (service,) = config.services
+    assert (service.name, service.weight, service.models, service.health_path) == (
+        "a",
+        2,
+        ["m"],
+        "/healthz",
+    )
+    # The command line wins over the file, and adds to its services.
+    config = load_config(["--config", str(path), "--port", "9200", "--backend", "http://y:1"])
+    assert config.port == 9200 and [s.name for s in config.services] == ["a", "y:1"]
+
+
+def test_toml_errors_name_the_key(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('health_interval = "soon"\n')
+    with pytest.raises(ConfigError, match="health_interval"):
+        load_config(["--config", str(path)])
+    path.write_text("colour = 1\n")
+    with pytest.raises(ConfigError, match="colour"):
+        load_config(["--config", str(path)])
+    path.write_text("port = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(["--config", str(path)])
+
+
+def test_config_file_served_end_to_end(spawn, tmp_path):
+    backend = spawn(Mock, "b", ["Qwen3-32B"])
+    path = tmp_path / "lmproxy.toml"
+    path.write_text(f'[[services]]\nname = "from-file"\nurl = "{backend.url}"\n')
+    router = spawn(Router, "--config", str(path))
+    router.wait_healthy(1)
+    assert router.post("/v1/chat/completions", chat_body()).status == 200
+    assert router.stats_of("from-file")["request_count"] == 1
+
+
+# --- InfiniLM-SVC static services --------------------------------------------------
+
+_ENTRY = {
+    "name": "service_9g8b_8100",
+    "host": "127.0.0.1",
+    "port": 8100,
+    "weight": 1,
+    "metadata": {"type": "openai-api", "models": ["9g_8b_thinking"]},
+}
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"services": [_ENTRY]},
+        [_ENTRY],
+        {"static_services": [_ENTRY]},
+        {"static_services": {"services": [_ENTRY]}},
+        {"services": [{**_ENTRY, "metadata": {"model": "9g_8b_thinking"}}]},
+        {"services": [{**_ENTRY, "metadata": {"models": ["9g_8b_thinking"]}}]},
+        {
+            "services": [
+                {
+                    **_ENTRY,
+                    "metadata": {
+                        "type": "openai-api",
+                        "models_list": [{"id": "9g_8b_thinking", "object": "model"}],
+                    },
+                }
+            ]
+        },
+    ],
+    ids=[
+        "services",
+        "bare-array",
+        "static_services",
+        "nested",
+        "model-singular",
+        "no-type",
+        "models_list",
+    ],
+)
+def test_static_services_variants(tmp_path, document):
+    path = tmp_path / "services.json"
+    path.write_text(json.dumps(document))
+    (spec,) = load_static_services(str(path))
+    assert spec.name == "service_9g8b_8100"
+    assert spec.url == "http://127.0.0.1:8100"
+    assert spec.models == ["9g_8b_thinking"]
+
+
+def test_static_services_without_models_are_discovered(tmp_path):
+    path = tmp_path / "services.json"
+    path.write_text(json.dumps([{"name": "x", "host": "h", "port": 1}]))
+    (spec,) = load_static_services(str(path))
+    assert spec.models == []
+
+
+def test_static_services_skip_other_types(tmp_path):
+    path = tmp_path / "services.json"
+    path.write_text(
+        json.dumps([_ENTRY, {**_ENTRY, "name": "sup", "metadata": {"type": "babysitter"}}])
+    )
+    assert [s.name for s in load_static_services(str(path))] == ["service_9g8b_8100"]
+
+
+@pytest.mark.parametrize(
+    ("content", "names"),
+    [
+        ("{", "not valid JSON"),
+        ('{"nothing": 1}', "expected a list"),
+        ('[{"name": "x"}]', "needs host and port"),
+        ('[{"name": "x", "host": "h", "port": "eighty"}]', "entry 0"),
+    ],
+)
+def test_static_services_errors(tmp_path, content, names):
+    path = tmp_path / "services.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=names):
+        load_static_services(str(path))
+
+
+def test_static_services_end_to_end_with_infinilm_flags(spawn, tmp_path):
+    backend = spawn(Mock, "b", ["9g_8b_thinking"])
+    path = tmp_path / "services.json"
+    entry = {**_ENTRY, "port": backend.port}
+    path.write_text(json.dumps({"services": [entry]}))
+    router = spawn(
+        Router,
+        "--static-services",
+        str(path),
+        "--router-port",
+        "0",
+        "--health-interval",
+        "5",
+        "--health-timeout",
+        "2",
+        "--max-errors",
+        "3",
+    )
+    router.wait_healthy(1)
+    resp = router.post("/chat/completions", chat_body("9g_8b_thinking"))
+    assert resp.status == 200
+    assert router.stats_of("service_9g8b_8100")["request_count"] == 1
+
+
+# --- the command line -----------------------------------------------------------------
+
+
+def test_help_explains_every_flag():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in (
+        "--backend",
+        "--router-port",
+        "--static-services",
+        "--health-interval",
+        "--health-timeout",
+        "--max-errors",
+        "--connect-timeout",
+        "--request-timeout",
+        "--retries",
+        "--max-body-size",
+        "--default-model",
+        "--config",
+        "--demo",
+        "--strategy",
+        "--api-key",
+        "--keepalive-timeout",
+        "--header-timeout",
+    ):
+        assert flag in result.stdout
+    assert "default: 8000" in result.stdout
+
+
+def test_bad_flags_fail_with_a_message():
+    result = run_cli("--backend", "ftp://x")
+    assert result.returncode == 2 and "http://" in result.stderr
+    result = run_cli("--health-interval", "0", "--backend", "http://x:1")
+    assert result.returncode == 2 and "--health-interval must be > 0" in result.stderr
+    result = run_cli("--config", "/nonexistent.toml")
+    assert result.returncode == 2 and "cannot read config file" in result.stderr
+
+
+def test_unknown_strategy_lists_the_available_ones():
+    result = run_cli("--host", "127.0.0.1", "--port", "0", "--strategy", "nope")
+    assert result.returncode == 2
+    assert "unknown strategy 'nope'" in result.stderr and "round-robin" in result.stderr
+
+
+def test_list_strategies():
+    result = run_cli("--list-strategies")
+    assert result.returncode == 0 and result.stdout.startswith("round-robin")
+
+
+def test_port_in_use_is_a_clear_error(spawn):
+    router = spawn(Router)
+    result = run_cli("--host", "127.0.0.1", "--port", str(router.port))
+    assert result.returncode == 2 and "cannot listen on" in result.stderr
+
+
+def test_public_bind_without_keys_warns_once(spawn):
+    router = spawn(Router, "--host", "0.0.0.0")
+    assert router.output.count("with no API keys") == 1
+    keyed = spawn(Router, "--host", "0.0.0.0", env={"LMPROXY_API_KEYS": "k"})
+    assert "with no API keys" not in keyed.output
+    assert keyed.get("/v1/models").status == 401
+    loopback = spawn(Router)
+    assert "with no API keys" not in loopback.output

@@ -47,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmproxy",
         description=(
-            "A fast OpenAI-compatible router for LLM inference services. It sends each "
-            "request to a healthy backend service that serves the request's model and "
-            "streams the answer back. Drop-in for the InfiniLM-SVC router."
+            "A fast OpenAI-compatible router for LLM inference services. It sends each\n"
+            "request to a healthy backend service that serves the request's model and\n"
+            "streams the answer back. A drop-in for the InfiniLM-SVC router."
         ),
         epilog=(
             "examples:\n"

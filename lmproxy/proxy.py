@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from typing import TYPE_CHECKING
 
 from lmproxy.errors import Fault, ProxyError, sse_error_event, status_line
@@ -92,7 +93,8 @@ class Exchange:
         self.head_sent = False
         self.reusable = False
         self.ttfb_s = 0.0
-        self.sent_at = self.loop.time()
+        # uvloop's loop.time() ticks in milliseconds: too coarse for latencies.
+        self.sent_at = time.perf_counter()
         self._out: list[bytes] = []
         self._chunked = False
         self._framing = NO_BODY
@@ -106,7 +108,7 @@ class Exchange:
     ) -> None:
         self.status = status
         self._framing = framing
-        self.ttfb_s = self.loop.time() - self.sent_at
+        self.ttfb_s = time.perf_counter() - self.sent_at
         client = self.client
         request = client.current
         assert request is not None
@@ -344,7 +346,7 @@ async def _forward(router: Router, client: ClientConnection, request: ClientRequ
         outcome = await exchange.outcome
         client.exchange = None
         service.in_flight -= 1
-        latency_s = exchange.loop.time() - exchange.sent_at
+        latency_s = time.perf_counter() - exchange.sent_at
         if exchange.head_sent:
             strategy.on_first_byte(service, exchange.ttfb_s)
         if outcome is Outcome.DONE:

@@ -59,6 +59,7 @@ WORDS = (
 ).split(" ")
 CREATED = 1705312200
 HIGH_WATER = 64 * 1024
+BATCH_EVENTS = 64  # events per write when there is no delay between tokens
 
 _encode = msgspec.json.Encoder().encode
 
@@ -364,10 +365,12 @@ class MockConnection(asyncio.Protocol):
             if delay:
                 self._flush(pending)
                 await asyncio.sleep(delay)
-                if not self.writable.is_set():
-                    await self.writable.wait()
-                if self.closed:
-                    return
+            elif len(pending) >= BATCH_EVENTS:
+                self._flush(pending)
+            if not self.writable.is_set():  # the reader is slow: wait as a real server does
+                await self.writable.wait()
+            if self.closed:
+                return
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": n,

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PIPELINED = 8  # complete requests waiting behind the one being answered
 CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
+LINGER_S = 2.0  # how long a rejected client may go on sending before the close
 
 
 class ClientRequest:
@@ -79,6 +80,7 @@ class _Reject(Exception):
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_header_bytes",
+        "_lingering",
         "_parsing",
         "_pending_reject",
         "_queue",
@@ -108,6 +110,7 @@ class ClientConnection(asyncio.Protocol):
         self._parsing: ClientRequest | None = None
         self._queue: deque[ClientRequest] = deque()
         self._header_bytes = 0
+        self._lingering = False
         self._read_paused = False
         self._pending_reject: _Reject | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -120,6 +123,8 @@ class ClientConnection(asyncio.Protocol):
         self._arm(self.router.config.keepalive_timeout)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -293,15 +298,36 @@ class ClientConnection(asyncio.Protocol):
         if self.closing:
             return
         if self.current is not None:
-            # Answer in order: after the response in flight.
-            self._pending_reject = reject
+            # Answer in order, after the response in flight (if the connection lives on).
+            if self.current.keep_alive:
+                self._pending_reject = reject
             self._parsing = None
             self.transport.pause_reading()  # type: ignore[union-attr]
             self._read_paused = True
-            if self.current.keep_alive:
-                return
+            return
         self.write(error_response(reject.status, reject.message, keep_alive=False))
-        self.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close after an error without destroying the error.
+
+        Closing a socket with unread input makes the kernel send RST, which can
+        discard the answer before the client reads it (a client still sending
+        its oversized body or headers). So: half-close, read and drop what
+        still comes for a moment, then close, as nginx's lingering_close does.
+        """
+        transport = self.transport
+        assert transport is not None
+        self.closing = True
+        self._lingering = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if transport.can_write_eof():
+            transport.write_eof()
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+        self._timer = self.loop.call_later(LINGER_S, transport.close)
 
     def _on_upgrade(self) -> None:
         # Protocol upgrades (WebSocket, h2c) are not offered. A request that asked
@@ -324,6 +350,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if self._parsing is not None:
             self.write(error_response(408, "request headers took too long", keep_alive=False))
+            self._linger()
+            return
         self.close()
 
 

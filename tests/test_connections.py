@@ -1,0 +1,155 @@
+"""Client connections: limits, timeouts, flow control, graceful shutdown."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+from conftest import Mock, Router, chat_body, request, wait_until
+
+
+def _recv_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_header_block_over_64k_is_431(spawn):
+    router = spawn(Router)
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        for i in range(80):
+            sock.sendall(b"X-Filler-%d: %s\r\n" % (i, b"a" * 1000))
+        sock.sendall(b"\r\n")
+        data = _recv_all(sock)
+    assert data.startswith(b"HTTP/1.1 431")
+
+
+def test_slow_headers_are_cut_off_with_408(spawn):
+    router = spawn(Router, "--header-timeout", "0.5")
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never finished
+        started = time.monotonic()
+        data = _recv_all(sock)
+    assert data.startswith(b"HTTP/1.1 408")
+    assert 0.4 < time.monotonic() - started < 5
+
+
+def test_idle_keep_alive_connection_is_closed(spawn):
+    router = spawn(Router, "--keepalive-timeout", "0.5")
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 ")
+        started = time.monotonic()
+        assert _recv_all(sock) == b""  # closed by the router
+    assert 0.4 < time.monotonic() - started < 5
+
+
+def test_backend_connections_are_reused(spawn):
+    backend = spawn(Mock, "b", ["Qwen3-32B"])
+    router = spawn(Router, "--backend", backend.backend_arg())
+    router.wait_healthy(1)
+    router.post("/v1/chat/completions", chat_body())
+    before = backend.stats()["total_connections"]
+    for _ in range(5):
+        assert router.post("/v1/chat/completions", chat_body()).status == 200
+    # One connection for each stats query; the five requests shared a pooled one.
+    assert backend.stats()["total_connections"] == before + 1
+
+
+def _dechunk(data: bytes) -> bytes:
+    """The body of a chunked message: the router re-frames, so events may span chunks."""
+    out, pos = bytearray(), 0
+    while True:
+        end = data.index(b"\r\n", pos)
+        size = int(data[pos:end], 16)
+        if size == 0:
+            return bytes(out)
+        out += data[end + 2 : end + 2 + size]
+        pos = end + 2 + size + 2
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_slow_client_pauses_the_backend_and_memory_stays_bounded(spawn):
+    # 60,000 events of ~200 bytes: ~12 MB that a router without flow control would buffer.
+    backend = spawn(Mock, "b", ["Qwen3-32B"])
+    router = spawn(Router, "--backend", backend.backend_arg())
+    router.wait_healthy(1)
+    rss_before = _rss_kib(router.proc.pid)
+    body = json.dumps(chat_body(stream=True, max_tokens=60_000)).encode()
+    sock = socket.create_connection(("127.0.0.1", router.port), timeout=30)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(body), body)
+    )
+    received = bytearray(sock.recv(1024))  # the head arrives, then the client stops reading
+    time.sleep(1.5)  # let the backend run into the router's back-pressure
+    stats = backend.stats()
+    assert stats["streams_started"] == 1 and stats["streams_completed"] == 0
+    assert _rss_kib(router.proc.pid) - rss_before < 8 * 1024
+    # Once the client reads, everything arrives, complete.
+    sock.settimeout(30)
+    while not received.endswith(b"0\r\n\r\n"):
+        chunk = sock.recv(1 << 20)
+        assert chunk, "connection closed early"
+        received += chunk
+    sock.close()
+    body = _dechunk(bytes(received).partition(b"\r\n\r\n")[2])
+    assert body.count(b"data: ") == 60_000 + 3  # role + tokens + usage + [DONE]
+    wait_until(lambda: backend.stats()["streams_completed"] == 1, 5, "the backend to finish")
+
+
+def test_sigterm_lets_streams_in_flight_finish(spawn):
+    backend = spawn(Mock, "b", ["Qwen3-32B"], "--token-delay", "0.05")
+    router = spawn(Router, "--backend", backend.backend_arg(), "--shutdown-timeout", "10")
+    router.wait_healthy(1)
+    result: dict[str, bytes] = {}
+
+    def stream() -> None:
+        body = json.dumps(chat_body(stream=True, max_tokens=20)).encode()
+        with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d"
+                b"\r\n\r\n%s" % (len(body), body)
+            )
+            result["data"] = _recv_all(sock)
+
+    client = threading.Thread(target=stream)
+    client.start()
+    wait_until(lambda: backend.stats()["streams_started"] == 1, 5, "the stream to start")
+    router.signal(signal.SIGTERM)
+    # New connections are refused while the stream finishes.
+    wait_until(lambda: _refused(router.port), 5, "the listener to close")
+    client.join(10)
+    head, _, body = result["data"].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert _dechunk(body).endswith(b"data: [DONE]\n\n")
+    assert router.proc.wait(10) == 0
+    assert "stopped" in router.output
+
+
+def test_sigint_exits_zero_when_idle(spawn):
+    router = spawn(Router)
+    assert request(router.port, "GET", "/health").status == 503  # no services
+    router.signal(signal.SIGINT)
+    assert router.proc.wait(10) == 0
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False

@@ -523,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--fault", choices=FAULTS, default="none", help="fault mode at start")
     parser.add_argument(
-        "--no-v1-models", action="store_true",
+        "--no-v1-models",
+        action="store_true",
         help="answer 404 on /v1/models (only /models), like older InfiniLM servers",
     )
     args = parser.parse_args(argv)
@@ -535,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
             args.ttft,
             args.token_delay,
             args.tokens,
-            args.fault, v1_models=not args.no_v1_models,
+            args.fault,
+            v1_models=not args.no_v1_models,
         )
         server = await start_mock(state, args.host, args.port)
         port = server.sockets[0].getsockname()[1]

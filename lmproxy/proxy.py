@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from lmproxy.app import Router
     from lmproxy.registry import Service
     from lmproxy.server import ClientConnection, ClientRequest
+    from strategies import Strategy
 
 # RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -75,16 +76,25 @@ class Exchange:
         "reason",
         "reusable",
         "sent_at",
+        "service",
         "status",
+        "strategy",
         "timeout_s",
         "ttfb_s",
     )
 
     def __init__(
-        self, client: ClientConnection, conn: UpstreamConnection, timeout_s: float
+        self,
+        client: ClientConnection,
+        conn: UpstreamConnection,
+        service: Service,
+        strategy: Strategy,
+        timeout_s: float,
     ) -> None:
         self.client = client
         self.conn = conn
+        self.service = service
+        self.strategy = strategy
         self.loop = conn.loop
         self.timeout_s = timeout_s
         self.outcome: asyncio.Future[Outcome] = self.loop.create_future()
@@ -109,6 +119,7 @@ class Exchange:
         self.status = status
         self._framing = framing
         self.ttfb_s = time.perf_counter() - self.sent_at
+        self.strategy.on_first_byte(self.service, self.ttfb_s)
         client = self.client
         request = client.current
         assert request is not None
@@ -336,7 +347,7 @@ async def _forward(router: Router, client: ClientConnection, request: ClientRequ
             pool.release(conn)
             return
         data = _request_data(service, request, route.body)
-        exchange = Exchange(client, conn, timeout_s)
+        exchange = Exchange(client, conn, service, strategy, timeout_s)
         client.exchange = exchange
         service.in_flight += 1
         strategy.on_start(service, route)
@@ -347,8 +358,6 @@ async def _forward(router: Router, client: ClientConnection, request: ClientRequ
         client.exchange = None
         service.in_flight -= 1
         latency_s = time.perf_counter() - exchange.sent_at
-        if exchange.head_sent:
-            strategy.on_first_byte(service, exchange.ttfb_s)
         if outcome is Outcome.DONE:
             service.request_count += 1
             service.latencies.append(latency_s)

@@ -54,7 +54,6 @@ class Service:
         "pool",
         "port",
         "request_count",
-        "ttfb_s",
         "url",
         "weight",
     )
@@ -79,7 +78,6 @@ class Service:
         self.error_count = 0
         self.in_flight = 0
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self.ttfb_s: float | None = None
         self.last_check: float | None = None
         self.last_error = ""
         self.pool: Pool | None = None

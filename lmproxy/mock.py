@@ -349,7 +349,8 @@ class MockConnection(asyncio.Protocol):
         cut_at = n // 2 if fault in ("close-mid-stream", "stall-mid-stream") else -1
         pending: list[bytes] = []
         if kind == "chat":
-            pending.append(_event(cid, obj, created, model, {"role": "assistant", "content": ""}))
+            role = {"delta": {"role": "assistant", "content": ""}}
+            pending.append(_event(cid, obj, created, model, role))
         for i in range(n):
             if i == cut_at:
                 self._flush(pending)
@@ -358,10 +359,8 @@ class MockConnection(asyncio.Protocol):
                     return
                 await asyncio.Event().wait()
             word = WORDS[i % len(WORDS)] + " "
-            if kind == "chat":
-                pending.append(_event(cid, obj, created, model, {"content": word}))
-            else:
-                pending.append(_text_event(cid, obj, created, model, word))
+            choice = {"delta": {"content": word}} if kind == "chat" else {"text": word}
+            pending.append(_event(cid, obj, created, model, choice))
             if delay:
                 self._flush(pending)
                 await asyncio.sleep(delay)
@@ -404,24 +403,13 @@ class MockConnection(asyncio.Protocol):
             self._write(b"%x\r\n%s\r\n" % (len(data), data))
 
 
-def _event(cid: str, obj: str, created: int, model: str, delta: dict[str, str]) -> bytes:
+def _event(cid: str, obj: str, created: int, model: str, choice: dict[str, Any]) -> bytes:
     chunk = {
         "id": cid,
         "object": obj,
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
-    }
-    return b"data: " + _encode(chunk) + b"\n\n"
-
-
-def _text_event(cid: str, obj: str, created: int, model: str, text: str) -> bytes:
-    chunk = {
-        "id": cid,
-        "object": obj,
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": None}],
+        "choices": [{"index": 0, **choice, "finish_reason": None}],
     }
     return b"data: " + _encode(chunk) + b"\n\n"
 

@@ -47,6 +47,14 @@ COMPLETION_PATHS = frozenset({b"/v1/completions", b"/completions"})
 MODEL_PATHS = CHAT_PATHS | COMPLETION_PATHS | {b"/v1/embeddings", b"/embeddings"}
 
 
+def find_header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of header ``name`` in a list of (lower-cased name, value)."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
 class RouteRequest:
     """What a strategy sees of a request: its model, its decoded head, its headers."""
 
@@ -68,10 +76,7 @@ class RouteRequest:
 
     def header(self, name: bytes) -> bytes | None:
         """The value of header ``name`` (lower-case bytes), or None."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        return find_header(self.headers, name)
 
     @property
     def stream(self) -> bool:

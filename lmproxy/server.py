@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from lmproxy.errors import error_response
+from lmproxy.request import find_header
 
 if TYPE_CHECKING:
     from lmproxy.app import Router
@@ -60,10 +61,7 @@ class ClientRequest:
         self.expect_continue = False
 
     def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        return find_header(self.headers, name)
 
 
 class _Reject(Exception):

@@ -17,7 +17,7 @@ from lmproxy import api
 from lmproxy.config import Config, ConfigError
 from lmproxy.errors import json_response
 from lmproxy.health import HealthChecker
-from lmproxy.proxy import forward
+from lmproxy.proxy import Journey
 from lmproxy.registry import Registry
 from lmproxy.request import MODEL_PATHS
 from lmproxy.server import ClientConnection, ClientRequest
@@ -26,6 +26,10 @@ from lmproxy.upstream import Pool
 log = logging.getLogger("lmproxy")
 
 LOCAL_METHODS = (b"GET", b"HEAD")
+# Timeouts are enforced by a sweep this often: a quarter of the shortest timeout,
+# within these bounds, so a timeout fires at most 25% late.
+MIN_SWEEP_S = 0.05
+MAX_SWEEP_S = 1.0
 NOT_FOUND_HINT = (
     "the router serves /v1/... (OpenAI API), /chat/completions, /completions, "
     "/models, /health, /services and /stats"
@@ -43,6 +47,16 @@ class Router:
         self.server: asyncio.Server | None = None
         self.draining = False
         self.port = config.port
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.sweep_interval_s = max(
+            MIN_SWEEP_S,
+            min(
+                MAX_SWEEP_S,
+                config.header_timeout / 4,
+                config.keepalive_timeout / 4,
+                config.request_timeout / 4,
+            ),
+        )
         self._api_keys = [k.encode() for k in config.api_keys]
         for spec in config.services:
             service = self.registry.add(spec)
@@ -69,6 +83,7 @@ class Router:
             ) from None
         self.port = self.server.sockets[0].getsockname()[1]
         self.checker.start()
+        self._sweeper = self.loop.call_later(self.sweep_interval_s, self._sweep)
         log.info(
             "lmproxy listening on http://%s:%d (strategy %s, %d services)",
             self.config.host,
@@ -118,7 +133,7 @@ class Router:
             return
         if self.draining:
             request.keep_alive = False
-        client.task = self.loop.create_task(forward(self, client, request))
+        Journey(self, client, request).start()
 
     def _authorized(self, request: ClientRequest) -> bool:
         if not self._api_keys:
@@ -130,6 +145,17 @@ class Router:
         token = token.strip()
         # compare_digest on every key: the time taken does not tell which key is close.
         return any(hmac.compare_digest(token, key) for key in self._api_keys)
+
+    def _sweep(self) -> None:
+        """Enforce every connection's timeouts: one timer for the router, none per request."""
+        now = self.loop.time()
+        for conn in list(self.connections):
+            if conn.deadline <= now:
+                conn.on_deadline()
+            exchange = conn.exchange
+            if exchange is not None:
+                exchange.check_timeout(now)
+        self._sweeper = self.loop.call_later(self.sweep_interval_s, self._sweep)
 
     # --- shutdown ----------------------------------------------------------------
 
@@ -154,6 +180,8 @@ class Router:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         await self.checker.stop()
         for service in self.registry.services.values():
             if service.pool is not None:

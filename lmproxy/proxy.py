@@ -1,21 +1,25 @@
 """One request's journey: validate -> choose -> forward -> relay -> account.
 
-:func:`forward` runs as one task per proxied request. It resolves the route,
-asks the strategy for a service, takes a pooled connection and sends the
-original bytes. From then on no task is involved: the upstream connection's
-parser callbacks feed an :class:`Exchange`, which frames the body for the client
-and writes it once per backend read. The task only wakes again when the
-exchange has an outcome, to retry, report or account.
+A :class:`Journey` carries one proxied request. It resolves the route, asks the
+strategy for a service and, when that service's pool has an idle connection,
+sends the original bytes at once: no task is created on that path. Only a
+request that must open a new connection runs a short task for the connect.
+From the send on, the upstream connection's parser callbacks feed an
+:class:`Exchange`, which frames the body for the client and writes it once per
+backend read. When the exchange has an outcome, the journey retries, reports
+or accounts, from a ``call_soon`` callback (never inside a parser callback).
 
 Retries happen only while nothing has reached the client: a connect failure, or
 a connection that dropped before any response byte. Once the response head is
 written, a failure ends the stream with an SSE error event (or a cut
 connection, for a body that cannot carry one).
+
+Timeouts are checked by the router's sweep (``check_timeout``), not by a timer
+per request.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import time
 from typing import TYPE_CHECKING
@@ -28,7 +32,6 @@ if TYPE_CHECKING:
     from lmproxy.app import Router
     from lmproxy.registry import Service
     from lmproxy.server import ClientConnection, ClientRequest
-    from strategies import Strategy
 
 # RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -67,15 +70,16 @@ class Exchange:
         "_framing",
         "_out",
         "_sse",
-        "_timer",
         "client",
         "conn",
         "head_sent",
+        "journey",
         "loop",
         "outcome",
         "reason",
         "reusable",
         "sent_at",
+        "sent_tick",
         "service",
         "status",
         "strategy",
@@ -85,31 +89,32 @@ class Exchange:
 
     def __init__(
         self,
-        client: ClientConnection,
+        journey: Journey,
         conn: UpstreamConnection,
         service: Service,
-        strategy: Strategy,
         timeout_s: float,
     ) -> None:
-        self.client = client
+        self.journey = journey
+        self.client = journey.client
+        self.strategy = journey.router.strategy
         self.conn = conn
         self.service = service
-        self.strategy = strategy
         self.loop = conn.loop
         self.timeout_s = timeout_s
-        self.outcome: asyncio.Future[Outcome] = self.loop.create_future()
+        self.outcome: Outcome | None = None
         self.status = 0
         self.reason = ""
         self.head_sent = False
         self.reusable = False
         self.ttfb_s = 0.0
-        # uvloop's loop.time() ticks in milliseconds: too coarse for latencies.
+        # uvloop's loop.time() ticks in milliseconds: too coarse for latencies,
+        # fine for timeouts.
         self.sent_at = time.perf_counter()
+        self.sent_tick = self.loop.time()
         self._out: list[bytes] = []
         self._chunked = False
         self._framing = NO_BODY
         self._sse = False
-        self._timer = self.loop.call_later(timeout_s, self._on_timer)
 
     # --- Sink: called by the upstream connection --------------------------------
 
@@ -192,23 +197,22 @@ class Exchange:
         self.conn.last_activity = self.loop.time()
         self.conn.resume_reading()
 
-    def _on_timer(self) -> None:
-        if self.outcome.done():
+    def check_timeout(self, now: float) -> None:
+        """Called by the router's sweep: give up on a silent backend."""
+        if self.outcome is not None:
             return
-        now = self.loop.time()
         if not self.head_sent:
-            self.reason = f"no response from the backend within {self.timeout_s:g}s"
-            self.conn.close()
-            self._settle(Outcome.TIMEOUT)
+            if now - self.sent_tick >= self.timeout_s:
+                self.reason = f"no response from the backend within {self.timeout_s:g}s"
+                self.conn.close()
+                self._settle(Outcome.TIMEOUT)
             return
         if self.client.write_paused:
+            # Waiting on a slow client is not the backend's silence.
             self.conn.last_activity = now
-        silent_s = now - self.conn.last_activity
-        if silent_s >= self.timeout_s:
+        elif now - self.conn.last_activity >= self.timeout_s:
             self.conn.close()
             self._cut(f"the backend sent nothing for {self.timeout_s:g}s")
-        else:
-            self._timer = self.loop.call_later(self.timeout_s - silent_s, self._on_timer)
 
     # --- internals ------------------------------------------------------------
 
@@ -228,9 +232,10 @@ class Exchange:
         self._settle(Outcome.CUT)
 
     def _settle(self, outcome: Outcome) -> None:
-        self._timer.cancel()
-        if not self.outcome.done():
-            self.outcome.set_result(outcome)
+        if self.outcome is None:
+            self.outcome = outcome
+            # Not inline: this may run inside the backend parser's callbacks.
+            self.loop.call_soon(self.journey.finish, self)
 
 
 def _route(router: Router, request: ClientRequest) -> RouteRequest:
@@ -300,64 +305,96 @@ def _request_data(service: Service, request: ClientRequest, body: bytes) -> list
     return [head + body]
 
 
-async def forward(router: Router, client: ClientConnection, request: ClientRequest) -> None:
-    """Answer one proxied request; the task the client connection runs for it."""
-    try:
-        await _forward(router, client, request)
-    except ProxyError as exc:
-        if not client.closing:
-            client.respond_error(exc.status, exc.message)
+class Journey:
+    """One proxied request, from routing to its last byte, retries included."""
 
+    __slots__ = ("client", "failures", "last_error", "request", "route", "router", "tried")
 
-async def _forward(router: Router, client: ClientConnection, request: ClientRequest) -> None:
-    route = _route(router, request)
-    registry = router.registry
-    strategy = router.strategy
-    timeout_s = router.config.request_timeout
-    tried: list[Service] = []
-    failures = 0
-    last_error: ProxyError | None = None
-    while True:
+    def __init__(self, router: Router, client: ClientConnection, request: ClientRequest) -> None:
+        self.router = router
+        self.client = client
+        self.request = request
+        self.route: RouteRequest | None = None
+        self.tried: list[Service] = []
+        self.failures = 0
+        self.last_error: ProxyError | None = None
+
+    def start(self) -> None:
+        try:
+            self.route = _route(self.router, self.request)
+        except ProxyError as exc:
+            self._fail(exc)
+            return
+        self._attempt()
+
+    def _attempt(self) -> None:
+        router = self.router
+        route = self.route
+        assert route is not None
         try:
             candidates = _candidates(router, route)
-        except ProxyError:
-            if last_error is not None:  # the failure itself explains it better than a 503
-                raise last_error from None
-            raise
-        if tried:
-            candidates = [s for s in candidates if s not in tried]
+        except ProxyError as exc:
+            # After a failed try, the failure explains it better than a 503.
+            self._fail(self.last_error or exc)
+            return
+        if self.tried:
+            candidates = [s for s in candidates if s not in self.tried]
             if not candidates:
-                raise last_error  # type: ignore[misc]
-        service = strategy.choose(candidates, route)
+                assert self.last_error is not None
+                self._fail(self.last_error)
+                return
+        service = router.strategy.choose(candidates, route)
+        pool = service.pool
+        assert pool is not None
+        conn = pool.take_idle()
+        if conn is not None:
+            self._send(service, conn)
+        else:
+            self.client.task = router.loop.create_task(self._connect(service))
+
+    async def _connect(self, service: Service) -> None:
         pool = service.pool
         assert pool is not None
         try:
-            conn = await pool.acquire()
+            conn = await pool.connect()
         except ConnectError as exc:
-            registry.request_failed(service, str(exc))
-            last_error = ProxyError(
-                Fault.BACKEND_UNREACHABLE, f"service {service.name} is unreachable: {exc}"
+            self.client.task = None
+            self.router.registry.request_failed(service, str(exc))
+            self._retry(
+                service,
+                ProxyError(
+                    Fault.BACKEND_UNREACHABLE, f"service {service.name} is unreachable: {exc}"
+                ),
             )
-            tried.append(service)
-            failures += 1
-            if failures > router.config.retries:
-                raise last_error from None
-            continue
-        if client.closing:  # hung up while we connected
+            return
+        self.client.task = None
+        if self.client.closing:  # hung up while we connected
             pool.release(conn)
             return
-        data = _request_data(service, request, route.body)
-        exchange = Exchange(client, conn, service, strategy, timeout_s)
-        client.exchange = exchange
+        self._send(service, conn)
+
+    def _send(self, service: Service, conn: UpstreamConnection) -> None:
+        route = self.route
+        assert route is not None
+        request = self.request
+        exchange = Exchange(self, conn, service, self.router.config.request_timeout)
+        self.client.exchange = exchange
         service.in_flight += 1
-        strategy.on_start(service, route)
-        conn.send(exchange, data, head_only=request.method == b"HEAD")
-        if client.write_paused:
+        self.router.strategy.on_start(service, route)
+        conn.send(exchange, _request_data(service, request, route.body), request.method == b"HEAD")
+        if self.client.write_paused:
             exchange.pause()
-        outcome = await exchange.outcome
+
+    def finish(self, exchange: Exchange) -> None:
+        """The exchange has an outcome: account for it, then answer, retry or stop."""
+        client = self.client
         client.exchange = None
+        service = exchange.service
         service.in_flight -= 1
         latency_s = time.perf_counter() - exchange.sent_at
+        strategy = self.router.strategy
+        registry = self.router.registry
+        outcome = exchange.outcome
         if outcome is Outcome.DONE:
             service.request_count += 1
             service.latencies.append(latency_s)
@@ -367,9 +404,9 @@ async def _forward(router: Router, client: ClientConnection, request: ClientRequ
                 registry.request_succeeded(service)
             strategy.on_end(service, latency_s, exchange.status < 500)
             if exchange.reusable:
-                pool.release(conn)
+                service.pool.release(exchange.conn)  # type: ignore[union-attr]
             else:
-                conn.close()
+                exchange.conn.close()
             client.response_done()
             return
         if outcome is Outcome.CLIENT_GONE:
@@ -379,31 +416,43 @@ async def _forward(router: Router, client: ClientConnection, request: ClientRequ
         strategy.on_end(service, latency_s, False)
         if outcome is Outcome.STALE:
             # Not the service's fault: its keep-alive timer beat ours. Retry anywhere.
-            failures += 1
-            if failures > router.config.retries:
-                raise ProxyError(Fault.BACKEND_UNREACHABLE, exchange.reason)
-            continue
+            self._retry(None, ProxyError(Fault.BACKEND_UNREACHABLE, exchange.reason))
+            return
         service.request_count += 1
         registry.request_failed(service, exchange.reason)
         if outcome is Outcome.DROPPED:
-            last_error = ProxyError(
-                Fault.BACKEND_UNREACHABLE,
-                f"service {service.name} closed the connection before answering",
+            self._retry(
+                service,
+                ProxyError(
+                    Fault.BACKEND_UNREACHABLE,
+                    f"service {service.name} closed the connection before answering",
+                ),
             )
-            tried.append(service)
-            failures += 1
-            if failures > router.config.retries:
-                raise last_error
-            continue
-        if outcome is Outcome.BROKEN:
-            raise ProxyError(
-                Fault.BACKEND_BROKEN,
-                f"service {service.name} answered broken HTTP: {exchange.reason}",
+        elif outcome is Outcome.BROKEN:
+            self._fail(
+                ProxyError(Fault.BACKEND_BROKEN, f"service {service.name}: {exchange.reason}")
             )
-        if outcome is Outcome.TIMEOUT:
-            raise ProxyError(
-                Fault.BACKEND_TIMEOUT,
-                f"service {service.name} sent no response within {timeout_s:g}s "
-                "(--request-timeout)",
+        elif outcome is Outcome.TIMEOUT:
+            self._fail(
+                ProxyError(
+                    Fault.BACKEND_TIMEOUT,
+                    f"service {service.name} sent no response within {exchange.timeout_s:g}s "
+                    "(--request-timeout)",
+                )
             )
-        return  # CUT: the client already has the error event and a closed connection
+        # CUT: the client already has the error event and a closed connection.
+
+    def _retry(self, failed: Service | None, error: ProxyError) -> None:
+        """Try another service (any service, if ``failed`` is None), within --retries."""
+        self.failures += 1
+        if failed is not None:
+            self.tried.append(failed)
+            self.last_error = error
+        if self.failures > self.router.config.retries or self.client.closing:
+            self._fail(error)
+        else:
+            self._attempt()
+
+    def _fail(self, error: ProxyError) -> None:
+        if not self.client.closing:
+            self.client.respond_error(error.status, error.message)

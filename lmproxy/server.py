@@ -6,9 +6,10 @@ strictly in order (pipelining); reading pauses while too many wait. Every
 protocol error the parser or a limit raises becomes its status and a close, in
 one place (``_reject``).
 
-Timers are ``loop.call_later`` handles, never tasks: the header timer runs from
-a request's first byte to the end of its headers, the keep-alive timer while
-the connection sits idle between requests.
+Timeouts cost nothing per request: a connection keeps one ``deadline`` (from a
+request's first byte to the end of its headers: the header timeout; while idle
+between requests: the keep-alive timeout) and the router's sweep closes the
+connections whose deadline has passed.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PIPELINED = 8  # complete requests waiting behind the one being answered
 CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
+INFINITY = float("inf")
 LINGER_S = 2.0  # how long a rejected client may go on sending before the close
 
 
@@ -83,9 +85,9 @@ class ClientConnection(asyncio.Protocol):
         "_pending_reject",
         "_queue",
         "_read_paused",
-        "_timer",
         "closing",
         "current",
+        "deadline",
         "exchange",
         "loop",
         "parser",
@@ -111,7 +113,9 @@ class ClientConnection(asyncio.Protocol):
         self._lingering = False
         self._read_paused = False
         self._pending_reject: _Reject | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        # When the connection is due to be closed for idling or slow headers;
+        # the router's sweep checks it (no timer per request).
+        self.deadline = INFINITY
 
     # --- asyncio.Protocol -------------------------------------------------------
 
@@ -137,8 +141,6 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.router.connections.discard(self)
-        if self._timer is not None:
-            self._timer.cancel()
         if self.exchange is not None:
             self.exchange.client_gone()
         elif self.task is not None and not self.task.done():
@@ -183,8 +185,8 @@ class ClientConnection(asyncio.Protocol):
         request.keep_alive = parser.should_keep_alive()
         question = request.target.find(b"?")
         request.path = request.target if question < 0 else request.target[:question]
-        if self.current is None and self._timer is not None:
-            self._timer.cancel()
+        if self.current is None:
+            self.deadline = INFINITY  # the body may take its time
         limit = self.router.config.max_body_size
         for name, value in request.headers:
             if name == b"content-length":
@@ -275,8 +277,6 @@ class ClientConnection(asyncio.Protocol):
         """Close once everything written so far has been sent."""
         if not self.closing:
             self.closing = True
-            if self._timer is not None:
-                self._timer.cancel()
             self.transport.close()  # type: ignore[union-attr]
 
     # --- internals ------------------------------------------------------------
@@ -318,14 +318,12 @@ class ClientConnection(asyncio.Protocol):
         assert transport is not None
         self.closing = True
         self._lingering = True
-        if self._timer is not None:
-            self._timer.cancel()
         if transport.can_write_eof():
             transport.write_eof()
         if self._read_paused:
             self._read_paused = False
             transport.resume_reading()
-        self._timer = self.loop.call_later(LINGER_S, transport.close)
+        self.loop.call_later(LINGER_S, transport.close)
 
     def _on_upgrade(self) -> None:
         # Protocol upgrades (WebSocket, h2c) are not offered. A request that asked
@@ -338,12 +336,11 @@ class ClientConnection(asyncio.Protocol):
             self._reject(_Reject(400, "protocol upgrades are not supported"))
 
     def _arm(self, delay_s: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(delay_s, self._on_timeout)
+        self.deadline = self.loop.time() + delay_s
 
-    def _on_timeout(self) -> None:
-        self._timer = None
+    def on_deadline(self) -> None:
+        """The router's sweep found the deadline passed."""
+        self.deadline = INFINITY
         if self.current is not None or self.closing:
             return
         if self._parsing is not None:

@@ -291,15 +291,21 @@ class Pool:
     def idle_count(self) -> int:
         return len(self._idle)
 
-    async def acquire(self) -> UpstreamConnection:
-        now = self.loop.time()
+    def take_idle(self) -> UpstreamConnection | None:
+        """A pooled connection ready for a request, or None (then ``connect``)."""
         idle = self._idle
+        if not idle:
+            return None
+        now = self.loop.time()
         while idle:
             conn = idle.pop()
             if conn.usable(now):
                 conn.reused = True
                 return conn
             conn.close()
+        return None
+
+    async def connect(self) -> UpstreamConnection:
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 _, conn = await self.loop.create_connection(

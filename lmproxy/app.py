@@ -21,6 +21,7 @@ from lmproxy.proxy import Journey
 from lmproxy.registry import Registry
 from lmproxy.request import MODEL_PATHS
 from lmproxy.server import ClientConnection, ClientRequest
+from lmproxy.system import raise_open_file_limit
 from lmproxy.upstream import Pool
 
 log = logging.getLogger("lmproxy")
@@ -58,6 +59,7 @@ class Router:
             ),
         )
         self._api_keys = [k.encode() for k in config.api_keys]
+        self.max_connections = config.max_connections or _auto_max_connections()
         for spec in config.services:
             service = self.registry.add(spec)
             service.pool = Pool(
@@ -85,11 +87,13 @@ class Router:
         self.checker.start()
         self._sweeper = self.loop.call_later(self.sweep_interval_s, self._sweep)
         log.info(
-            "lmproxy listening on http://%s:%d (strategy %s, %d services)",
+            "lmproxy listening on http://%s:%d (strategy %s, %d services, "
+            "at most %d client connections)",
             self.config.host,
             self.port,
             self.config.strategy,
             len(self.registry.services),
+            self.max_connections,
         )
         if not self.registry.services:
             log.warning("no backend services configured: give --backend URL, --config or --demo")
@@ -104,6 +108,15 @@ class Router:
     # --- per request -------------------------------------------------------------
 
     def dispatch(self, client: ClientConnection, request: ClientRequest) -> None:
+        try:
+            self._dispatch(client, request)
+        except Exception:
+            # A bug must cost one request, never the connection's order or the router.
+            log.exception("internal error on %s %r", request.method.decode(), request.target)
+            if client.current is request and not client.closing:
+                client.respond_error(500, "internal router error; see the router's log")
+
+    def _dispatch(self, client: ClientConnection, request: ClientRequest) -> None:
         path = request.path
         handler = api.ROUTES.get(path)
         if handler is None and path.startswith(b"/v1/models/"):
@@ -186,6 +199,12 @@ class Router:
         for service in self.registry.services.values():
             if service.pool is not None:
                 service.pool.close()
+
+
+def _auto_max_connections() -> int:
+    # Each client connection may hold a backend connection too, and the router
+    # needs a few descriptors of its own.
+    return max(16, (raise_open_file_limit() - 256) // 2)
 
 
 _UNAUTHORIZED = "missing or invalid API key: send 'Authorization: Bearer <key>'"

@@ -212,6 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds a client may take to send request headers (default: {d.header_timeout:g})",
     )
     g.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help=(
+            "client connections at once; past it new ones get 503 and are closed at once "
+            "(default: 0 = as many as the open-file limit allows)"
+        ),
+    )
+    g.add_argument(
         "--shutdown-timeout",
         type=float,
         metavar="S",

@@ -88,6 +88,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     keepalive_timeout: float = 75.0
     header_timeout: float = 10.0
     shutdown_timeout: float = 30.0
+    max_connections: int = 0  # 0: as many as the open-file limit allows
     api_keys: list[str] = []
     log_level: str = "info"
     demo: bool = False
@@ -111,6 +112,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             "retries": self.retries,
             "pool_max_idle": self.pool_max_idle,
             "shutdown_timeout": self.shutdown_timeout,
+            "max_connections": self.max_connections,
         }.items():
             if value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")

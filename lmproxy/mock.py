@@ -16,6 +16,10 @@ clears it):
 ``close-mid-stream``  send half the tokens, then close the connection
 ``stall-mid-stream``  send half the tokens, then go silent (connection open)
 ``garbage``         answer bytes that are not HTTP
+``truncated``       a body shorter than its Content-Length, then close
+``wrong-length``    a body longer than its Content-Length
+``bad-chunk``       a chunked body with a chunk size that is not hex
+``endless-chunk``   a chunk that never ends (the backend stalls inside it)
 ``unhealthy``       ``/health`` answers 503 (set at run time)
 ==================  =========================================================
 
@@ -40,6 +44,7 @@ import httptools
 import msgspec
 
 from lmproxy.config import ServiceSpec
+from lmproxy.system import raise_open_file_limit
 
 FAULTS = (
     "none",
@@ -51,6 +56,10 @@ FAULTS = (
     "close-mid-stream",
     "stall-mid-stream",
     "garbage",
+    "truncated",
+    "wrong-length",
+    "bad-chunk",
+    "endless-chunk",
     "unhealthy",
 )
 WORDS = (
@@ -102,6 +111,7 @@ class MockState:
         self.streams_started = 0
         self.streams_completed = 0
         self.client_disconnects = 0  # a response the client stopped before its end
+        self.last_disconnect_at = 0.0
         self.open_connections = 0
         self.total_connections = 0
         self.last_headers: dict[str, str] = {}
@@ -117,6 +127,7 @@ class MockState:
             "streams_started": self.streams_started,
             "streams_completed": self.streams_completed,
             "client_disconnects": self.client_disconnects,
+            "last_disconnect_at": self.last_disconnect_at,
             "open_connections": self.open_connections,
             "total_connections": self.total_connections,
             "last_headers": self.last_headers,
@@ -169,6 +180,7 @@ class MockConnection(asyncio.Protocol):
         self.state.open_connections -= 1
         if self.responding:
             self.state.client_disconnects += 1
+            self.state.last_disconnect_at = time.time()
         if self.task is not None:
             self.task.cancel()
         self.writable.set()
@@ -323,6 +335,21 @@ class MockConnection(asyncio.Protocol):
         if fault == "garbage":
             self._write(b"HTTP/1.1 2OO NOT\x00HTTP\r\n\x01\x02garbage\r\n\r\n")
             self._close()
+            return True
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        if fault == "truncated":  # promises 1000 bytes, sends 10, closes
+            self._write(head + b"Content-Length: 1000\r\n\r\n" + b'{"id": "tr')
+            self._close()
+            return True
+        if fault == "wrong-length":  # sends more body than its Content-Length says
+            self._write(head + b"Content-Length: 5\r\n\r\n" + b'{"id": "too long"}')
+            return True
+        if fault == "bad-chunk":  # a chunk size that is not hex
+            self._write(head + b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"a":\r\nZZ\r\nxx\r\n')
+            return True
+        if fault == "endless-chunk":  # announces a chunk, sends part of it, stalls
+            self._write(head + b"Transfer-Encoding: chunked\r\n\r\n3e8\r\n" + b'{"id": "en')
+            await asyncio.Event().wait()
             return True
         return False
 
@@ -516,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         help="answer 404 on /v1/models (only /models), like older InfiniLM servers",
     )
     args = parser.parse_args(argv)
+
+    raise_open_file_limit()
 
     async def run() -> None:
         state = MockState(

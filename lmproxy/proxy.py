@@ -21,6 +21,7 @@ per request.
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from lmproxy.app import Router
     from lmproxy.registry import Service
     from lmproxy.server import ClientConnection, ClientRequest
+
+log = logging.getLogger("lmproxy")
 
 # RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -387,6 +390,15 @@ class Journey:
 
     def finish(self, exchange: Exchange) -> None:
         """The exchange has an outcome: account for it, then answer, retry or stop."""
+        try:
+            self._finish(exchange)
+        except Exception:
+            # A bug must cost this one request, not leave its client waiting forever.
+            log.exception("internal error finishing a request")
+            exchange.conn.close()
+            self.client.close()
+
+    def _finish(self, exchange: Exchange) -> None:
         client = self.client
         client.exchange = None
         service = exchange.service

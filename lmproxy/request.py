@@ -17,7 +17,9 @@ from lmproxy.errors import Fault, ProxyError
 
 _Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 _TopP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
-_MaxTokens = Annotated[int, msgspec.Meta(gt=0)]
+INT32_MAX = 2**31 - 1  # what backends accept for token counts
+_MaxTokens = Annotated[int, msgspec.Meta(gt=0, le=INT32_MAX)]
+_TopK = Annotated[int, msgspec.Meta(ge=-INT32_MAX, le=INT32_MAX)]
 _RepetitionPenalty = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 
 _ABSENT = msgspec.Raw(b"")
@@ -30,7 +32,7 @@ class RequestHead(msgspec.Struct, gc=False):
     stream: bool | None = None
     temperature: _Temperature | None = None
     top_p: _TopP | None = None
-    top_k: int | None = None
+    top_k: _TopK | None = None
     max_tokens: _MaxTokens | None = None
     repetition_penalty: _RepetitionPenalty | None = None
     user: str | None = None
@@ -101,6 +103,8 @@ def decode_head(path: bytes, body: bytes) -> RequestHead:
         raise ProxyError(Fault.BAD_REQUEST, f"request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise ProxyError(Fault.BAD_REQUEST, "request body is nested too deeply") from None
+    except UnicodeDecodeError:
+        raise ProxyError(Fault.BAD_REQUEST, "request body is not valid UTF-8") from None
     if path in CHAT_PATHS:
         messages = head.messages
         if messages is _ABSENT or bytes(messages) == b"null":

@@ -31,6 +31,9 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_PIPELINED = 8  # complete requests waiting behind the one being answered
 CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
 INFINITY = float("inf")
+TOO_MANY_CONNECTIONS = error_response(
+    503, "the router is at its connection limit (--max-connections); retry shortly", False
+)
 LINGER_S = 2.0  # how long a rejected client may go on sending before the close
 
 
@@ -121,7 +124,14 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.router.connections.add(self)
+        router = self.router
+        if len(router.connections) >= router.max_connections:
+            # Refuse fast: serving one more would slow every connection already here.
+            self.closing = True
+            transport.write(TOO_MANY_CONNECTIONS)  # type: ignore[attr-defined]
+            transport.close()
+            return
+        router.connections.add(self)
         self._arm(self.router.config.keepalive_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -200,6 +210,10 @@ class ClientConnection(asyncio.Protocol):
                         f"request body of {size} bytes is over the limit of {limit} bytes "
                         "(--max-body-size)",
                     )
+            elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+                # httptools accepts "gzip, chunked"; the backend would then get a
+                # compressed body with nothing saying so.
+                raise _Reject(501, "only 'Transfer-Encoding: chunked' is supported")
             elif name == b"content-type":
                 request.is_json = b"json" in value.lower()
             elif name == b"expect" and value.lower() == b"100-continue":

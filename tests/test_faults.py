@@ -1,0 +1,142 @@
+"""Backend faults with real processes: killed, hung, broken, erroring. Nothing is lost."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+
+import pytest
+from conftest import Mock, Router, chat_body, free_port, wait_until
+
+
+def test_backend_killed_while_answering_is_retried_elsewhere(spawn):
+    slow = spawn(Mock, "slow", ["Qwen3-32B"], "--ttft", "3")
+    fast = spawn(Mock, "fast", ["Qwen3-32B"])
+    router = spawn(
+        Router,
+        "--backend",
+        slow.backend_arg(),
+        "--backend",
+        fast.backend_arg(),
+        "--health-interval",
+        "60",
+    )
+    router.wait_healthy(2)
+    # Round-robin sends the first request to slow; kill it while it "thinks".
+    result = {}
+    client = threading.Thread(
+        target=lambda: result.update(resp=router.post("/v1/chat/completions", chat_body()))
+    )
+    client.start()
+    wait_until(lambda: "/v1/chat/completions" in slow.stats()["paths"], 5, "slow to get it")
+    slow.signal(signal.SIGKILL)
+    client.join(10)
+    resp = result["resp"]
+    assert resp.status == 200, resp  # the client never saw the failure
+    assert resp.headers["x-mock-server"] == "fast"
+    assert router.stats_of("slow")["error_count"] == 1
+
+
+def test_killed_backend_is_ejected_and_readmitted_when_back(spawn):
+    port = free_port()
+    doomed = spawn(Mock, "doomed", ["Qwen3-32B"], port=port)
+    spare = spawn(Mock, "spare", ["Qwen3-32B"])
+    router = spawn(
+        Router,
+        "--backend",
+        doomed.backend_arg(),
+        "--backend",
+        spare.backend_arg(),
+        "--max-errors",
+        "2",
+        "--health-interval",
+        "0.5",
+    )
+    router.wait_healthy(2)
+    doomed.kill()
+    for _ in range(6):  # every request still succeeds, on spare
+        resp = router.post("/v1/chat/completions", chat_body())
+        assert resp.status == 200 and resp.headers["x-mock-server"] == "spare"
+    wait_until(lambda: not router.stats_of("doomed")["healthy"], 5, "the ejection")
+    spawn(Mock, "doomed", ["Qwen3-32B"], port=port)  # back, on the same port
+    wait_until(lambda: router.stats_of("doomed")["healthy"], 5, "re-admission")
+    servers = {
+        router.post("/v1/chat/completions", chat_body()).headers["x-mock-server"] for _ in range(4)
+    }
+    assert servers == {"doomed", "spare"}
+
+
+@pytest.mark.parametrize("fault", ["truncated", "bad-chunk"])
+def test_broken_body_cuts_the_response_and_the_connection_is_discarded(spawn, fault):
+    backend = spawn(Mock, "b", ["Qwen3-32B"])
+    router = spawn(Router, "--backend", backend.backend_arg(), "--max-errors", "0")
+    router.wait_healthy(1)
+    body = json.dumps(chat_body()).encode()
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Mock-Fault: %s\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (fault.encode(), len(body), body)
+        )
+        data = b""
+        while chunk := sock.recv(65536):  # the router closes: the body is known incomplete
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200")
+    assert not data.endswith(b"0\r\n\r\n")
+    before = backend.stats()["total_connections"]
+    assert router.post("/v1/chat/completions", chat_body()).status == 200
+    # A new backend connection (+1 for the stats query): the broken one was not reused.
+    assert backend.stats()["total_connections"] == before + 2
+    assert router.stats_of("b")["error_count"] == 1
+
+
+def test_longer_body_than_content_length_is_not_reused(spawn):
+    backend = spawn(Mock, "b", ["Qwen3-32B"])
+    router = spawn(Router, "--backend", backend.backend_arg(), "--max-errors", "0")
+    router.wait_healthy(1)
+    resp = router.post(
+        "/v1/chat/completions", chat_body(), headers={"X-Mock-Fault": "wrong-length"}
+    )
+    assert resp.status == 200 and resp.body == b'{"id"'  # what the backend declared
+    before = backend.stats()["total_connections"]
+    assert router.post("/v1/chat/completions", chat_body()).status == 200
+    assert backend.stats()["total_connections"] == before + 2
+
+
+def test_chunk_that_never_ends_times_out(spawn):
+    backend = spawn(Mock, "b", ["Qwen3-32B"])
+    router = spawn(Router, "--backend", backend.backend_arg(), "--request-timeout", "0.5")
+    router.wait_healthy(1)
+    body = json.dumps(chat_body()).encode()
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Mock-Fault: "
+            b"endless-chunk\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and not data.endswith(b"0\r\n\r\n")
+    assert 0.4 < time.monotonic() - started < 5
+    wait_until(lambda: backend.stats()["client_disconnects"] == 1, 5, "the backend dropped")
+
+
+def test_client_hang_up_reaches_the_backend_within_100ms(spawn):
+    backend = spawn(Mock, "b", ["Qwen3-32B"], "--token-delay", "0.01")
+    router = spawn(Router, "--backend", backend.backend_arg())
+    router.wait_healthy(1)
+    body = json.dumps(chat_body(stream=True, max_tokens=5000)).encode()
+    sock = socket.create_connection(("127.0.0.1", router.port), timeout=10)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(body), body)
+    )
+    sock.recv(65536)
+    time.sleep(0.2)  # mid-stream
+    sock.close()
+    hung_up = time.time()
+    wait_until(lambda: backend.stats()["client_disconnects"] == 1, 5, "the backend to see it")
+    assert backend.stats()["last_disconnect_at"] - hung_up < 0.1

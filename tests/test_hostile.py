@@ -1,0 +1,296 @@
+"""Hostile and broken client input over raw sockets, and a property-based fuzz.
+
+Whatever a client sends, the router answers with the right 4xx (or passes the
+request on), never a 500 of its own making, and keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import Mock, Router, chat_body
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+READ_TIMEOUT_S = 5.0
+
+
+@pytest.fixture(scope="module")
+def router() -> Iterator[Router]:
+    backend = Mock("fuzz-backend", ["Qwen3-32B"])
+    router = Router(
+        "--backend", backend.backend_arg(), "--max-body-size", "64KiB", "--header-timeout", "1"
+    )
+    router.wait_healthy(1)
+    yield router
+    router.stop()
+    backend.stop()
+
+
+def exchange(port: int, raw: bytes) -> tuple[bytes, bool]:
+    """Send ``raw``; return (what came back until close or timeout, closed?)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT_S) as sock:
+        # The router may close on us mid-send: what it answered still counts.
+        with contextlib.suppress(OSError):
+            sock.sendall(raw)
+        data = b""
+        deadline = time.monotonic() + READ_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                return data, False
+            except ConnectionResetError:
+                return data, True
+            if not chunk:
+                return data, True
+            data += chunk
+        return data, False
+
+
+def status_of(data: bytes) -> int:
+    assert data.startswith(b"HTTP/1.1 "), data[:100]
+    return int(data[9:12])
+
+
+def assert_still_serving(router: Router) -> None:
+    resp = router.get("/health")
+    assert resp.status == 200, resp
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET\r\n\r\n",
+        b"\x00\x01\x02\x03\r\n\r\n",
+        b"GET / HTTP/1.1\r\nNo-Colon-Here\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\n Folded: continuation\r\n\r\n",
+        b"GET / HTTP/1.1\nHost: a\n\n",
+        b"GET / HTTP/7.7\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: abc\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+    ],
+)
+def test_malformed_request_is_400_and_close(router, raw):
+    data, closed = exchange(router.port, raw)
+    assert status_of(data) == 400
+    assert closed
+    assert b'"error"' in data
+    assert_still_serving(router)
+
+
+def test_bad_chunked_encoding_is_400(router):
+    data, closed = exchange(
+        router.port,
+        b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nabc\r\n",
+    )
+    assert status_of(data) == 400 and closed
+
+
+def test_unsupported_transfer_coding_is_refused(router):
+    data, closed = exchange(
+        router.port,
+        b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    )
+    assert status_of(data) == 501 and closed
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        b"Content-Length: 10\r\nTransfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: chunked\r\nContent-Length: 10\r\n",
+        b"Content-Length: 10\r\nContent-Length: 11\r\n",
+        b"Content-Length: 10\r\nContent-Length: 10\r\n",
+    ],
+    ids=["cl-then-te", "te-then-cl", "two-lengths", "same-length-twice"],
+)
+def test_request_smuggling_is_400_and_close(router, headers):
+    body = b'{"model":"Qwen3-32B","messages":[{"role":"user","content":"x"}]}'
+    smuggled = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+    raw = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        + headers
+        + b"\r\n"
+        + b"a\r\n"
+        + body[:10]
+        + b"\r\n0\r\n\r\n"
+        + smuggled
+    )
+    data, closed = exchange(router.port, raw)
+    assert status_of(data) == 400 and closed
+    assert data.count(b"HTTP/1.1 ") == 1  # the smuggled request was never answered
+
+
+def test_trickled_headers_are_cut_off_at_the_header_timeout(router):
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+        started = time.monotonic()
+        closed_after = None
+        for byte in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                closed_after = time.monotonic() - started
+                break
+            time.sleep(0.05)
+            sock.setblocking(False)
+            try:
+                if sock.recv(65536) is not None:
+                    closed_after = time.monotonic() - started
+                    break
+            except BlockingIOError:
+                pass
+            finally:
+                sock.setblocking(True)
+    # Bytes kept coming, but the headers as a whole took too long (--header-timeout 1).
+    assert closed_after is not None and 0.9 < closed_after < 3
+
+
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [
+        (b'{"model": "\xff\xfe", "messages": [{"role": "user"}]}', "UTF-8"),
+        (b'\xef\xbb\xbf{"model": "Qwen3-32B"}', "not valid JSON"),
+        (
+            b'{"model": "Qwen3-32B", "messages": [1], "max_tokens": 1' + b"0" * 40 + b"}",
+            "$.max_tokens",
+        ),
+        (b'{"model": "Qwen3-32B", "messages": [1], "temperature": 1e999}', "$.temperature"),
+        (b'{"model": "Qwen3-32B", "messages": [1], "top_k": 99999999999999}', "$.top_k"),
+        (b'{"model": ["Qwen3-32B"], "messages": [1]}', "$.model"),
+        (b'{"model": "Qwen3-32B", "messages": "hi"}', "'messages' must be a list"),
+        (b'{"model": "Qwen3-32B", "messages": [1], "stream": 1}', "$.stream"),
+        (b'{"model": "Qwen3-32B", "messages": [1], "top_p": "0.5"}', "$.top_p"),
+        (b'{"model": "Qwen3-32B", "messages": [1], "user": 5}', "$.user"),
+        (
+            b'{"model": "Qwen3-32B", "messages": [1], "repetition_penalty": null, "x": '
+            + b"[" * 5000
+            + b"]" * 5000
+            + b"}",
+            "nested too deeply",
+        ),
+        (b'{"model": "Qwen3-32B", "messages": [1]', "not valid JSON"),
+        (b"null", "Expected `object`"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_bad_bodies_are_400_with_a_clear_message(router, body, names):
+    resp = router.post("/v1/chat/completions", body)
+    assert resp.status == 400, resp
+    assert names in resp.json()["error"]
+
+
+# --- property-based fuzz ----------------------------------------------------------
+
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+bodies = st.dictionaries(
+    st.sampled_from(
+        [
+            "model",
+            "messages",
+            "prompt",
+            "stream",
+            "temperature",
+            "top_p",
+            "top_k",
+            "max_tokens",
+            "repetition_penalty",
+            "user",
+            "input",
+            "n",
+        ]
+    ),
+    json_values,
+    max_size=8,
+)
+
+
+@FUZZ
+@given(
+    body=bodies,
+    path=st.sampled_from(
+        [
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/chat/completions",
+            "/v1/embeddings",
+            "/v1/other",
+        ]
+    ),
+)
+def test_fuzz_json_bodies_never_500(router, body, path):
+    resp = router.post(path, json.dumps(body).encode())
+    assert resp.status != 500 or resp.headers.get("x-mock-server"), resp
+    assert resp.status in (200, 400, 404, 503) or resp.headers.get("x-mock-server"), resp
+
+
+@FUZZ
+@given(raw=st.binary(max_size=400))
+def test_fuzz_raw_bodies_never_500(router, raw):
+    resp = router.post("/v1/chat/completions", raw)
+    assert resp.status in (200, 400), resp
+
+
+header_names = st.text(
+    alphabet=st.characters(min_codepoint=33, max_codepoint=126, exclude_characters=":"),
+    min_size=1,
+    max_size=20,
+)
+header_values = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=60)
+
+
+@FUZZ
+@given(headers=st.dictionaries(header_names, header_values, max_size=6))
+def test_fuzz_headers_never_500(router, headers):
+    lines = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers.items())
+    body = json.dumps(chat_body(max_tokens=1)).encode()
+    raw = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        + lines
+        + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        + body
+    )
+    data, _ = exchange(router.port, raw)
+    if data:
+        assert status_of(data) != 500 or b"X-Mock-Server" in data, data[:300]
+
+
+@FUZZ
+@given(
+    raw=st.binary(min_size=1, max_size=300)
+    | st.builds(
+        lambda prefix, junk: prefix + junk,
+        st.sampled_from(
+            [
+                b"GET / HTTP/1.1\r\n",
+                b"POST /v1/chat/completions HTTP/1.1\r\n",
+                b"GET /health HTTP/1.1\r\nHost: x\r\n",
+            ]
+        ),
+        st.binary(max_size=200),
+    )
+)
+def test_fuzz_byte_streams_never_500_and_never_stop_the_router(router, raw):
+    data, _ = exchange(router.port, raw + b"\r\n\r\n")
+    if data:
+        assert status_of(data) != 500, data[:300]
+    assert_still_serving(router)

@@ -1,0 +1,1 @@
+"""Benchmarks and soaks for lmproxy. Nothing here is imported by lmproxy itself."""

@@ -43,6 +43,16 @@ class Router:
         self.loop = asyncio.get_running_loop()
         self.registry = Registry(max_errors=config.max_errors)
         self.strategy = strategies.load(config.strategy, config.strategy_options)
+        # Models with a strategy of their own; every other model uses self.strategy.
+        self.model_strategies = {
+            model: strategies.load(
+                settings.strategy or config.strategy,
+                settings.strategy_options
+                if settings.strategy or settings.strategy_options
+                else config.strategy_options,
+            )
+            for model, settings in config.models.items()
+        }
         self.checker = HealthChecker(self.registry, config.health_interval, config.health_timeout)
         self.connections: set[ClientConnection] = set()
         self.server: asyncio.Server | None = None
@@ -147,6 +157,11 @@ class Router:
         if self.draining:
             request.keep_alive = False
         Journey(self, client, request).start()
+
+    def strategy_for(self, model: str | None) -> strategies.Strategy:
+        if self.model_strategies and model is not None:
+            return self.model_strategies.get(model, self.strategy)
+        return self.strategy
 
     def _authorized(self, request: ClientRequest) -> bool:
         if not self._api_keys:

@@ -66,6 +66,13 @@ class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
         return urlsplit(self.url).path.rstrip("/")
 
 
+class ModelSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """Settings for one model (the ``[models."NAME"]`` tables of the config file)."""
+
+    strategy: str | None = None
+    strategy_options: dict[str, Any] = {}
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Every setting; each is also a command-line flag and a key of the TOML file."""
 
@@ -82,7 +89,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_body_size: int = 32 * MiB
     default_model: str | None = None
     strategy: str = "round-robin"
-    strategy_options: dict[str, str] = {}
+    strategy_options: dict[str, Any] = {}
+    models: dict[str, ModelSettings] = {}
     pool_max_idle: int = 64
     pool_idle_timeout: float = 30.0
     keepalive_timeout: float = 75.0

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import itertools
 import sys
 import time
@@ -85,6 +86,93 @@ class _Body(msgspec.Struct):
 _decode_body = msgspec.json.Decoder(_Body).decode
 
 
+class Engine:
+    """The simulated engine's capacity, so that where a request goes shows in latency.
+
+    - a bounded batch: at most ``max_batch`` sequences generate at once, the rest
+      wait in arrival order (0: unbounded);
+    - decoding slows as the batch grows: each token takes
+      ``token_delay * (1 + batch_slowdown * (sequences - 1))``;
+    - prefill costs ``prefill_per_token`` seconds per prompt token (about 4 bytes),
+      except for the leading part found in the prefix cache: the last
+      ``cache_blocks`` prompt blocks of 128 bytes it saw, least recently used
+      evicted first.
+    """
+
+    BLOCK_BYTES = 128
+    BYTES_PER_TOKEN = 4
+
+    def __init__(
+        self,
+        max_batch: int = 0,
+        batch_slowdown: float = 0.0,
+        prefill_per_token_s: float = 0.0,
+        cache_blocks: int = 0,
+    ) -> None:
+        self.max_batch = max_batch
+        self.batch_slowdown = batch_slowdown
+        self.prefill_per_token_s = prefill_per_token_s
+        self.cache_blocks = cache_blocks
+        self.active = 0
+        self.waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.cache: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+
+    async def admit(self) -> None:
+        """Wait for a place in the batch."""
+        if self.max_batch and self.active >= self.max_batch:
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiting.append(waiter)
+            try:
+                await waiter  # the finishing sequence hands its place over
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self.release()  # handed a place just as the client left
+                elif waiter in self.waiting:
+                    self.waiting.remove(waiter)
+                raise
+        else:
+            self.active += 1
+
+    def release(self) -> None:
+        while self.waiting:
+            waiter = self.waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the place passes on; active stays the same
+                return
+        self.active -= 1
+
+    def prefill(self, prompt: bytes) -> tuple[int, int, float]:
+        """(prompt tokens, of which cached, prefill seconds), and remember the prompt."""
+        tokens = max(1, len(prompt) // self.BYTES_PER_TOKEN)
+        cached = 0
+        if self.cache_blocks:
+            hashes = []
+            h = 0
+            size = self.BLOCK_BYTES
+            for start in range(0, len(prompt) - size + 1, size):
+                h = hash((h, prompt[start : start + size]))
+                hashes.append(h)
+            matched = 0
+            for h in hashes:
+                if h not in self.cache:
+                    break
+                matched += 1
+            for h in hashes:
+                self.cache[h] = None
+                self.cache.move_to_end(h)
+            while len(self.cache) > self.cache_blocks:
+                self.cache.popitem(last=False)
+            cached = min(tokens, matched * size // self.BYTES_PER_TOKEN)
+        self.prompt_tokens += tokens
+        self.cached_tokens += cached
+        return tokens, cached, (tokens - cached) * self.prefill_per_token_s
+
+    def token_delay(self, base_s: float) -> float:
+        return base_s * (1 + self.batch_slowdown * max(0, self.active - 1))
+
+
 class MockState:
     """Settings and counters of one simulated backend."""
 
@@ -97,9 +185,11 @@ class MockState:
         tokens: int = 16,
         fault: str = "none",
         v1_models: bool = True,
+        engine: Engine | None = None,
     ) -> None:
         self.name = name
         self.v1_models = v1_models
+        self.engine = engine or Engine()
         self.models = models
         self.ttft_s = ttft_s
         self.token_delay_s = token_delay_s
@@ -132,6 +222,10 @@ class MockState:
             "total_connections": self.total_connections,
             "last_headers": self.last_headers,
             "paths": self.paths[-50:],
+            "active": self.engine.active,
+            "waiting": len(self.engine.waiting),
+            "prompt_tokens": self.engine.prompt_tokens,
+            "cached_tokens": self.engine.cached_tokens,
         }
 
 
@@ -304,21 +398,38 @@ class MockConnection(asyncio.Protocol):
             return
         ttft = float(headers.get(b"x-mock-ttft", b"") or state.ttft_s)
         delay = float(headers.get(b"x-mock-token-delay", b"") or state.token_delay_s)
-        prompt_tokens = max(1, len(body) // 4)
         if kind == "embedding":
             await asyncio.sleep(ttft)
+            prompt_tokens = max(1, len(body) // Engine.BYTES_PER_TOKEN)
             self._write(_json(200, _embeddings(model, request.input, prompt_tokens)))
             state.completed += 1
             return
         n = request.max_tokens if request.max_tokens else state.tokens
+        engine = state.engine
         if request.stream:
-            await self._stream(kind, model, n, prompt_tokens, ttft, delay, fault)
-        else:
-            await asyncio.sleep(ttft + delay * n)
-            text = _text(n)
-            payload = _completion(kind, state, model, text, n, prompt_tokens)
+            state.streams_started += 1
+        await engine.admit()
+        try:
+            prompt = bytes(request.messages) or bytes(request.prompt)
+            prompt_tokens, cached, prefill_s = engine.prefill(prompt)
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": n,
+                "total_tokens": prompt_tokens + n,
+                "prompt_tokens_details": {"cached_tokens": cached},
+            }
+            await asyncio.sleep(ttft + prefill_s)
+            if request.stream:
+                await self._stream(kind, model, n, usage, delay, fault)
+                return
+            if delay:
+                for _ in range(n):
+                    await asyncio.sleep(engine.token_delay(delay))
+            payload = _completion(kind, state, model, _text(n), usage)
             self._write(_json(200, payload, b"X-Mock-Server: %s\r\n" % state.name.encode()))
             state.completed += 1
+        finally:
+            engine.release()
 
     async def _fault_before_answer(self, fault: str) -> bool:
         if fault in ("500", "503", "429"):
@@ -358,14 +469,12 @@ class MockConnection(asyncio.Protocol):
         kind: str,
         model: str,
         n: int,
-        prompt_tokens: int,
-        ttft: float,
+        usage: dict[str, Any],
         delay: float,
         fault: str,
     ) -> None:
         state = self.state
-        state.streams_started += 1
-        await asyncio.sleep(ttft)
+        engine = state.engine
         cid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{state.name}-{next(state.ids)}"
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         created = int(time.time())
@@ -390,18 +499,13 @@ class MockConnection(asyncio.Protocol):
             pending.append(_event(cid, obj, created, model, choice))
             if delay:
                 self._flush(pending)
-                await asyncio.sleep(delay)
+                await asyncio.sleep(engine.token_delay(delay))
             elif len(pending) >= BATCH_EVENTS:
                 self._flush(pending)
             if not self.writable.is_set():  # the reader is slow: wait as a real server does
                 await self.writable.wait()
             if self.closed:
                 return
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": n,
-            "total_tokens": prompt_tokens + n,
-        }
         final: dict[str, Any] = {
             "id": cid,
             "object": obj,
@@ -446,13 +550,8 @@ def _text(n: int) -> str:
 
 
 def _completion(
-    kind: str, state: MockState, model: str, text: str, n: int, prompt_tokens: int
+    kind: str, state: MockState, model: str, text: str, usage: dict[str, Any]
 ) -> dict[str, Any]:
-    usage = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": n,
-        "total_tokens": prompt_tokens + n,
-    }
     if kind == "chat":
         choice: dict[str, Any] = {
             "index": 0,
@@ -537,6 +636,32 @@ def main(argv: list[str] | None = None) -> int:
         "--tokens", type=int, default=16, help="tokens per answer without max_tokens (default 16)"
     )
     parser.add_argument("--fault", choices=FAULTS, default="none", help="fault mode at start")
+    g = parser.add_argument_group("engine capacity (see Engine)")
+    g.add_argument(
+        "--max-batch",
+        type=int,
+        default=0,
+        help="sequences generated at once; more wait (default 0: unbounded)",
+    )
+    g.add_argument(
+        "--batch-slowdown",
+        type=float,
+        default=0.0,
+        help="extra time per token per additional sequence in the batch, as a "
+        "fraction of --token-delay (default 0)",
+    )
+    g.add_argument(
+        "--prefill-per-token",
+        type=float,
+        default=0.0,
+        help="seconds of prefill per uncached prompt token (~4 bytes) (default 0)",
+    )
+    g.add_argument(
+        "--prefix-cache-blocks",
+        type=int,
+        default=0,
+        help="128-byte prompt blocks kept in the prefix cache (default 0: none)",
+    )
     parser.add_argument(
         "--no-v1-models",
         action="store_true",
@@ -555,6 +680,12 @@ def main(argv: list[str] | None = None) -> int:
             args.tokens,
             args.fault,
             v1_models=not args.no_v1_models,
+            engine=Engine(
+                args.max_batch,
+                args.batch_slowdown,
+                args.prefill_per_token,
+                args.prefix_cache_blocks,
+            ),
         )
         server = await start_mock(state, args.host, args.port)
         port = server.sockets[0].getsockname()[1]

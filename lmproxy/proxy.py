@@ -99,7 +99,7 @@ class Exchange:
     ) -> None:
         self.journey = journey
         self.client = journey.client
-        self.strategy = journey.router.strategy
+        self.strategy = journey.strategy
         self.conn = conn
         self.service = service
         self.loop = conn.loop
@@ -311,13 +311,23 @@ def _request_data(service: Service, request: ClientRequest, body: bytes) -> list
 class Journey:
     """One proxied request, from routing to its last byte, retries included."""
 
-    __slots__ = ("client", "failures", "last_error", "request", "route", "router", "tried")
+    __slots__ = (
+        "client",
+        "failures",
+        "last_error",
+        "request",
+        "route",
+        "router",
+        "strategy",
+        "tried",
+    )
 
     def __init__(self, router: Router, client: ClientConnection, request: ClientRequest) -> None:
         self.router = router
         self.client = client
         self.request = request
         self.route: RouteRequest | None = None
+        self.strategy = router.strategy
         self.tried: list[Service] = []
         self.failures = 0
         self.last_error: ProxyError | None = None
@@ -328,6 +338,7 @@ class Journey:
         except ProxyError as exc:
             self._fail(exc)
             return
+        self.strategy = self.router.strategy_for(self.route.model)
         self._attempt()
 
     def _attempt(self) -> None:
@@ -346,7 +357,7 @@ class Journey:
                 assert self.last_error is not None
                 self._fail(self.last_error)
                 return
-        service = router.strategy.choose(candidates, route)
+        service = self.strategy.choose(candidates, route)
         pool = service.pool
         assert pool is not None
         conn = pool.take_idle()
@@ -383,7 +394,7 @@ class Journey:
         exchange = Exchange(self, conn, service, self.router.config.request_timeout)
         self.client.exchange = exchange
         service.in_flight += 1
-        self.router.strategy.on_start(service, route)
+        self.strategy.on_start(service, route)
         conn.send(exchange, _request_data(service, request, route.body), request.method == b"HEAD")
         if self.client.write_paused:
             exchange.pause()
@@ -404,7 +415,7 @@ class Journey:
         service = exchange.service
         service.in_flight -= 1
         latency_s = time.perf_counter() - exchange.sent_at
-        strategy = self.router.strategy
+        strategy = self.strategy
         registry = self.router.registry
         outcome = exchange.outcome
         if outcome is Outcome.DONE:

@@ -60,7 +60,7 @@ def find_header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None
 class RouteRequest:
     """What a strategy sees of a request: its model, its decoded head, its headers."""
 
-    __slots__ = ("body", "head", "headers", "model", "path")
+    __slots__ = ("body", "head", "headers", "memo", "model", "path")
 
     def __init__(
         self,
@@ -75,6 +75,7 @@ class RouteRequest:
         self.head = head
         self.body = body
         self.headers = headers
+        self.memo: object = None  # scratch space for the strategy, between choose and on_start
 
     def header(self, name: bytes) -> bytes | None:
         """The value of header ``name`` (lower-case bytes), or None."""

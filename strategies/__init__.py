@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from lmproxy.registry import Service
@@ -50,19 +50,31 @@ class Strategy(Protocol):
         ...
 
 
+class Option:
+    """One option a strategy takes: its type, default and a line of help."""
+
+    __slots__ = ("default", "help", "kind")
+
+    def __init__(self, kind: type, default: Any, help: str) -> None:
+        self.kind = kind
+        self.default = default
+        self.help = help
+
+
 class BaseStrategy:
-    """Convenience base: options as a mapping, no-op notifications."""
+    """Convenience base: declared, checked options and no-op notifications.
+
+    Subclasses list their options in ``OPTIONS``; ``self.opt`` then holds every
+    option converted to its type, defaults filled in. An unknown option or a
+    value of the wrong type stops start-up with a message that lists them all.
+    """
 
     #: One line for ``--list-strategies``.
     summary = ""
+    OPTIONS: ClassVar[dict[str, Option]] = {}
 
-    def __init__(self, options: Mapping[str, str] | None = None) -> None:
-        self.options = dict(options or {})
-        if self.options:
-            raise StrategyError(
-                f"strategy {type(self).__name__} takes no options, got "
-                f"{', '.join(sorted(self.options))}"
-            )
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        self.opt = parse_options(type(self).__name__, self.OPTIONS, options or {})
 
     def choose(self, candidates: Sequence[Service], request: RouteRequest) -> Service:
         raise NotImplementedError
@@ -77,6 +89,36 @@ class BaseStrategy:
         pass
 
 
+def parse_options(
+    owner: str, spec: Mapping[str, Option], given: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Check ``given`` against ``spec``; return every option with its typed value."""
+    described = (
+        "; ".join(
+            f"{name} ({o.kind.__name__}, default {o.default}): {o.help}" for name, o in spec.items()
+        )
+        or "none"
+    )
+    values = {name: o.default for name, o in spec.items()}
+    for name, raw in given.items():
+        option = spec.get(name)
+        if option is None:
+            raise StrategyError(f"{owner}: unknown option {name!r}; its options: {described}")
+        try:
+            if option.kind is bool and isinstance(raw, str):
+                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(raw)
+                value: Any = raw.lower() in ("true", "1", "yes")
+            else:
+                value = option.kind(raw)
+        except (TypeError, ValueError):
+            raise StrategyError(
+                f"{owner}: option {name}={raw!r} is not a {option.kind.__name__}"
+            ) from None
+        values[name] = value
+    return values
+
+
 def available() -> dict[str, str]:
     """Names registered in the entry-point group, with each one's summary line."""
     found = {}
@@ -89,7 +131,7 @@ def available() -> dict[str, str]:
     return dict(sorted(found.items()))
 
 
-def load(name: str, options: Mapping[str, str] | None = None) -> Strategy:
+def load(name: str, options: Mapping[str, Any] | None = None) -> Strategy:
     """Instantiate the strategy called ``name`` (entry-point name or ``module:Class``)."""
     if ":" in name:
         module_name, _, attr = name.partition(":")

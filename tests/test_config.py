@@ -303,7 +303,11 @@ def test_unknown_strategy_lists_the_available_ones():
 
 def test_list_strategies():
     result = run_cli("--list-strategies")
-    assert result.returncode == 0 and result.stdout.startswith("round-robin")
+    assert result.returncode == 0
+    lines = dict(line.split(None, 1) for line in result.stdout.splitlines())
+    assert set(lines) >= {"round-robin", "weighted", "least-latency", "least-outstanding",
+                          "power-of-two", "affinity", "cache-aware"}
+    assert all(summary.strip() for summary in lines.values())
 
 
 def test_port_in_use_is_a_clear_error(spawn):

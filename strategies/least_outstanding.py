@@ -1,0 +1,35 @@
+"""Fewest requests in flight, ties broken round-robin.
+
+In-flight counts see what latency averages miss: a service busy with a few long
+generations is busy now, however fast its last answers were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from strategies import BaseStrategy
+
+if TYPE_CHECKING:
+    from lmproxy.registry import Service
+    from lmproxy.request import RouteRequest
+
+
+class LeastOutstanding(BaseStrategy):
+    summary = "the service with the fewest requests in flight; ties in turn"
+
+    def __init__(self, options: dict[str, str] | None = None) -> None:
+        super().__init__(options)
+        self._cursor = 0
+
+    def choose(self, candidates: Sequence[Service], request: RouteRequest) -> Service:
+        n = len(candidates)
+        self._cursor += 1
+        start = self._cursor % n
+        best = candidates[start]
+        for i in range(1, n):
+            service = candidates[(start + i) % n]
+            if service.in_flight < best.in_flight:
+                best = service
+        return best

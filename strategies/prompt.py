@@ -1,0 +1,78 @@
+"""What strategies read of a request's prompt, without decoding more than they need.
+
+The request edge keeps ``messages`` and ``prompt`` as raw JSON bytes. Two
+requests of one conversation serialise their shared turns identically (same
+client, same library), so raw bytes are compared directly: no JSON is decoded
+to find a shared prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING
+
+import msgspec
+
+if TYPE_CHECKING:
+    from lmproxy.request import RouteRequest
+
+_decode_items = msgspec.json.Decoder(list[msgspec.Raw]).decode
+
+
+def prompt_bytes(request: RouteRequest) -> bytes:
+    """The raw JSON of the chat messages or the completion prompt (b"" if none)."""
+    head = request.head
+    if head is None:
+        return b""
+    raw = bytes(head.messages)
+    return raw if raw else bytes(head.prompt)
+
+
+def session_key(request: RouteRequest) -> bytes | None:
+    """An explicit session identity: ``X-Session-ID``, else ``user``, else ``prompt_cache_key``."""
+    value = request.header(b"x-session-id")
+    if value:
+        return b"s:" + value
+    head = request.head
+    if head is not None:
+        if head.user:
+            return b"u:" + head.user.encode()
+        if head.prompt_cache_key:
+            return b"k:" + head.prompt_cache_key.encode()
+    return None
+
+
+def opening_key(request: RouteRequest, messages: int, max_bytes: int) -> bytes:
+    """The conversation's opening: its first ``messages`` messages (system prompt and
+    first turns), or the first ``max_bytes`` of a completion prompt. Later turns of the
+    same conversation share it, so they get the same key."""
+    head = request.head
+    if head is None:
+        return b""
+    raw = bytes(head.messages)
+    if raw:
+        try:
+            items = _decode_items(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return raw[:max_bytes]
+        return b"\x00".join(bytes(item) for item in items[:messages])[:max_bytes]
+    return bytes(head.prompt)[:max_bytes]
+
+
+def stable_hash(data: bytes) -> int:
+    """A 64-bit hash that is the same in every process (``hash()`` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def block_hashes(data: bytes, block_bytes: int, max_blocks: int) -> list[int]:
+    """Chained hashes of the full blocks of ``data``: hash i covers blocks 0..i.
+
+    Two prompts share their first k hashes exactly when they share their first
+    k blocks, so a set of these hashes is an approximate prefix tree.
+    """
+    hashes = []
+    h = 0
+    for start in range(0, min(len(data), block_bytes * max_blocks) - block_bytes + 1, block_bytes):
+        h = hash((h, data[start : start + block_bytes]))
+        hashes.append(h)
+    return hashes

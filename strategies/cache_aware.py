@@ -1,9 +1,9 @@
 """Cache-aware routing: send a prompt where its prefix is most likely cached.
 
 Each service gets an approximate prefix tree of the prompts recently sent to
-it: the chained hashes of the prompt's blocks (see ``prompt.block_hashes``) in
-an LRU map of bounded size. A request goes to the service whose tree holds
-the longest run of its leading blocks.
+it: the chained hashes of the prompt's prefixes at fixed lengths (see
+``prompt.block_hashes``) in an LRU map of bounded size. A request goes to the
+service whose tree holds the longest of its prefixes.
 
 It avoids the known failure modes of the Rust routers' default policy:
 
@@ -13,8 +13,9 @@ It avoids the known failure modes of the Rust routers' default policy:
   least-loaded one by more than ``balance_abs`` requests in flight *and* by a
   factor of more than ``balance_rel``, so one service is not saturated while
   the others idle;
-- memory is bounded: at most ``max_entries`` block hashes per service, least
-  recently used evicted first.
+- memory is bounded: at most ``max_entries`` prefix hashes per service, least
+  recently used evicted first; work is bounded too: only the first
+  ``max_prefix_bytes`` of a prompt are hashed.
 """
 
 from __future__ import annotations
@@ -34,18 +35,18 @@ if TYPE_CHECKING:
 class CacheAware(BaseStrategy):
     summary = "longest cached prompt prefix, yielding to load under imbalance"
     OPTIONS = {
-        "block_bytes": Option(int, 128, "prompt bytes per prefix-tree block"),
-        "max_blocks": Option(int, 1024, "blocks of a prompt considered (its opening)"),
-        "max_entries": Option(int, 100_000, "blocks remembered per service (LRU)"),
-        "min_match": Option(float, 0.1, "fraction of a prompt's blocks that makes a hit"),
+        "block_bytes": Option(int, 256, "finest prefix-tree granularity, in prompt bytes"),
+        "max_prefix_bytes": Option(int, 131072, "bytes of a prompt's opening considered"),
+        "max_entries": Option(int, 100_000, "prefixes remembered per service (LRU)"),
+        "min_match": Option(float, 0.1, "fraction of a prompt's prefixes that makes a hit"),
         "balance_abs": Option(int, 4, "in-flight excess over the least loaded that may yield"),
         "balance_rel": Option(float, 1.5, "in-flight ratio over the least loaded that may yield"),
     }
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
         super().__init__(options)
-        if self.opt["block_bytes"] < 1 or self.opt["max_blocks"] < 1:
-            raise ValueError("block_bytes and max_blocks must be >= 1")
+        if self.opt["block_bytes"] < 1 or self.opt["max_prefix_bytes"] < self.opt["block_bytes"]:
+            raise ValueError("block_bytes must be >= 1 and max_prefix_bytes >= block_bytes")
         self._trees: dict[str, OrderedDict[int, None]] = {}
         self._cursor = 0
 
@@ -63,7 +64,7 @@ class CacheAware(BaseStrategy):
 
     def choose(self, candidates: Sequence[Service], request: RouteRequest) -> Service:
         hashes = block_hashes(
-            prompt_bytes(request), self.opt["block_bytes"], self.opt["max_blocks"]
+            prompt_bytes(request), self.opt["block_bytes"], self.opt["max_prefix_bytes"]
         )
         request.memo = hashes
         least = self._least_loaded(candidates)

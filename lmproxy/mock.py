@@ -24,9 +24,10 @@ clears it):
 ==================  =========================================================
 
 Timing per request can be overridden with ``X-Mock-TTFT`` and
-``X-Mock-Token-Delay`` (seconds). ``GET /mock/stats`` reports what the simulator
-saw, including streams the client (the router) cut off: that is how tests see a
-hang-up reach the backend.
+``X-Mock-Token-Delay`` (seconds), and for all requests at run time by
+``POST /mock/settings`` with ``{"ttft": S, "token_delay": S}``.
+``GET /mock/stats`` reports what the simulator saw, including streams the
+client (the router) cut off: that is how tests see a hang-up reach the backend.
 
 Run it as ``python -m lmproxy.mock --port 8100 --model Qwen3-32B``.
 """
@@ -361,6 +362,16 @@ class MockConnection(asyncio.Protocol):
             return
         if path == "/mock/stats":
             self._write(_json(200, state.stats()))
+            return
+        if path == "/mock/settings":
+            try:
+                settings = msgspec.json.decode(body, type=dict[str, float])
+                state.ttft_s = settings.get("ttft", state.ttft_s)
+                state.token_delay_s = settings.get("token_delay", state.token_delay_s)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self._write(_json(400, {"error": f"settings: {exc}"}))
+                return
+            self._write(_json(200, {"ttft": state.ttft_s, "token_delay": state.token_delay_s}))
             return
         if path == "/mock/fault":
             try:

@@ -154,6 +154,9 @@ class Mock(Process):
     def stats(self) -> dict[str, Any]:
         return request(self.port, "GET", "/mock/stats").json()
 
+    def set_timing(self, **settings: float) -> None:
+        assert request(self.port, "POST", "/mock/settings", settings).status == 200
+
     def set_fault(self, fault: str) -> None:
         assert request(self.port, "POST", "/mock/fault", {"fault": fault}).status == 200
 

@@ -305,8 +305,15 @@ def test_list_strategies():
     result = run_cli("--list-strategies")
     assert result.returncode == 0
     lines = dict(line.split(None, 1) for line in result.stdout.splitlines())
-    assert set(lines) >= {"round-robin", "weighted", "least-latency", "least-outstanding",
-                          "power-of-two", "affinity", "cache-aware"}
+    assert set(lines) >= {
+        "round-robin",
+        "weighted",
+        "least-latency",
+        "least-outstanding",
+        "power-of-two",
+        "affinity",
+        "cache-aware",
+    }
     assert all(summary.strip() for summary in lines.values())
 
 

@@ -20,7 +20,7 @@ Workloads:
 Reported per strategy: throughput (completed requests/s), time to first token
 p50/p99, end-to-end latency p50/p99, and the prefix-cache hit rate (cached
 prompt tokens / prompt tokens, from the services' ``usage``). Writes
-``bench/ROUTING.md`` and ``bench/routing.png``.
+``bench/ROUTING.md`` and ``bench/ROUTING.png``.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ WORKLOADS = ["shared-prefix", "mixed-length"]
 SERVICES = [("fast", 0.010, 3), ("medium", 0.015, 2), ("slow", 0.025, 1)]
 ENGINE = [
     "--max-batch", "8", "--batch-slowdown", "0.08", "--prefill-per-token", "0.0002",
-    "--prefix-cache-blocks", "3000",
+    "--prefix-cache-blocks", "1500",
 ]  # fmt: skip
 
 
@@ -275,7 +275,9 @@ async def _main(args: argparse.Namespace) -> int:
             f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}: {args.duration:g} s of "
             f"open-loop arrivals at {args.rate:g} requests/s per run, three simulated services "
             "(token delay 10, 15 and 25 ms; weights 3, 2, 1; batch of 8; prefill 0.2 ms per "
-            "uncached prompt token; prefix cache of 3000 blocks). See `bench/routing.py`.\n" + table
+            "uncached prompt token; prefix cache of 1500 blocks of 128 bytes). "
+            "See `bench/routing.py`.\n"
+            + table
         )
         _plot(rows, Path(args.output).with_suffix(".png"))
         print(f"wrote {args.output} and {Path(args.output).with_suffix('.png')}")

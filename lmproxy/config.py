@@ -88,7 +88,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retries: int = 2
     max_body_size: int = 32 * MiB
     default_model: str | None = None
-    strategy: str = "round-robin"
+    strategy: str = "cache-aware"
     strategy_options: dict[str, Any] = {}
     models: dict[str, ModelSettings] = {}
     pool_max_idle: int = 64

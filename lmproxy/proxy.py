@@ -127,7 +127,7 @@ class Exchange:
         self.status = status
         self._framing = framing
         self.ttfb_s = time.perf_counter() - self.sent_at
-        self.strategy.on_first_byte(self.service, self.ttfb_s)
+        self.strategy.on_first_byte(self.service, self.journey.route, self.ttfb_s)
         client = self.client
         request = client.current
         assert request is not None
@@ -416,6 +416,7 @@ class Journey:
         service.in_flight -= 1
         latency_s = time.perf_counter() - exchange.sent_at
         strategy = self.strategy
+        route = self.route
         registry = self.router.registry
         outcome = exchange.outcome
         if outcome is Outcome.DONE:
@@ -425,7 +426,7 @@ class Journey:
                 service.error_count += 1
             else:
                 registry.request_succeeded(service)
-            strategy.on_end(service, latency_s, exchange.status < 500)
+            strategy.on_end(service, route, latency_s, exchange.status < 500)
             if exchange.reusable:
                 service.pool.release(exchange.conn)  # type: ignore[union-attr]
             else:
@@ -434,9 +435,9 @@ class Journey:
             return
         if outcome is Outcome.CLIENT_GONE:
             service.request_count += 1
-            strategy.on_end(service, latency_s, True)
+            strategy.on_end(service, route, latency_s, True)
             return
-        strategy.on_end(service, latency_s, False)
+        strategy.on_end(service, route, latency_s, False)
         if outcome is Outcome.STALE:
             # Not the service's fault: its keep-alive timer beat ours. Retry anywhere.
             self._retry(None, ProxyError(Fault.BACKEND_UNREACHABLE, exchange.reason))

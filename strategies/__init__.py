@@ -41,11 +41,11 @@ class Strategy(Protocol):
         """A request was sent to ``service``."""
         ...
 
-    def on_first_byte(self, service: Service, ttfb_s: float) -> None:
+    def on_first_byte(self, service: Service, request: RouteRequest, ttfb_s: float) -> None:
         """The response head arrived ``ttfb_s`` seconds after the request was sent."""
         ...
 
-    def on_end(self, service: Service, latency_s: float, ok: bool) -> None:
+    def on_end(self, service: Service, request: RouteRequest, latency_s: float, ok: bool) -> None:
         """The request ended after ``latency_s`` seconds; ``ok`` is False on failure."""
         ...
 
@@ -82,10 +82,10 @@ class BaseStrategy:
     def on_start(self, service: Service, request: RouteRequest) -> None:
         pass
 
-    def on_first_byte(self, service: Service, ttfb_s: float) -> None:
+    def on_first_byte(self, service: Service, request: RouteRequest, ttfb_s: float) -> None:
         pass
 
-    def on_end(self, service: Service, latency_s: float, ok: bool) -> None:
+    def on_end(self, service: Service, request: RouteRequest, latency_s: float, ok: bool) -> None:
         pass
 
 

@@ -102,8 +102,8 @@ class CacheAware(BaseStrategy):
 
     def _least_loaded(self, candidates: Sequence[Service]) -> Service:
         n = len(candidates)
-        self._cursor += 1
         start = self._cursor % n
+        self._cursor += 1
         best = candidates[start]
         for i in range(1, n):
             service = candidates[(start + i) % n]

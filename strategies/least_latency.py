@@ -55,7 +55,7 @@ class LeastLatency(BaseStrategy):
         self._last_tried[chosen.name] = self._count
         return chosen
 
-    def on_first_byte(self, service: Service, ttfb_s: float) -> None:
+    def on_first_byte(self, service: Service, request: RouteRequest, ttfb_s: float) -> None:
         old = self._ewma.get(service.name)
         alpha = self.opt["alpha"]
         self._ewma[service.name] = ttfb_s if old is None else old + alpha * (ttfb_s - old)

@@ -25,8 +25,8 @@ class LeastOutstanding(BaseStrategy):
 
     def choose(self, candidates: Sequence[Service], request: RouteRequest) -> Service:
         n = len(candidates)
-        self._cursor += 1
         start = self._cursor % n
+        self._cursor += 1
         best = candidates[start]
         for i in range(1, n):
             service = candidates[(start + i) % n]

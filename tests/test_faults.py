@@ -23,6 +23,8 @@ def test_backend_killed_while_answering_is_retried_elsewhere(spawn):
         fast.backend_arg(),
         "--health-interval",
         "60",
+        "--strategy",
+        "round-robin",
     )
     router.wait_healthy(2)
     # Round-robin sends the first request to slow; kill it while it "thinks".

@@ -75,6 +75,8 @@ def test_passive_ejection_after_max_errors_and_readmission(spawn):
         "2",
         "--health-interval",
         "1",
+        "--strategy",
+        "round-robin",
     )
     router.wait_healthy(2)
     statuses = []

@@ -105,7 +105,15 @@ def test_hop_by_hop_headers_are_not_forwarded(setup):
 def test_round_robin_keeps_one_cursor_per_model(spawn):
     a = spawn(Mock, "a", ["m1", "m2"])
     b = spawn(Mock, "b", ["m1", "m2"])
-    router = spawn(Router, "--backend", a.backend_arg(), "--backend", b.backend_arg())
+    router = spawn(
+        Router,
+        "--backend",
+        a.backend_arg(),
+        "--backend",
+        b.backend_arg(),
+        "--strategy",
+        "round-robin",
+    )
     router.wait_healthy(2)
     served = {"m1": [], "m2": []}
     # Interleaved models: a global counter would send every m1 to one service.

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-from pathlib import Path
 
 import pytest
 from conftest import ROOT, Mock, Router, chat_body, request, wait_until
@@ -480,9 +479,12 @@ def test_strategy_from_a_separately_installed_package(spawn, tmp_path):
     } == {"b"}
 
 
-def test_strategy_by_module_and_class(spawn, tmp_path):
-    (tmp_path / "my_strategy.py").write_text(PLUGIN)
-    a = spawn(Mock, "a", ["Qwen3-32B"])
+def test_the_readme_example_strategy_works(spawn, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("# my_strategy/__init__.py")
+    code = readme[start : readme.index("```", start)]
+    (tmp_path / "my_strategy.py").write_text(code)
+    a = spawn(Mock, "a", ["Qwen3-32B"], "--token-delay", "0.02")
     b = spawn(Mock, "b", ["Qwen3-32B"])
     router = spawn(
         Router,
@@ -491,14 +493,23 @@ def test_strategy_by_module_and_class(spawn, tmp_path):
         "--backend",
         b.backend_arg(),
         "--strategy",
-        "my_strategy:Pinned",
+        "my_strategy:FewestTokens",
         "--strategy-opt",
-        "name=a",
+        "default_tokens=64",
         env={"PYTHONPATH": str(tmp_path)},
     )
     router.wait_healthy(2)
-    assert (
-        request(router.port, "POST", "/v1/chat/completions", chat_body()).headers["x-mock-server"]
-        == "a"
+    # A long generation owes tokens on one service: the next request goes to the other.
+    long = threading.Thread(
+        target=router.post, args=("/v1/chat/completions", chat_body(max_tokens=50))
     )
-    assert Path(tmp_path / "my_strategy.py").exists()
+    long.start()
+    wait_until(lambda: router.stats_of("a")["in_flight"] == 1, 5, "the long request")
+    assert (
+        request(router.port, "POST", "/v1/chat/completions", chat_body(max_tokens=1)).headers[
+            "x-mock-server"
+        ]
+        == "b"
+    )
+    long.join(10)
+    assert "Traceback" not in router.output

@@ -1,0 +1,75 @@
+"""The simulator's engine model, and the benchmarks that depend on it, in smoke mode."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+from conftest import ROOT, Mock, chat_body, request, wait_until
+
+
+def test_prefix_cache_skips_prefill_and_reports_cached_tokens(spawn):
+    backend = spawn(
+        Mock, "e", ["Qwen3-32B"], "--prefill-per-token", "0.0005", "--prefix-cache-blocks", "1000"
+    )
+    body = chat_body(
+        messages=[{"role": "system", "content": "x" * 4000}, {"role": "user", "content": "hi"}],
+        max_tokens=1,
+    )
+    timings, usages = [], []
+    for _ in range(2):
+        started = time.monotonic()
+        resp = request(backend.port, "POST", "/v1/chat/completions", body)
+        timings.append(time.monotonic() - started)
+        usages.append(resp.json()["usage"])
+    assert usages[0]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert usages[1]["prompt_tokens_details"]["cached_tokens"] > 0.9 * usages[1]["prompt_tokens"]
+    assert timings[0] > 0.4 and timings[1] < timings[0] / 3  # ~1000 tokens of prefill skipped
+    stats = backend.stats()
+    assert stats["cached_tokens"] == usages[1]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_bounded_batch_queues_requests(spawn):
+    backend = spawn(Mock, "e", ["Qwen3-32B"], "--max-batch", "1", "--ttft", "0.3")
+    finished: list[float] = []
+    started = time.monotonic()
+
+    def one() -> None:
+        request(backend.port, "POST", "/v1/chat/completions", chat_body(max_tokens=1))
+        finished.append(time.monotonic() - started)
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: backend.stats()["waiting"] == 1, 5, "the second to queue")
+    for thread in threads:
+        thread.join(10)
+    assert sorted(finished)[1] > 0.55  # the second waited for the first's place
+
+
+def test_routing_benchmark_smoke():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.routing",
+            "--duration",
+            "1.5",
+            "--rate",
+            "6",
+            "--strategies",
+            "round-robin,cache-aware",
+            "--workloads",
+            "shared-prefix",
+            "--output",
+            "",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "| cache-aware |" in result.stdout and "| round-robin |" in result.stdout

@@ -276,8 +276,7 @@ async def _main(args: argparse.Namespace) -> int:
             f"open-loop arrivals at {args.rate:g} requests/s per run, three simulated services "
             "(token delay 10, 15 and 25 ms; weights 3, 2, 1; batch of 8; prefill 0.2 ms per "
             "uncached prompt token; prefix cache of 1500 blocks of 128 bytes). "
-            "See `bench/routing.py`.\n"
-            + table
+            "See `bench/routing.py`.\n" + table
         )
         _plot(rows, Path(args.output).with_suffix(".png"))
         print(f"wrote {args.output} and {Path(args.output).with_suffix('.png')}")

@@ -1,0 +1,563 @@
+"""lmproxy side by side with the peers, in one run on one machine.
+
+    bash bench/setup.sh                 # once: wrk, nginx, and the peers' virtualenv
+    python -m bench                     # every installed peer, every workload
+    python -m bench --peers lmproxy,nginx --workloads small --duration 5
+    python -m bench --smoke             # a second or two per peer: does it all still run?
+
+Placement: on a 2-core machine the proxy under test runs on core 0 and the load
+generator and the simulated backends on core 1 (taskset), the same for every
+peer. Figures are given as ratios against ``direct`` (no proxy) and ``nginx``
+from the same run, since the absolute numbers of a shared machine drift.
+
+Workloads:
+
+1. ``small``: small non-streaming chat completions. Requests/s at a fixed
+   concurrency (wrk); latency p50/p99 and the proxy's CPU time per request at a
+   fixed rate, half of lmproxy's peak (CPU from /proc: user + system of the
+   proxy's process tree, divided by the requests served).
+2. ``stream``: streamed answers of 64 and 512 tokens. Events/s and CPU per event
+   at a fixed concurrency (wrk); time to first token and the delay each event
+   gains over ``direct``, at low concurrency with a 2 ms gap between tokens.
+3. ``many``: 1,000 / 5,000 / 10,000 slow streams open at once: the proxy's
+   resident memory per stream, and whether every stream completes.
+4. ``large``: 100 KB and 1 MB prompts: requests/s and CPU per request.
+
+Writes ``bench/RESULTS.md`` and ``bench/results-*.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.load import many_streams, run_wrk, stream_timing, wrk_missing
+from bench.peers import PEERS, PEERS_VENV, Running
+from bench.procs import Proc, mock
+from lmproxy.system import raise_open_file_limit
+
+HERE = Path(__file__).resolve().parent
+PROXY_CPUS = "0"
+LOAD_CPUS = "1"
+WORKLOADS = ["small", "stream", "many", "large"]
+
+
+def chat(max_tokens: int, stream: bool = False, content: str = "Hello, how are you?") -> bytes:
+    return json.dumps(
+        {
+            "model": "Qwen3-32B",
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
+            "stream": stream,
+        }
+    ).encode()
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.results: dict[str, dict[str, Any]] = {}
+        self.backends: list[Proc] = []
+
+    # --- running --------------------------------------------------------------------
+
+    def run(self) -> int:
+        raise_open_file_limit()
+        peers = []
+        for name in self.args.peers:
+            peer = PEERS.get(name)
+            if peer is None:
+                print(f"unknown peer {name!r}; peers: {', '.join(PEERS)}")
+                return 2
+            reason = peer.missing()
+            if reason:
+                print(f"skip {name}: {reason}")
+                continue
+            peers.append(peer)
+        self.wrk_reason = wrk_missing()
+        if self.wrk_reason:
+            print(f"skip request-rate figures: {self.wrk_reason}")
+        self.backends = [mock(f"bench-{i}", "Qwen3-32B", cpus=LOAD_CPUS) for i in range(2)]
+        ports = [b.port for b in self.backends]
+        try:
+            for peer in peers:
+                self._run_peer(peer.name, lambda p=peer: p.start(ports, PROXY_CPUS))
+            if "small" in self.args.workloads and not self.wrk_reason:
+                self._fixed_rate(peers, ports)
+        finally:
+            for backend in self.backends:
+                backend.stop()
+        self._report()
+        return 0
+
+    def _run_peer(self, name: str, start: Any) -> None:
+        print(f"== {name}", flush=True)
+        try:
+            running: Running = start()
+        except RuntimeError as exc:
+            print(f"skip {name}: it did not start: {str(exc).splitlines()[0]}")
+            return
+        figures = self.results.setdefault(name, {"name": name})
+        try:
+            if "small" in self.args.workloads and not self.wrk_reason:
+                r = self._wrk(running, chat(16), self.args.concurrency)
+                figures["small_rps"] = r.rps
+                figures["small_errors"] = r.errors
+                print(f"   small: {r.rps:9.0f} req/s at c={self.args.concurrency}", flush=True)
+            if "stream" in self.args.workloads:
+                for tokens in (64, 512):
+                    self._stream(running, figures, tokens)
+            if "large" in self.args.workloads and not self.wrk_reason:
+                for size in (100_000, 1_000_000):
+                    body = chat(1, content="x" * size)
+                    r, cpu = self._wrk_cpu(running, body, 8)
+                    figures[f"large{size}_rps"] = r.rps
+                    figures[f"large{size}_cpu_us"] = cpu
+                    figures[f"large{size}_errors"] = r.errors
+                    print(
+                        f"   large {size // 1000} KB: {r.rps:7.0f} req/s, {_fmt(cpu)} us CPU/req",
+                        flush=True,
+                    )
+            if "many" in self.args.workloads:
+                for count in self.args.streams:
+                    if name in ("litellm", "aiohttp") and count > 1000 and not self.args.smoke:
+                        figures[f"many{count}"] = None  # known to need minutes; see README
+                        continue
+                    self._many(running, figures, count)
+        finally:
+            running.stop()
+
+    def _wrk(self, running: Running, body: bytes, connections: int, rate: float | None = None):
+        return run_wrk(
+            running.port,
+            body,
+            connections=connections,
+            duration_s=self.args.duration,
+            cpus=LOAD_CPUS,
+            rate=rate,
+        )
+
+    def _wrk_cpu(
+        self, running: Running, body: bytes, connections: int, rate: float | None = None
+    ) -> tuple[Any, float]:
+        before = running.cpu_s()
+        result = self._wrk(running, body, connections, rate)
+        spent = running.cpu_s() - before
+        cpu_us = spent / result.requests * 1e6 if result.requests and running.proc else math.nan
+        return result, cpu_us
+
+    def _stream(self, running: Running, figures: dict[str, Any], tokens: int) -> None:
+        events = tokens + 3  # role, tokens, usage, [DONE]
+        if not self.wrk_reason:
+            r, cpu_us = self._wrk_cpu(running, chat(tokens, stream=True), 16)
+            figures[f"stream{tokens}_eps"] = r.rps * events
+            figures[f"stream{tokens}_cpu_us"] = cpu_us / events
+            figures[f"stream{tokens}_errors"] = r.errors
+        body = chat(tokens, stream=True)
+        timing = asyncio.run(
+            stream_timing(
+                running.port,
+                body,
+                streams=self.args.timed_streams,
+                concurrency=4,
+                extra_headers=b"X-Mock-Token-Delay: 0.002\r\n",
+            )
+        )
+        figures[f"stream{tokens}_ttft_s"] = _median(timing.ttft_s)
+        figures[f"stream{tokens}_offsets"] = (
+            [statistics.median(column) for column in zip(*timing.offsets, strict=False)]
+            if timing.offsets
+            else []
+        )
+        figures[f"stream{tokens}_failed"] = timing.failed
+        print(
+            f"   stream {tokens}: {_fmt(figures.get(f'stream{tokens}_eps'))} events/s, "
+            f"{_fmt(figures.get(f'stream{tokens}_cpu_us'), 2)} us CPU/event, TTFT "
+            f"{_fmt(figures[f'stream{tokens}_ttft_s'] * 1e3, 2)} ms",
+            flush=True,
+        )
+
+    def _many(self, running: Running, figures: dict[str, Any], count: int) -> None:
+        body = chat(8, stream=True)
+        baseline = running.rss_kib()
+
+        async def go() -> tuple[int, int, int]:
+            opened = asyncio.Event()
+            task = asyncio.create_task(
+                many_streams(running.port, body, count, b"X-Mock-Token-Delay: 0.6\r\n", opened)
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(opened.wait(), 120)
+            await asyncio.sleep(0.5)
+            rss = running.rss_kib()
+            ok, failed = await asyncio.wait_for(task, 300)
+            return rss, ok, failed
+
+        rss, ok, failed = asyncio.run(go())
+        per_stream = (rss - baseline) / count if running.proc else math.nan
+        figures[f"many{count}"] = {
+            "ok": ok,
+            "failed": failed,
+            "rss_mib": rss / 1024,
+            "kib_per_stream": per_stream,
+        }
+        print(
+            f"   {count} streams: {ok} completed, {failed} failed, "
+            f"{_fmt(per_stream, 1)} KiB per stream",
+            flush=True,
+        )
+
+    def _fixed_rate(self, peers: list[Any], ports: list[int]) -> None:
+        peak = self.results.get("lmproxy", {}).get("small_rps") or max(
+            (f.get("small_rps") or 0 for f in self.results.values()), default=0
+        )
+        if not peak:
+            return
+        self.rate = round(peak / 2, -2) or 100
+        print(f"== fixed rate: {self.rate:.0f} req/s (half of lmproxy's peak)", flush=True)
+        for peer in peers:
+            try:
+                running = peer.start(ports, PROXY_CPUS)
+            except RuntimeError:
+                continue
+            try:
+                r, cpu_us = self._wrk_cpu(running, chat(16), 64, rate=self.rate)
+                figures = self.results[peer.name]
+                figures.update(
+                    rate_rps=r.rps,
+                    rate_p50_s=r.p50_s,
+                    rate_p99_s=r.p99_s,
+                    rate_cpu_us=cpu_us,
+                    rate_errors=r.errors,
+                )
+                print(
+                    f"   {peer.name:14} {r.rps:8.0f} req/s p50 {r.p50_s * 1e6:8.0f} us "
+                    f"p99 {r.p99_s * 1e6:8.0f} us CPU {_fmt(cpu_us)} us/req",
+                    flush=True,
+                )
+            finally:
+                running.stop()
+
+    # --- reporting ------------------------------------------------------------------
+
+    def _report(self) -> None:
+        text = self._markdown()
+        print(text)
+        if self.args.output:
+            Path(self.args.output).write_text(text)
+            self._charts(Path(self.args.output).parent)
+            print(f"wrote {self.args.output}")
+
+    def _markdown(self) -> str:
+        rows = list(self.results.values())
+        direct = self.results.get("direct", {})
+        nginx = self.results.get("nginx", {})
+        lines = [
+            "# lmproxy and its peers, side by side",
+            "",
+            f"Produced by `python -m bench {' '.join(sys.argv[1:])}` on "
+            f"{time.strftime('%Y-%m-%d %H:%M')}. Regenerate with the same command.",
+            "",
+            _machine(),
+            "",
+            "The proxy under test runs pinned to core 0, the load generator (wrk, or the "
+            "asyncio client for stream timing) and two simulated backends "
+            "(`python -m lmproxy.mock`) on core 1, for every peer. `x direct` and `x nginx` "
+            "are ratios to those peers in this same run. CPU is the user + system time of "
+            "the proxy's whole process tree from /proc, divided by what it served.",
+            "",
+        ]
+        if any("small_rps" in r for r in rows):
+            rate = getattr(self, "rate", math.nan)
+            lines += [
+                "## 1. Small chat completions (16 tokens, not streamed)",
+                "",
+                f"Throughput at {self.args.concurrency} connections for "
+                f"{self.args.duration:g} s; latency and CPU at a fixed {rate:.0f} req/s "
+                "(half of lmproxy's peak), 64 connections.",
+                "",
+                "| peer | req/s | x direct | x nginx | p50 at rate | p99 at rate | added p50 | "
+                "added p99 | CPU per request | x nginx |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            ]
+            for r in rows:
+                lines.append(
+                    f"| {r['name']} | {_fmt(r.get('small_rps'))} | "
+                    f"{_ratio(r.get('small_rps'), direct.get('small_rps'))} | "
+                    f"{_ratio(r.get('small_rps'), nginx.get('small_rps'))} | "
+                    f"{_us(r.get('rate_p50_s'))} | {_us(r.get('rate_p99_s'))} | "
+                    f"{_us(_minus(r.get('rate_p50_s'), direct.get('rate_p50_s')))} | "
+                    f"{_us(_minus(r.get('rate_p99_s'), direct.get('rate_p99_s')))} | "
+                    f"{_fmt(r.get('rate_cpu_us'), 1)} us | "
+                    f"{_ratio(r.get('rate_cpu_us'), nginx.get('rate_cpu_us'))} |"
+                )
+            lines.append("")
+        if any("stream64_ttft_s" in r for r in rows):
+            lines += [
+                "## 2. Streamed answers",
+                "",
+                "Events/s and CPU per event with 16 concurrent streams and no delay between "
+                "tokens; time to first token and the delay each event gains over `direct` with "
+                "4 concurrent streams and 2 ms between tokens (medians).",
+                "",
+                "| peer | tokens | events/s | x direct | CPU per event | x nginx | TTFT | "
+                "TTFT added | delay added per event |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            ]
+            for tokens in (64, 512):
+                key = f"stream{tokens}"
+                for r in rows:
+                    added = _event_delay(r.get(f"{key}_offsets"), direct.get(f"{key}_offsets"))
+                    ttft_added = _minus(r.get(f"{key}_ttft_s"), direct.get(f"{key}_ttft_s"))
+                    lines.append(
+                        f"| {r['name']} | {tokens} | {_fmt(r.get(f'{key}_eps'))} | "
+                        f"{_ratio(r.get(f'{key}_eps'), direct.get(f'{key}_eps'))} | "
+                        f"{_fmt(r.get(f'{key}_cpu_us'), 2)} us | "
+                        f"{_ratio(r.get(f'{key}_cpu_us'), nginx.get(f'{key}_cpu_us'))} | "
+                        f"{_us(r.get(f'{key}_ttft_s'))} | {_us(ttft_added)} | {_us(added)} |"
+                    )
+            lines.append("")
+        many_keys = [f"many{c}" for c in self.args.streams]
+        if any(k in r for r in rows for k in many_keys):
+            lines += [
+                "## 3. Many concurrent slow streams",
+                "",
+                "All streams opened at once (8 tokens, 0.6 s apart); memory is the proxy's "
+                "resident set once all are open, less its resident set before.",
+                "",
+                "| peer | streams | completed | failed | proxy RSS | per stream |",
+                "| --- | ---: | ---: | ---: | ---: | ---: |",
+            ]
+            for key in many_keys:
+                for r in rows:
+                    if key not in r:
+                        continue
+                    m = r[key]
+                    if m is None:
+                        lines.append(
+                            f"| {r['name']} | {key[4:]} | not run (minutes per run) | | | |"
+                        )
+                        continue
+                    lines.append(
+                        f"| {r['name']} | {key[4:]} | {m['ok']} | {m['failed']} | "
+                        f"{_fmt(m['rss_mib'], 1)} MiB | {_fmt(m['kib_per_stream'], 1)} KiB |"
+                    )
+            lines.append("")
+        if any("large100000_rps" in r for r in rows):
+            lines += [
+                "## 4. Large prompts",
+                "",
+                "8 connections, 1 token answers.",
+                "",
+                "| peer | prompt | req/s | x direct | CPU per request | x nginx |",
+                "| --- | ---: | ---: | ---: | ---: | ---: |",
+            ]
+            for size in (100_000, 1_000_000):
+                key = f"large{size}"
+                for r in rows:
+                    lines.append(
+                        f"| {r['name']} | {size // 1000} KB | {_fmt(r.get(key + '_rps'))} | "
+                        f"{_ratio(r.get(key + '_rps'), direct.get(key + '_rps'))} | "
+                        f"{_fmt(r.get(key + '_cpu_us'))} us | "
+                        f"{_ratio(r.get(key + '_cpu_us'), nginx.get(key + '_cpu_us'))} |"
+                    )
+            lines.append("")
+        errors = {
+            r["name"]: sum(
+                v for k, v in r.items() if k.endswith(("_errors", "_failed")) and isinstance(v, int)
+            )
+            for r in rows
+        }
+        if any(errors.values()):
+            lines += [
+                "Errors seen (non-2xx, socket errors, failed streams): "
+                + ", ".join(f"{k} {v}" for k, v in errors.items() if v),
+                "",
+            ]
+        return "\n".join(lines)
+
+    def _charts(self, folder: Path) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("skip charts: matplotlib is not installed (pip install matplotlib)")
+            return
+        rows = [r for r in self.results.values()]
+        names = [r["name"] for r in rows]
+        charts = [
+            ("throughput", "requests/s (small chat, higher is better)", "small_rps", 1),
+            ("latency", "microseconds at half lmproxy's peak (lower is better)", None, 1),
+            ("cpu", "CPU microseconds per request (lower is better)", "rate_cpu_us", 1),
+        ]
+        for slug, label, key, scale in charts:
+            fig, ax = plt.subplots(figsize=(8, 4))
+            if key is None:
+                width = 0.4
+                xs = range(len(rows))
+                ax.bar(
+                    [x - width / 2 for x in xs],
+                    [(r.get("rate_p50_s") or 0) * 1e6 for r in rows],
+                    width,
+                    label="p50",
+                )
+                ax.bar(
+                    [x + width / 2 for x in xs],
+                    [(r.get("rate_p99_s") or 0) * 1e6 for r in rows],
+                    width,
+                    label="p99",
+                )
+                ax.set_yscale("log")
+                ax.legend()
+            else:
+                values = [(r.get(key) or 0) * scale for r in rows]
+                values = [0 if isinstance(v, float) and math.isnan(v) else v for v in values]
+                ax.bar(names, values, color="tab:blue")
+            ax.set_xticks(range(len(rows)), names, rotation=20, ha="right")
+            ax.set_ylabel(label)
+            fig.tight_layout()
+            fig.savefig(folder / f"results-{slug}.png", dpi=100)
+            plt.close(fig)
+
+
+# --- formatting helpers ------------------------------------------------------------
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def _minus(a: float | None, b: float | None) -> float:
+    return (a - b) if a is not None and b is not None else math.nan
+
+
+def _event_delay(offsets: list[float] | None, direct: list[float] | None) -> float:
+    if not offsets or not direct:
+        return math.nan
+    pairs = list(zip(offsets, direct, strict=False))
+    return statistics.mean(a - b for a, b in pairs)
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def _us(seconds: float | None) -> str:
+    if seconds is None or math.isnan(seconds):
+        return "n/a"
+    return f"{seconds * 1e6:,.0f} us"
+
+
+def _ratio(value: float | None, reference: float | None) -> str:
+    if not value or not reference or math.isnan(value) or math.isnan(reference):
+        return "n/a"
+    return f"{value / reference:.2f}"
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not installed"
+    return (out.stdout + out.stderr).strip().splitlines()[0] if (out.stdout + out.stderr) else "?"
+
+
+def _machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    pip = PEERS_VENV / "bin" / "pip"
+    peer_versions = "peers' virtualenv not installed"
+    if pip.exists():
+        listed = subprocess.run(
+            [str(pip), "list", "--format", "json"], capture_output=True, text=True, timeout=60
+        ).stdout
+        wanted = {"vllm-router", "sglang-router", "litellm", "aiohttp"}
+        try:
+            found = {p["name"].lower(): p["version"] for p in json.loads(listed)}
+        except ValueError:
+            found = {}
+        peer_versions = ", ".join(f"{n} {found[n]}" for n in sorted(wanted) if n in found)
+    from lmproxy import __version__
+
+    return (
+        f"Machine: {os.cpu_count()} cores ({cpu}), Linux {platform.release()}, "
+        f"Python {platform.python_version()}. Versions: lmproxy {__version__}; "
+        f"{_version(['nginx', '-v']) if shutil.which('nginx') else 'nginx not installed'}; "
+        f"{_version(['wrk', '-v']) if shutil.which('wrk') else 'wrk not installed'}; "
+        f"{peer_versions}."
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--peers",
+        type=lambda s: s.split(","),
+        default=list(PEERS),
+        help=f"comma-separated (default: {','.join(PEERS)})",
+    )
+    parser.add_argument(
+        "--workloads",
+        type=lambda s: s.split(","),
+        default=WORKLOADS,
+        help=f"comma-separated (default: {','.join(WORKLOADS)})",
+    )
+    parser.add_argument("--duration", type=float, default=10, help="seconds per measurement")
+    parser.add_argument("--concurrency", type=int, default=64, help="connections for req/s")
+    parser.add_argument(
+        "--streams",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1000, 5000, 10000],
+        help="counts for the many-streams workload",
+    )
+    parser.add_argument(
+        "--timed-streams", type=int, default=40, help="streams timed event by event (default 40)"
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny run: 1 s per measurement, 50 streams, no files written",
+    )
+    parser.add_argument(
+        "--output",
+        default=str(HERE / "RESULTS.md"),
+        help="markdown to write, charts beside it ('' for none)",
+    )
+    args = parser.parse_args()
+    if args.smoke:
+        args.duration = 1
+        args.streams = [50]
+        args.timed_streams = 4
+        args.output = ""
+    return Bench(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,6 +9,7 @@ The original bytes are what the backend receives.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 import msgspec
@@ -86,8 +87,11 @@ class RouteRequest:
         return bool(self.head and self.head.stream)
 
 
-def _is_empty_json_array(raw: bytes) -> bool:
-    return b"".join(raw.split()) == b"[]"
+_EMPTY_ARRAY = re.compile(rb"\[\s*\]\Z")
+
+
+def _is_null(raw: msgspec.Raw) -> bool:
+    return len(raw) == 4 and bytes(raw) == b"null"
 
 
 def decode_head(path: bytes, body: bytes) -> RequestHead:
@@ -107,17 +111,17 @@ def decode_head(path: bytes, body: bytes) -> RequestHead:
     except UnicodeDecodeError:
         raise ProxyError(Fault.BAD_REQUEST, "request body is not valid UTF-8") from None
     if path in CHAT_PATHS:
-        messages = head.messages
-        if messages is _ABSENT or bytes(messages) == b"null":
+        # A memoryview: the messages may be megabytes, and are never copied here.
+        messages = memoryview(head.messages)
+        if not messages or _is_null(head.messages):
             raise ProxyError(
                 Fault.BAD_REQUEST, "'messages' is required: a non-empty list of chat messages"
             )
-        raw = bytes(messages)
-        if not raw.startswith(b"["):
+        if messages[:1] != b"[":
             raise ProxyError(Fault.BAD_REQUEST, "'messages' must be a list of chat messages")
-        if _is_empty_json_array(raw):
+        if _EMPTY_ARRAY.match(messages):
             raise ProxyError(Fault.BAD_REQUEST, "'messages' must not be empty")
-    elif path in COMPLETION_PATHS and (head.prompt is _ABSENT or bytes(head.prompt) == b"null"):
+    elif path in COMPLETION_PATHS and (not head.prompt or _is_null(head.prompt)):
         raise ProxyError(Fault.BAD_REQUEST, "'prompt' is required for text completions")
     return head
 

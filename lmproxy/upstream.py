@@ -245,8 +245,9 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is None:
             return
         if reusable:
+            # llhttp resets itself after a complete keep-alive response: the parser
+            # is reused, as uvicorn reuses its request parser.
             self.state = State.IDLE
-            self.parser = httptools.HttpResponseParser(self)
         sink.on_complete(reusable)
 
     def _fail(self, reason: str, broken: bool) -> None:

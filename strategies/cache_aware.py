@@ -36,7 +36,7 @@ class CacheAware(BaseStrategy):
     summary = "longest cached prompt prefix, yielding to load under imbalance"
     OPTIONS = {
         "block_bytes": Option(int, 256, "finest prefix-tree granularity, in prompt bytes"),
-        "max_prefix_bytes": Option(int, 131072, "bytes of a prompt's opening considered"),
+        "max_prefix_bytes": Option(int, 65536, "bytes of a prompt's opening considered"),
         "max_entries": Option(int, 100_000, "prefixes remembered per service (LRU)"),
         "min_match": Option(float, 0.1, "fraction of a prompt's prefixes that makes a hit"),
         "balance_abs": Option(int, 4, "in-flight excess over the least loaded that may yield"),

@@ -21,13 +21,14 @@ if TYPE_CHECKING:
 _decode_items = msgspec.json.Decoder(list[msgspec.Raw]).decode
 
 
-def prompt_bytes(request: RouteRequest) -> bytes:
-    """The raw JSON of the chat messages or the completion prompt (b"" if none)."""
+def prompt_bytes(request: RouteRequest) -> memoryview:
+    """The raw JSON of the chat messages or the completion prompt (empty if none).
+
+    A view, not a copy: prompts can be megabytes."""
     head = request.head
     if head is None:
-        return b""
-    raw = bytes(head.messages)
-    return raw if raw else bytes(head.prompt)
+        return memoryview(b"")
+    return memoryview(head.messages if head.messages else head.prompt)
 
 
 def session_key(request: RouteRequest) -> bytes | None:
@@ -84,7 +85,7 @@ def boundaries(block_bytes: int, max_bytes: int) -> tuple[int, ...]:
     return tuple(points)
 
 
-def block_hashes(data: bytes, block_bytes: int, max_bytes: int) -> list[int]:
+def block_hashes(data: bytes | memoryview, block_bytes: int, max_bytes: int) -> list[int]:
     """Chained hashes of ``data``'s prefixes at ``boundaries``: hash i covers the
     prefix up to boundary i.
 

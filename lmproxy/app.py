@@ -1,7 +1,7 @@
 """The router: wires configuration, registry, health checks, strategy and server together.
 
 :meth:`Router.dispatch` is where a complete client request turns into either a
-local answer (the router's own endpoints) or a proxy task.
+local answer (the router's own endpoints) or a :class:`~lmproxy.proxy.Journey`.
 """
 
 from __future__ import annotations
@@ -171,8 +171,10 @@ class Router:
         if scheme.lower() != b"bearer":
             return False
         token = token.strip()
-        # compare_digest on every key: the time taken does not tell which key is close.
-        return any(hmac.compare_digest(token, key) for key in self._api_keys)
+        # compare_digest against every key, no short cut: the time taken tells nothing
+        # about which key, or how much of one, was guessed.
+        matches = [hmac.compare_digest(token, key) for key in self._api_keys]
+        return any(matches)
 
     def _sweep(self) -> None:
         """Enforce every connection's timeouts: one timer for the router, none per request."""
@@ -225,7 +227,7 @@ def _auto_max_connections() -> int:
 _UNAUTHORIZED = "missing or invalid API key: send 'Authorization: Bearer <key>'"
 
 
-async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
+async def serve(config: Config) -> None:
     """Run the router until SIGTERM or SIGINT, then shut down gracefully."""
     loop = asyncio.get_running_loop()
     demo_servers = []
@@ -239,8 +241,6 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if ready is not None:
-        ready.set()
     await stop.wait()
     log.info("shutting down")
     await router.shutdown()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import platform
@@ -176,11 +177,13 @@ class Bench:
             )
         )
         figures[f"stream{tokens}_ttft_s"] = _median(timing.ttft_s)
-        figures[f"stream{tokens}_offsets"] = (
-            [statistics.median(column) for column in zip(*timing.offsets, strict=False)]
-            if timing.offsets
-            else []
+        gaps = sorted(
+            later - earlier
+            for offsets in timing.offsets
+            for earlier, later in itertools.pairwise(offsets[1:-1])
         )
+        figures[f"stream{tokens}_gap_p50_s"] = gaps[len(gaps) // 2] if gaps else math.nan
+        figures[f"stream{tokens}_gap_p99_s"] = gaps[int(len(gaps) * 0.99)] if gaps else math.nan
         figures[f"stream{tokens}_failed"] = timing.failed
         print(
             f"   stream {tokens}: {_fmt(figures.get(f'stream{tokens}_eps'))} events/s, "
@@ -316,7 +319,7 @@ class Bench:
                 "",
                 "| peer | tokens | events/s | x direct | CPU per event | x nginx | TTFT | "
                 "TTFT added | event gap p50 | event gap p99 |",
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             ]
             for tokens in (64, 512):
                 key = f"stream{tokens}"

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
+import os
 import signal
 from urllib.parse import unquote
 
 import strategies
 from lmproxy import api
 from lmproxy.config import Config, ConfigError
-from lmproxy.errors import json_response
+from lmproxy.errors import json_response, status_line
 from lmproxy.health import HealthChecker
+from lmproxy.metrics import CONTENT_TYPE, Metrics
 from lmproxy.proxy import Journey
 from lmproxy.registry import Registry
 from lmproxy.request import MODEL_PATHS
@@ -33,7 +36,7 @@ MIN_SWEEP_S = 0.05
 MAX_SWEEP_S = 1.0
 NOT_FOUND_HINT = (
     "the router serves /v1/... (OpenAI API), /chat/completions, /completions, "
-    "/models, /health, /services and /stats"
+    "/models, /health, /services, /stats and /metrics"
 )
 
 
@@ -54,6 +57,10 @@ class Router:
             for model, settings in config.models.items()
         }
         self.checker = HealthChecker(self.registry, config.health_interval, config.health_timeout)
+        self.metrics = Metrics(self.registry)
+        # Request ids: a random prefix per process and a counter, cheaper than uuid4.
+        self._id_prefix = os.urandom(4).hex().encode()
+        self._ids = itertools.count(1)
         self.connections: set[ClientConnection] = set()
         self.server: asyncio.Server | None = None
         self.draining = False
@@ -128,6 +135,9 @@ class Router:
 
     def _dispatch(self, client: ClientConnection, request: ClientRequest) -> None:
         path = request.path
+        if path == b"/metrics":
+            self._serve_metrics(client, request)
+            return
         handler = api.ROUTES.get(path)
         if handler is None and path.startswith(b"/v1/models/"):
             model_id = unquote(path[len(b"/v1/models/") :].decode("utf-8", "replace"))
@@ -158,10 +168,29 @@ class Router:
             request.keep_alive = False
         Journey(self, client, request).start()
 
+    def next_request_id(self) -> bytes:
+        return b"%s-%d" % (self._id_prefix, next(self._ids))
+
     def strategy_for(self, model: str | None) -> strategies.Strategy:
         if self.model_strategies and model is not None:
             return self.model_strategies.get(model, self.strategy)
         return self.strategy
+
+    def _serve_metrics(self, client: ClientConnection, request: ClientRequest) -> None:
+        if request.method not in LOCAL_METHODS:
+            client.respond_error(405, "/metrics only answers GET")
+            return
+        if not self._authorized(request):
+            client.respond_error(401, _UNAUTHORIZED)
+            return
+        body = self.metrics.render()
+        head = b"%sContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n" % (
+            status_line(200),
+            CONTENT_TYPE,
+            len(body),
+            b"" if request.keep_alive else b"Connection: close\r\n",
+        )
+        client.respond(head if request.method == b"HEAD" else head + body)
 
     def _authorized(self, request: ClientRequest) -> bool:
         if not self._api_keys:

@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help=f"log verbosity (default: {d.log_level})",
     )
+    g.add_argument(
+        "--access-log",
+        choices=["off", "text", "json"],
+        help=(
+            "one line per request (model, service, status, bytes, time to first byte, "
+            f"total time, request id) on stderr (default: {d.access_log})"
+        ),
+    )
     g = parser.add_argument_group("services")
     g.add_argument(
         "--backend",

@@ -99,6 +99,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections: int = 0  # 0: as many as the open-file limit allows
     api_keys: list[str] = []
     log_level: str = "info"
+    access_log: str = "off"
     demo: bool = False
 
     def validate(self) -> None:
@@ -124,6 +125,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         }.items():
             if value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        if self.access_log not in ("off", "text", "json"):
+            raise ConfigError(f"--access-log must be off, text or json, got {self.access_log!r}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be 0-65535, got {self.port}")
         names: set[str] = set()

@@ -79,8 +79,10 @@ def json_response(
     return head if head_only else head + body
 
 
-def error_response(status: int, message: str, keep_alive: bool = True) -> bytes:
-    return json_response(status, {"error": message}, keep_alive)
+def error_response(
+    status: int, message: str, keep_alive: bool = True, extra_headers: bytes = b""
+) -> bytes:
+    return json_response(status, {"error": message}, keep_alive, extra_headers)
 
 
 def sse_error_event(message: str) -> bytes:

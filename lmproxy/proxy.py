@@ -26,6 +26,7 @@ import time
 from typing import TYPE_CHECKING
 
 from lmproxy.errors import Fault, ProxyError, sse_error_event, status_line
+from lmproxy.metrics import log_access
 from lmproxy.request import MODEL_PATHS, RequestHead, RouteRequest, decode_head, with_model
 from lmproxy.upstream import LENGTH, NO_BODY, ConnectError, UpstreamConnection
 
@@ -53,6 +54,7 @@ HOP_BY_HOP = frozenset(
 # Request headers the router sets itself for the backend connection.
 REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 LARGE_BODY = 64 * 1024  # above this the body is written beside the head, not copied onto it
+TAIL_BYTES = 4096  # of a response kept for its usage object
 
 
 class Outcome(enum.Enum):
@@ -73,6 +75,9 @@ class Exchange:
         "_framing",
         "_out",
         "_sse",
+        "_tail",
+        "_tail_prev",
+        "bytes_out",
         "client",
         "conn",
         "head_sent",
@@ -118,6 +123,10 @@ class Exchange:
         self._chunked = False
         self._framing = NO_BODY
         self._sse = False
+        # The last two body pieces: where the backend's usage object is, for metrics.
+        self._tail = b""
+        self._tail_prev = b""
+        self.bytes_out = 0
 
     # --- Sink: called by the upstream connection --------------------------------
 
@@ -151,11 +160,15 @@ class Exchange:
             out.append(b"Transfer-Encoding: chunked\r\n")
         if not keep_alive:
             out.append(b"Connection: close\r\n")
+        if self.journey.request_id_made:
+            out.append(b"X-Request-ID: %s\r\n" % self.journey.request_id)
         out.append(b"\r\n")
         self._out.append(b"".join(out))
         self.head_sent = True
 
     def on_body(self, piece: bytes) -> None:
+        self._tail_prev = self._tail
+        self._tail = piece
         if self._chunked:
             self._out += (b"%x\r\n" % len(piece), piece, b"\r\n")
         else:
@@ -164,7 +177,9 @@ class Exchange:
     def flush(self) -> None:
         out = self._out
         if out:
-            self.client.write(out[0] if len(out) == 1 else b"".join(out))
+            data = out[0] if len(out) == 1 else b"".join(out)
+            self.bytes_out += len(data)
+            self.client.write(data)
             out.clear()
 
     def on_complete(self, reusable: bool) -> None:
@@ -199,6 +214,14 @@ class Exchange:
         # Time spent waiting on a slow client is not the backend's silence.
         self.conn.last_activity = self.loop.time()
         self.conn.resume_reading()
+
+    @property
+    def tail(self) -> bytes:
+        """The response's last bytes (at most TAIL_BYTES): where ``usage`` is."""
+        last = self._tail
+        if len(last) >= TAIL_BYTES:
+            return last[-TAIL_BYTES:]
+        return self._tail_prev[-(TAIL_BYTES - len(last)) :] + last
 
     def check_timeout(self, now: float) -> None:
         """Called by the router's sweep: give up on a silent backend."""
@@ -291,10 +314,12 @@ def _candidates(router: Router, route: RouteRequest) -> list[Service]:
     raise ProxyError(Fault.NOT_FOUND, f"model {model!r} not found; available models: {models}")
 
 
-def _request_data(service: Service, request: ClientRequest, body: bytes) -> list[bytes]:
+def _request_data(
+    service: Service, request: ClientRequest, body: bytes, extra: bytes = b""
+) -> list[bytes]:
     lines = [
-        b"%s %s%s HTTP/1.1\r\nHost: %s\r\n"
-        % (request.method, service.path_prefix, request.target, service.host_header)
+        b"%s %s%s HTTP/1.1\r\nHost: %s\r\n%s"
+        % (request.method, service.path_prefix, request.target, service.host_header, extra)
     ]
     for name, value in request.headers:
         if name not in REQUEST_DROP:
@@ -316,6 +341,8 @@ class Journey:
         "failures",
         "last_error",
         "request",
+        "request_id",
+        "request_id_made",
         "route",
         "router",
         "strategy",
@@ -329,6 +356,9 @@ class Journey:
         self.route: RouteRequest | None = None
         self.strategy = router.strategy
         self.tried: list[Service] = []
+        given = request.header(b"x-request-id")
+        self.request_id_made = not given
+        self.request_id = given or router.next_request_id()
         self.failures = 0
         self.last_error: ProxyError | None = None
 
@@ -374,6 +404,7 @@ class Journey:
         except ConnectError as exc:
             self.client.task = None
             self.router.registry.request_failed(service, str(exc))
+            self.router.metrics.failed(service, "connect")
             self._retry(
                 service,
                 ProxyError(
@@ -391,11 +422,15 @@ class Journey:
         route = self.route
         assert route is not None
         request = self.request
-        exchange = Exchange(self, conn, service, self.router.config.request_timeout)
+        router = self.router
+        exchange = Exchange(self, conn, service, router.config.request_timeout)
         self.client.exchange = exchange
         service.in_flight += 1
         self.strategy.on_start(service, route)
-        conn.send(exchange, _request_data(service, request, route.body), request.method == b"HEAD")
+        extra = b"X-Request-ID: %s\r\n" % self.request_id if self.request_id_made else b""
+        data = _request_data(service, request, route.body, extra)
+        router.metrics.added.observe(time.perf_counter() - request.received_at)
+        conn.send(exchange, data, request.method == b"HEAD")
         if self.client.write_paused:
             exchange.pause()
 
@@ -419,7 +454,12 @@ class Journey:
         route = self.route
         registry = self.router.registry
         outcome = exchange.outcome
+        metrics = self.router.metrics
         if outcome is Outcome.DONE:
+            metrics.finished(
+                service, route.model, exchange.status, latency_s, exchange.ttfb_s, exchange.tail
+            )
+            self._log(service.name, exchange.status, exchange.bytes_out, exchange.ttfb_s)
             service.request_count += 1
             service.latencies.append(latency_s)
             if exchange.status >= 500 or exchange.status == 429:
@@ -434,9 +474,11 @@ class Journey:
             client.response_done()
             return
         if outcome is Outcome.CLIENT_GONE:
+            self._log(service.name, 499, exchange.bytes_out, exchange.ttfb_s)
             service.request_count += 1
             strategy.on_end(service, route, latency_s, True)
             return
+        metrics.failed(service, outcome.value)
         strategy.on_end(service, route, latency_s, False)
         if outcome is Outcome.STALE:
             # Not the service's fault: its keep-alive timer beat ours. Retry anywhere.
@@ -464,7 +506,8 @@ class Journey:
                     "(--request-timeout)",
                 )
             )
-        # CUT: the client already has the error event and a closed connection.
+        else:  # CUT: the client already has the error event and a closed connection.
+            self._log(service.name, exchange.status, exchange.bytes_out, exchange.ttfb_s)
 
     def _retry(self, failed: Service | None, error: ProxyError) -> None:
         """Try another service (any service, if ``failed`` is None), within --retries."""
@@ -478,5 +521,24 @@ class Journey:
             self._attempt()
 
     def _fail(self, error: ProxyError) -> None:
+        self._log("", error.status, 0, 0.0)
         if not self.client.closing:
-            self.client.respond_error(error.status, error.message)
+            extra = b"X-Request-ID: %s\r\n" % self.request_id if self.request_id_made else b""
+            self.client.respond_error(error.status, error.message, extra)
+
+    def _log(self, service: str, status: int, bytes_out: int, ttfb_s: float) -> None:
+        style = self.router.config.access_log
+        if style != "off":
+            request = self.request
+            log_access(
+                style,
+                self.request_id,
+                request.method,
+                request.path,
+                self.route.model if self.route else None,
+                service,
+                status,
+                bytes_out,
+                ttfb_s,
+                time.perf_counter() - request.received_at,
+            )

@@ -15,6 +15,7 @@ connections whose deadline has passed.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,7 @@ class ClientRequest:
         "keep_alive",
         "method",
         "path",
+        "received_at",
         "target",
     )
 
@@ -64,6 +66,7 @@ class ClientRequest:
         self.http_minor = 1
         self.is_json = False
         self.expect_continue = False
+        self.received_at = 0.0
 
     def header(self, name: bytes) -> bytes | None:
         return find_header(self.headers, name)
@@ -240,6 +243,7 @@ class ClientConnection(asyncio.Protocol):
         parts = request.body_parts
         request.body = parts[0] if len(parts) == 1 else b"".join(parts)
         request.body_parts = []
+        request.received_at = time.perf_counter()
         self._queue.append(request)
         if self.current is None:
             self._next()
@@ -258,9 +262,9 @@ class ClientConnection(asyncio.Protocol):
         self.write(data)
         self.response_done()
 
-    def respond_error(self, status: int, message: str) -> None:
+    def respond_error(self, status: int, message: str, extra_headers: bytes = b"") -> None:
         keep_alive = self.current is not None and self.current.keep_alive
-        self.write(error_response(status, message, keep_alive))
+        self.write(error_response(status, message, keep_alive, extra_headers))
         if not keep_alive:
             self.current = None
             self.close()

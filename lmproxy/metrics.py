@@ -1,25 +1,32 @@
 """Prometheus metrics (``GET /metrics``) and the access log.
 
 The request path pays only for what cannot be known later: one call per
-finished request, with label children cached per (service, model) so no label
-lookup happens per request. Figures the registry already keeps (in-flight
-requests, health) are read at scrape time by a collector, at no cost per
-request. Token counts come from the ``usage`` object the backend sends last; it
+finished request, which adds to plain ints and bucket lists (a bisect each);
+prometheus_client renders them when ``/metrics`` is scraped. Figures the
+registry already keeps (in-flight requests, health) are read at scrape time,
+at no cost per request. Token counts come from the ``usage`` object the backend sends last; it
 is found in the response's final bytes with a regular expression, so streamed
 tokens are never parsed.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
 import re
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
@@ -29,7 +36,6 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 ADDED_BUCKETS_S = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
 _STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
-_USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
@@ -38,10 +44,8 @@ access_log = logging.getLogger("lmproxy.access")
 
 def usage_tokens(tail: bytes) -> tuple[int, int] | None:
     """(prompt, completion) tokens of the last ``usage`` object in ``tail``, if any."""
-    start = None
-    for match in _USAGE.finditer(tail):
-        start = match.end()
-    if start is None:
+    start = tail.rfind(b'"usage"')
+    if start < 0:
         return None
     window = tail[start : start + 512]
     prompt = _PROMPT.search(window)
@@ -52,13 +56,129 @@ def usage_tokens(tail: bytes) -> tuple[int, int] | None:
     )
 
 
-class _Live:
-    """Read at scrape time from the registry: in-flight requests and health."""
+class _Histogram:
+    """Bucket counts kept as plain ints: one bisect per observation (a prometheus_client
+    Histogram takes a lock and walks its buckets in Python, several microseconds)."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        cumulative, out = 0, []
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
+            cumulative += count
+            out.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
+        return out
+
+
+class _Figures:
+    """One (service, model)'s counters and histograms."""
+
+    __slots__ = ("by_status", "completion", "duration", "prompt", "ttfb")
+
+    def __init__(self) -> None:
+        self.by_status = dict.fromkeys(_STATUS_CLASS.values(), 0)
+        self.duration = _Histogram(LATENCY_BUCKETS_S)
+        self.ttfb = _Histogram(LATENCY_BUCKETS_S)
+        self.prompt = 0
+        self.completion = 0
+
+
+class Metrics:
+    """Figures kept as plain numbers on the request path; turned into Prometheus
+    families by ``collect`` when scraped, and rendered by prometheus_client."""
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
+        self._figures: dict[tuple[str, str], _Figures] = {}
+        self._errors: dict[tuple[str, str], int] = {}
+        self.added = _Histogram(ADDED_BUCKETS_S)
+        self.prometheus = CollectorRegistry(auto_describe=False)
+        self.prometheus.register(self)
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def finished(
+        self,
+        service: Service,
+        model: str | None,
+        status: int,
+        duration_s: float,
+        ttfb_s: float,
+        tail: bytes,
+    ) -> None:
+        key = (service.name, model or "")
+        figures = self._figures.get(key)
+        if figures is None:
+            figures = self._figures[key] = _Figures()
+        figures.duration.observe(duration_s)
+        figures.ttfb.observe(ttfb_s)
+        figures.by_status[_STATUS_CLASS.get(status // 100, "5xx")] += 1
+        if status >= 500 or status == 429:
+            self.failed(service, f"status_{status}")
+        if tail:
+            tokens = usage_tokens(tail)
+            if tokens:
+                figures.prompt += tokens[0]
+                figures.completion += tokens[1]
+
+    def failed(self, service: Service, kind: str) -> None:
+        key = (service.name, kind)
+        self._errors[key] = self._errors.get(key, 0) + 1
+
+    def render(self) -> bytes:
+        return generate_latest(self.prometheus)
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "lmproxy_requests",
+            "Proxied requests, by service, model and status class",
+            labels=["service", "model", "status"],
+        )
+        duration = HistogramMetricFamily(
+            "lmproxy_request_duration_seconds",
+            "Request duration, to the response's last byte",
+            labels=["service", "model"],
+        )
+        ttfb = HistogramMetricFamily(
+            "lmproxy_time_to_first_byte_seconds",
+            "From the request sent to the response head",
+            labels=["service", "model"],
+        )
+        tokens = CounterMetricFamily(
+            "lmproxy_tokens",
+            "Tokens, from the backends' usage objects",
+            labels=["service", "model", "kind"],
+        )
+        for (service, model), figures in self._figures.items():
+            for status, count in figures.by_status.items():
+                if count:
+                    requests.add_metric([service, model, status], count)
+            duration.add_metric(
+                [service, model], figures.duration.buckets(), figures.duration.total
+            )
+            ttfb.add_metric([service, model], figures.ttfb.buckets(), figures.ttfb.total)
+            tokens.add_metric([service, model, "prompt"], figures.prompt)
+            tokens.add_metric([service, model, "completion"], figures.completion)
+        errors = CounterMetricFamily(
+            "lmproxy_errors",
+            "Failed requests, by service and kind of failure",
+            labels=["service", "kind"],
+        )
+        for (service, kind), count in self._errors.items():
+            errors.add_metric([service, kind], count)
+        added = HistogramMetricFamily(
+            "lmproxy_added_latency_seconds",
+            "Time the router itself adds before the backend sees a request "
+            "(from the request's last byte to the send)",
+        )
+        added.add_metric([], self.added.buckets(), self.added.total)
         in_flight = GaugeMetricFamily(
             "lmproxy_in_flight_requests", "Requests under way, per service", labels=["service"]
         )
@@ -70,95 +190,7 @@ class _Live:
         for service in self.registry.services.values():
             in_flight.add_metric([service.name], service.in_flight)
             healthy.add_metric([service.name], 1 if service.healthy else 0)
-        yield in_flight
-        yield healthy
-
-
-class Metrics:
-    def __init__(self, registry: Registry) -> None:
-        self.prometheus = CollectorRegistry(auto_describe=False)
-        r = self.prometheus
-        self.requests = Counter(
-            "lmproxy_requests",
-            "Proxied requests, by service, model and status class",
-            ["service", "model", "status"],
-            registry=r,
-        )
-        self.errors = Counter(
-            "lmproxy_errors",
-            "Failed requests, by service and kind of failure",
-            ["service", "kind"],
-            registry=r,
-        )
-        self.duration = Histogram(
-            "lmproxy_request_duration_seconds",
-            "Request duration, to the response's last byte",
-            ["service", "model"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
-        )
-        self.ttfb = Histogram(
-            "lmproxy_time_to_first_byte_seconds",
-            "From the request sent to the response head",
-            ["service", "model"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
-        )
-        self.tokens = Counter(
-            "lmproxy_tokens",
-            "Tokens, from the backends' usage objects",
-            ["service", "model", "kind"],
-            registry=r,
-        )
-        self.added = Histogram(
-            "lmproxy_added_latency_seconds",
-            "Time the router itself adds before the backend sees a request "
-            "(from the request's last byte to the send)",
-            buckets=ADDED_BUCKETS_S,
-            registry=r,
-        )
-        r.register(_Live(registry))
-        self._children: dict[tuple[str, str], tuple] = {}
-
-    def _for(self, service: Service, model: str) -> tuple:
-        key = (service.name, model)
-        children = self._children.get(key)
-        if children is None:
-            children = self._children[key] = (
-                self.duration.labels(service.name, model),
-                self.ttfb.labels(service.name, model),
-                {c: self.requests.labels(service.name, model, c) for c in _STATUS_CLASS.values()},
-                self.tokens.labels(service.name, model, "prompt"),
-                self.tokens.labels(service.name, model, "completion"),
-            )
-        return children
-
-    def finished(
-        self,
-        service: Service,
-        model: str | None,
-        status: int,
-        duration_s: float,
-        ttfb_s: float,
-        tail: bytes,
-    ) -> None:
-        duration, ttfb, by_status, prompt, completion = self._for(service, model or "")
-        duration.observe(duration_s)
-        ttfb.observe(ttfb_s)
-        by_status[_STATUS_CLASS.get(status // 100, "5xx")].inc()
-        if status >= 500 or status == 429:
-            self.errors.labels(service.name, f"status_{status}").inc()
-        if tail:
-            tokens = usage_tokens(tail)
-            if tokens:
-                prompt.inc(tokens[0])
-                completion.inc(tokens[1])
-
-    def failed(self, service: Service, kind: str) -> None:
-        self.errors.labels(service.name, kind).inc()
-
-    def render(self) -> bytes:
-        return generate_latest(self.prometheus)
+        yield from (requests, errors, duration, ttfb, tokens, added, in_flight, healthy)
 
 
 _encode = msgspec.json.Encoder().encode

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from strategies import BaseStrategy, Option
+from strategies.least_outstanding import LeastOutstanding
 from strategies.prompt import block_hashes, prompt_bytes
 
 if TYPE_CHECKING:
@@ -48,7 +49,8 @@ class CacheAware(BaseStrategy):
         if self.opt["block_bytes"] < 1 or self.opt["max_prefix_bytes"] < self.opt["block_bytes"]:
             raise ValueError("block_bytes must be >= 1 and max_prefix_bytes >= block_bytes")
         self._trees: dict[str, OrderedDict[int, None]] = {}
-        self._cursor = 0
+        # Misses, and hits that yield, are balanced exactly as least-outstanding does.
+        self._balance = LeastOutstanding()
 
     def match(self, service: Service, hashes: list[int]) -> int:
         """How many leading blocks of the prompt the service has seen."""
@@ -67,7 +69,7 @@ class CacheAware(BaseStrategy):
             prompt_bytes(request), self.opt["block_bytes"], self.opt["max_prefix_bytes"]
         )
         request.memo = hashes
-        least = self._least_loaded(candidates)
+        least = self._balance.choose(candidates, request)
         if len(candidates) == 1 or not hashes:
             return least
         best, best_match = least, 0
@@ -99,14 +101,3 @@ class CacheAware(BaseStrategy):
         limit = self.opt["max_entries"]
         while len(tree) > limit:
             tree.popitem(last=False)
-
-    def _least_loaded(self, candidates: Sequence[Service]) -> Service:
-        n = len(candidates)
-        start = self._cursor % n
-        self._cursor += 1
-        best = candidates[start]
-        for i in range(1, n):
-            service = candidates[(start + i) % n]
-            if service.in_flight < best.in_flight:
-                best = service
-        return best

@@ -228,65 +228,52 @@ class _VenvPeer(Peer):
         return None
 
 
-class VllmRouter(_VenvPeer):
+class _RustRouter(_VenvPeer):
+    """vllm-router and sglang-router share their command line (sglang-router's is a
+    fork of it), but for a subcommand and the spelling of the warning log level."""
+
+    subcommand: tuple[str, ...] = ()
+    warn_level = "warning"
+
+    def start(self, backends: list[int], cpus: str) -> Running:
+        workdir = tempfile.mkdtemp(prefix=f"bench-{self.name}-")
+        port = free_port()
+        argv = [
+            str(self.binary()),
+            *self.subcommand,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--worker-urls",
+            *[f"http://127.0.0.1:{p}" for p in backends],
+            "--policy",
+            "round_robin",
+            # No admission limits of their own: the benchmark measures the proxying.
+            "--max-concurrent-requests",
+            "100000",
+            "--queue-size",
+            "100000",
+            "--prometheus-port",
+            str(free_port()),
+            "--log-level",
+            self.warn_level,
+        ]
+        return _launch(self.name, argv, cpus, port, workdir)
+
+
+class VllmRouter(_RustRouter):
     name = "vllm-router"
     about = "vllm-router (Rust), round_robin"
     executable = "vllm-router"
 
-    def start(self, backends: list[int], cpus: str) -> Running:
-        workdir = tempfile.mkdtemp(prefix="bench-vllm-router-")
-        port = free_port()
-        argv = [
-            str(self.binary()),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--worker-urls",
-            *[f"http://127.0.0.1:{p}" for p in backends],
-            "--policy",
-            "round_robin",
-            "--max-concurrent-requests",
-            "100000",
-            "--queue-size",
-            "100000",
-            "--prometheus-port",
-            str(free_port()),
-            "--log-level",
-            "warning",
-        ]
-        return _launch(self.name, argv, cpus, port, workdir)
 
-
-class SglangRouter(_VenvPeer):
+class SglangRouter(_RustRouter):
     name = "sglang-router"
     about = "sglang-router (Rust), round_robin"
     executable = "sglang-router"
-
-    def start(self, backends: list[int], cpus: str) -> Running:
-        workdir = tempfile.mkdtemp(prefix="bench-sglang-router-")
-        port = free_port()
-        argv = [
-            str(self.binary()),
-            "launch",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--worker-urls",
-            *[f"http://127.0.0.1:{p}" for p in backends],
-            "--policy",
-            "round_robin",
-            "--max-concurrent-requests",
-            "100000",
-            "--queue-size",
-            "100000",
-            "--prometheus-port",
-            str(free_port()),
-            "--log-level",
-            "warn",
-        ]
-        return _launch(self.name, argv, cpus, port, workdir)
+    subcommand = ("launch",)
+    warn_level = "warn"
 
 
 class Litellm(_VenvPeer):

@@ -54,8 +54,9 @@ def models(router: Router) -> Payload:
 
 
 def model(router: Router, model_id: str) -> Payload:
-    if model_id not in router.registry.healthy_models():
-        available = ", ".join(router.registry.healthy_models()) or "none"
+    served = router.registry.healthy_models()
+    if model_id not in served:
+        available = ", ".join(served) or "none"
         return 404, {"error": f"model {model_id!r} not found; available models: {available}"}
     return 200, _model_object(router, model_id)
 

@@ -135,19 +135,19 @@ class Router:
 
     def _dispatch(self, client: ClientConnection, request: ClientRequest) -> None:
         path = request.path
-        if path == b"/metrics":
-            self._serve_metrics(client, request)
-            return
         handler = api.ROUTES.get(path)
         if handler is None and path.startswith(b"/v1/models/"):
             model_id = unquote(path[len(b"/v1/models/") :].decode("utf-8", "replace"))
             handler = lambda router: api.model(router, model_id)  # noqa: E731
-        if handler is not None:
+        if handler is not None or path == b"/metrics":
             if request.method not in LOCAL_METHODS:
                 client.respond_error(405, f"{path.decode()} only answers GET")
                 return
             if path not in api.OPEN_PATHS and not self._authorized(request):
                 client.respond_error(401, _UNAUTHORIZED)
+                return
+            if handler is None:
+                client.respond(self._metrics_response(request))
                 return
             status, payload = handler(self)
             client.respond(
@@ -176,13 +176,8 @@ class Router:
             return self.model_strategies.get(model, self.strategy)
         return self.strategy
 
-    def _serve_metrics(self, client: ClientConnection, request: ClientRequest) -> None:
-        if request.method not in LOCAL_METHODS:
-            client.respond_error(405, "/metrics only answers GET")
-            return
-        if not self._authorized(request):
-            client.respond_error(401, _UNAUTHORIZED)
-            return
+    def _metrics_response(self, request: ClientRequest) -> bytes:
+        """/metrics in the Prometheus text format (not JSON, unlike the other endpoints)."""
         body = self.metrics.render()
         head = b"%sContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n" % (
             status_line(200),
@@ -190,7 +185,7 @@ class Router:
             len(body),
             b"" if request.keep_alive else b"Connection: close\r\n",
         )
-        client.respond(head if request.method == b"HEAD" else head + body)
+        return head if request.method == b"HEAD" else head + body
 
     def _authorized(self, request: ClientRequest) -> bool:
         if not self._api_keys:

@@ -60,9 +60,6 @@ class HealthChecker:
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         self._tasks.clear()
 
-    async def check_all(self) -> None:
-        await asyncio.gather(*(self.check(s) for s in self.registry.services.values()))
-
     async def _loop(self, service: Service) -> None:
         while True:
             await self.check(service)

@@ -160,8 +160,8 @@ class Exchange:
             out.append(b"Transfer-Encoding: chunked\r\n")
         if not keep_alive:
             out.append(b"Connection: close\r\n")
-        if self.journey.request_id_made:
-            out.append(b"X-Request-ID: %s\r\n" % self.journey.request_id)
+        if self.journey.id_header:
+            out.append(self.journey.id_header)
         out.append(b"\r\n")
         self._out.append(b"".join(out))
         self.head_sent = True
@@ -339,10 +339,10 @@ class Journey:
     __slots__ = (
         "client",
         "failures",
+        "id_header",
         "last_error",
         "request",
         "request_id",
-        "request_id_made",
         "route",
         "router",
         "strategy",
@@ -357,8 +357,9 @@ class Journey:
         self.strategy = router.strategy
         self.tried: list[Service] = []
         given = request.header(b"x-request-id")
-        self.request_id_made = not given
         self.request_id = given or router.next_request_id()
+        # A made id travels as a header to the backend and back to the client.
+        self.id_header = b"" if given else b"X-Request-ID: %s\r\n" % self.request_id
         self.failures = 0
         self.last_error: ProxyError | None = None
 
@@ -427,8 +428,7 @@ class Journey:
         self.client.exchange = exchange
         service.in_flight += 1
         self.strategy.on_start(service, route)
-        extra = b"X-Request-ID: %s\r\n" % self.request_id if self.request_id_made else b""
-        data = _request_data(service, request, route.body, extra)
+        data = _request_data(service, request, route.body, self.id_header)
         router.metrics.added.observe(time.perf_counter() - request.received_at)
         conn.send(exchange, data, request.method == b"HEAD")
         if self.client.write_paused:
@@ -523,8 +523,7 @@ class Journey:
     def _fail(self, error: ProxyError) -> None:
         self._log("", error.status, 0, 0.0)
         if not self.client.closing:
-            extra = b"X-Request-ID: %s\r\n" % self.request_id if self.request_id_made else b""
-            self.client.respond_error(error.status, error.message, extra)
+            self.client.respond_error(error.status, error.message, self.id_header)
 
     def _log(self, service: str, status: int, bytes_out: int, ttfb_s: float) -> None:
         style = self.router.config.access_log

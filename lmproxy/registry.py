@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from lmproxy.config import ServiceSpec
@@ -135,16 +136,10 @@ class Registry:
 
     def served_models(self) -> list[str]:
         """Models some service currently lists, healthy or not, in first-seen order."""
-        seen: dict[str, None] = {}
-        for service in self.services.values():
-            seen.update(dict.fromkeys(service.models))
-        return list(seen)
+        return _models_of(self.services.values())
 
     def healthy_models(self) -> list[str]:
-        seen: dict[str, None] = {}
-        for service in self._healthy:
-            seen.update(dict.fromkeys(service.models))
-        return list(seen)
+        return _models_of(self._healthy)
 
     # --- health ---------------------------------------------------------------
 
@@ -205,3 +200,11 @@ class Registry:
     def _changed(self) -> None:
         self._healthy = [s for s in self.services.values() if s.healthy]
         self._candidates.clear()
+
+
+def _models_of(services: Iterable[Service]) -> list[str]:
+    """The de-duplicated models of ``services``, in first-seen order."""
+    seen: dict[str, None] = {}
+    for service in services:
+        seen.update(dict.fromkeys(service.models))
+    return list(seen)

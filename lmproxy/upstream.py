@@ -288,10 +288,6 @@ class Pool:
         self.loop = asyncio.get_running_loop()
         self._idle: deque[UpstreamConnection] = deque()
 
-    @property
-    def idle_count(self) -> int:
-        return len(self._idle)
-
     def take_idle(self) -> UpstreamConnection | None:
         """A pooled connection ready for a request, or None (then ``connect``)."""
         idle = self._idle

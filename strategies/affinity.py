@@ -51,9 +51,6 @@ class Ring:
             seen.setdefault(self.owners[(start + step) % n], None)
         return list(seen)
 
-    def owner(self, key_hash: int) -> int:
-        return self.owners[bisect.bisect(self.hashes, key_hash) % len(self.owners)]
-
 
 class Affinity(BaseStrategy):
     summary = "consistent hashing of the session or prompt opening, with bounded loads"

@@ -142,3 +142,37 @@ def test_client_hang_up_reaches_the_backend_within_100ms(spawn):
     hung_up = time.time()
     wait_until(lambda: backend.stats()["client_disconnects"] == 1, 5, "the backend to see it")
     assert backend.stats()["last_disconnect_at"] - hung_up < 0.1
+
+
+def test_connect_timeout_gives_502_without_waiting_for_the_request_timeout(spawn):
+    port = free_port()
+    backend = spawn(Mock, "blackhole", ["Qwen3-32B"], port=port)
+    router = spawn(
+        Router,
+        "--backend",
+        backend.backend_arg(),
+        "--health-interval",
+        "60",
+        "--connect-timeout",
+        "0.5",
+        "--request-timeout",
+        "30",
+    )
+    router.wait_healthy(1)
+    backend.kill()
+    # A listener that never accepts, its one-place backlog filled: SYNs go unanswered.
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(0)
+    filler = socket.create_connection(("127.0.0.1", port), timeout=2)
+    try:
+        started = time.monotonic()
+        resp = router.post("/v1/chat/completions", chat_body())
+        elapsed = time.monotonic() - started
+    finally:
+        filler.close()
+        listener.close()
+    assert resp.status == 502, resp
+    assert "timed out after 0.5s" in resp.json()["error"]
+    assert 0.4 < elapsed < 10  # (retries: at most 1 + --retries connect attempts)

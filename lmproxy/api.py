@@ -69,6 +69,8 @@ def services(router: Router) -> Payload:
             "healthy": s.healthy,
             "models": list(s.models),
             "weight": s.weight,
+            "max_in_flight": s.spec.max_in_flight,
+            "origin": s.origin,
         }
         for s in router.registry.services.values()
     ]
@@ -85,6 +87,7 @@ def stats(router: Router) -> Payload:
             "error_count": s.error_count,
             "response_time": round(s.mean_latency_s, 6),
             "in_flight": s.in_flight,
+            "max_in_flight": s.spec.max_in_flight,
             "last_check": _iso(s.last_check),
             "last_error": s.last_error or None,
         }
@@ -93,6 +96,7 @@ def stats(router: Router) -> Payload:
     return 200, {
         "total_services": len(listed),
         "healthy_services": len(registry.healthy()),
+        "queue_length": router.queue_length,
         "services": listed,
     }
 

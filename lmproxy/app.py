@@ -8,24 +8,31 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import itertools
 import logging
 import os
 import signal
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 import strategies
 from lmproxy import api
-from lmproxy.config import Config, ConfigError
-from lmproxy.errors import json_response, status_line
-from lmproxy.health import HealthChecker
+from lmproxy.admission import AdmissionQueue
+from lmproxy.config import Config, ConfigError, ServiceSpec
+from lmproxy.errors import http_response, json_response
+from lmproxy.fleet import Fleet
 from lmproxy.metrics import CONTENT_TYPE, Metrics
 from lmproxy.proxy import Journey
-from lmproxy.registry import Registry
+from lmproxy.registry import Registry, Service
 from lmproxy.request import MODEL_PATHS
 from lmproxy.server import ClientConnection, ClientRequest
 from lmproxy.system import raise_open_file_limit
 from lmproxy.upstream import Pool
+
+if TYPE_CHECKING:
+    from lmproxy.worker import SupervisorLink
 
 log = logging.getLogger("lmproxy")
 
@@ -41,23 +48,24 @@ NOT_FOUND_HINT = (
 
 
 class Router:
-    def __init__(self, config: Config) -> None:
+    """One serving process: the whole router, or one of ``--workers`` N.
+
+    A worker has no fleet of its own: ``link`` mirrors the supervisor's registry
+    into it and carries what must be answered for the whole router (/stats,
+    /metrics, the admin API) to the supervisor.
+    """
+
+    def __init__(self, config: Config, link: SupervisorLink | None = None) -> None:
         self.config = config
         self.loop = asyncio.get_running_loop()
-        self.registry = Registry(max_errors=config.max_errors)
-        self.strategy = strategies.load(config.strategy, config.strategy_options)
-        # Models with a strategy of their own; every other model uses self.strategy.
-        self.model_strategies = {
-            model: strategies.load(
-                settings.strategy or config.strategy,
-                settings.strategy_options
-                if settings.strategy or settings.strategy_options
-                else config.strategy_options,
-            )
-            for model, settings in config.models.items()
-        }
-        self.checker = HealthChecker(self.registry, config.health_interval, config.health_timeout)
-        self.metrics = Metrics(self.registry)
+        self.link = link
+        self.registry = Registry(max_errors=config.max_errors, make_pool=self._make_pool)
+        if link is not None:
+            self.registry.limit_share = link.workers
+        self.strategy, self.model_strategies = _load_strategies(config)
+        self.fleet = Fleet(self.registry, config) if link is None else None
+        self.admission = AdmissionQueue(self.registry, config.queue_timeout)
+        self.metrics = Metrics(self.registry, lambda: len(self.admission))
         # Request ids: a random prefix per process and a counter, cheaper than uuid4.
         self._id_prefix = os.urandom(4).hex().encode()
         self._ids = itertools.count(1)
@@ -76,16 +84,18 @@ class Router:
             ),
         )
         self._api_keys = [k.encode() for k in config.api_keys]
+        self._admin_token = config.admin_token.encode() if config.admin_token else None
         self.max_connections = config.max_connections or _auto_max_connections()
-        for spec in config.services:
-            service = self.registry.add(spec)
-            service.pool = Pool(
-                service.host,
-                service.port,
-                max_idle=config.pool_max_idle,
-                idle_timeout_s=config.pool_idle_timeout,
-                connect_timeout_s=config.connect_timeout,
-            )
+
+    def _make_pool(self, service: Service) -> Pool:
+        config = self.config
+        return Pool(
+            service.host,
+            service.port,
+            max_idle=config.pool_max_idle,
+            idle_timeout_s=config.pool_idle_timeout,
+            connect_timeout_s=config.connect_timeout,
+        )
 
     async def start(self) -> None:
         try:
@@ -94,6 +104,8 @@ class Router:
                 self.config.host,
                 self.config.port,
                 reuse_address=True,
+                # Workers share the port: the kernel spreads connections among them.
+                reuse_port=self.link is not None,
                 backlog=4096,
             )
         except OSError as exc:
@@ -101,8 +113,11 @@ class Router:
                 f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror or exc}"
             ) from None
         self.port = self.server.sockets[0].getsockname()[1]
-        self.checker.start()
+        if self.fleet is not None:
+            self.fleet.start()
         self._sweeper = self.loop.call_later(self.sweep_interval_s, self._sweep)
+        if self.link is not None:
+            return  # the supervisor reports the router as a whole
         log.info(
             "lmproxy listening on http://%s:%d (strategy %s, %d services, "
             "at most %d client connections)",
@@ -141,13 +156,28 @@ class Router:
             handler = lambda router: api.model(router, model_id)  # noqa: E731
         if handler is not None or path == b"/metrics":
             if request.method not in LOCAL_METHODS:
+                if path == b"/services":
+                    self._admin(client, request)
+                    return
                 client.respond_error(405, f"{path.decode()} only answers GET")
                 return
             if path not in api.OPEN_PATHS and not self._authorized(request):
                 client.respond_error(401, _UNAUTHORIZED)
                 return
+            if self.link is not None and path in self.link.WHOLE_ROUTER:
+                # Figures of the whole router: every worker's, gathered by the supervisor.
+                client.task = self.loop.create_task(self.link.answer(client, request))
+                return
             if handler is None:
-                client.respond(self._metrics_response(request))
+                client.respond(
+                    http_response(
+                        200,
+                        CONTENT_TYPE,
+                        self.metrics.render(),
+                        request.keep_alive,
+                        head_only=request.method == b"HEAD",
+                    )
+                )
                 return
             status, payload = handler(self)
             client.respond(
@@ -157,6 +187,9 @@ class Router:
             )
             return
         if not path.startswith(b"/v1/") and path not in MODEL_PATHS:
+            if path.startswith(b"/services/"):
+                self._admin(client, request)
+                return
             client.respond_error(
                 404, f"no route for {request.method.decode()} {path.decode()}; {NOT_FOUND_HINT}"
             )
@@ -168,6 +201,45 @@ class Router:
             request.keep_alive = False
         Journey(self, client, request).start()
 
+    def _admin(self, client: ClientConnection, request: ClientRequest) -> None:
+        """Registrations: with --admin-token, for its holders; without, for loopback only."""
+        if self._admin_token is not None:
+            if not _bearer_matches(request, [self._admin_token]):
+                client.respond_error(401, _ADMIN_UNAUTHORIZED)
+                return
+        elif not _is_loopback(client):
+            client.respond_error(403, _ADMIN_FORBIDDEN)
+            return
+        if self.link is not None:
+            client.task = self.loop.create_task(self.link.answer(client, request))
+            return
+        assert self.fleet is not None
+        status, payload = self.fleet.admin(request.method, request.path, request.body)
+        client.respond(json_response(status, payload, request.keep_alive))
+
+    @property
+    def queue_length(self) -> int:
+        return len(self.admission)
+
+    def apply(self, config: Config) -> None:
+        """A reloaded config: new strategy and settings; services through the fleet.
+
+        Requests under way keep the strategy they started with. Listening
+        address, workers and connection-pool settings need a restart.
+        """
+        old = self.config
+        for name in RESTART_ONLY:
+            if getattr(old, name) != getattr(config, name):
+                log.warning("reload: %s changed; it takes effect after a restart", name)
+        self.strategy, self.model_strategies = _load_strategies(config)
+        self.config = config
+        self.registry.max_errors = config.max_errors
+        self.admission.timeout_s = config.queue_timeout
+        self._api_keys = [k.encode() for k in config.api_keys]
+        self._admin_token = config.admin_token.encode() if config.admin_token else None
+        if self.fleet is not None:
+            self.fleet.apply_config(config)
+
     def next_request_id(self) -> bytes:
         return b"%s-%d" % (self._id_prefix, next(self._ids))
 
@@ -176,29 +248,8 @@ class Router:
             return self.model_strategies.get(model, self.strategy)
         return self.strategy
 
-    def _metrics_response(self, request: ClientRequest) -> bytes:
-        """/metrics in the Prometheus text format (not JSON, unlike the other endpoints)."""
-        body = self.metrics.render()
-        head = b"%sContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n" % (
-            status_line(200),
-            CONTENT_TYPE,
-            len(body),
-            b"" if request.keep_alive else b"Connection: close\r\n",
-        )
-        return head if request.method == b"HEAD" else head + body
-
     def _authorized(self, request: ClientRequest) -> bool:
-        if not self._api_keys:
-            return True
-        value = request.header(b"authorization") or b""
-        scheme, _, token = value.partition(b" ")
-        if scheme.lower() != b"bearer":
-            return False
-        token = token.strip()
-        # compare_digest against every key, no short cut: the time taken tells nothing
-        # about which key, or how much of one, was guessed.
-        matches = [hmac.compare_digest(token, key) for key in self._api_keys]
-        return any(matches)
+        return not self._api_keys or _bearer_matches(request, self._api_keys)
 
     def _sweep(self) -> None:
         """Enforce every connection's timeouts: one timer for the router, none per request."""
@@ -209,6 +260,8 @@ class Router:
             exchange = conn.exchange
             if exchange is not None:
                 exchange.check_timeout(now)
+        if self.admission.waiting:
+            self.admission.expire(now)
         self._sweeper = self.loop.call_later(self.sweep_interval_s, self._sweep)
 
     # --- shutdown ----------------------------------------------------------------
@@ -236,7 +289,8 @@ class Router:
                 conn.transport.abort()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        await self.checker.stop()
+        if self.fleet is not None:
+            await self.fleet.stop()
         for service in self.registry.services.values():
             if service.pool is not None:
                 service.pool.close()
@@ -248,26 +302,127 @@ def _auto_max_connections() -> int:
     return max(16, (raise_open_file_limit() - 256) // 2)
 
 
+def _load_strategies(
+    config: Config,
+) -> tuple[strategies.Strategy, dict[str, strategies.Strategy]]:
+    """The router's strategy, and the models' own (every other model uses the first)."""
+    default = strategies.load(config.strategy, config.strategy_options)
+    per_model = {
+        model: strategies.load(
+            settings.strategy or config.strategy,
+            settings.strategy_options
+            if settings.strategy or settings.strategy_options
+            else config.strategy_options,
+        )
+        for model, settings in config.models.items()
+    }
+    return default, per_model
+
+
+def _bearer_matches(request: ClientRequest, secrets: list[bytes]) -> bool:
+    value = request.header(b"authorization") or b""
+    scheme, _, token = value.partition(b" ")
+    if scheme.lower() != b"bearer":
+        return False
+    token = token.strip()
+    # compare_digest against every secret, no short cut: the time taken tells nothing
+    # about which one, or how much of one, was guessed.
+    matches = [hmac.compare_digest(token, secret) for secret in secrets]
+    return any(matches)
+
+
+def _is_loopback(client: ClientConnection) -> bool:
+    transport = client.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(peer[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+# Settings a reload cannot change in a running process.
+RESTART_ONLY = (
+    "host",
+    "port",
+    "workers",
+    "max_connections",
+    "pool_max_idle",
+    "pool_idle_timeout",
+    "connect_timeout",
+    "keepalive_timeout",
+    "header_timeout",
+    "demo",
+)
 _UNAUTHORIZED = "missing or invalid API key: send 'Authorization: Bearer <key>'"
+_ADMIN_UNAUTHORIZED = (
+    "admin endpoints need 'Authorization: Bearer <admin token>' (the router's --admin-token "
+    "or LMPROXY_ADMIN_TOKEN)"
+)
+_ADMIN_FORBIDDEN = (
+    "admin endpoints answer only loopback clients while no admin token is set; start the "
+    "router with --admin-token (or LMPROXY_ADMIN_TOKEN) to allow others"
+)
 
 
-async def serve(config: Config) -> None:
-    """Run the router until SIGTERM or SIGINT, then shut down gracefully."""
+async def serve(config: Config, reload: Callable[[], Config] | None = None) -> None:
+    """Run the router until SIGTERM or SIGINT, then shut down gracefully.
+
+    SIGHUP calls ``reload`` (the command line and config file read again) and
+    applies the result without closing a connection.
+    """
     loop = asyncio.get_running_loop()
-    demo_servers = []
-    if config.demo:
-        from lmproxy.mock import start_demo_backends
-
-        demo_servers, specs = await start_demo_backends()
-        config.services = [*config.services, *specs]
+    demo_servers, demo_specs = await start_demo(config)
     router = Router(config)
     await router.start()
+
+    def on_hangup() -> None:
+        new = reread(reload, demo_specs)
+        if new is not None:
+            router.apply(new)
+            log.info("reloaded: %d services, strategy %s", len(new.services), new.strategy)
+
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await stop.wait()
     log.info("shutting down")
     await router.shutdown()
     for server in demo_servers:
         server.close()
     log.info("stopped")
+
+
+async def start_demo(config: Config) -> tuple[list[asyncio.Server], list[ServiceSpec]]:
+    """With --demo, start the simulated backends and add them to ``config``'s services."""
+    if not config.demo:
+        return [], []
+    from lmproxy.mock import start_demo_backends
+
+    servers, specs = await start_demo_backends()
+    config.services = [*config.services, *specs]
+    return servers, specs
+
+
+def reread(reload: Callable[[], Config] | None, demo_specs: list[ServiceSpec]) -> Config | None:
+    """The config as the command line and file now say, or None (logged) if it is wrong."""
+    if reload is None:
+        log.warning("SIGHUP ignored: nothing to reload")
+        return None
+    try:
+        config = reload()
+    except (ConfigError, strategies.StrategyError) as exc:
+        log.error("reload failed, keeping the running config: %s", exc)
+        return None
+    config.services = [*config.services, *demo_specs]
+    try:
+        _load_strategies(config)  # fail here, before anything changes
+    except strategies.StrategyError as exc:
+        log.error("reload failed, keeping the running config: %s", exc)
+        return None
+    return config

@@ -35,6 +35,18 @@ def _option(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _workers(text: str) -> int:
+    if text == "auto":
+        return 0
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"--workers takes a count >= 1 or 'auto', got {text!r}")
+    return count
+
+
 def _backend(text: str) -> Any:
     try:
         return parse_backend(text)
@@ -72,7 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help=f"port to listen on; 0 picks a free one (default: {d.port})",
     )
-    g.add_argument("--config", metavar="FILE", help="TOML config file (see README)")
+    g.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML config file (see README); SIGHUP re-reads it and applies services and strategy",
+    )
+    g.add_argument(
+        "--workers",
+        type=_workers,
+        metavar="N",
+        help=(
+            "serving processes sharing the port (SO_REUSEPORT); 'auto' = one per core. "
+            "A supervisor probes services once for all and restarts a worker that dies "
+            f"(default: {d.workers})"
+        ),
+    )
     g.add_argument(
         "--demo",
         action="store_true",
@@ -101,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[NAME=]URL[,OPT]",
         help=(
             "a backend service; repeatable. Options after commas: weight=N, model=NAME "
-            "(repeatable; otherwise models are discovered from /v1/models), health=/path. "
+            "(repeatable; otherwise models are discovered from /v1/models), health=/path, "
+            "max_in_flight=N (requests at once; more wait in the queue). "
             "e.g. service_9g8b_8100=http://10.0.0.5:8100,weight=2"
         ),
     )
@@ -129,6 +156,47 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "consecutive failed requests that eject a service until its next passing "
             f"health check; 0 never ejects (default: {d.max_errors})"
+        ),
+    )
+    g.add_argument(
+        "--registry-url",
+        metavar="URL",
+        help=(
+            "an InfiniLM-SVC registry (e.g. http://127.0.0.1:8081) polled for services "
+            "(GET /services?healthy=true); the router's own checks still decide health"
+        ),
+    )
+    g.add_argument(
+        "--registry-sync-interval",
+        type=float,
+        metavar="S",
+        help=f"seconds between registry polls (default: {d.registry_sync_interval:g})",
+    )
+    g.add_argument(
+        "--service-removal-grace-period",
+        type=float,
+        metavar="S",
+        help=(
+            "seconds a service that left the registry is kept "
+            f"(default: {d.service_removal_grace_period:g})"
+        ),
+    )
+    g.add_argument(
+        "--admin-token",
+        metavar="TOKEN",
+        help=(
+            "require 'Authorization: Bearer TOKEN' on the admin API (POST /services, "
+            "DELETE /services/NAME, POST /services/NAME/heartbeat); also "
+            "LMPROXY_ADMIN_TOKEN. Without one, the admin API answers loopback clients only"
+        ),
+    )
+    g.add_argument(
+        "--registration-ttl",
+        type=float,
+        metavar="S",
+        help=(
+            "seconds a registered service lives without a heartbeat, unless its registration "
+            "gives a ttl; 0 = until deregistered (default: 0)"
         ),
     )
     g = parser.add_argument_group("requests")
@@ -175,6 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "require 'Authorization: Bearer KEY' on API endpoints; repeatable "
             "(also LMPROXY_API_KEYS, comma-separated). /health stays open"
+        ),
+    )
+    g.add_argument(
+        "--queue-timeout",
+        type=float,
+        metavar="S",
+        help=(
+            "seconds a request waits for a free slot when every eligible service is at its "
+            "max_in_flight, before 429 with Retry-After; 0 = refuse at once "
+            f"(default: {d.queue_timeout:g})"
         ),
     )
     g = parser.add_argument_group("routing")
@@ -257,6 +335,7 @@ def load_config(argv: list[str] | None = None) -> Config | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
         config = load_config(argv)
     except ConfigError as exc:
@@ -274,12 +353,19 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # Windows: plain asyncio still works, only slower
         uvloop = None
     from lmproxy.app import serve
+    from lmproxy.supervisor import supervise
 
+    def reload() -> Config:
+        config = load_config(argv)
+        assert config is not None
+        return config
+
+    main_coro = serve(config, reload) if config.workers == 1 else supervise(config, reload)
     try:
         if uvloop is not None:
-            uvloop.run(serve(config))
+            uvloop.run(main_coro)
         else:
-            asyncio.run(serve(config))
+            asyncio.run(main_coro)
     except (strategies.StrategyError, ConfigError) as exc:
         print(f"lmproxy: error: {exc}", file=sys.stderr)
         return 2

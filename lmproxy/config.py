@@ -29,6 +29,8 @@ class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
     weight: int = 1
     models: list[str] = []
     health_path: str = "/health"
+    # Requests at once; past it they wait in the router's queue. 0: no limit.
+    max_in_flight: int = 0
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -45,6 +47,8 @@ class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
             raise ConfigError(f"service url {self.url!r}: {exc}") from None
         if self.weight < 0:
             raise ConfigError(f"service {self.name or self.url!r}: weight must be >= 0")
+        if self.max_in_flight < 0:
+            raise ConfigError(f"service {self.name or self.url!r}: max_in_flight must be >= 0")
         if not self.health_path.startswith("/"):
             raise ConfigError(
                 f"service {self.name or self.url!r}: health_path {self.health_path!r} "
@@ -97,7 +101,14 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     header_timeout: float = 10.0
     shutdown_timeout: float = 30.0
     max_connections: int = 0  # 0: as many as the open-file limit allows
+    queue_timeout: float = 30.0
     api_keys: list[str] = []
+    admin_token: str | None = None
+    registration_ttl: float = 0.0  # 0: registrations never expire by themselves
+    registry_url: str | None = None
+    registry_sync_interval: float = 10.0
+    service_removal_grace_period: float = 60.0
+    workers: int = 1  # 0: one per core ("auto" on the command line)
     log_level: str = "info"
     access_log: str = "off"
     demo: bool = False
@@ -112,6 +123,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             "keepalive_timeout": self.keepalive_timeout,
             "header_timeout": self.header_timeout,
             "pool_idle_timeout": self.pool_idle_timeout,
+            "registry_sync_interval": self.registry_sync_interval,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -122,11 +134,22 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             "pool_max_idle": self.pool_max_idle,
             "shutdown_timeout": self.shutdown_timeout,
             "max_connections": self.max_connections,
+            "queue_timeout": self.queue_timeout,
+            "registration_ttl": self.registration_ttl,
+            "service_removal_grace_period": self.service_removal_grace_period,
+            "workers": self.workers,
         }.items():
             if value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
         if self.access_log not in ("off", "text", "json"):
             raise ConfigError(f"--access-log must be off, text or json, got {self.access_log!r}")
+        if self.registry_url is not None:
+            parts = urlsplit(self.registry_url)
+            if parts.scheme != "http" or not parts.hostname:
+                raise ConfigError(
+                    f"--registry-url {self.registry_url!r} must be an http:// URL "
+                    "(e.g. http://127.0.0.1:8081)"
+                )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be 0-65535, got {self.port}")
         names: set[str] = set()
@@ -148,38 +171,39 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 # --- --backend NAME=URL,weight=N,model=M,health=/path -------------------------------
 
-_BACKEND_KEYS = ("weight", "model", "health")
+_BACKEND_KEYS = ("weight", "model", "health", "max_in_flight")
 
 
 def parse_backend(text: str) -> ServiceSpec:
-    """Parse one ``--backend`` value: ``[NAME=]URL[,weight=N][,model=M]...[,health=/path]``."""
+    """Parse one ``--backend`` value:
+    ``[NAME=]URL[,weight=N][,model=M]...[,health=/path][,max_in_flight=N]``."""
     url, *options = text.split(",")
     name = ""
     head, sep, rest = url.partition("=")
     if sep and "://" not in head:
         name, url = head, rest
-    weight = 1
+    numbers = {"weight": 1, "max_in_flight": 0}
     models: list[str] = []
     health = "/health"
     for option in options:
         key, sep, value = option.partition("=")
-        key = key.strip()
+        key = key.strip().replace("-", "_")
         if not sep or key not in _BACKEND_KEYS:
             raise ConfigError(
                 f"--backend {text!r}: unknown option {option!r}; options are "
-                "weight=N, model=NAME (repeatable) and health=/path"
+                "weight=N, model=NAME (repeatable), health=/path and max_in_flight=N"
             )
-        if key == "weight":
+        if key in numbers:
             try:
-                weight = int(value)
+                numbers[key] = int(value)
             except ValueError:
-                raise ConfigError(f"--backend {text!r}: weight must be an integer") from None
+                raise ConfigError(f"--backend {text!r}: {key} must be an integer") from None
         elif key == "model":
             models.append(value)
         else:
             health = value
     try:
-        return ServiceSpec(url=url, name=name, weight=weight, models=models, health_path=health)
+        return ServiceSpec(url=url, name=name, models=models, health_path=health, **numbers)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"--backend {text!r}: {exc}") from None
 
@@ -205,6 +229,8 @@ def build_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> Con
     merged = {**file_values}
     cli_services = cli_values.pop("services", [])
     merged.update({k: v for k, v in cli_values.items() if v is not None})
+    if merged.get("workers") == "auto":
+        merged["workers"] = 0
     try:
         config = msgspec.convert(merged, Config, str_keys=True)
     except (msgspec.ValidationError, ConfigError) as exc:
@@ -214,6 +240,14 @@ def build_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> Con
         config.services.extend(load_static_services(config.static_services))
     env_keys = os.environ.get("LMPROXY_API_KEYS", "")
     config.api_keys = [*config.api_keys, *(k.strip() for k in env_keys.split(",") if k.strip())]
+    if config.admin_token is None and os.environ.get("LMPROXY_ADMIN_TOKEN"):
+        config.admin_token = os.environ["LMPROXY_ADMIN_TOKEN"]
+    if config.workers == 0:
+        config.workers = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1)
+        )
     config.validate()
     return config
 
@@ -236,6 +270,8 @@ class _StaticEntry(msgspec.Struct):
     weight: int = 1
     metadata: _Metadata = msgspec.field(default_factory=_Metadata)
     health_path: str = "/health"
+    models: list[str] | None = None
+    max_in_flight: int = 0
 
 
 def load_static_services(path: str) -> list[ServiceSpec]:
@@ -266,34 +302,43 @@ def load_static_services(path: str) -> list[ServiceSpec]:
     specs = []
     for index, item in enumerate(entries):
         try:
-            entry = msgspec.convert(item, _StaticEntry)
-        except msgspec.ValidationError as exc:
-            raise ConfigError(f"static services file {path!r}, entry {index}: {exc}") from None
-        meta = entry.metadata
-        if meta.type not in (None, "openai-api"):
-            continue
-        if entry.url:
-            url = entry.url
-        elif entry.host and entry.port:
-            url = f"http://{entry.host}:{entry.port}"
-        else:
-            raise ConfigError(
-                f"static services file {path!r}, entry {index}: needs host and port, or url"
-            )
-        models = list(meta.models or [])
-        if meta.model:
-            models.append(meta.model)
-        models.extend(str(m["id"]) for m in meta.models_list or [] if "id" in m)
-        try:
-            specs.append(
-                ServiceSpec(
-                    url=url,
-                    name=entry.name or "",
-                    weight=entry.weight,
-                    models=list(dict.fromkeys(models)),
-                    health_path=entry.health_path,
-                )
-            )
+            spec = spec_from_entry(item)
         except ConfigError as exc:
             raise ConfigError(f"static services file {path!r}, entry {index}: {exc}") from None
+        if spec is not None:
+            specs.append(spec)
     return specs
+
+
+def spec_from_entry(item: Any) -> ServiceSpec | None:
+    """One service in the InfiniLM-SVC format (static files, its registry, registrations);
+    None for an entry of another ``metadata.type``, which the InfiniLM router skips too."""
+    try:
+        entry = msgspec.convert(item, _StaticEntry)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(str(exc)) from None
+    meta = entry.metadata
+    if meta.type not in (None, "openai-api"):
+        return None
+    if entry.url:
+        url = entry.url
+    elif entry.host and entry.port:
+        url = f"http://{entry.host}:{entry.port}"
+    else:
+        raise ConfigError("needs host and port, or url")
+    models = list(meta.models or [])
+    if meta.model:
+        models.append(meta.model)
+    models.extend(str(m["id"]) for m in meta.models_list or [] if "id" in m)
+    models.extend(entry.models or [])
+    try:
+        return ServiceSpec(
+            url=url,
+            name=entry.name or "",
+            weight=entry.weight,
+            models=list(dict.fromkeys(models)),
+            health_path=entry.health_path,
+            max_in_flight=entry.max_in_flight,
+        )
+    except msgspec.ValidationError as exc:
+        raise ConfigError(str(exc)) from None

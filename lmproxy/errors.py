@@ -18,10 +18,12 @@ class Fault(enum.Enum):
 
     BAD_REQUEST = (400, False)
     UNAUTHORIZED = (401, False)
+    FORBIDDEN = (403, False)
     NOT_FOUND = (404, False)
     METHOD_NOT_ALLOWED = (405, False)
     BODY_TOO_LARGE = (413, False)
     HEADERS_TOO_LARGE = (431, False)
+    QUEUE_TIMEOUT = (429, False)  # every eligible service stayed at its max_in_flight
     NO_HEALTHY_SERVICE = (503, False)
     BACKEND_UNREACHABLE = (502, True)
     BACKEND_BROKEN = (502, True)
@@ -40,13 +42,14 @@ class ProxyError(Exception):
         super().__init__(message)
         self.fault = fault
         self.message = message
+        self.retry_after: int | None = None  # seconds, sent as Retry-After
 
     @property
     def status(self) -> int:
         return self.fault.status
 
 
-_encode = msgspec.json.Encoder().encode
+encode_json = msgspec.json.Encoder().encode
 
 # Precomputed status lines: the reason phrase lookup is not free on the hot path.
 STATUS_LINES: dict[int, bytes] = {
@@ -61,6 +64,25 @@ def status_line(status: int, reason: bytes = b"") -> bytes:
     return line
 
 
+def http_response(
+    status: int,
+    content_type: bytes,
+    body: bytes,
+    keep_alive: bool = True,
+    extra_headers: bytes = b"",
+    head_only: bool = False,
+) -> bytes:
+    """A complete HTTP/1.1 response."""
+    head = b"%sContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n" % (
+        status_line(status),
+        content_type,
+        len(body),
+        extra_headers,
+        b"" if keep_alive else b"Connection: close\r\n",
+    )
+    return head if head_only else head + body
+
+
 def json_response(
     status: int,
     payload: object,
@@ -69,14 +91,9 @@ def json_response(
     head_only: bool = False,
 ) -> bytes:
     """A complete HTTP/1.1 response with a JSON body."""
-    body = _encode(payload)
-    head = b"%sContent-Type: application/json\r\nContent-Length: %d\r\n%s%s\r\n" % (
-        status_line(status),
-        len(body),
-        extra_headers,
-        b"" if keep_alive else b"Connection: close\r\n",
+    return http_response(
+        status, b"application/json", encode_json(payload), keep_alive, extra_headers, head_only
     )
-    return head if head_only else head + body
 
 
 def error_response(
@@ -90,4 +107,4 @@ def sse_error_event(message: str) -> bytes:
 
     The OpenAI SDKs raise ``APIError`` on any event whose JSON has an ``error`` key.
     """
-    return b"data: " + _encode({"error": message}) + b"\n\n"
+    return b"data: " + encode_json({"error": message}) + b"\n\n"

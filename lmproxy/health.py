@@ -50,9 +50,16 @@ class HealthChecker:
             self.watch(service)
 
     def watch(self, service: Service) -> None:
+        """Probe ``service`` now and every interval (replacing a loop of the same name)."""
+        self.unwatch(service.name)
         self._tasks[service.name] = asyncio.create_task(
             self._loop(service), name=f"health:{service.name}"
         )
+
+    def unwatch(self, name: str) -> None:
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
 
     async def stop(self) -> None:
         for task in self._tasks.values():

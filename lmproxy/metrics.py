@@ -16,8 +16,8 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from prometheus_client import CollectorRegistry, generate_latest
@@ -71,6 +71,11 @@ class _Histogram:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.total += value
 
+    def absorb(self, counts: list[int], total: float) -> None:
+        for index, count in enumerate(counts):
+            self.counts[index] += count
+        self.total += total
+
     def buckets(self) -> list[tuple[str, float]]:
         cumulative, out = 0, []
         for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
@@ -94,10 +99,17 @@ class _Figures:
 
 class Metrics:
     """Figures kept as plain numbers on the request path; turned into Prometheus
-    families by ``collect`` when scraped, and rendered by prometheus_client."""
+    families by ``collect`` when scraped, and rendered by prometheus_client.
 
-    def __init__(self, registry: Registry) -> None:
+    With workers, each worker's figures travel to the supervisor as ``state()``
+    and are summed there with ``absorb``; prometheus_client then renders the
+    sum, so the output is the whole router's (and counters of a worker that
+    died are kept, never go back).
+    """
+
+    def __init__(self, registry: Registry, queue_length: Callable[[], int]) -> None:
         self.registry = registry
+        self.queue_length = queue_length
         self._figures: dict[tuple[str, str], _Figures] = {}
         self._errors: dict[tuple[str, str], int] = {}
         self.added = _Histogram(ADDED_BUCKETS_S)
@@ -131,6 +143,44 @@ class Metrics:
     def failed(self, service: Service, kind: str) -> None:
         key = (service.name, kind)
         self._errors[key] = self._errors.get(key, 0) + 1
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "figures": [
+                [
+                    service,
+                    model,
+                    f.by_status,
+                    f.duration.counts,
+                    f.duration.total,
+                    f.ttfb.counts,
+                    f.ttfb.total,
+                    f.prompt,
+                    f.completion,
+                ]
+                for (service, model), f in self._figures.items()
+            ],
+            "errors": [[service, kind, n] for (service, kind), n in self._errors.items()],
+            "added": [self.added.counts, self.added.total],
+        }
+
+    def absorb(self, state: dict[str, Any]) -> None:
+        """Add another process's ``state()`` to these figures."""
+        for service, model, by_status, d_counts, d_total, t_counts, t_total, p, c in state[
+            "figures"
+        ]:
+            figures = self._figures.get((service, model))
+            if figures is None:
+                figures = self._figures[(service, model)] = _Figures()
+            for status, count in by_status.items():
+                figures.by_status[status] += count
+            figures.duration.absorb(d_counts, d_total)
+            figures.ttfb.absorb(t_counts, t_total)
+            figures.prompt += p
+            figures.completion += c
+        for service, kind, count in state["errors"]:
+            self._errors[(service, kind)] = self._errors.get((service, kind), 0) + count
+        self.added.absorb(*state["added"])
 
     def render(self) -> bytes:
         return generate_latest(self.prometheus)
@@ -187,10 +237,32 @@ class Metrics:
             "1 while the service is healthy, else 0",
             labels=["service"],
         )
+        limit = GaugeMetricFamily(
+            "lmproxy_max_in_flight",
+            "The service's max_in_flight (0: no limit)",
+            labels=["service"],
+        )
         for service in self.registry.services.values():
             in_flight.add_metric([service.name], service.in_flight)
             healthy.add_metric([service.name], 1 if service.healthy else 0)
-        yield from (requests, errors, duration, ttfb, tokens, added, in_flight, healthy)
+            limit.add_metric([service.name], service.spec.max_in_flight)
+        queue = GaugeMetricFamily(
+            "lmproxy_queue_length",
+            "Requests waiting for a free slot (every eligible service at its max_in_flight)",
+        )
+        queue.add_metric([], self.queue_length())
+        yield from (
+            requests,
+            errors,
+            duration,
+            ttfb,
+            tokens,
+            added,
+            in_flight,
+            healthy,
+            limit,
+            queue,
+        )
 
 
 _encode = msgspec.json.Encoder().encode

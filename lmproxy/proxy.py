@@ -25,6 +25,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from lmproxy.admission import has_room
 from lmproxy.errors import Fault, ProxyError, sse_error_event, status_line
 from lmproxy.metrics import log_access
 from lmproxy.request import MODEL_PATHS, RequestHead, RouteRequest, decode_head, with_model
@@ -340,7 +341,9 @@ class Journey:
         "client",
         "failures",
         "id_header",
+        "last_candidates",
         "last_error",
+        "queued_at",
         "request",
         "request_id",
         "route",
@@ -362,32 +365,43 @@ class Journey:
         self.id_header = b"" if given else b"X-Request-ID: %s\r\n" % self.request_id
         self.failures = 0
         self.last_error: ProxyError | None = None
+        self.queued_at = 0.0
+        self.last_candidates: list[Service] = []
 
     def start(self) -> None:
         try:
             self.route = _route(self.router, self.request)
         except ProxyError as exc:
-            self._fail(exc)
+            self.fail(exc)
             return
         self.strategy = self.router.strategy_for(self.route.model)
-        self._attempt()
+        self.attempt()
 
-    def _attempt(self) -> None:
+    def attempt(self) -> None:
+        """Choose a service and send; or queue, when every candidate is at its limit."""
         router = self.router
         route = self.route
         assert route is not None
+        self.client.waiting = None
         try:
             candidates = _candidates(router, route)
         except ProxyError as exc:
             # After a failed try, the failure explains it better than a 503.
-            self._fail(self.last_error or exc)
+            self.fail(self.last_error or exc)
             return
         if self.tried:
             candidates = [s for s in candidates if s not in self.tried]
             if not candidates:
                 assert self.last_error is not None
-                self._fail(self.last_error)
+                self.fail(self.last_error)
                 return
+        admission = router.admission
+        if admission.limited:
+            self.last_candidates = candidates
+            admitted = admission.admit(self, candidates)
+            if admitted is None:  # queued, or refused
+                return
+            candidates = admitted
         service = self.strategy.choose(candidates, route)
         pool = service.pool
         assert pool is not None
@@ -396,6 +410,15 @@ class Journey:
             self._send(service, conn)
         else:
             self.client.task = router.loop.create_task(self._connect(service))
+
+    def may_start(self) -> bool:
+        """Whether a waiting request would now find room (or an error to report)."""
+        assert self.route is not None
+        try:
+            candidates = _candidates(self.router, self.route)
+        except ProxyError:
+            return True
+        return any(has_room(s) for s in candidates if s not in self.tried)
 
     async def _connect(self, service: Service) -> None:
         pool = service.pool
@@ -427,6 +450,7 @@ class Journey:
         exchange = Exchange(self, conn, service, router.config.request_timeout)
         self.client.exchange = exchange
         service.in_flight += 1
+        service.local_in_flight += 1
         self.strategy.on_start(service, route)
         data = _request_data(service, request, route.body, self.id_header)
         router.metrics.added.observe(time.perf_counter() - request.received_at)
@@ -443,12 +467,15 @@ class Journey:
             log.exception("internal error finishing a request")
             exchange.conn.close()
             self.client.close()
+        if exchange.service.max_in_flight:
+            self.router.admission.slot_freed()
 
     def _finish(self, exchange: Exchange) -> None:
         client = self.client
         client.exchange = None
         service = exchange.service
         service.in_flight -= 1
+        service.local_in_flight -= 1
         latency_s = time.perf_counter() - exchange.sent_at
         strategy = self.strategy
         route = self.route
@@ -495,11 +522,11 @@ class Journey:
                 ),
             )
         elif outcome is Outcome.BROKEN:
-            self._fail(
+            self.fail(
                 ProxyError(Fault.BACKEND_BROKEN, f"service {service.name}: {exchange.reason}")
             )
         elif outcome is Outcome.TIMEOUT:
-            self._fail(
+            self.fail(
                 ProxyError(
                     Fault.BACKEND_TIMEOUT,
                     f"service {service.name} sent no response within {exchange.timeout_s:g}s "
@@ -516,14 +543,17 @@ class Journey:
             self.tried.append(failed)
             self.last_error = error
         if self.failures > self.router.config.retries or self.client.closing:
-            self._fail(error)
+            self.fail(error)
         else:
-            self._attempt()
+            self.attempt()
 
-    def _fail(self, error: ProxyError) -> None:
+    def fail(self, error: ProxyError) -> None:
         self._log("", error.status, 0, 0.0)
         if not self.client.closing:
-            self.client.respond_error(error.status, error.message, self.id_header)
+            extra = self.id_header
+            if error.retry_after is not None:
+                extra += b"Retry-After: %d\r\n" % error.retry_after
+            self.client.respond_error(error.status, error.message, extra)
 
     def _log(self, service: str, status: int, bytes_out: int, ttfb_s: float) -> None:
         style = self.router.config.access_log

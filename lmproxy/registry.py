@@ -5,6 +5,11 @@ probe, and the proxy ejects a service passively after ``max_errors`` consecutive
 failed requests. An ejected service comes back only through a passing probe.
 The per-model candidate lists are cached and rebuilt only when health or
 membership changes, so a request's lookup is one dict access.
+
+Membership changes at run time (``fleet.py``: the admin API, an InfiniLM
+registry, a reloaded config). A removed service leaves the lookups at once;
+requests already on it finish, and its connections close as they come back.
+In a worker process the whole state is mirrored from the supervisor (``sync``).
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from lmproxy.config import ServiceSpec
 
@@ -47,19 +54,26 @@ class Service:
         "last_check",
         "last_error",
         "latencies",
+        "local_in_flight",
+        "max_in_flight",
         "models",
         "models_configured",
         "models_known",
         "name",
+        "origin",
         "path_prefix",
         "pool",
         "port",
         "request_count",
+        "spec",
         "url",
         "weight",
     )
 
-    def __init__(self, spec: ServiceSpec) -> None:
+    def __init__(self, spec: ServiceSpec, origin: str = "config") -> None:
+        self.spec = spec
+        # Who added it: "config", "admin" or "registry"; each source manages its own.
+        self.origin = origin
         self.name = spec.name
         self.url = spec.url.rstrip("/")
         self.host = spec.host
@@ -77,7 +91,12 @@ class Service:
         self.consecutive_errors = 0
         self.request_count = 0
         self.error_count = 0
+        # in_flight: requests under way at this service from the whole router (other
+        # workers' share as last synced); local_in_flight: this process's own, which
+        # admission control (max_in_flight, a per-process share) counts against.
         self.in_flight = 0
+        self.local_in_flight = 0
+        self.max_in_flight = spec.max_in_flight
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.last_check: float | None = None
         self.last_error = ""
@@ -92,8 +111,21 @@ class Service:
 
 
 class Registry:
-    def __init__(self, max_errors: int = 3) -> None:
+    def __init__(
+        self,
+        max_errors: int = 3,
+        make_pool: Callable[[Service], Pool] | None = None,
+    ) -> None:
         self.max_errors = max_errors
+        self.make_pool = make_pool
+        # Called after any change of membership or health (the supervisor's broadcast,
+        # the admission queue); and when this process ejects a service by itself.
+        self.listeners: list[Callable[[], None]] = []
+        self.on_eject: Callable[[Service, str], None] | None = None
+        # Per-process share of each service's max_in_flight (workers split it).
+        self.limit_share = 1
+        # A worker's mirror logs membership at debug level: the supervisor says it once.
+        self.note = log.info
         self.services: dict[str, Service] = {}
         self.known_models: dict[str, ModelInfo] = {}
         self._candidates: dict[str, list[Service]] = {}
@@ -102,10 +134,13 @@ class Registry:
 
     # --- membership ---------------------------------------------------------
 
-    def add(self, spec: ServiceSpec) -> Service:
-        service = Service(spec)
+    def add(self, spec: ServiceSpec, origin: str = "config") -> Service:
+        service = Service(spec, origin)
+        service.max_in_flight = _share(spec.max_in_flight, self.limit_share)
+        if self.make_pool is not None:
+            service.pool = self.make_pool(service)
         self.services[service.name] = service
-        log.info(
+        self.note(
             "service %s at %s (weight %d, health %s)",
             service.name,
             service.url,
@@ -115,6 +150,39 @@ class Registry:
         for model in service.models:
             self._learn_model(service, model, self.started_at, "lmproxy")
         self._changed()
+        return service
+
+    def remove(self, name: str, why: str) -> Service | None:
+        """Take a service out; requests on it finish, then its connections close."""
+        service = self.services.pop(name, None)
+        if service is None:
+            return None
+        self.note("service %s removed: %s", name, why)
+        if service.pool is not None:
+            service.pool.close()
+        self._changed()
+        return service
+
+    def update(self, spec: ServiceSpec, origin: str) -> Service:
+        """Add ``spec``, or change the service of that name to match it.
+
+        A new address, health path or model list makes it a new service (health
+        unknown until probed); weight and max_in_flight change in place.
+        """
+        service = self.services.get(spec.name)
+        if service is None:
+            return self.add(spec, origin)
+        old = service.spec
+        service.origin = origin
+        if (old.url, old.health_path, old.models) != (spec.url, spec.health_path, spec.models):
+            self.remove(spec.name, "its address, health path or models changed")
+            return self.add(spec, origin)
+        if old != spec:
+            service.spec = spec
+            service.weight = spec.weight
+            service.max_in_flight = _share(spec.max_in_flight, self.limit_share)
+            self.note("service %s updated (weight %d)", spec.name, spec.weight)
+            self._changed()
         return service
 
     # --- lookups on the request path ---------------------------------------------
@@ -186,6 +254,17 @@ class Registry:
             )
             service.healthy = False
             self._changed()
+            if self.on_eject is not None:
+                self.on_eject(service, reason)
+
+    def eject(self, name: str, reason: str) -> None:
+        """A worker ejected this service: it stays out until a probe passes."""
+        service = self.services.get(name)
+        if service is not None and service.healthy:
+            log.warning("service %s ejected by a worker: %s", name, reason)
+            service.healthy = False
+            service.last_error = reason
+            self._changed()
 
     def request_succeeded(self, service: Service) -> None:
         service.consecutive_errors = 0
@@ -193,13 +272,63 @@ class Registry:
     # --- internals ------------------------------------------------------------
 
     def _learn_model(self, service: Service, model: str, created: int, owned_by: str) -> None:
-        log.info("service %s serves model %s", service.name, model)
+        self.note("service %s serves model %s", service.name, model)
         if model not in self.known_models:
             self.known_models[model] = ModelInfo(created, owned_by)
+
+    # --- mirroring (workers) ------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """Membership, health and models, for the workers (``sync``)."""
+        return {
+            "services": [
+                {
+                    "spec": msgspec.to_builtins(s.spec),
+                    "origin": s.origin,
+                    "healthy": s.healthy,
+                    "models": list(s.models),
+                    "models_known": s.models_known,
+                    "last_check": s.last_check,
+                    "last_error": s.last_error,
+                }
+                for s in self.services.values()
+            ],
+            "known_models": {m: [i.created, i.owned_by] for m, i in self.known_models.items()},
+        }
+
+    def sync(self, state: dict[str, Any]) -> None:
+        """Become what the supervisor's registry is."""
+        wanted = {}
+        for entry in state["services"]:
+            spec = msgspec.convert(entry["spec"], ServiceSpec)
+            wanted[spec.name] = entry
+            service = self.update(spec, entry["origin"])
+            service.healthy = entry["healthy"]
+            service.models = tuple(entry["models"])
+            service.models_known = entry["models_known"]
+            service.last_check = entry["last_check"]
+            service.last_error = entry["last_error"]
+            if service.healthy:
+                service.consecutive_errors = 0
+        for name in [n for n in self.services if n not in wanted]:
+            self.remove(name, "removed by the supervisor")
+        self.known_models = {
+            m: ModelInfo(created, owned_by)
+            for m, (created, owned_by) in state["known_models"].items()
+        }
+        self._changed()
 
     def _changed(self) -> None:
         self._healthy = [s for s in self.services.values() if s.healthy]
         self._candidates.clear()
+        for listener in self.listeners:
+            listener()
+
+
+def _share(limit: int, workers: int) -> int:
+    """This process's part of a router-wide limit: never 0 (a worker must be able to
+    serve), so with N workers the sum may exceed the limit by at most N - 1."""
+    return -(-limit // workers) if limit else 0
 
 
 def _models_of(services: Iterable[Service]) -> list[str]:

@@ -26,7 +26,7 @@ from lmproxy.request import find_header
 
 if TYPE_CHECKING:
     from lmproxy.app import Router
-    from lmproxy.proxy import Exchange
+    from lmproxy.proxy import Exchange, Journey
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PIPELINED = 8  # complete requests waiting behind the one being answered
@@ -100,6 +100,7 @@ class ClientConnection(asyncio.Protocol):
         "router",
         "task",
         "transport",
+        "waiting",
         "write_paused",
     )
 
@@ -111,6 +112,7 @@ class ClientConnection(asyncio.Protocol):
         self.current: ClientRequest | None = None  # being answered
         self.exchange: Exchange | None = None
         self.task: asyncio.Task[None] | None = None
+        self.waiting: Journey | None = None  # queued for a free slot (admission.py)
         self.closing = False
         self.write_paused = False
         self._parsing: ClientRequest | None = None
@@ -158,6 +160,9 @@ class ClientConnection(asyncio.Protocol):
             self.exchange.client_gone()
         elif self.task is not None and not self.task.done():
             self.task.cancel()
+        elif self.waiting is not None:
+            self.router.admission.leave(self.waiting)
+            self.waiting = None
 
     def pause_writing(self) -> None:
         self.write_paused = True

@@ -287,6 +287,7 @@ class Pool:
         self.connect_timeout_s = connect_timeout_s
         self.loop = asyncio.get_running_loop()
         self._idle: deque[UpstreamConnection] = deque()
+        self.closed = False  # the service was removed: connections close as they return
 
     def take_idle(self) -> UpstreamConnection | None:
         """A pooled connection ready for a request, or None (then ``connect``)."""
@@ -321,7 +322,7 @@ class Pool:
 
     def release(self, conn: UpstreamConnection) -> None:
         """Return a connection whose response completed and may be reused."""
-        if conn.state is not State.IDLE or len(self._idle) >= self.max_idle:
+        if conn.state is not State.IDLE or len(self._idle) >= self.max_idle or self.closed:
             conn.close()
             return
         conn.idle_since = self.loop.time()
@@ -333,5 +334,6 @@ class Pool:
             self._idle.remove(conn)
 
     def close(self) -> None:
+        self.closed = True
         while self._idle:
             self._idle.pop().close()

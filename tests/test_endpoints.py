@@ -84,6 +84,8 @@ def test_services_lists_every_service(spawn, two_backends):
         "healthy": True,
         "models": ["Qwen3-32B"],
         "weight": 1,
+        "max_in_flight": 0,
+        "origin": "config",
     }
     assert by_name["svc-9g"]["weight"] == 3
 

@@ -1,0 +1,117 @@
+"""Admission control: per-service ``max_in_flight`` and the FIFO queue in front of it.
+
+A request whose every eligible service is at its limit waits here, in arrival
+order, for a slot on any of them. A slot frees when a request on a limited
+service ends, or when the fleet changes (a service comes back or is added);
+then the queue is walked from its head and each waiting request whose
+candidates include a free service goes on. One that waits ``--queue-timeout``
+seconds gets 429 with ``Retry-After``. The router's sweep enforces the timeout,
+so a waiting request costs no timer.
+
+Services without a limit never queue a request, and while no service has one
+the request path pays a single attribute check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections import deque
+from typing import TYPE_CHECKING
+
+from lmproxy.errors import Fault, ProxyError
+
+if TYPE_CHECKING:
+    from lmproxy.proxy import Journey
+    from lmproxy.registry import Registry, Service
+
+MAX_RETRY_AFTER_S = 60
+
+
+def has_room(service: Service) -> bool:
+    return not service.max_in_flight or service.local_in_flight < service.max_in_flight
+
+
+class AdmissionQueue:
+    def __init__(self, registry: Registry, timeout_s: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.registry = registry
+        self.timeout_s = timeout_s
+        self.waiting: deque[Journey] = deque()
+        # Whether any service has a limit; the request path checks only this.
+        self.limited = False
+        self._waking = False
+        registry.listeners.append(self._fleet_changed)
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def admit(self, journey: Journey, candidates: list[Service]) -> list[Service] | None:
+        """The candidates with room, or None after queueing ``journey`` (or refusing it)."""
+        open_ = [s for s in candidates if has_room(s)]
+        if open_:
+            return open_
+        if self.timeout_s <= 0:
+            journey.fail(self._full_error(candidates, 0.0))
+            return None
+        journey.queued_at = self.loop.time()
+        journey.client.waiting = journey
+        self.waiting.append(journey)
+        return None
+
+    def leave(self, journey: Journey) -> None:
+        """The client hung up while waiting."""
+        with contextlib.suppress(ValueError):
+            self.waiting.remove(journey)
+
+    def slot_freed(self) -> None:
+        if self.waiting:
+            self.wake()
+
+    def wake(self) -> None:
+        """Start, in order, every waiting request that a free slot can take."""
+        if self._waking:  # a started request may free or fill slots re-entrantly
+            return
+        self._waking = True
+        try:
+            for journey in list(self.waiting):
+                healthy = self.registry.healthy()
+                if healthy and not any(has_room(s) for s in healthy):
+                    break
+                if journey.client.closing:
+                    self.waiting.remove(journey)
+                elif journey.may_start():
+                    self.waiting.remove(journey)
+                    journey.attempt()
+        finally:
+            self._waking = False
+
+    def expire(self, now: float) -> None:
+        """From the router's sweep: answer 429 to requests that waited too long."""
+        waiting = self.waiting
+        while waiting and now - waiting[0].queued_at >= self.timeout_s:
+            journey = waiting.popleft()
+            journey.client.waiting = None
+            if not journey.client.closing:
+                journey.fail(self._full_error(journey.last_candidates, now - journey.queued_at))
+
+    def _full_error(self, candidates: list[Service], waited_s: float) -> ProxyError:
+        names = ", ".join(f"{s.name} ({s.max_in_flight})" for s in candidates)
+        error = ProxyError(
+            Fault.QUEUE_TIMEOUT,
+            f"every service for this request is at its max_in_flight ({names})"
+            + (f"; waited {waited_s:.1f}s (--queue-timeout)" if waited_s else "")
+            + "; retry after the Retry-After seconds",
+        )
+        # Retry when about one request on these services has finished.
+        latencies = [s.mean_latency_s for s in candidates if s.latencies]
+        mean = sum(latencies) / len(latencies) if latencies else 1.0
+        error.retry_after = min(MAX_RETRY_AFTER_S, max(1, math.ceil(mean)))
+        return error
+
+    def _fleet_changed(self) -> None:
+        self.limited = any(s.max_in_flight for s in self.registry.services.values())
+        if self.waiting:
+            # Not inline: the registry may be mid-update.
+            self.loop.call_soon(self.wake)

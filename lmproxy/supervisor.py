@@ -1,0 +1,387 @@
+"""``--workers N``: a supervisor process that runs the fleet and N serving workers.
+
+The supervisor serves no request itself. It owns what must exist once for the
+whole router: the registry and its health checks (each service is probed once
+per interval, not once per worker), the admin API's registrations, registry
+polling and config reloads. Workers (``worker.py``) mirror its registry and
+ask it to answer /stats, /metrics and the admin API; it gathers every worker's
+figures for those on demand. A worker that dies is restarted (with a growing
+delay if it keeps dying), and the counters it had reported are kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from lmproxy import api
+from lmproxy.app import reread, start_demo
+from lmproxy.config import Config, ConfigError
+from lmproxy.control import Channel, ChannelClosed, Message
+from lmproxy.errors import encode_json
+from lmproxy.fleet import Fleet
+from lmproxy.metrics import CONTENT_TYPE, Metrics
+from lmproxy.registry import Registry
+
+log = logging.getLogger("lmproxy")
+
+START_TIMEOUT_S = 30.0
+SNAPSHOT_TIMEOUT_S = 2.0
+RESTART_DELAY_S = 0.5
+MAX_RESTART_DELAY_S = 10.0
+STABLE_S = 10.0  # a worker that lived this long restarts without delay growth
+
+
+class _Worker:
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
+        self.process: asyncio.subprocess.Process | None = None
+        self.channel: Channel | None = None
+        self.ready: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self.started_at = time.monotonic()
+        self.in_flight: dict[str, int] = {}
+        self.sent_others: dict[str, int] = {}
+        self.snapshot: dict[str, Any] | None = None  # the last one received
+        self.restart_delay_s = RESTART_DELAY_S
+
+
+class Supervisor:
+    def __init__(self, config: Config, reload: Callable[[], Config] | None) -> None:
+        self.config = config
+        self.reload = reload
+        self.loop = asyncio.get_running_loop()
+        self.registry = Registry(max_errors=config.max_errors)
+        self.fleet = Fleet(self.registry, config)
+        self.workers: dict[int, _Worker] = {}
+        self.stopping = False
+        self.draining = False
+        self.queue_length = 0
+        # Figures of workers that exited: counters never go back.
+        self.retired = Metrics(self.registry, lambda: 0)
+        self.retired_counts: dict[str, list[int]] = {}
+        self._state_pending = False
+        self._in_flight_pending = False
+        self._watchers: set[asyncio.Task[None]] = set()
+        self.demo_specs: list[Any] = []
+        self.registry.listeners.append(self._state_changed)
+
+    # --- life ------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        reservation = self._reserve_port()
+        self.fleet.start()
+        try:
+            for slot in range(self.config.workers):
+                await self._start_worker(self.workers.setdefault(slot, _Worker(slot)))
+        finally:
+            reservation.close()
+        log.info(
+            "lmproxy listening on http://%s:%d (%d workers, strategy %s, %d services)",
+            self.config.host,
+            self.config.port,
+            self.config.workers,
+            self.config.strategy,
+            len(self.registry.services),
+        )
+        await stop.wait()
+        await self.shutdown()
+
+    def _reserve_port(self) -> socket.socket:
+        """Bind the port once here: a clear error if it is taken, and port 0 resolved
+        to one port that every worker then shares (a bound, unlistening socket
+        receives no connections)."""
+        host, port = self.config.host, self.config.port
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        self.config.port = sock.getsockname()[1]
+        return sock
+
+    async def _start_worker(self, worker: _Worker) -> None:
+        mine, theirs = socket.socketpair()
+        worker.ready = self.loop.create_future()
+        worker.started_at = time.monotonic()
+        worker.in_flight = {}
+        worker.sent_others = {}
+        try:
+            worker.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "lmproxy.worker",
+                str(theirs.fileno()),
+                pass_fds=(theirs.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_connection(sock=mine)
+        channel = worker.channel = Channel(reader, writer, lambda m: self._handle(worker, m))
+        channel.send(
+            {
+                "op": "start",
+                "slot": worker.slot,
+                "workers": self.config.workers,
+                "config": msgspec.to_builtins(self.config),
+                "state": self.registry.state(),
+            }
+        )
+        reading = asyncio.create_task(channel.run())
+        watcher = asyncio.create_task(self._watch(worker, reading))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+        exited = asyncio.ensure_future(worker.process.wait())
+        try:
+            await asyncio.wait(
+                {worker.ready, exited}, timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            exited.cancel()
+        if not worker.ready.done():
+            raise ConfigError(
+                f"worker {worker.slot} did not start (exit code {worker.process.returncode}); "
+                "see its error above"
+            )
+
+    async def _watch(self, worker: _Worker, reading: asyncio.Task[None]) -> None:
+        """Wait for the worker to exit; restart it unless the router is stopping."""
+        assert worker.process is not None
+        code = await worker.process.wait()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(reading, 1.0)  # its last figures
+        self._retire(worker)
+        if self.stopping or not worker.ready.done():
+            return
+        lived = time.monotonic() - worker.started_at
+        if lived >= STABLE_S:
+            delay = RESTART_DELAY_S
+        else:  # dying soon after each start: back off
+            delay = min(worker.restart_delay_s * 2, MAX_RESTART_DELAY_S)
+        worker.restart_delay_s = delay
+        log.error(
+            "worker %d (pid %d) exited with code %s after %.1fs; restarting in %.1fs",
+            worker.slot,
+            worker.process.pid,
+            code,
+            lived,
+            delay,
+        )
+        await asyncio.sleep(delay)
+        if self.stopping:
+            return
+        try:
+            await self._start_worker(worker)
+        except (ConfigError, OSError) as exc:
+            log.error("worker %d failed to restart: %s", worker.slot, exc)
+
+    def _retire(self, worker: _Worker) -> None:
+        """Keep the counters of a worker that exited; forget its load."""
+        snapshot = worker.snapshot
+        worker.snapshot = None
+        worker.in_flight = {}
+        self._in_flight_changed()
+        if snapshot is None:
+            return
+        self.retired.absorb(snapshot["metrics"])
+        for name, figures in snapshot["services"].items():
+            counts = self.retired_counts.setdefault(name, [0, 0])
+            counts[0] += figures["request_count"]
+            counts[1] += figures["error_count"]
+
+    async def shutdown(self) -> None:
+        self.stopping = True
+        self.draining = True
+        processes = [w.process for w in self.workers.values() if w.process is not None]
+        for process in processes:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
+        waiting = [asyncio.ensure_future(p.wait()) for p in processes]
+        if waiting:
+            _, late = await asyncio.wait(waiting, timeout=self.config.shutdown_timeout + 5)
+            for process in processes:
+                if process.returncode is None:
+                    log.warning("worker pid %d did not stop; killing it", process.pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+            if late:
+                await asyncio.wait(late, timeout=5)
+        for watcher in list(self._watchers):
+            watcher.cancel()
+        await self.fleet.stop()
+
+    def hangup(self) -> None:
+        config = reread(self.reload, self.demo_specs)
+        if config is None:
+            return
+        for name in ("host", "port", "workers"):
+            if getattr(config, name) != getattr(self.config, name):
+                log.warning("reload: %s changed; it takes effect after a restart", name)
+                setattr(config, name, getattr(self.config, name))
+        self.config = config
+        self.registry.max_errors = config.max_errors
+        self.fleet.apply_config(config)
+        self._flush_state()
+        message = {"op": "config", "config": msgspec.to_builtins(config)}
+        for worker in self._live():
+            worker.channel.send(message)  # type: ignore[union-attr]
+        log.info("reloaded: %d services, strategy %s", len(config.services), config.strategy)
+
+    # --- from the workers ---------------------------------------------------------------
+
+    def _handle(self, worker: _Worker, message: Message) -> None:
+        op = message["op"]
+        if op == "ready":
+            if not worker.ready.done():
+                worker.ready.set_result(message)
+            log.info("worker %d serving (pid %d)", worker.slot, message["pid"])
+        elif op == "inflight":
+            worker.in_flight = message["counts"]
+            self._in_flight_changed()
+        elif op == "eject":
+            self.registry.eject(message["name"], message["reason"])
+        elif op == "final":
+            worker.snapshot = message["snapshot"]
+        elif op == "http":
+            path = message["path"]
+            if path in (b"/stats", b"/metrics"):
+                task = asyncio.create_task(self._answer_figures(worker, message))
+                self._watchers.add(task)
+                task.add_done_callback(self._watchers.discard)
+            else:
+                status, payload = self.fleet.admin(message["method"], path, message["body"])
+                self._flush_state()  # the asking worker sees the change before the answer
+                self._reply(worker, message, status, b"application/json", encode_json(payload))
+
+    def _reply(
+        self, worker: _Worker, request: Message, status: int, content_type: bytes, body: bytes
+    ) -> None:
+        if worker.channel is not None:
+            worker.channel.reply(
+                request, {"status": status, "content_type": content_type, "body": body}
+            )
+
+    async def _answer_figures(self, worker: _Worker, request: Message) -> None:
+        await self._gather()
+        if request["path"] == b"/stats":
+            status, payload = api.stats(self)  # type: ignore[arg-type]
+            self._reply(worker, request, status, b"application/json", encode_json(payload))
+        else:
+            metrics = Metrics(self.registry, lambda: self.queue_length)
+            metrics.absorb(self.retired.state())
+            for live in self.workers.values():
+                if live.snapshot is not None:
+                    metrics.absorb(live.snapshot["metrics"])
+            self._reply(worker, request, 200, CONTENT_TYPE, metrics.render())
+
+    async def _gather(self) -> None:
+        """Fresh figures from every live worker, summed into the registry's services."""
+
+        async def ask(worker: _Worker) -> None:
+            assert worker.channel is not None
+            with contextlib.suppress(ChannelClosed, TimeoutError):
+                reply = await worker.channel.ask({"op": "snapshot"}, SNAPSHOT_TIMEOUT_S)
+                worker.snapshot = reply["snapshot"]
+
+        await asyncio.gather(*(ask(w) for w in self._live()))
+        snapshots = [w.snapshot for w in self.workers.values() if w.snapshot is not None]
+        self.queue_length = sum(s["queue_length"] for s in snapshots)
+        for service in self.registry.services.values():
+            requests, errors = self.retired_counts.get(service.name, (0, 0))
+            latencies: list[float] = []
+            in_flight = 0
+            worker_error = ""
+            for snapshot in snapshots:
+                figures = snapshot["services"].get(service.name)
+                if figures is None:
+                    continue
+                requests += figures["request_count"]
+                errors += figures["error_count"]
+                latencies += figures["latencies"]
+                in_flight += figures["in_flight"]
+                worker_error = worker_error or figures["last_error"]
+            service.request_count = requests
+            service.error_count = errors
+            service.latencies = deque(latencies)
+            service.in_flight = in_flight
+            if not service.last_error:
+                service.last_error = worker_error
+
+    # --- to the workers -------------------------------------------------------------------
+
+    def _live(self) -> list[_Worker]:
+        return [w for w in self.workers.values() if w.channel is not None and not w.channel.closed]
+
+    def _state_changed(self) -> None:
+        if not self._state_pending:
+            self._state_pending = True
+            self.loop.call_soon(self._flush_state)
+
+    def _flush_state(self) -> None:
+        if not self._state_pending:
+            return
+        self._state_pending = False
+        message = {"op": "state", "state": self.registry.state()}
+        for worker in self._live():
+            worker.channel.send(message)  # type: ignore[union-attr]
+
+    def _in_flight_changed(self) -> None:
+        if not self._in_flight_pending:
+            self._in_flight_pending = True
+            self.loop.call_soon(self._send_in_flight)
+
+    def _send_in_flight(self) -> None:
+        """Tell each worker what the other workers have under way, per service."""
+        self._in_flight_pending = False
+        totals: dict[str, int] = {}
+        for worker in self.workers.values():
+            for name, count in worker.in_flight.items():
+                totals[name] = totals.get(name, 0) + count
+        for service in self.registry.services.values():
+            service.in_flight = totals.get(service.name, 0)
+        for worker in self._live():
+            others = {n: t - worker.in_flight.get(n, 0) for n, t in totals.items()}
+            if others != worker.sent_others:
+                worker.sent_others = others
+                worker.channel.send({"op": "others", "counts": others})  # type: ignore[union-attr]
+
+
+async def supervise(config: Config, reload: Callable[[], Config] | None = None) -> None:
+    """Run ``config.workers`` workers until SIGTERM or SIGINT; SIGHUP reloads."""
+    loop = asyncio.get_running_loop()
+    demo_servers, demo_specs = await start_demo(config)
+    supervisor = Supervisor(config, reload)
+    supervisor.demo_specs = demo_specs
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, supervisor.hangup)
+    try:
+        await supervisor.run(stop)
+    except BaseException:
+        supervisor.stopping = True
+        for worker in supervisor.workers.values():
+            if worker.process is not None and worker.process.returncode is None:
+                worker.process.kill()
+        raise
+    finally:
+        for server in demo_servers:
+            server.close()
+    log.info("stopped (pid %d)", os.getpid())

@@ -1,0 +1,210 @@
+"""One worker of ``--workers N``: a full serving Router whose fleet is the supervisor's.
+
+Started by the supervisor as ``python -m lmproxy.worker FD`` with one end of a
+socketpair. The worker binds the router's port itself with SO_REUSEPORT, so
+the kernel spreads new connections over the workers; a connection and its
+requests stay in the worker that accepted it.
+
+What it shares, and how fresh it is:
+
+- membership and health: the supervisor sends its whole registry whenever it
+  changes (a probe, a registration, a reload); a worker's passive ejection goes
+  up at once and comes back to the others with the next state;
+- in-flight counts: each worker reports its own every ``INFLIGHT_SYNC_S`` when
+  they changed, and gets the other workers' sum back, so the load-aware
+  strategies see the whole router's load at most ~0.1 s old plus their own
+  exactly;
+- ``max_in_flight``: each worker admits its share (the limit divided by the
+  workers, rounded up);
+- /stats and /metrics: gathered from every worker by the supervisor when asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from lmproxy.config import Config
+from lmproxy.control import Channel, ChannelClosed, Message
+from lmproxy.errors import error_response, http_response
+
+if TYPE_CHECKING:
+    from lmproxy.app import Router
+    from lmproxy.server import ClientConnection, ClientRequest
+
+log = logging.getLogger("lmproxy")
+
+INFLIGHT_SYNC_S = 0.1
+ASK_TIMEOUT_S = 10.0
+
+
+class SupervisorLink:
+    """The worker's side of the channel."""
+
+    # Answered by the supervisor with every worker's figures.
+    WHOLE_ROUTER = frozenset({b"/stats", b"/metrics"})
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.slot = 0
+        self.workers = 1
+        self.channel = Channel(reader, writer, self.handle)
+        self.router: Router | None = None
+        self.started: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self.stop = asyncio.Event()
+        self._others: dict[str, int] = {}
+        self._reported: dict[str, int] = {}
+
+    # --- from the supervisor ---------------------------------------------------------
+
+    def handle(self, message: Message) -> None:
+        op = message["op"]
+        router = self.router
+        if op == "start":
+            self.started.set_result(message)
+        elif router is None:
+            return
+        elif op == "state":
+            router.registry.sync(message["state"])
+            self._apply_others()
+        elif op == "others":
+            self._others = message["counts"]
+            self._apply_others()
+        elif op == "config":
+            config = msgspec.convert(message["config"], Config)
+            router.apply(config)
+        elif op == "snapshot":
+            self.channel.reply(message, {"snapshot": self.snapshot()})
+        elif op == "stop":
+            self.stop.set()
+
+    def _apply_others(self) -> None:
+        assert self.router is not None
+        others = self._others
+        for service in self.router.registry.services.values():
+            service.in_flight = service.local_in_flight + others.get(service.name, 0)
+
+    # --- to the supervisor ---------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        router = self.router
+        assert router is not None
+        return {
+            "services": {
+                s.name: {
+                    "request_count": s.request_count,
+                    "error_count": s.error_count,
+                    "latencies": list(s.latencies),
+                    "in_flight": s.local_in_flight,
+                    "last_error": s.last_error,
+                }
+                for s in router.registry.services.values()
+            },
+            "metrics": router.metrics.state(),
+            "queue_length": len(router.admission),
+        }
+
+    def ejected(self, service: Any, reason: str) -> None:
+        self.channel.send({"op": "eject", "name": service.name, "reason": reason})
+
+    async def report_in_flight(self) -> None:
+        while True:
+            await asyncio.sleep(INFLIGHT_SYNC_S)
+            assert self.router is not None
+            counts = {s.name: s.local_in_flight for s in self.router.registry.services.values()}
+            if counts != self._reported:
+                self._reported = counts
+                self.channel.send({"op": "inflight", "counts": counts})
+
+    async def answer(self, client: ClientConnection, request: ClientRequest) -> None:
+        """Have the supervisor answer a request for the whole router (figures, admin API)."""
+        try:
+            reply = await self.channel.ask(
+                {
+                    "op": "http",
+                    "method": request.method,
+                    "path": request.path,
+                    "body": request.body,
+                },
+                ASK_TIMEOUT_S,
+            )
+        except (ChannelClosed, TimeoutError):
+            client.respond(
+                error_response(503, "the router's supervisor did not answer; retry shortly", False)
+            )
+            return
+        client.respond(
+            http_response(
+                reply["status"],
+                reply["content_type"],
+                reply["body"],
+                request.keep_alive,
+                head_only=request.method == b"HEAD",
+            )
+        )
+
+
+async def run(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(fileno=fd)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    link = SupervisorLink(reader, writer)
+    reading = asyncio.create_task(link.channel.run())
+    reading.add_done_callback(lambda _: link.stop.set())  # the supervisor is gone
+    await asyncio.wait({link.started, reading}, return_when=asyncio.FIRST_COMPLETED)
+    if not link.started.done():
+        return
+    start = link.started.result()
+    link.slot, link.workers = start["slot"], start["workers"]
+    config = msgspec.convert(start["config"], Config)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s %(name)s[w{link.slot}]: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+    )
+    from lmproxy.app import Router
+
+    router = Router(config, link)
+    link.router = router
+    router.registry.on_eject = link.ejected
+    router.registry.note = log.debug
+    router.registry.sync(start["state"])
+    await router.start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, link.stop.set)
+    # The supervisor reloads; a terminal's hang-up reaches the workers too.
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    reporting = asyncio.create_task(link.report_in_flight())
+    link.channel.send({"op": "ready", "pid": os.getpid(), "port": router.port})
+    await link.stop.wait()
+    await router.shutdown()
+    reporting.cancel()
+    # Last figures, so the supervisor keeps this worker's counters.
+    link.channel.send({"op": "final", "snapshot": link.snapshot()})
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.drain(), 1.0)
+    reading.cancel()
+
+
+def main() -> int:
+    fd = int(sys.argv[1])
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None
+    if uvloop is not None:
+        uvloop.run(run(fd))
+    else:
+        asyncio.run(run(fd))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -115,6 +115,7 @@ class Engine:
         self.prefill_per_token_s = prefill_per_token_s
         self.cache_blocks = cache_blocks
         self.active = 0
+        self.peak_active = 0  # the most requests it ever had under way at once
         self.waiting: collections.deque[asyncio.Future[None]] = collections.deque()
         self.cache: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.prompt_tokens = 0
@@ -135,6 +136,7 @@ class Engine:
                 raise
         else:
             self.active += 1
+            self.peak_active = max(self.peak_active, self.active)
 
     def release(self) -> None:
         while self.waiting:
@@ -224,6 +226,7 @@ class MockState:
             "last_headers": self.last_headers,
             "paths": self.paths[-50:],
             "active": self.engine.active,
+            "peak_active": self.engine.peak_active,
             "waiting": len(self.engine.waiting),
             "prompt_tokens": self.engine.prompt_tokens,
             "cached_tokens": self.engine.cached_tokens,

@@ -20,6 +20,7 @@ per request.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
@@ -403,6 +404,10 @@ class Journey:
                 return
             candidates = admitted
         service = self.strategy.choose(candidates, route)
+        # Counted from the choice, not the send: a request still connecting holds its
+        # slot, or concurrent requests would all see room (and an idle service).
+        service.in_flight += 1
+        service.local_in_flight += 1
         pool = service.pool
         assert pool is not None
         conn = pool.take_idle()
@@ -427,6 +432,7 @@ class Journey:
             conn = await pool.connect()
         except ConnectError as exc:
             self.client.task = None
+            self._release_slot(service)
             self.router.registry.request_failed(service, str(exc))
             self.router.metrics.failed(service, "connect")
             self._retry(
@@ -436,11 +442,22 @@ class Journey:
                 ),
             )
             return
+        except asyncio.CancelledError:  # the client hung up while we connected
+            self._release_slot(service)
+            raise
         self.client.task = None
-        if self.client.closing:  # hung up while we connected
+        if self.client.closing:
+            self._release_slot(service)
             pool.release(conn)
             return
         self._send(service, conn)
+
+    def _release_slot(self, service: Service) -> None:
+        """Undo the choice's count for a request that never reached the service."""
+        service.in_flight -= 1
+        service.local_in_flight -= 1
+        if service.max_in_flight:
+            self.router.admission.slot_freed()
 
     def _send(self, service: Service, conn: UpstreamConnection) -> None:
         route = self.route
@@ -449,8 +466,6 @@ class Journey:
         router = self.router
         exchange = Exchange(self, conn, service, router.config.request_timeout)
         self.client.exchange = exchange
-        service.in_flight += 1
-        service.local_in_flight += 1
         self.strategy.on_start(service, route)
         data = _request_data(service, request, route.body, self.id_header)
         router.metrics.added.observe(time.perf_counter() - request.received_at)

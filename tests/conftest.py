@@ -60,9 +60,10 @@ def request(
     body: Any = None,
     headers: dict[str, str] | None = None,
     timeout: float = 10.0,
+    host: str = "127.0.0.1",
 ) -> Response:
     """One HTTP request on a fresh connection; ``body`` may be bytes or JSON-able."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         payload = body if isinstance(body, bytes | None) else json.dumps(body).encode()
         all_headers = {"Content-Type": "application/json"} if payload is not None else {}

@@ -32,7 +32,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         url = urlsplit(self.path)
         if url.path != "/services":
             self._send(404, {"error": "not found"})
@@ -48,7 +48,7 @@ class Handler(BaseHTTPRequestHandler):
             ]
         self._send(200, {"services": listed})
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         path = urlsplit(self.path).path
         if path == "/services":
             data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -66,7 +66,7 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, {"error": "not found"})
 
-    def do_DELETE(self) -> None:  # noqa: N802
+    def do_DELETE(self) -> None:
         name = urlsplit(self.path).path[len("/services/") :]
         with lock:
             found = entries.pop(name, None)

@@ -148,7 +148,8 @@ def test_admin_token(spawn):
     resp = router.post("/services", body, headers={"Authorization": "Bearer wrong"})
     assert resp.status == 401 and "--admin-token" in resp.json()["error"]
     # An API key is not an admin token, nor the other way round.
-    assert router.post("/services", body, headers={"Authorization": "Bearer user-key"}).status == 401
+    user = {"Authorization": "Bearer user-key"}
+    assert router.post("/services", body, headers=user).status == 401
     resp = router.post("/services", body, headers={"Authorization": "Bearer s3cret"})
     assert resp.status == 201
     assert router.get("/services", headers={"Authorization": "Bearer s3cret"}).status == 401

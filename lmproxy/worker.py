@@ -61,6 +61,7 @@ class SupervisorLink:
         self.stop = asyncio.Event()
         self._others: dict[str, int] = {}
         self._reported: dict[str, int] = {}
+        self._early: list[Message] = []  # arrived before the router existed
 
     # --- from the supervisor ---------------------------------------------------------
 
@@ -70,7 +71,7 @@ class SupervisorLink:
         if op == "start":
             self.started.set_result(message)
         elif router is None:
-            return
+            self._early.append(message)
         elif op == "state":
             router.registry.sync(message["state"])
             self._apply_others()
@@ -84,6 +85,16 @@ class SupervisorLink:
             self.channel.reply(message, {"snapshot": self.snapshot()})
         elif op == "stop":
             self.stop.set()
+
+    def attach(self, router: Router, state: dict[str, Any]) -> None:
+        """Start mirroring into ``router``, from the state sent with ``start``."""
+        self.router = router
+        router.registry.on_eject = self.ejected
+        router.registry.note = log.debug  # the supervisor logs membership once
+        router.registry.sync(state)
+        for message in self._early:
+            self.handle(message)
+        self._early.clear()
 
     def _apply_others(self) -> None:
         assert self.router is not None
@@ -172,10 +183,7 @@ async def run(fd: int) -> None:
     from lmproxy.app import Router
 
     router = Router(config, link)
-    link.router = router
-    router.registry.on_eject = link.ejected
-    router.registry.note = log.debug
-    router.registry.sync(start["state"])
+    link.attach(router, start["state"])
     await router.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, link.stop.set)

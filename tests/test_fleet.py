@@ -1,0 +1,171 @@
+"""Fleet membership from outside the process: an InfiniLM-SVC registry, and SIGHUP reloads."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+from conftest import Mock, Process, Router, chat_body, request, wait_until
+
+
+class Registry(Process):
+    """The InfiniLM-SVC registry stand-in: ``tests/infinilm_registry.py``."""
+
+    def __init__(self) -> None:
+        super().__init__(["tests/infinilm_registry.py", "--port", "0"])
+        self.wait_for_port()
+
+    def register(self, name: str, backend: Mock, kind: str = "openai-api", **extra: object) -> None:
+        entry = {
+            "name": name,
+            "host": "127.0.0.1",
+            "port": backend.port,
+            "hostname": "localhost",
+            "url": backend.url,
+            "status": "running",
+            "metadata": {"type": kind, "models": backend.models},
+            **extra,
+        }
+        assert request(self.port, "POST", "/services", entry).status == 201
+
+    def delete(self, name: str) -> None:
+        assert request(self.port, "DELETE", f"/services/{name}").status == 200
+
+
+def _services(router: Router) -> dict[str, dict]:
+    return {s["name"]: s for s in router.get("/services").json()["services"]}
+
+
+def test_registry_decides_membership_and_the_router_decides_health(spawn):
+    a = spawn(Mock, "reg-a", ["Qwen3-32B"])
+    sick = spawn(Mock, "reg-sick", ["Qwen3-32B"], "--fault", "unhealthy")
+    other = spawn(Mock, "reg-other", ["Qwen3-32B"])
+    registry = spawn(Registry)
+    registry.register("service_a", a)
+    registry.register("service_sick", sick)
+    registry.register("service_other", other, kind="supervisor")  # not an openai-api
+    router = spawn(
+        Router,
+        "--registry-url",
+        f"http://127.0.0.1:{registry.port}",
+        "--registry-sync-interval",
+        "0.2",
+        "--service-removal-grace-period",
+        "1.5",
+    )
+    wait_until(lambda: len(_services(router)) == 2, 5, "the registry's services")
+    router.wait_healthy(1, timeout_s=5)
+    services = _services(router)
+    assert services["service_a"]["origin"] == "registry"
+    assert services["service_a"]["healthy"] is True
+    assert services["service_sick"]["healthy"] is False  # the registry said running
+    assert "service_other" not in services
+    assert router.post("/v1/chat/completions", chat_body()).status == 200
+
+    # Gone from the registry: kept for the grace period, then removed.
+    registry.delete("service_sick")
+    left = time.monotonic()
+    wait_until(lambda: "service_sick" not in _services(router), 5, "removal after the grace")
+    assert time.monotonic() - left >= 1.2
+    assert "gone from the registry for 1.5s" in router.output
+
+    # A registry that goes away takes nothing with it.
+    registry.kill()
+    wait_until(lambda: "unreachable" in router.output, 5, "the failed poll to be logged")
+    time.sleep(2.0)  # longer than the grace period: nothing may be removed meanwhile
+    assert "service_a" in _services(router)
+    assert router.post("/v1/chat/completions", chat_body()).status == 200
+
+
+def test_a_service_back_in_the_registry_within_the_grace_is_kept(spawn):
+    a = spawn(Mock, "flap-a", ["Qwen3-32B"])
+    registry = spawn(Registry)
+    registry.register("flap", a)
+    router = spawn(
+        Router,
+        "--registry-url",
+        f"http://127.0.0.1:{registry.port}/",
+        "--registry-sync-interval",
+        "0.2",
+        "--service-removal-grace-period",
+        "2",
+    )
+    router.wait_healthy(1, timeout_s=5)
+    registry.delete("flap")
+    time.sleep(0.6)  # a few polls without it
+    registry.register("flap", a)
+    time.sleep(2.5)  # past the grace period it would have had
+    assert _services(router)["flap"]["healthy"] is True
+
+
+def _write_config(path: Path, backends: list[Mock], strategy: str) -> None:
+    lines = [f'strategy = "{strategy}"', "health_interval = 0.5", ""]
+    for backend in backends:
+        lines += ["[[services]]", f'name = "{backend.name}"', f'url = "{backend.url}"', ""]
+    path.write_text("\n".join(lines))
+
+
+def test_sighup_reload_under_load_fails_no_request(spawn, tmp_path):
+    a = spawn(Mock, "hup-a", ["Qwen3-32B"])
+    b = spawn(Mock, "hup-b", ["Qwen3-32B"])
+    config = tmp_path / "lmproxy.toml"
+    _write_config(config, [a], "round-robin")
+    router = spawn(Router, "--config", str(config))
+    router.wait_healthy(1)
+
+    stop = threading.Event()
+    statuses: list[int] = []
+    sockets: list[set[int]] = []
+    body = json.dumps(chat_body()).encode()
+
+    def load() -> None:
+        # One keep-alive connection each: a reload must not close it.
+        conn = http.client.HTTPConnection("127.0.0.1", router.port, timeout=10)
+        seen: set[int] = set()
+        deadline = time.monotonic() + 30
+        for _ in range(5000):
+            if stop.is_set() or time.monotonic() > deadline:
+                break
+            conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            seen.add(id(conn.sock))
+            statuses.append(resp.status)
+        conn.close()
+        sockets.append(seen)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: len(statuses) > 50, 10, "load to start")
+        _write_config(config, [a, b], "least-outstanding")
+        router.signal(signal.SIGHUP)
+        wait_until(lambda: b.stats()["completed"] > 20, 10, "traffic to reach the new service")
+        assert "reloaded: 2 services, strategy least-outstanding" in router.output
+
+        _write_config(config, [b], "least-outstanding")
+        router.signal(signal.SIGHUP)
+        wait_until(lambda: "hup-a" not in _services(router), 5, "the old service to go")
+        served_by_a = a.stats()["completed"]
+        count = len(statuses)
+        wait_until(lambda: len(statuses) > count + 50, 10, "more load after the reload")
+        assert a.stats()["completed"] == served_by_a
+
+        # A broken config is refused; the router runs on as it was.
+        config.write_text("strategy = [not toml")
+        router.signal(signal.SIGHUP)
+        wait_until(lambda: "reload failed" in router.output, 5, "the refusal to be logged")
+        count = len(statuses)
+        wait_until(lambda: len(statuses) > count + 20, 10, "more load after the refusal")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(15)
+    assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    assert [len(seen) for seen in sockets] == [1] * 4  # no connection was dropped
+    assert "hup-b" in _services(router)

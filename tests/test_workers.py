@@ -1,0 +1,130 @@
+"""--workers N: processes sharing the port, one fleet, figures of the whole router."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+
+from conftest import Mock, Router, chat_body, wait_until
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def _worker_pids(router: Router) -> dict[int, int]:
+    """slot -> pid, the latest start of each."""
+    return {
+        int(slot): int(pid)
+        for slot, pid in re.findall(r"worker (\d+) serving \(pid (\d+)\)", router.output)
+    }
+
+
+def _requests_total(router: Router) -> float:
+    text = router.get("/metrics").body.decode()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "lmproxy_requests":
+            total += sum(s.value for s in family.samples if s.name == "lmproxy_requests_total")
+    return total
+
+
+def test_workers_share_the_port_and_report_the_whole_router(spawn):
+    backend = spawn(Mock, "w-a", ["Qwen3-32B"])
+    router = spawn(Router, "--workers", "2", "--backend", backend.backend_arg())
+    assert len(_worker_pids(router)) == 2
+    router.wait_healthy(1)
+    prefixes = set()
+    for _ in range(40):  # a fresh connection each: the kernel spreads them
+        resp = router.post("/v1/chat/completions", chat_body())
+        assert resp.status == 200
+        prefixes.add(resp.headers["x-request-id"].split("-")[0])
+    assert len(prefixes) == 2  # both workers served
+    stats = router.get("/stats").json()
+    assert stats["services"][0]["request_count"] == 40
+    assert stats["healthy_services"] == 1 and stats["queue_length"] == 0
+    assert _requests_total(router) == 40
+
+
+def test_registration_reaches_every_worker_within_a_second(spawn):
+    backend = spawn(Mock, "w-reg", ["9g_8b_thinking"])
+    router = spawn(Router, "--workers", "2")
+    assert router.post("/services", {"name": "w-reg", "url": backend.url}).status == 201
+    registered = time.monotonic()
+
+    def everyone_sees_it() -> bool:
+        return all(
+            any(s["name"] == "w-reg" for s in router.get("/services").json()["services"])
+            for _ in range(10)
+        )
+
+    wait_until(everyone_sees_it, 1.0, "every worker to list the registration")
+    router.wait_healthy(1, timeout_s=5)
+    for _ in range(10):
+        assert router.post("/v1/chat/completions", chat_body("9g_8b_thinking")).status == 200
+    assert time.monotonic() - registered < 6
+
+
+def test_each_service_is_probed_once_per_interval(spawn):
+    backend = spawn(Mock, "w-probe", ["Qwen3-32B"])
+    router = spawn(
+        Router, "--workers", "2", "--backend", backend.backend_arg(), "--health-interval", "0.5"
+    )
+    router.wait_healthy(1)
+    start = time.monotonic()
+    before = backend.stats()["paths"].count("/health")
+    time.sleep(3.0)  # six intervals
+    probes = backend.stats()["paths"].count("/health") - before
+    elapsed = time.monotonic() - start
+    assert probes <= elapsed / 0.5 + 2, probes  # once per interval, not once per worker
+
+
+def test_in_flight_is_summed_over_workers(spawn):
+    backend = spawn(Mock, "w-slow", ["Qwen3-32B"], "--ttft", "2")
+    router = spawn(Router, "--workers", "2", "--backend", backend.backend_arg())
+    router.wait_healthy(1)
+    threads = [
+        threading.Thread(target=router.post, args=("/v1/chat/completions", chat_body()))
+        for _ in range(6)
+    ]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: backend.stats()["active"] == 6, 5, "six requests under way")
+    assert router.get("/stats").json()["services"][0]["in_flight"] == 6
+    for thread in threads:
+        thread.join(10)
+    assert router.get("/stats").json()["services"][0]["in_flight"] == 0
+
+
+def test_a_dead_worker_is_restarted_and_its_counts_kept(spawn):
+    backend = spawn(Mock, "w-kill", ["Qwen3-32B"])
+    router = spawn(Router, "--workers", "2", "--backend", backend.backend_arg())
+    router.wait_healthy(1)
+    for _ in range(20):
+        assert router.post("/v1/chat/completions", chat_body()).status == 200
+    assert router.get("/stats").json()["services"][0]["request_count"] == 20
+    victim = _worker_pids(router)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: _worker_pids(router)[0] != victim, 10, "worker 0 to be restarted")
+    assert "restarting" in router.output
+    for _ in range(20):
+        assert router.post("/v1/chat/completions", chat_body()).status == 200
+    assert router.get("/stats").json()["services"][0]["request_count"] == 40
+    assert _requests_total(router) == 40
+
+
+def test_sigterm_stops_every_worker(spawn):
+    backend = spawn(Mock, "w-stop", ["Qwen3-32B"])
+    router = spawn(Router, "--workers", "2", "--backend", backend.backend_arg())
+    pids = list(_worker_pids(router).values())
+    router.signal(signal.SIGTERM)
+    assert router.proc.wait(15) == 0
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_until(lambda: all(gone(p) for p in pids), 5, "the workers to exit")

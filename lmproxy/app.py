@@ -127,15 +127,7 @@ class Router:
             len(self.registry.services),
             self.max_connections,
         )
-        if not self.registry.services:
-            log.warning("no backend services configured: give --backend URL, --config or --demo")
-        if self.config.binds_publicly and not self._api_keys:
-            log.warning(
-                "listening on %s with no API keys: anyone who can reach port %d can use "
-                "every backend; set --api-key or LMPROXY_API_KEYS, or bind --host 127.0.0.1",
-                self.config.host,
-                self.port,
-            )
+        startup_warnings(self.config, len(self.registry.services), self.port)
 
     # --- per request -------------------------------------------------------------
 
@@ -300,6 +292,21 @@ def _auto_max_connections() -> int:
     # Each client connection may hold a backend connection too, and the router
     # needs a few descriptors of its own.
     return max(16, (raise_open_file_limit() - 256) // 2)
+
+
+def startup_warnings(config: Config, services: int, port: int) -> None:
+    if not services and not config.registry_url:
+        log.warning(
+            "no backend services configured: give --backend URL, --config, --registry-url "
+            "or --demo, or register them (POST /services)"
+        )
+    if config.binds_publicly and not config.api_keys:
+        log.warning(
+            "listening on %s with no API keys: anyone who can reach port %d can use "
+            "every backend; set --api-key or LMPROXY_API_KEYS, or bind --host 127.0.0.1",
+            config.host,
+            port,
+        )
 
 
 def _load_strategies(

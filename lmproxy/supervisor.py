@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 
 from lmproxy import api
-from lmproxy.app import reread, start_demo
+from lmproxy.app import reread, start_demo, startup_warnings
 from lmproxy.config import Config, ConfigError
 from lmproxy.control import Channel, ChannelClosed, Message
 from lmproxy.errors import encode_json
@@ -94,7 +94,9 @@ class Supervisor:
             self.config.strategy,
             len(self.registry.services),
         )
+        startup_warnings(self.config, len(self.registry.services), self.config.port)
         await stop.wait()
+        log.info("shutting down")
         await self.shutdown()
 
     def _reserve_port(self) -> socket.socket:

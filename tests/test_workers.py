@@ -128,3 +128,22 @@ def test_sigterm_stops_every_worker(spawn):
         return False
 
     wait_until(lambda: all(gone(p) for p in pids), 5, "the workers to exit")
+
+
+def test_sighup_reaches_every_worker(spawn, tmp_path):
+    a = spawn(Mock, "w-hup-a", ["Qwen3-32B"])
+    b = spawn(Mock, "w-hup-b", ["9g_8b_thinking"])
+    config = tmp_path / "lmproxy.toml"
+    config.write_text(f'[[services]]\nname = "a"\nurl = "{a.url}"\n')
+    router = spawn(Router, "--workers", "2", "--config", str(config))
+    router.wait_healthy(1)
+    config.write_text(
+        f'strategy = "round-robin"\n[[services]]\nname = "a"\nurl = "{a.url}"\n'
+        f'[[services]]\nname = "b"\nurl = "{b.url}"\n'
+    )
+    router.signal(signal.SIGHUP)
+    router.wait_healthy(2, timeout_s=5)
+    for _ in range(20):  # fresh connections: both workers route the new model
+        assert router.post("/v1/chat/completions", chat_body("9g_8b_thinking")).status == 200
+    assert "reloaded: 2 services, strategy round-robin" in router.output
+    assert "error" not in router.output.lower()

@@ -59,6 +59,7 @@ class _Worker:
 class Supervisor:
     def __init__(self, config: Config, reload: Callable[[], Config] | None) -> None:
         self.config = config
+        self.requested_port = config.port  # config.port becomes the one bound (port 0)
         self.reload = reload
         self.loop = asyncio.get_running_loop()
         self.registry = Registry(max_errors=config.max_errors)
@@ -233,10 +234,16 @@ class Supervisor:
         config = reread(self.reload, self.demo_specs)
         if config is None:
             return
-        for name in ("host", "port", "workers"):
-            if getattr(config, name) != getattr(self.config, name):
+        requested = {"host": self.config.host, "port": self.requested_port}
+        requested["workers"] = self.config.workers
+        for name, value in requested.items():
+            if getattr(config, name) != value:
                 log.warning("reload: %s changed; it takes effect after a restart", name)
-                setattr(config, name, getattr(self.config, name))
+        config.host, config.port, config.workers = (
+            self.config.host,
+            self.config.port,
+            self.config.workers,
+        )
         self.config = config
         self.registry.max_errors = config.max_errors
         self.fleet.apply_config(config)

@@ -81,6 +81,7 @@ class Router:
                 config.header_timeout / 4,
                 config.keepalive_timeout / 4,
                 config.request_timeout / 4,
+                config.queue_timeout / 4 or MAX_SWEEP_S,
             ),
         )
         self._api_keys = [k.encode() for k in config.api_keys]

@@ -255,8 +255,17 @@ class Fleet:
             self._put(spec, "registry")
         now = time.monotonic()
         for service in self.registry.services.values():
-            if service.origin == "registry" and service.name not in listed:
-                self._gone_since.setdefault(service.name, now)
+            if (
+                service.origin == "registry"
+                and service.name not in listed
+                and service.name not in self._gone_since
+            ):
+                self._gone_since[service.name] = now
+                log.info(
+                    "service %s left the registry; removed in %gs unless it returns",
+                    service.name,
+                    self.config.service_removal_grace_period,
+                )
 
 
 REGISTRATION_SHAPE = (

@@ -303,13 +303,13 @@ class Registry:
             spec = msgspec.convert(entry["spec"], ServiceSpec)
             wanted[spec.name] = entry
             service = self.update(spec, entry["origin"])
+            if entry["healthy"] and not service.healthy:
+                service.consecutive_errors = 0  # back after a passing probe
             service.healthy = entry["healthy"]
             service.models = tuple(entry["models"])
             service.models_known = entry["models_known"]
             service.last_check = entry["last_check"]
             service.last_error = entry["last_error"]
-            if service.healthy:
-                service.consecutive_errors = 0
         for name in [n for n in self.services if n not in wanted]:
             self.remove(name, "removed by the supervisor")
         self.known_models = {

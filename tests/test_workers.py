@@ -147,3 +147,54 @@ def test_sighup_reaches_every_worker(spawn, tmp_path):
         assert router.post("/v1/chat/completions", chat_body("9g_8b_thinking")).status == 200
     assert "reloaded: 2 services, strategy round-robin" in router.output
     assert "error" not in router.output.lower()
+
+
+def _every_worker_says(router: Router, healthy: str) -> bool:
+    # Ten fresh connections: with two workers, each is asked ~5 times.
+    return all(router.get("/health").json()["healthy_services"] == healthy for _ in range(10))
+
+
+def test_health_changes_reach_every_worker_within_a_second(spawn):
+    a = spawn(Mock, "w-h-a", ["Qwen3-32B"])
+    b = spawn(Mock, "w-h-b", ["Qwen3-32B"])
+    router = spawn(
+        Router,
+        "--workers",
+        "2",
+        "--backend",
+        a.backend_arg(),
+        "--backend",
+        b.backend_arg(),
+        "--health-interval",
+        "0.5",
+    )
+    router.wait_healthy(2)
+    a.set_fault("unhealthy")
+    # The supervisor's probe notices within an interval; the workers within a second more.
+    wait_until(lambda: _every_worker_says(router, "1/2"), 2.5, "every worker to see it")
+
+
+def test_a_passive_ejection_in_one_worker_reaches_the_others(spawn):
+    a = spawn(Mock, "w-ej-a", ["Qwen3-32B"])
+    b = spawn(Mock, "w-ej-b", ["Qwen3-32B"])
+    router = spawn(
+        Router,
+        "--workers",
+        "2",
+        "--backend",
+        a.backend_arg(),
+        "--backend",
+        b.backend_arg(),
+        "--max-errors",
+        "1",
+        "--health-interval",
+        "60",  # no probe will notice: only requests can
+        "--strategy",
+        "round-robin",
+    )
+    router.wait_healthy(2)
+    a.kill()
+    for _ in range(10):  # retried on b: every request still succeeds
+        assert router.post("/v1/chat/completions", chat_body()).status == 200
+    wait_until(lambda: _every_worker_says(router, "1/2"), 1.0, "every worker to eject it")
+    assert "ejected by a worker" in router.output

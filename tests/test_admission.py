@@ -5,7 +5,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from conftest import Mock, Router, chat_body, wait_until
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,9 +23,7 @@ def _queue_gauge(router: Router) -> float:
 
 
 def test_requests_wait_for_a_slot_in_order(spawn):
-    backend = spawn(Mock, "one-at-a-time", ["Qwen3-32B"], "--ttft", "1")
-    router = spawn(Router, "--backend", backend.backend_arg("max_in_flight=1"))
-    router.wait_healthy(1)
+    backend, router = _one_slot(spawn, "one-at-a-time", "1")
     finished: list[int] = []
     lock = threading.Lock()
 
@@ -56,15 +55,24 @@ def test_requests_wait_for_a_slot_in_order(spawn):
     assert service["max_in_flight"] == 1 and service["in_flight"] == 0
 
 
-def test_queue_timeout_gives_429_with_retry_after(spawn):
-    backend = spawn(Mock, "busy", ["Qwen3-32B"], "--ttft", "2")
-    router = spawn(
-        Router, "--backend", backend.backend_arg("max_in_flight=1"), "--queue-timeout", "0.3"
-    )
+def _one_slot(spawn, name: str, ttft: str, *options: str) -> tuple[Mock, Router]:
+    """A slow backend that takes one request at a time, behind a router."""
+    backend = spawn(Mock, name, ["Qwen3-32B"], "--ttft", ttft)
+    router = spawn(Router, "--backend", backend.backend_arg("max_in_flight=1"), *options)
     router.wait_healthy(1)
+    return backend, router
+
+
+def _fill_the_slot(pool: ThreadPoolExecutor, backend: Mock, router: Router) -> Future[Any]:
+    first = pool.submit(router.post, "/v1/chat/completions", chat_body(), timeout=15)
+    wait_until(lambda: backend.stats()["active"] == 1, 5, "the first request to run")
+    return first
+
+
+def test_queue_timeout_gives_429_with_retry_after(spawn):
+    backend, router = _one_slot(spawn, "busy", "2", "--queue-timeout", "0.3")
     with ThreadPoolExecutor(3) as pool:
-        first = pool.submit(router.post, "/v1/chat/completions", chat_body(), timeout=15)
-        wait_until(lambda: backend.stats()["active"] == 1, 5, "the first request to run")
+        first = _fill_the_slot(pool, backend, router)
         started = time.monotonic()
         waiting = [
             pool.submit(router.post, "/v1/chat/completions", chat_body(), timeout=15)
@@ -83,14 +91,9 @@ def test_queue_timeout_gives_429_with_retry_after(spawn):
 
 
 def test_queue_timeout_zero_refuses_at_once(spawn):
-    backend = spawn(Mock, "busy0", ["Qwen3-32B"], "--ttft", "2")
-    router = spawn(
-        Router, "--backend", backend.backend_arg("max_in_flight=1"), "--queue-timeout", "0"
-    )
-    router.wait_healthy(1)
+    backend, router = _one_slot(spawn, "busy0", "2", "--queue-timeout", "0")
     with ThreadPoolExecutor(1) as pool:
-        first = pool.submit(router.post, "/v1/chat/completions", chat_body(), timeout=15)
-        wait_until(lambda: backend.stats()["active"] == 1, 5, "the first request to run")
+        first = _fill_the_slot(pool, backend, router)
         resp = router.post("/v1/chat/completions", chat_body())
         assert resp.status == 429 and "retry-after" in resp.headers
         assert first.result(15).status == 200
@@ -119,12 +122,9 @@ def test_a_full_service_spills_to_another_with_room(spawn):
 
 
 def test_a_client_that_hangs_up_leaves_the_queue(spawn):
-    backend = spawn(Mock, "busy2", ["Qwen3-32B"], "--ttft", "3")
-    router = spawn(Router, "--backend", backend.backend_arg("max_in_flight=1"))
-    router.wait_healthy(1)
+    backend, router = _one_slot(spawn, "busy2", "3")
     with ThreadPoolExecutor(1) as pool:
-        first = pool.submit(router.post, "/v1/chat/completions", chat_body(), timeout=15)
-        wait_until(lambda: backend.stats()["active"] == 1, 5, "the first request to run")
+        first = _fill_the_slot(pool, backend, router)
         body = b'{"model": "Qwen3-32B", "messages": [{"role": "user", "content": "hi"}]}'
         sock = socket.create_connection(("127.0.0.1", router.port), timeout=5)
         sock.sendall(

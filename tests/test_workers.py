@@ -154,37 +154,26 @@ def _every_worker_says(router: Router, healthy: str) -> bool:
     return all(router.get("/health").json()["healthy_services"] == healthy for _ in range(10))
 
 
-def test_health_changes_reach_every_worker_within_a_second(spawn):
-    a = spawn(Mock, "w-h-a", ["Qwen3-32B"])
-    b = spawn(Mock, "w-h-b", ["Qwen3-32B"])
-    router = spawn(
-        Router,
-        "--workers",
-        "2",
-        "--backend",
-        a.backend_arg(),
-        "--backend",
-        b.backend_arg(),
-        "--health-interval",
-        "0.5",
-    )
+def _two_backends_two_workers(spawn, tag: str, *options: str) -> tuple[Mock, Mock, Router]:
+    a = spawn(Mock, f"w-{tag}-a", ["Qwen3-32B"])
+    b = spawn(Mock, f"w-{tag}-b", ["Qwen3-32B"])
+    backends = ["--backend", a.backend_arg(), "--backend", b.backend_arg()]
+    router = spawn(Router, "--workers", "2", *backends, *options)
     router.wait_healthy(2)
+    return a, b, router
+
+
+def test_health_changes_reach_every_worker_within_a_second(spawn):
+    a, _, router = _two_backends_two_workers(spawn, "h", "--health-interval", "0.5")
     a.set_fault("unhealthy")
     # The supervisor's probe notices within an interval; the workers within a second more.
     wait_until(lambda: _every_worker_says(router, "1/2"), 2.5, "every worker to see it")
 
 
 def test_a_passive_ejection_in_one_worker_reaches_the_others(spawn):
-    a = spawn(Mock, "w-ej-a", ["Qwen3-32B"])
-    b = spawn(Mock, "w-ej-b", ["Qwen3-32B"])
-    router = spawn(
-        Router,
-        "--workers",
-        "2",
-        "--backend",
-        a.backend_arg(),
-        "--backend",
-        b.backend_arg(),
+    a, _, router = _two_backends_two_workers(
+        spawn,
+        "ej",
         "--max-errors",
         "1",
         "--health-interval",
@@ -192,7 +181,6 @@ def test_a_passive_ejection_in_one_worker_reaches_the_others(spawn):
         "--strategy",
         "round-robin",
     )
-    router.wait_healthy(2)
     a.kill()
     for _ in range(10):  # retried on b: every request still succeeds
         assert router.post("/v1/chat/completions", chat_body()).status == 200

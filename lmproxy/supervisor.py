@@ -83,8 +83,12 @@ class Supervisor:
         reservation = self._reserve_port()
         self.fleet.start()
         try:
-            for slot in range(self.config.workers):
-                await self._start_worker(self.workers.setdefault(slot, _Worker(slot)))
+            await asyncio.gather(
+                *(
+                    self._start_worker(self.workers.setdefault(slot, _Worker(slot)))
+                    for slot in range(self.config.workers)
+                )
+            )
         finally:
             reservation.close()
         log.info(
@@ -105,6 +109,8 @@ class Supervisor:
         to one port that every worker then shares (a bound, unlistening socket
         receives no connections)."""
         host, port = self.config.host, self.config.port
+        if not hasattr(socket, "SO_REUSEPORT"):
+            raise ConfigError("--workers needs SO_REUSEPORT (Linux, macOS, BSD); use --workers 1")
         try:
             family, kind, proto, _, address = socket.getaddrinfo(
                 host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE

@@ -217,14 +217,21 @@ class Router:
     def apply(self, config: Config) -> None:
         """A reloaded config: new strategy and settings; services through the fleet.
 
-        Requests under way keep the strategy they started with. Listening
-        address, workers and connection-pool settings need a restart.
+        Requests under way keep the strategy they started with; an unchanged
+        strategy is kept with what it has learnt. Listening address, workers and
+        connection-pool settings need a restart.
         """
         old = self.config
         for name in RESTART_ONLY:
             if getattr(old, name) != getattr(config, name):
                 log.warning("reload: %s changed; it takes effect after a restart", name)
-        self.strategy, self.model_strategies = _load_strategies(config)
+        if (old.strategy, old.strategy_options, old.models) != (
+            config.strategy,
+            config.strategy_options,
+            config.models,
+        ):
+            # Only then: a strategy's learnt state (prefix trees, latencies) is kept.
+            self.strategy, self.model_strategies = _load_strategies(config)
         self.config = config
         self.registry.max_errors = config.max_errors
         self.admission.timeout_s = config.queue_timeout

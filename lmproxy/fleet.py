@@ -22,7 +22,6 @@ and workers mirror its registry.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
@@ -209,8 +208,10 @@ class Fleet:
 
     async def _poll(self) -> None:
         while True:
-            with contextlib.suppress(Exception):
+            try:
                 await self.sync_registry()
+            except Exception:  # a bug here must not end the polling
+                log.exception("registry poll failed")
             await asyncio.sleep(self.config.registry_sync_interval)
 
     async def sync_registry(self) -> None:

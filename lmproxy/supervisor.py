@@ -66,6 +66,7 @@ class Supervisor:
         self.fleet = Fleet(self.registry, config)
         self.workers: dict[int, _Worker] = {}
         self.stopping = False
+        self.serving = False  # every worker started once
         self.draining = False
         self.queue_length = 0
         # Figures of workers that exited: counters never go back.
@@ -91,6 +92,7 @@ class Supervisor:
             )
         finally:
             reservation.close()
+        self.serving = True
         log.info(
             "lmproxy listening on http://%s:%d (%d workers, strategy %s, %d services)",
             self.config.host,
@@ -164,6 +166,9 @@ class Supervisor:
         finally:
             exited.cancel()
         if not worker.ready.done():
+            if worker.process.returncode is None:  # hung in start-up: its watcher restarts it
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.kill()
             raise ConfigError(
                 f"worker {worker.slot} did not start (exit code {worker.process.returncode}); "
                 "see its error above"
@@ -176,8 +181,8 @@ class Supervisor:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(reading, 1.0)  # its last figures
         self._retire(worker)
-        if self.stopping or not worker.ready.done():
-            return
+        if self.stopping or not self.serving:
+            return  # at start-up, run() reports a worker that cannot start
         lived = time.monotonic() - worker.started_at
         if lived >= STABLE_S:
             delay = RESTART_DELAY_S
@@ -192,13 +197,20 @@ class Supervisor:
             lived,
             delay,
         )
-        await asyncio.sleep(delay)
-        if self.stopping:
-            return
-        try:
-            await self._start_worker(worker)
-        except (ConfigError, OSError) as exc:
-            log.error("worker %d failed to restart: %s", worker.slot, exc)
+        while True:
+            await asyncio.sleep(delay)
+            if self.stopping:
+                return
+            try:
+                await self._start_worker(worker)
+                return
+            except ConfigError as exc:
+                # It started and exited or hung: its own watcher tries again, later.
+                log.error("worker %d failed to restart: %s", worker.slot, exc)
+                return
+            except OSError as exc:  # not even started (no memory, no processes left)
+                delay = min(delay * 2, MAX_RESTART_DELAY_S)
+                log.error("cannot start worker %d: %s; retrying in %.1fs", worker.slot, exc, delay)
 
     def _retire(self, worker: _Worker) -> None:
         """Keep the counters of a worker that exited; forget its load."""

@@ -71,6 +71,7 @@ class Fleet:
         self._expires: dict[str, tuple[float, float]] = {}  # name -> (ttl, monotonic deadline)
         self._gone_since: dict[str, float] = {}  # registry services no longer listed
         self._tasks: list[asyncio.Task[None]] = []
+        self._poller: asyncio.Task[None] | None = None
         self._registry_ok = True
         for spec in config.services:
             registry.add(spec, "config")
@@ -78,14 +79,27 @@ class Fleet:
     def start(self) -> None:
         self.checker.start()
         self._tasks.append(asyncio.create_task(self._tick(), name="fleet:tick"))
-        if self.config.registry_url:
-            self._tasks.append(asyncio.create_task(self._poll(), name="fleet:registry"))
+        self._follow_registry()
 
     async def stop(self) -> None:
+        if self._poller is not None:
+            self._tasks.append(self._poller)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.checker.stop()
+
+    def _follow_registry(self) -> None:
+        """Poll the configured registry (or stop polling one no longer configured)."""
+        if self.config.registry_url and self._poller is None:
+            self._poller = asyncio.create_task(self._poll(), name="fleet:registry")
+        elif not self.config.registry_url and self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
+            now = time.monotonic()
+            for service in self.registry.services.values():
+                if service.origin == "registry":
+                    self._gone_since.setdefault(service.name, now)
 
     # --- changes ------------------------------------------------------------------
 
@@ -120,6 +134,7 @@ class Fleet:
                 # The config outranks a registration or the registry for the name.
                 self._remove(spec.name, "now defined in the config")
             self._put(spec, "config")
+        self._follow_registry()
 
     # --- the admin API ------------------------------------------------------------
 
@@ -217,7 +232,8 @@ class Fleet:
     async def sync_registry(self) -> None:
         """One poll of the InfiniLM-SVC registry: it decides membership, never health."""
         url = self.config.registry_url
-        assert url is not None
+        if not url:
+            return
         parts = urlsplit(url)
         path = parts.path.rstrip("/") + "/services?healthy=true"
         try:

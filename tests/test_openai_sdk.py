@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import openai
 import pytest
-from conftest import Router
+from conftest import Mock, Router, wait_until
 
 
 @pytest.fixture
@@ -106,3 +108,27 @@ def test_stream_error_mid_stream_raises_in_the_sdk(client):
         for chunk in stream:
             received.append(chunk)
     assert received  # the tokens before the failure arrived
+
+
+def test_sdk_sees_a_full_queue_as_a_rate_limit_and_retries_after_it(spawn):
+    backend = spawn(Mock, "sdk-busy", ["Qwen3-32B"], "--ttft", "1.5")
+    router = spawn(
+        Router, "--backend", backend.backend_arg("max_in_flight=1"), "--queue-timeout", "0.2"
+    )
+    router.wait_healthy(1)
+    base_url = f"http://127.0.0.1:{router.port}/v1"
+    messages = [{"role": "user", "content": "Hello"}]
+    with (
+        openai.OpenAI(base_url=base_url, api_key="x", timeout=10, max_retries=0) as impatient,
+        openai.OpenAI(base_url=base_url, api_key="x", timeout=10, max_retries=2) as patient,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        first = pool.submit(impatient.chat.completions.create, model="Qwen3-32B", messages=messages)
+        wait_until(lambda: backend.stats()["active"] == 1, 5, "the slot to fill")
+        with pytest.raises(openai.RateLimitError) as caught:
+            impatient.chat.completions.create(model="Qwen3-32B", messages=messages)
+        assert caught.value.response.headers["retry-after"]
+        # The SDK waits Retry-After and tries again: by then the slot is free.
+        completion = patient.chat.completions.create(model="Qwen3-32B", messages=messages)
+        assert completion.choices[0].message.content
+        assert first.result(10).choices[0].message.content

@@ -83,8 +83,6 @@ class SupervisorLink:
             router.apply(config)
         elif op == "snapshot":
             self.channel.reply(message, {"snapshot": self.snapshot()})
-        elif op == "stop":
-            self.stop.set()
 
     def attach(self, router: Router, state: dict[str, Any]) -> None:
         """Start mirroring into ``router``, from the state sent with ``start``."""

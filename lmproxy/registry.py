@@ -232,8 +232,12 @@ class Registry:
         self._changed()
 
     def probe_failed(self, service: Service, reason: str) -> None:
+        first = service.last_check is None
         service.last_check = time.time()
         service.last_error = reason
+        if first:
+            # A wrong URL or a backend not up yet: say so once, not on every retry.
+            log.warning("service %s is not healthy yet: %s", service.name, reason)
         if service.healthy:
             log.warning("service %s is unhealthy: %s", service.name, reason)
             service.healthy = False

@@ -166,6 +166,8 @@ def test_admin_token_from_the_environment(spawn):
     assert router.post("/services", body).status == 401
     resp = router.post("/services", body, headers={"Authorization": "Bearer from-env"})
     assert resp.status == 201
+    # Nothing listens there: the log says so at once, not only /stats.
+    wait_until(lambda: "service env-a is not healthy yet" in router.output, 5, "the warning")
 
 
 def test_without_a_token_only_loopback_may_register(spawn):

@@ -32,3 +32,15 @@ def test_bench_smoke_runs_every_installed_peer():
     for line in out.splitlines():
         if line.startswith("skip "):
             assert "not installed" in line, line  # skipped only for a stated reason
+
+
+def test_hotpath_bench_runs_and_every_request_completes():
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.hotpath", "--requests", "500", "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "us of CPU per request" in result.stdout

@@ -189,6 +189,19 @@ class Router(Process):
         raise KeyError(name)
 
 
+def router_over(
+    spawn: Callable[..., Any],
+    backends: list[Mock],
+    *options: str,
+    env: dict[str, str] | None = None,
+) -> Router:
+    """A router in front of ``backends`` (one ``--backend`` each), once all are healthy."""
+    args = [arg for backend in backends for arg in ("--backend", backend.backend_arg())]
+    router = spawn(Router, *args, *options, env=env)
+    router.wait_healthy(len(backends))
+    return router
+
+
 @pytest.fixture
 def spawn() -> Iterator[Callable[..., Any]]:
     """Start processes (``spawn(Mock, ...)``, ``spawn(Router, ...)``); all stop at the end."""

@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import Mock, Router, chat_body, request, wait_until
+from conftest import Mock, Router, chat_body, request, router_over, wait_until
 
 
 def _recv_all(sock: socket.socket) -> bytes:
@@ -53,8 +53,7 @@ def test_idle_keep_alive_connection_is_closed(spawn):
 
 def test_backend_connections_are_reused(spawn):
     backend = spawn(Mock, "b", ["Qwen3-32B"])
-    router = spawn(Router, "--backend", backend.backend_arg())
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend])
     router.post("/v1/chat/completions", chat_body())
     before = backend.stats()["total_connections"]
     for _ in range(5):
@@ -85,8 +84,7 @@ def _rss_kib(pid: int) -> int:
 def test_slow_client_pauses_the_backend_and_memory_stays_bounded(spawn):
     # 60,000 events of ~200 bytes: ~12 MB that a router without flow control would buffer.
     backend = spawn(Mock, "b", ["Qwen3-32B"])
-    router = spawn(Router, "--backend", backend.backend_arg())
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend])
     rss_before = _rss_kib(router.proc.pid)
     body = json.dumps(chat_body(stream=True, max_tokens=60_000)).encode()
     sock = socket.create_connection(("127.0.0.1", router.port), timeout=30)
@@ -113,8 +111,7 @@ def test_slow_client_pauses_the_backend_and_memory_stays_bounded(spawn):
 
 def test_sigterm_lets_streams_in_flight_finish(spawn):
     backend = spawn(Mock, "b", ["Qwen3-32B"], "--token-delay", "0.05")
-    router = spawn(Router, "--backend", backend.backend_arg(), "--shutdown-timeout", "10")
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend], "--shutdown-timeout", "10")
     result: dict[str, bytes] = {}
 
     def stream() -> None:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import datetime
 
-from conftest import Mock, Router, chat_body, wait_until
+from conftest import Mock, Router, chat_body, router_over, wait_until
 
 
 def test_health_reports_healthy_services(spawn, two_backends):
     a, b = two_backends
-    router = spawn(Router, "--backend", a.backend_arg(), "--backend", b.backend_arg())
-    router.wait_healthy(2)
+    router = router_over(spawn, [a, b])
     resp = router.get("/health")
     assert resp.status == 200
     body = resp.json()
@@ -37,8 +36,7 @@ def test_health_is_503_with_same_shape_when_no_service_is_healthy(spawn):
 def test_models_is_deduplicated_union_of_healthy_services(spawn):
     a = spawn(Mock, "a", ["Qwen3-32B", "shared"])
     b = spawn(Mock, "b", ["9g_8b_thinking", "shared"])
-    router = spawn(Router, "--backend", a.backend_arg(), "--backend", b.backend_arg())
-    router.wait_healthy(2)
+    router = router_over(spawn, [a, b])
     for path in ("/models", "/v1/models"):
         body = router.get(path).json()
         assert body["object"] == "list"
@@ -56,16 +54,7 @@ def test_models_is_deduplicated_union_of_healthy_services(spawn):
 def test_models_leaves_out_unhealthy_services(spawn):
     a = spawn(Mock, "a", ["alpha"])
     b = spawn(Mock, "b", ["beta"])
-    router = spawn(
-        Router,
-        "--backend",
-        a.backend_arg(),
-        "--backend",
-        b.backend_arg(),
-        "--health-interval",
-        "0.2",
-    )
-    router.wait_healthy(2)
+    router = router_over(spawn, [a, b], "--health-interval", "0.2")
     b.set_fault("unhealthy")
     router.wait_healthy(1)
     assert [m["id"] for m in router.get("/v1/models").json()["data"]] == ["alpha"]
@@ -92,8 +81,7 @@ def test_services_lists_every_service(spawn, two_backends):
 
 def test_stats_count_real_proxied_requests(spawn, two_backends):
     a, b = two_backends
-    router = spawn(Router, "--backend", a.backend_arg(), "--backend", b.backend_arg())
-    router.wait_healthy(2)
+    router = router_over(spawn, [a, b])
     for _ in range(3):
         assert router.post("/v1/chat/completions", chat_body("Qwen3-32B")).status == 200
     assert (
@@ -133,8 +121,7 @@ def test_unknown_path_is_404_with_hint(spawn, two_backends):
 
 def test_api_keys_guard_everything_but_health(spawn, two_backends):
     a, _ = two_backends
-    router = spawn(Router, "--backend", a.backend_arg(), "--api-key", "sekrit")
-    router.wait_healthy(1)
+    router = router_over(spawn, [a], "--api-key", "sekrit")
     assert router.get("/health").status == 200
     denied = router.post("/v1/chat/completions", chat_body())
     assert denied.status == 401

@@ -6,14 +6,13 @@ import socket
 import time
 
 import pytest
-from conftest import Mock, Router, chat_body, free_port, wait_until
+from conftest import Mock, Router, chat_body, free_port, router_over, wait_until
 
 
 @pytest.fixture
 def router(spawn, two_backends):
     a, b = two_backends
-    router = spawn(Router, "--backend", a.backend_arg(), "--backend", b.backend_arg())
-    router.wait_healthy(2)
+    router = router_over(spawn, [a, b])
     return router
 
 
@@ -88,8 +87,7 @@ def test_valid_edges_of_the_ranges_pass(router):
 
 def test_missing_model_uses_the_only_served_model(spawn):
     only = spawn(Mock, "only", ["solo"])
-    router = spawn(Router, "--backend", only.backend_arg())
-    router.wait_healthy(1)
+    router = router_over(spawn, [only])
     resp = router.post("/v1/chat/completions", chat_body(model=None))
     assert resp.status == 200
     assert resp.json()["model"] == "solo"  # the backend was told the model
@@ -97,16 +95,7 @@ def test_missing_model_uses_the_only_served_model(spawn):
 
 def test_missing_model_uses_default_model(spawn, two_backends):
     a, b = two_backends
-    router = spawn(
-        Router,
-        "--backend",
-        a.backend_arg(),
-        "--backend",
-        b.backend_arg(),
-        "--default-model",
-        "9g_8b_thinking",
-    )
-    router.wait_healthy(2)
+    router = router_over(spawn, [a, b], "--default-model", "9g_8b_thinking")
     resp = router.post("/chat/completions", chat_body(model=None))
     assert resp.status == 200
     assert resp.headers["x-mock-server"] == "svc-9g"
@@ -119,8 +108,7 @@ def test_404_unknown_model_lists_available(router):
 
 def test_503_known_model_without_healthy_service(spawn):
     backend = spawn(Mock, "a", ["Qwen3-32B"])
-    router = spawn(Router, "--backend", backend.backend_arg(), "--health-interval", "0.2")
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend], "--health-interval", "0.2")
     backend.set_fault("unhealthy")
     router.wait_healthy(0)
     message = _error(router.post("/v1/chat/completions", chat_body()), 503)
@@ -140,8 +128,7 @@ def test_503_while_discovery_is_pending(spawn):
 
 def test_502_when_backend_is_unreachable(spawn):
     backend = spawn(Mock, "a", ["Qwen3-32B"])
-    router = spawn(Router, "--backend", backend.backend_arg(), "--health-interval", "60")
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend], "--health-interval", "60")
     backend.kill()  # the router still thinks it healthy: its next check is a minute away
     message = _error(router.post("/v1/chat/completions", chat_body()), 502)
     assert "service a is unreachable" in message
@@ -156,8 +143,7 @@ def test_502_when_backend_answers_garbage(router):
 
 def test_504_when_backend_hangs(spawn):
     backend = spawn(Mock, "a", ["Qwen3-32B"], "--fault", "hang")
-    router = spawn(Router, "--backend", backend.backend_arg(), "--request-timeout", "0.5")
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend], "--request-timeout", "0.5")
     started = time.monotonic()
     message = _error(router.post("/v1/chat/completions", chat_body()), 504)
     assert 0.4 < time.monotonic() - started < 5

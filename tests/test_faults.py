@@ -9,24 +9,15 @@ import threading
 import time
 
 import pytest
-from conftest import Mock, Router, chat_body, free_port, wait_until
+from conftest import Mock, chat_body, free_port, router_over, wait_until
 
 
 def test_backend_killed_while_answering_is_retried_elsewhere(spawn):
     slow = spawn(Mock, "slow", ["Qwen3-32B"], "--ttft", "3")
     fast = spawn(Mock, "fast", ["Qwen3-32B"])
-    router = spawn(
-        Router,
-        "--backend",
-        slow.backend_arg(),
-        "--backend",
-        fast.backend_arg(),
-        "--health-interval",
-        "60",
-        "--strategy",
-        "round-robin",
+    router = router_over(
+        spawn, [slow, fast], "--health-interval", "60", "--strategy", "round-robin"
     )
-    router.wait_healthy(2)
     # Round-robin sends the first request to slow; kill it while it "thinks".
     result = {}
     client = threading.Thread(
@@ -46,18 +37,7 @@ def test_killed_backend_is_ejected_and_readmitted_when_back(spawn):
     port = free_port()
     doomed = spawn(Mock, "doomed", ["Qwen3-32B"], port=port)
     spare = spawn(Mock, "spare", ["Qwen3-32B"])
-    router = spawn(
-        Router,
-        "--backend",
-        doomed.backend_arg(),
-        "--backend",
-        spare.backend_arg(),
-        "--max-errors",
-        "2",
-        "--health-interval",
-        "0.5",
-    )
-    router.wait_healthy(2)
+    router = router_over(spawn, [doomed, spare], "--max-errors", "2", "--health-interval", "0.5")
     doomed.kill()
     for _ in range(6):  # every request still succeeds, on spare
         resp = router.post("/v1/chat/completions", chat_body())
@@ -74,8 +54,7 @@ def test_killed_backend_is_ejected_and_readmitted_when_back(spawn):
 @pytest.mark.parametrize("fault", ["truncated", "bad-chunk"])
 def test_broken_body_cuts_the_response_and_the_connection_is_discarded(spawn, fault):
     backend = spawn(Mock, "b", ["Qwen3-32B"])
-    router = spawn(Router, "--backend", backend.backend_arg(), "--max-errors", "0")
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend], "--max-errors", "0")
     body = json.dumps(chat_body()).encode()
     with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
         sock.sendall(
@@ -96,8 +75,7 @@ def test_broken_body_cuts_the_response_and_the_connection_is_discarded(spawn, fa
 
 def test_longer_body_than_content_length_is_not_reused(spawn):
     backend = spawn(Mock, "b", ["Qwen3-32B"])
-    router = spawn(Router, "--backend", backend.backend_arg(), "--max-errors", "0")
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend], "--max-errors", "0")
     resp = router.post(
         "/v1/chat/completions", chat_body(), headers={"X-Mock-Fault": "wrong-length"}
     )
@@ -109,8 +87,7 @@ def test_longer_body_than_content_length_is_not_reused(spawn):
 
 def test_chunk_that_never_ends_times_out(spawn):
     backend = spawn(Mock, "b", ["Qwen3-32B"])
-    router = spawn(Router, "--backend", backend.backend_arg(), "--request-timeout", "0.5")
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend], "--request-timeout", "0.5")
     body = json.dumps(chat_body()).encode()
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
@@ -128,8 +105,7 @@ def test_chunk_that_never_ends_times_out(spawn):
 
 def test_client_hang_up_reaches_the_backend_within_100ms(spawn):
     backend = spawn(Mock, "b", ["Qwen3-32B"], "--token-delay", "0.01")
-    router = spawn(Router, "--backend", backend.backend_arg())
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend])
     body = json.dumps(chat_body(stream=True, max_tokens=5000)).encode()
     sock = socket.create_connection(("127.0.0.1", router.port), timeout=10)
     sock.sendall(
@@ -147,10 +123,9 @@ def test_client_hang_up_reaches_the_backend_within_100ms(spawn):
 def test_connect_timeout_gives_502_without_waiting_for_the_request_timeout(spawn):
     port = free_port()
     backend = spawn(Mock, "blackhole", ["Qwen3-32B"], port=port)
-    router = spawn(
-        Router,
-        "--backend",
-        backend.backend_arg(),
+    router = router_over(
+        spawn,
+        [backend],
         "--health-interval",
         "60",
         "--connect-timeout",
@@ -158,7 +133,6 @@ def test_connect_timeout_gives_502_without_waiting_for_the_request_timeout(spawn
         "--request-timeout",
         "30",
     )
-    router.wait_healthy(1)
     backend.kill()
     # A listener that never accepts, its one-place backlog filled: SYNs go unanswered.
     listener = socket.socket()

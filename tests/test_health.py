@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import time
 
-from conftest import Mock, Router, chat_body, wait_until
+from conftest import Mock, Router, chat_body, router_over, wait_until
 
 
 def test_models_are_discovered_from_v1_models(spawn):
     backend = spawn(Mock, "b", ["m-one", "m-two"])
-    router = spawn(Router, "--backend", backend.backend_arg())
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend])
     assert router.get("/services").json()["services"][0]["models"] == ["m-one", "m-two"]
     assert "/v1/models" in backend.stats()["paths"]
     assert "service b serves model m-one" in router.output
@@ -19,8 +18,7 @@ def test_models_are_discovered_from_v1_models(spawn):
 
 def test_discovery_falls_back_to_models(spawn):
     backend = spawn(Mock, "old", ["legacy"], "--no-v1-models")
-    router = spawn(Router, "--backend", backend.backend_arg())
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend])
     assert router.get("/services").json()["services"][0]["models"] == ["legacy"]
     assert backend.stats()["paths"][-2:] == ["/v1/models", "/models"]
 
@@ -56,8 +54,7 @@ def test_health_check_uses_the_services_own_health_path(spawn):
 
 def test_new_models_are_picked_up_by_the_next_check(spawn):
     backend = spawn(Mock, "b", ["m"])
-    router = spawn(Router, "--backend", backend.backend_arg(), "--health-interval", "0.3")
-    router.wait_healthy(1)
+    router_over(spawn, [backend], "--health-interval", "0.3")
     first = backend.stats()["requests"]
     wait_until(lambda: backend.stats()["requests"] >= first + 4, 5, "two more checks")
 
@@ -65,12 +62,9 @@ def test_new_models_are_picked_up_by_the_next_check(spawn):
 def test_passive_ejection_after_max_errors_and_readmission(spawn):
     backend = spawn(Mock, "flaky", ["Qwen3-32B"], "--fault", "garbage")
     spare = spawn(Mock, "spare", ["Qwen3-32B"])
-    router = spawn(
-        Router,
-        "--backend",
-        backend.backend_arg(),
-        "--backend",
-        spare.backend_arg(),
+    router = router_over(
+        spawn,
+        [backend, spare],
         "--max-errors",
         "2",
         "--health-interval",
@@ -78,7 +72,6 @@ def test_passive_ejection_after_max_errors_and_readmission(spawn):
         "--strategy",
         "round-robin",
     )
-    router.wait_healthy(2)
     statuses = []
     for _ in range(6):
         resp = router.post("/v1/chat/completions", chat_body())
@@ -100,8 +93,7 @@ def test_passive_ejection_after_max_errors_and_readmission(spawn):
 
 def test_backend_500s_are_counted_but_do_not_eject(spawn):
     backend = spawn(Mock, "b", ["Qwen3-32B"])
-    router = spawn(Router, "--backend", backend.backend_arg(), "--max-errors", "1")
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend], "--max-errors", "1")
     for _ in range(3):
         resp = router.post("/v1/chat/completions", chat_body(), headers={"X-Mock-Fault": "500"})
         assert resp.status == 500
@@ -112,16 +104,7 @@ def test_backend_500s_are_counted_but_do_not_eject(spawn):
 def test_unreachable_service_is_retried_on_another(spawn):
     dead = spawn(Mock, "dead", ["Qwen3-32B"])
     alive = spawn(Mock, "alive", ["Qwen3-32B"])
-    router = spawn(
-        Router,
-        "--backend",
-        dead.backend_arg(),
-        "--backend",
-        alive.backend_arg(),
-        "--health-interval",
-        "60",
-    )
-    router.wait_healthy(2)
+    router = router_over(spawn, [dead, alive], "--health-interval", "60")
     dead.kill()  # still "healthy" to the router: its next check is a minute away
     for _ in range(4):
         resp = router.post("/v1/chat/completions", chat_body())
@@ -133,16 +116,7 @@ def test_unreachable_service_is_retried_on_another(spawn):
 def test_backend_killed_between_requests_pooled_connection(spawn):
     first = spawn(Mock, "first", ["Qwen3-32B"])
     second = spawn(Mock, "second", ["Qwen3-32B"])
-    router = spawn(
-        Router,
-        "--backend",
-        first.backend_arg(),
-        "--backend",
-        second.backend_arg(),
-        "--health-interval",
-        "60",
-    )
-    router.wait_healthy(2)
+    router = router_over(spawn, [first, second], "--health-interval", "60")
     # Warm both pools with a keep-alive connection each.
     served = {
         router.post("/v1/chat/completions", chat_body()).headers["x-mock-server"] for _ in range(2)
@@ -157,8 +131,7 @@ def test_backend_killed_between_requests_pooled_connection(spawn):
 def test_request_dropped_before_the_answer_is_retried(spawn):
     closer = spawn(Mock, "closer", ["Qwen3-32B"], "--fault", "close")
     good = spawn(Mock, "good", ["Qwen3-32B"])
-    router = spawn(Router, "--backend", closer.backend_arg(), "--backend", good.backend_arg())
-    router.wait_healthy(2)
+    router = router_over(spawn, [closer, good])
     for _ in range(3):
         resp = router.post("/v1/chat/completions", chat_body())
         assert resp.status == 200 and resp.headers["x-mock-server"] == "good"
@@ -179,16 +152,7 @@ def test_retries_are_bounded(spawn):
 def test_timeout_is_not_retried(spawn):
     hang = spawn(Mock, "hang", ["Qwen3-32B"], "--fault", "hang")
     other = spawn(Mock, "other", ["Qwen3-32B"])
-    router = spawn(
-        Router,
-        "--backend",
-        hang.backend_arg(),
-        "--backend",
-        other.backend_arg(),
-        "--request-timeout",
-        "0.3",
-    )
-    router.wait_healthy(2)
+    router = router_over(spawn, [hang, other], "--request-timeout", "0.3")
     started = time.monotonic()
     results = [router.post("/v1/chat/completions", chat_body()).status for _ in range(2)]
     assert sorted(results) == [200, 504]

@@ -7,7 +7,7 @@ import json
 import socket
 import time
 
-from conftest import Mock, Router, chat_body, wait_until
+from conftest import Mock, Router, chat_body, router_over, wait_until
 
 from lmproxy.system import raise_open_file_limit
 
@@ -78,8 +78,7 @@ async def test_thousands_of_concurrent_streams_all_accounted_for(spawn):
 
 def test_connections_past_the_limit_are_refused_fast(spawn):
     backend = spawn(Mock, "b", ["Qwen3-32B"])
-    router = spawn(Router, "--backend", backend.backend_arg(), "--max-connections", "5")
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend], "--max-connections", "5")
     held = [socket.create_connection(("127.0.0.1", router.port), timeout=5) for _ in range(5)]
     try:
         wait_until(lambda: _refused_with_503(router.port), 5, "a refusal")

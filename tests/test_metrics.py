@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import Mock, Router, chat_body, wait_until
+from conftest import Mock, Router, chat_body, router_over, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -69,8 +69,7 @@ def test_metrics_need_the_api_key_when_keys_are_set(spawn):
 
 def test_access_log_json_and_request_ids(spawn):
     backend = spawn(Mock, "a", ["Qwen3-32B"])
-    router = spawn(Router, "--backend", backend.backend_arg(), "--access-log", "json")
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend], "--access-log", "json")
     resp = router.post(
         "/v1/chat/completions", chat_body(max_tokens=2), headers={"X-Request-ID": "given-123"}
     )
@@ -102,8 +101,7 @@ def test_access_log_json_and_request_ids(spawn):
 
 def test_access_log_text(spawn):
     backend = spawn(Mock, "a", ["Qwen3-32B"])
-    router = spawn(Router, "--backend", backend.backend_arg(), "--access-log", "text")
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend], "--access-log", "text")
     router.post("/chat/completions", chat_body(), headers={"X-Request-ID": "r1"})
     line = wait_until(
         lambda: next((ln for ln in router.output.splitlines() if "lmproxy.access" in ln), None),
@@ -116,7 +114,6 @@ def test_access_log_text(spawn):
 
 def test_no_access_log_by_default(spawn):
     backend = spawn(Mock, "a", ["Qwen3-32B"])
-    router = spawn(Router, "--backend", backend.backend_arg())
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend])
     router.post("/chat/completions", chat_body())
     assert "lmproxy.access" not in router.output

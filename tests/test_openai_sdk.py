@@ -6,14 +6,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from conftest import Mock, Router, wait_until
+from conftest import Mock, Router, router_over, wait_until
 
 
 @pytest.fixture
 def client(spawn, two_backends):
     a, b = two_backends
-    router = spawn(Router, "--backend", a.backend_arg(), "--backend", b.backend_arg())
-    router.wait_healthy(2)
+    router = router_over(spawn, [a, b])
     with openai.OpenAI(
         base_url=f"http://127.0.0.1:{router.port}/v1",
         api_key="not-needed",

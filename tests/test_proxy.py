@@ -6,14 +6,13 @@ import json
 import socket
 
 import pytest
-from conftest import Mock, Router, chat_body, request, wait_until
+from conftest import Mock, chat_body, request, router_over, wait_until
 
 
 @pytest.fixture
 def setup(spawn, two_backends):
     a, b = two_backends
-    router = spawn(Router, "--backend", a.backend_arg(), "--backend", b.backend_arg())
-    router.wait_healthy(2)
+    router = router_over(spawn, [a, b])
     return router, a, b
 
 
@@ -105,16 +104,7 @@ def test_hop_by_hop_headers_are_not_forwarded(setup):
 def test_round_robin_keeps_one_cursor_per_model(spawn):
     a = spawn(Mock, "a", ["m1", "m2"])
     b = spawn(Mock, "b", ["m1", "m2"])
-    router = spawn(
-        Router,
-        "--backend",
-        a.backend_arg(),
-        "--backend",
-        b.backend_arg(),
-        "--strategy",
-        "round-robin",
-    )
-    router.wait_healthy(2)
+    router = router_over(spawn, [a, b], "--strategy", "round-robin")
     served = {"m1": [], "m2": []}
     # Interleaved models: a global counter would send every m1 to one service.
     for _ in range(4):

@@ -11,7 +11,7 @@ import textwrap
 import threading
 
 import pytest
-from conftest import ROOT, Mock, Router, chat_body, request, wait_until
+from conftest import ROOT, Mock, Router, chat_body, request, router_over, wait_until
 
 import strategies
 from lmproxy.config import ServiceSpec
@@ -108,18 +108,9 @@ def test_weighted_through_the_router(spawn):
 def test_least_latency_prefers_the_fast_service_and_wins_back_the_slow_one(spawn):
     a = spawn(Mock, "a", ["Qwen3-32B"], "--ttft", "0.08")
     b = spawn(Mock, "b", ["Qwen3-32B"], "--ttft", "0.005")
-    router = spawn(
-        Router,
-        "--backend",
-        a.backend_arg(),
-        "--backend",
-        b.backend_arg(),
-        "--strategy",
-        "least-latency",
-        "--strategy-opt",
-        "explore=0.1",
+    router = router_over(
+        spawn, [a, b], "--strategy", "least-latency", "--strategy-opt", "explore=0.1"
     )
-    router.wait_healthy(2)
 
     def served(n: int) -> collections.Counter:
         return collections.Counter(
@@ -143,16 +134,7 @@ def test_least_latency_prefers_the_fast_service_and_wins_back_the_slow_one(spawn
 def test_least_outstanding_balances_long_and_short_streams(spawn):
     a = spawn(Mock, "a", ["Qwen3-32B"], "--token-delay", "0.05")
     b = spawn(Mock, "b", ["Qwen3-32B"], "--token-delay", "0.05")
-    router = spawn(
-        Router,
-        "--backend",
-        a.backend_arg(),
-        "--backend",
-        b.backend_arg(),
-        "--strategy",
-        "least-outstanding",
-    )
-    router.wait_healthy(2)
+    router = router_over(spawn, [a, b], "--strategy", "least-outstanding")
     long_streams = [
         threading.Thread(
             target=router.post, args=("/v1/chat/completions", chat_body(stream=True, max_tokens=60))
@@ -317,13 +299,7 @@ def test_cache_aware_through_the_router_keeps_conversations_home(spawn):
     backends = [
         spawn(Mock, f"c{i}", ["Qwen3-32B"], "--prefix-cache-blocks", "5000") for i in range(3)
     ]
-    router = spawn(
-        Router,
-        *[a for b in backends for a in ("--backend", b.backend_arg())],
-        "--strategy",
-        "cache-aware",
-    )
-    router.wait_healthy(3)
+    router = router_over(spawn, backends, "--strategy", "cache-aware")
     for i in range(3):
         homes = {
             router.post(
@@ -461,19 +437,7 @@ def test_strategy_from_a_separately_installed_package(spawn, tmp_path):
     assert "pinned" in listed.stdout and "a test plugin" in listed.stdout
     a = spawn(Mock, "a", ["Qwen3-32B"])
     b = spawn(Mock, "b", ["Qwen3-32B"])
-    router = spawn(
-        Router,
-        "--backend",
-        a.backend_arg(),
-        "--backend",
-        b.backend_arg(),
-        "--strategy",
-        "pinned",
-        "--strategy-opt",
-        "name=b",
-        env=env,
-    )
-    router.wait_healthy(2)
+    router = router_over(spawn, [a, b], "--strategy", "pinned", "--strategy-opt", "name=b", env=env)
     assert {
         router.post("/v1/chat/completions", chat_body()).headers["x-mock-server"] for _ in range(4)
     } == {"b"}
@@ -486,19 +450,15 @@ def test_the_readme_example_strategy_works(spawn, tmp_path):
     (tmp_path / "my_strategy.py").write_text(code)
     a = spawn(Mock, "a", ["Qwen3-32B"], "--token-delay", "0.02")
     b = spawn(Mock, "b", ["Qwen3-32B"])
-    router = spawn(
-        Router,
-        "--backend",
-        a.backend_arg(),
-        "--backend",
-        b.backend_arg(),
+    router = router_over(
+        spawn,
+        [a, b],
         "--strategy",
         "my_strategy:FewestTokens",
         "--strategy-opt",
         "default_tokens=64",
         env={"PYTHONPATH": str(tmp_path)},
     )
-    router.wait_healthy(2)
     # A long generation owes tokens on one service: the next request goes to the other.
     long = threading.Thread(
         target=router.post, args=("/v1/chat/completions", chat_body(max_tokens=50))

@@ -10,7 +10,7 @@ import socket
 import time
 
 import pytest
-from conftest import Mock, Router, chat_body, wait_until
+from conftest import Mock, chat_body, router_over, wait_until
 
 
 async def _open_stream(port: int, body: dict, headers: str = "") -> tuple:
@@ -50,8 +50,7 @@ async def _events(reader: asyncio.StreamReader, timeout_s: float = 10) -> list[t
 def paced(spawn):
     # 10 tokens, 0.15 s apart: the whole answer takes 1.5 s at the backend.
     backend = spawn(Mock, "paced", ["Qwen3-32B"], "--token-delay", "0.15")
-    router = spawn(Router, "--backend", backend.backend_arg())
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend])
     return router, backend
 
 
@@ -81,8 +80,7 @@ async def test_events_arrive_as_the_backend_produces_them(paced):
 
 async def test_stream_bytes_are_forwarded_unchanged(spawn):
     backend = spawn(Mock, "b", ["Qwen3-32B"])
-    router = spawn(Router, "--backend", backend.backend_arg())
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend])
     direct_reader, direct_writer, _ = await _open_stream(
         backend.port, chat_body(stream=True, max_tokens=5)
     )
@@ -106,8 +104,7 @@ async def test_stream_bytes_are_forwarded_unchanged(spawn):
 
 async def test_backend_dying_mid_stream_ends_with_error_event(spawn):
     backend = spawn(Mock, "b", ["Qwen3-32B"])
-    router = spawn(Router, "--backend", backend.backend_arg())
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend])
     reader, writer, head = await _open_stream(
         router.port, chat_body(stream=True, max_tokens=10), "X-Mock-Fault: close-mid-stream\r\n"
     )
@@ -124,8 +121,7 @@ async def test_backend_dying_mid_stream_ends_with_error_event(spawn):
 
 async def test_backend_process_killed_mid_stream(spawn):
     backend = spawn(Mock, "b", ["Qwen3-32B"], "--token-delay", "0.05")
-    router = spawn(Router, "--backend", backend.backend_arg(), "--health-interval", "60")
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend], "--health-interval", "60")
     reader, writer, _ = await _open_stream(router.port, chat_body(stream=True, max_tokens=200))
     first = await asyncio.wait_for(_read_chunk(reader), 10)
     assert first.startswith(b"data: ")
@@ -140,8 +136,7 @@ async def test_backend_process_killed_mid_stream(spawn):
 
 async def test_stalled_stream_ends_after_request_timeout(spawn):
     backend = spawn(Mock, "b", ["Qwen3-32B"])
-    router = spawn(Router, "--backend", backend.backend_arg(), "--request-timeout", "0.5")
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend], "--request-timeout", "0.5")
     started = time.monotonic()
     reader, writer, _ = await _open_stream(
         router.port, chat_body(stream=True, max_tokens=10), "X-Mock-Fault: stall-mid-stream\r\n"
@@ -155,8 +150,7 @@ async def test_stalled_stream_ends_after_request_timeout(spawn):
 async def test_long_healthy_stream_outlives_request_timeout(spawn):
     # 12 tokens 0.1 s apart = 1.2 s of stream, with a 0.5 s request timeout.
     backend = spawn(Mock, "b", ["Qwen3-32B"], "--token-delay", "0.1")
-    router = spawn(Router, "--backend", backend.backend_arg(), "--request-timeout", "0.5")
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend], "--request-timeout", "0.5")
     reader, writer, _ = await _open_stream(router.port, chat_body(stream=True, max_tokens=12))
     events = [e for _, e in await _events(reader)]
     assert events[-1] == b"data: [DONE]"
@@ -165,8 +159,7 @@ async def test_long_healthy_stream_outlives_request_timeout(spawn):
 
 def test_client_hang_up_closes_the_backend_connection(spawn):
     backend = spawn(Mock, "b", ["Qwen3-32B"], "--token-delay", "0.05")
-    router = spawn(Router, "--backend", backend.backend_arg())
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend])
     body = json.dumps(chat_body(stream=True, max_tokens=1000)).encode()
     sock = socket.create_connection(("127.0.0.1", router.port), timeout=10)
     sock.sendall(
@@ -193,8 +186,7 @@ def test_client_hang_up_closes_the_backend_connection(spawn):
 
 def test_hang_up_while_waiting_for_the_head(spawn):
     backend = spawn(Mock, "b", ["Qwen3-32B"], "--ttft", "5")
-    router = spawn(Router, "--backend", backend.backend_arg())
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend])
     body = json.dumps(chat_body(max_tokens=1)).encode()
     with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
         sock.sendall(

@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 
-from conftest import Mock, Router, chat_body, wait_until
+from conftest import Mock, Router, chat_body, router_over, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -67,10 +67,7 @@ def test_registration_reaches_every_worker_within_a_second(spawn):
 
 def test_each_service_is_probed_once_per_interval(spawn):
     backend = spawn(Mock, "w-probe", ["Qwen3-32B"])
-    router = spawn(
-        Router, "--workers", "2", "--backend", backend.backend_arg(), "--health-interval", "0.5"
-    )
-    router.wait_healthy(1)
+    router_over(spawn, [backend], "--workers", "2", "--health-interval", "0.5")
     start = time.monotonic()
     before = backend.stats()["paths"].count("/health")
     time.sleep(3.0)  # six intervals
@@ -81,8 +78,7 @@ def test_each_service_is_probed_once_per_interval(spawn):
 
 def test_in_flight_is_summed_over_workers(spawn):
     backend = spawn(Mock, "w-slow", ["Qwen3-32B"], "--ttft", "2")
-    router = spawn(Router, "--workers", "2", "--backend", backend.backend_arg())
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend], "--workers", "2")
     threads = [
         threading.Thread(target=router.post, args=("/v1/chat/completions", chat_body()))
         for _ in range(6)
@@ -98,8 +94,7 @@ def test_in_flight_is_summed_over_workers(spawn):
 
 def test_a_dead_worker_is_restarted_and_its_counts_kept(spawn):
     backend = spawn(Mock, "w-kill", ["Qwen3-32B"])
-    router = spawn(Router, "--workers", "2", "--backend", backend.backend_arg())
-    router.wait_healthy(1)
+    router = router_over(spawn, [backend], "--workers", "2")
     for _ in range(20):
         assert router.post("/v1/chat/completions", chat_body()).status == 200
     assert router.get("/stats").json()["services"][0]["request_count"] == 20
@@ -157,10 +152,7 @@ def _every_worker_says(router: Router, healthy: str) -> bool:
 def _two_backends_two_workers(spawn, tag: str, *options: str) -> tuple[Mock, Mock, Router]:
     a = spawn(Mock, f"w-{tag}-a", ["Qwen3-32B"])
     b = spawn(Mock, f"w-{tag}-b", ["Qwen3-32B"])
-    backends = ["--backend", a.backend_arg(), "--backend", b.backend_arg()]
-    router = spawn(Router, "--workers", "2", *backends, *options)
-    router.wait_healthy(2)
-    return a, b, router
+    return a, b, router_over(spawn, [a, b], "--workers", "2", *options)
 
 
 def test_health_changes_reach_every_worker_within_a_second(spawn):

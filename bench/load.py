@@ -114,8 +114,14 @@ async def _read_stream(
 ) -> bool:
     """Read one chunked SSE response to its end; True when it ended with [DONE]."""
     head = await reader.readuntil(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        return False
+    return head.startswith(b"HTTP/1.1 200") and await _read_events(reader, started, offsets)
+
+
+async def _read_events(
+    reader: asyncio.StreamReader, started: float, offsets: list[float] | None
+) -> bool:
+    """Read a chunked SSE body to its end, noting each event's arrival in ``offsets``;
+    True when the last event was [DONE]."""
     buffer = b""
     last = b""
     while True:
@@ -186,19 +192,8 @@ async def many_streams(
             opened += 1
             if opened == count:
                 on_all_open.set()
-            ok = head.startswith(b"HTTP/1.1 200")
-            last = b""
-            buffer = b""
-            while ok:
-                size = int((await reader.readuntil(b"\r\n")).strip(), 16)
-                chunk = (await reader.readexactly(size + 2))[:-2]
-                if size == 0:
-                    break
-                buffer += chunk
-                *events, buffer = buffer.split(b"\n\n")
-                if events:
-                    last = events[-1]
-            results["ok" if ok and last == b"data: [DONE]" else "failed"] += 1
+            ok = head.startswith(b"HTTP/1.1 200") and await _read_events(reader, 0.0, None)
+            results["ok" if ok else "failed"] += 1
         except (OSError, asyncio.IncompleteReadError, ValueError):
             results["failed"] += 1
         finally:

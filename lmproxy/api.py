@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lmproxy.app import Router
+    from lmproxy.registry import Service
 
 Payload = tuple[int, Any]
 
@@ -61,19 +62,21 @@ def model(router: Router, model_id: str) -> Payload:
     return 200, _model_object(router, model_id)
 
 
+def service_entry(service: Service) -> dict[str, Any]:
+    """One service as /services lists it."""
+    return {
+        "name": service.name,
+        "url": service.url,
+        "healthy": service.healthy,
+        "models": list(service.models),
+        "weight": service.weight,
+        "max_in_flight": service.spec.max_in_flight,
+        "origin": service.origin,
+    }
+
+
 def services(router: Router) -> Payload:
-    listed = [
-        {
-            "name": s.name,
-            "url": s.url,
-            "healthy": s.healthy,
-            "models": list(s.models),
-            "weight": s.weight,
-            "max_in_flight": s.spec.max_in_flight,
-            "origin": s.origin,
-        }
-        for s in router.registry.services.values()
-    ]
+    listed = [service_entry(s) for s in router.registry.services.values()]
     return 200, {"services": listed, "total": len(listed)}
 
 

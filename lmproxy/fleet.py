@@ -29,6 +29,7 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 
+from lmproxy.api import service_entry
 from lmproxy.config import Config, ConfigError, ServiceSpec, spec_from_entry
 from lmproxy.health import HealthChecker
 from lmproxy.probe import ProbeError, http_get
@@ -50,17 +51,8 @@ class _RegistryListing(msgspec.Struct):
 
 
 def describe(service: Service) -> dict[str, Any]:
-    spec = service.spec
-    return {
-        "name": service.name,
-        "url": service.url,
-        "models": list(service.models),
-        "weight": service.weight,
-        "health_path": spec.health_path,
-        "max_in_flight": spec.max_in_flight,
-        "healthy": service.healthy,
-        "origin": service.origin,
-    }
+    """A service as the admin API answers: its /services entry and its health path."""
+    return {**service_entry(service), "health_path": service.spec.health_path}
 
 
 class Fleet:

@@ -67,7 +67,6 @@ class Supervisor:
         self.workers: dict[int, _Worker] = {}
         self.stopping = False
         self.serving = False  # every worker started once
-        self.draining = False
         self.queue_length = 0
         # Figures of workers that exited: counters never go back.
         self.retired = Metrics(self.registry, lambda: 0)
@@ -228,7 +227,6 @@ class Supervisor:
 
     async def shutdown(self) -> None:
         self.stopping = True
-        self.draining = True
         processes = [w.process for w in self.workers.values() if w.process is not None]
         for process in processes:
             if process.returncode is None:

@@ -20,6 +20,11 @@ clears it):
 ``wrong-length``    a body longer than its Content-Length
 ``bad-chunk``       a chunked body with a chunk size that is not hex
 ``endless-chunk``   a chunk that never ends (the backend stalls inside it)
+``cut-mid-chunk``   a streamed answer whose connection closes inside a chunk
+``chunked-extra``   a complete chunked answer, then bytes nobody asked for
+``early-hints``     a ``103 Early Hints`` head, then the answer, in one write
+``close-delimited``  a streamed answer with neither Content-Length nor chunks:
+                    its end is the close
 ``unhealthy``       ``/health`` answers 503 (set at run time)
 ==================  =========================================================
 
@@ -62,6 +67,10 @@ FAULTS = (
     "wrong-length",
     "bad-chunk",
     "endless-chunk",
+    "cut-mid-chunk",
+    "chunked-extra",
+    "early-hints",
+    "close-delimited",
     "unhealthy",
 )
 WORDS = (
@@ -475,6 +484,39 @@ class MockConnection(asyncio.Protocol):
         if fault == "endless-chunk":  # announces a chunk, sends part of it, stalls
             self._write(head + b"Transfer-Encoding: chunked\r\n\r\n3e8\r\n" + b'{"id": "en')
             await asyncio.Event().wait()
+            return True
+        sse = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        event = b'data: {"choices": [{"index": 0, "delta": {"content": "tok "}}]}\n\n'
+        if fault == "cut-mid-chunk":  # two whole chunks, then half of a third, then close
+            whole = b"%x\r\n%s\r\n" % (len(event), event)
+            self._write(sse + b"Transfer-Encoding: chunked\r\n\r\n" + whole * 2)
+            await asyncio.sleep(0.05)
+            self._write(b"%x\r\n%s" % (len(event), event[:10]))
+            self._close()
+            return True
+        if fault == "chunked-extra":  # a whole chunked answer followed by junk
+            body = b'{"id": "chunked", "object": "chat.completion"}'
+            self._write(
+                head
+                + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+                + b"JUNK AFTER THE ANSWER"
+            )
+            return True
+        if fault == "early-hints":
+            body = b'{"id": "hinted", "object": "chat.completion"}'
+            self._write(
+                b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+                + head
+                + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            return True
+        if fault == "close-delimited":  # events over time; the close ends the body
+            self._write(sse + b"Connection: close\r\n\r\n" + event)
+            for _ in range(3):
+                await asyncio.sleep(0.01)
+                self._write(event)
+            self._write(b"data: [DONE]\n\n")
+            self._close()
             return True
         return False
 

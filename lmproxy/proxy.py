@@ -4,10 +4,12 @@ A :class:`Journey` carries one proxied request. It resolves the route, asks the
 strategy for a service and, when that service's pool has an idle connection,
 sends the original bytes at once: no task is created on that path. Only a
 request that must open a new connection runs a short task for the connect.
-From the send on, the upstream connection's parser callbacks feed an
-:class:`Exchange`, which frames the body for the client and writes it once per
-backend read. When the exchange has an outcome, the journey retries, reports
-or accounts, from a ``call_soon`` callback (never inside a parser callback).
+From the send on, the upstream connection feeds an :class:`Exchange` the
+response head and, once per backend read, the body bytes as they came, which
+it writes to the client in one write (a chunked body passes with its own
+framing; only a close-delimited one is framed here). When the exchange has an
+outcome, the journey retries, reports or accounts, from a ``call_soon`` callback
+(never inside a parser callback).
 
 Retries happen only while nothing has reached the client: a connect failure, or
 a connection that dropped before any response byte. Once the response head is
@@ -23,14 +25,15 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 import time
 from typing import TYPE_CHECKING
 
 from lmproxy.admission import has_room
-from lmproxy.errors import Fault, ProxyError, sse_error_event, status_line
+from lmproxy.errors import Fault, ProxyError, sse_error_event
 from lmproxy.metrics import log_access
 from lmproxy.request import MODEL_PATHS, RequestHead, RouteRequest, decode_head, with_model
-from lmproxy.upstream import LENGTH, NO_BODY, ConnectError, UpstreamConnection
+from lmproxy.upstream import LENGTH, NO_BODY, UNTIL_CLOSE, ConnectError, UpstreamConnection
 
 if TYPE_CHECKING:
     from lmproxy.app import Router
@@ -53,6 +56,11 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+_HOP_NAMES = rb"connection|keep-alive|proxy-[a-z-]+|te|trailer|upgrade"
+# Header lines (with the CRLF before them) of a response head to drop.
+_HOP_BY_HOP_FIELDS = re.compile(rb"\r\n(?:%s|transfer-encoding)[ \t]*:[^\r]*" % _HOP_NAMES, re.I)
+_HOP_BY_HOP_BUT_TE = re.compile(rb"\r\n(?:%s)[ \t]*:[^\r]*" % _HOP_NAMES, re.I)
+_SSE_TYPE = re.compile(rb"\r\ncontent-type[ \t]*:[ \t]*text/event-stream", re.I)
 # Request headers the router sets itself for the backend connection.
 REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 LARGE_BODY = 64 * 1024  # above this the body is written beside the head, not copied onto it
@@ -74,6 +82,7 @@ class Exchange:
 
     __slots__ = (
         "_chunked",
+        "_frame",
         "_framing",
         "_out",
         "_sse",
@@ -122,7 +131,8 @@ class Exchange:
         self.sent_at = time.perf_counter()
         self.sent_tick = self.loop.time()
         self._out: list[bytes] = []
-        self._chunked = False
+        self._chunked = False  # the client gets a chunked body
+        self._frame = False  # ... which is framed here (the backend's was close-delimited)
         self._framing = NO_BODY
         self._sse = False
         # The last two body pieces: where the backend's usage object is, for metrics.
@@ -132,9 +142,7 @@ class Exchange:
 
     # --- Sink: called by the upstream connection --------------------------------
 
-    def on_head(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int
-    ) -> None:
+    def on_head(self, status: int, head: bytes, framing: int) -> None:
         self.status = status
         self._framing = framing
         self.ttfb_s = time.perf_counter() - self.sent_at
@@ -143,22 +151,26 @@ class Exchange:
         request = client.current
         assert request is not None
         keep_alive = request.keep_alive and not client.closing
+        # A chunked body passes as the backend framed it (the Transfer-Encoding
+        # header with it); a close-delimited one is framed here, once per read.
         if framing in (LENGTH, NO_BODY):
             self._chunked = False
         elif request.http_minor >= 1:
             self._chunked = True
+            self._frame = framing == UNTIL_CLOSE
         else:
             keep_alive = False  # an HTTP/1.0 client learns the end from the close
         request.keep_alive = keep_alive
-        out = [status_line(status, reason)]
-        for name, value in headers:
-            lname = name.lower()
-            if lname in HOP_BY_HOP or (self._chunked and lname == b"content-length"):
-                continue
-            if lname == b"content-type" and value.startswith(b"text/event-stream"):
-                self._sse = True
-            out.append(b"%s: %s\r\n" % (name, value))
-        if self._chunked:
+        # The head as the backend sent it, less the headers of its own connection;
+        # the status line says HTTP/1.1 whatever the backend spoke.
+        eol = head.find(b"\r\n")
+        line = head[:eol] if head.startswith(b"HTTP/1.1 ") else b"HTTP/1.1" + head[8:eol]
+        fields = head[eol:-4]  # each header preceded by its CRLF
+        hop = _HOP_BY_HOP_BUT_TE if self._chunked and not self._frame else _HOP_BY_HOP_FIELDS
+        fields = hop.sub(b"", fields)
+        self._sse = _SSE_TYPE.search(fields) is not None
+        out = [line, fields, b"\r\n"]
+        if self._frame:
             out.append(b"Transfer-Encoding: chunked\r\n")
         if not keep_alive:
             out.append(b"Connection: close\r\n")
@@ -168,13 +180,13 @@ class Exchange:
         self._out.append(b"".join(out))
         self.head_sent = True
 
-    def on_body(self, piece: bytes) -> None:
+    def on_body(self, data: bytes) -> None:
         self._tail_prev = self._tail
-        self._tail = piece
-        if self._chunked:
-            self._out += (b"%x\r\n" % len(piece), piece, b"\r\n")
+        self._tail = data
+        if self._frame:
+            self._out += (b"%x\r\n" % len(data), data, b"\r\n")
         else:
-            self._out.append(piece)
+            self._out.append(data)
 
     def flush(self) -> None:
         out = self._out
@@ -185,7 +197,7 @@ class Exchange:
             out.clear()
 
     def on_complete(self, reusable: bool) -> None:
-        if self._chunked:
+        if self._frame:
             self._out.append(b"0\r\n\r\n")
         self.flush()
         self.reusable = reusable
@@ -247,14 +259,19 @@ class Exchange:
     def _cut(self, reason: str) -> None:
         """End a response the backend broke off after its head reached the client."""
         self.reason = reason
-        if self._sse and self._framing != LENGTH:
+        # A chunk of our own can follow only a complete chunk of the backend's.
+        if (
+            self._sse
+            and self._framing != LENGTH
+            and (self._frame or not self._chunked or self.conn.at_chunk_boundary())
+        ):
             message = f"the backend failed mid-stream: {reason}"
             event = sse_error_event(message)
             if self._chunked:
                 self._out += (b"%x\r\n" % len(event), event, b"\r\n0\r\n\r\n")
             else:
                 self._out.append(event)
-            self.flush()
+        self.flush()
         # The body is incomplete or was patched: this connection carries nothing more.
         self.client.close()
         self._settle(Outcome.CUT)
@@ -469,7 +486,7 @@ class Journey:
         self.strategy.on_start(service, route)
         data = _request_data(service, request, route.body, self.id_header)
         router.metrics.added.observe(time.perf_counter() - request.received_at)
-        conn.send(exchange, data, request.method == b"HEAD")
+        conn.send(exchange, data, request.method == b"HEAD", request.http_minor == 0)
         if self.client.write_paused:
             exchange.pause()
 

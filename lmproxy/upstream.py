@@ -11,16 +11,23 @@ An idle connection the backend closes is noticed by ``connection_lost`` while it
 waits, so it leaves the pool before anyone picks it (httpcore's ``has_expired``
 readability check, done by the event loop for free).
 
-Responses are parsed by httptools; the parser's callbacks hand the head and the
-de-chunked body pieces straight to the request's :class:`Sink`, and after each
-read the sink is flushed once, so a read that carried many SSE events becomes
-one write to the client.
+Responses are parsed by httptools with two callbacks only, the head's end and
+the message's: the head goes to the sink as the bytes the backend sent (the
+few headers the router acts on are found in them with one regular expression),
+and there is no ``on_body``, so a streamed answer costs no Python call per
+event. Each read's body bytes go to the request's :class:`Sink` as
+they came (a chunked body keeps its chunk framing, which an HTTP/1.1 client
+reads as is), and the sink is flushed once per read, so a read that carried
+many SSE events is one write to the client. The parser still reads every byte:
+it finds where the response ends and rejects a broken one. Only for an HTTP/1.0
+client, which cannot read chunks, does a second parser hand over the pieces.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import re
 from collections import deque
 from typing import Protocol
 
@@ -28,6 +35,11 @@ import httptools
 
 # Framing of a response body as the backend sent it.
 LENGTH, CHUNKED, UNTIL_CLOSE, NO_BODY = range(4)
+MAX_HEAD_BYTES = 64 * 1024
+HEAD_END = b"\r\n\r\n"  # llhttp accepts no bare LF line endings: a head ends here
+CHUNKED_END = b"\r\n0\r\n\r\n"
+# llhttp allows no space before the colon; it has checked the values.
+_FRAMING_FIELDS = re.compile(rb"\r\n(content-length|transfer-encoding):[ \t]*([^\r]*)", re.I)
 
 
 class State(enum.Enum):
@@ -39,11 +51,15 @@ class State(enum.Enum):
 class Sink(Protocol):
     """Receives one response from an upstream connection (the proxy's Exchange)."""
 
-    def on_head(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int
-    ) -> None: ...
+    def on_head(self, status: int, head: bytes, framing: int) -> None:
+        """The response head as sent, from its status line to the blank line after
+        its last header, with the framing of the body that follows."""
+        ...
 
-    def on_body(self, piece: bytes) -> None: ...
+    def on_body(self, data: bytes) -> None:
+        """Body bytes, once per read: as framed by the backend (chunks included), or
+        de-chunked pieces when the connection was asked for ``pieces``."""
+        ...
 
     def flush(self) -> None:
         """Called once after every read from the backend; write what was gathered."""
@@ -64,12 +80,21 @@ class Sink(Protocol):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
+        "_body",
+        "_done",
+        "_extra",
         "_framing",
+        "_head",
         "_head_only",
         "_head_seen",
-        "_headers",
         "_informational",
-        "_reason",
+        "_keep_alive",
+        "_pieces_parser",
+        "_probe_hit",
+        "_probing",
+        "_raw_parser",
+        "_remaining",
+        "_scan",
         "idle_since",
         "last_activity",
         "loop",
@@ -86,19 +111,27 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser = self._raw_parser = httptools.HttpResponseParser(self)
+        self._pieces_parser: httptools.HttpResponseParser | None = None
         self.state = State.IDLE
         self.sink: Sink | None = None
         self.reused = False
         self.received_any = False
         self.idle_since = 0.0
         self.last_activity = 0.0
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._reason = b""
         self._framing = UNTIL_CLOSE
         self._informational = False
         self._head_only = False
         self._head_seen = False
+        self._head = b""  # this response's bytes until its head is complete
+        self._scan = 0  # where in _head the next head's end is looked for (after a 1xx)
+        self._body = b""  # the body bytes of the read being parsed
+        self._remaining = -1  # body bytes still due, for a Content-Length body
+        self._done = False  # the parser saw the response end
+        self._keep_alive = False
+        self._extra = False  # bytes came after the response's end
+        self._probing = False
+        self._probe_hit = False
 
     # --- asyncio.Protocol -------------------------------------------------------
 
@@ -113,13 +146,41 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes from a backend nobody asked: it is broken; never reuse it.
             self.close()
             return
+        if self._head_seen:
+            self._body = data
+        else:
+            self._head = self._head + data if self._head else data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            sink.flush()
-            self._fail(f"backend sent broken HTTP: {exc}", broken=True)
+            if not self._done:
+                # Where in this read the garbage starts is unknown: none of it is relayed.
+                self._fail(f"backend sent broken HTTP: {exc}", broken=True)
+                return
+            self._extra = True  # a complete response, then garbage
+        if self.sink is not sink:  # the response ended inside a callback (HEAD)
             return
-        if self.sink is sink:
+        if len(self._head) > MAX_HEAD_BYTES:  # still no end of the head
+            self._fail(f"backend sent a response head over {MAX_HEAD_BYTES} bytes", True)
+            return
+        body = self._body
+        if body:
+            self._body = b""
+            if self._remaining >= 0:
+                if len(body) > self._remaining:
+                    body = body[: self._remaining]
+                    self._extra = True
+                self._remaining -= len(body)
+            elif self._done and self._framing == CHUNKED and not body.endswith(CHUNKED_END[2:]):
+                # Trailers, or bytes after the last chunk (or they followed the response
+                # from llhttp's view): relay through the last chunk, never reuse.
+                body = _through_last_chunk(body)
+                self._extra = True
+            if self.parser is self._raw_parser:
+                sink.on_body(body)
+        if self._done:
+            self._complete(self._keep_alive and not self._extra)
+        else:
             sink.flush()
 
     def eof_received(self) -> bool | None:
@@ -149,61 +210,78 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- httptools callbacks ------------------------------------------------------
 
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
+        head = self._head
+        start = self._scan
+        while head[start : start + 1] in (b"\r", b"\n"):  # llhttp skips blank lines
+            start += 1
+        end = head.find(HEAD_END, start) + len(HEAD_END)
         if 100 <= status < 200:
             # 1xx interim answers (100 Continue, 103 Early Hints) are not relayed.
             self._informational = True
-            self._headers = []
-            self._reason = b""
+            self._scan = end
             return
+        self._body = head[end:]
+        self._head = b""
+        self._scan = 0
+        head = head[start:end]
         framing = UNTIL_CLOSE
-        for name, value in self._headers:
-            lname = name.lower()
-            if lname == b"content-length":
+        for name, value in _FRAMING_FIELDS.findall(head):
+            if len(name) == 14:  # content-length
                 framing = LENGTH
-            elif lname == b"transfer-encoding" and b"chunked" in value.lower():
+                self._remaining = int(value)
+            elif value.rstrip().lower().endswith(b"chunked"):
                 framing = CHUNKED
+                self._remaining = -1
                 break
         if self._head_only or status in (204, 304):
             framing = NO_BODY
+            self._remaining = 0
         self._framing = framing
         self._head_seen = True
         assert self.sink is not None
-        self.sink.on_head(status, self._reason, self._headers, framing)
+        self.sink.on_head(status, head, framing)
         if self._head_only:
             # httptools cannot be told a response answers HEAD; end it here and
             # close, since the parser would wait for a body that never comes.
             self._complete(reusable=False)
 
-    def on_body(self, body: bytes) -> None:
-        self.sink.on_body(body)  # type: ignore[union-attr]
-
     def on_message_complete(self) -> None:
-        if self._informational:
+        if self._probing:
+            self._probe_hit = True
+        elif self._informational:
             self._informational = False
-            return
-        if self.sink is not None:
-            self._complete(self.parser.should_keep_alive())
+        else:
+            self._done = True
+            self._keep_alive = self.parser.should_keep_alive()
 
     # --- used by the proxy -------------------------------------------------------
 
-    def send(self, sink: Sink, data: list[bytes], head_only: bool = False) -> None:
-        """Start a request: ``data`` is the request head and body, written as they are."""
+    def send(
+        self, sink: Sink, data: list[bytes], head_only: bool = False, pieces: bool = False
+    ) -> None:
+        """Start a request: ``data`` is the request head and body, written as they are.
+
+        With ``pieces`` the sink gets the body de-chunked (for an HTTP/1.0 client).
+        """
         self.state = State.BUSY
         self.sink = sink
         self.received_any = False
-        self._headers = []
-        self._reason = b""
         self._framing = UNTIL_CLOSE
         self._head_only = head_only
         self._head_seen = False
+        self._head = b""
+        self._scan = 0
+        self._remaining = -1
+        self._done = False
+        self._extra = False
+        if pieces:
+            if self._pieces_parser is None:
+                self._pieces_parser = httptools.HttpResponseParser(_Pieces(self))
+            self.parser = self._pieces_parser
+        else:
+            self.parser = self._raw_parser
         self.last_activity = self.loop.time()
         transport = self.transport
         assert transport is not None
@@ -228,6 +306,23 @@ class UpstreamConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.abort()
             self.pool.forget(self)
+
+    def at_chunk_boundary(self) -> bool:
+        """Whether the chunked body relayed so far ends between two chunks, so that a
+        chunk of our own (an error event) may follow it.
+
+        Asked only of a failed connection, whose parser is not used again: it is
+        fed the last chunk, and ends its message only if it was between chunks.
+        """
+        self._probing = True
+        self._probe_hit = False
+        try:
+            self.parser.feed_data(b"0\r\n\r\n")
+        except httptools.HttpParserError:
+            return False
+        finally:
+            self._probing = False
+        return self._probe_hit
 
     def usable(self, now: float) -> bool:
         return (
@@ -255,6 +350,32 @@ class UpstreamConnection(asyncio.Protocol):
         self.close()
         if sink is not None:
             sink.on_lost(reason, broken)
+
+
+class _Pieces:
+    """The parser callbacks of a connection, plus ``on_body``: de-chunked pieces."""
+
+    def __init__(self, conn: UpstreamConnection) -> None:
+        self.on_headers_complete = conn.on_headers_complete
+        self.on_message_complete = conn.on_message_complete
+        self._conn = conn
+
+    def on_body(self, piece: bytes) -> None:
+        sink = self._conn.sink
+        if sink is not None and not self._conn._probing:
+            sink.on_body(piece)
+
+
+def _through_last_chunk(body: bytes) -> bytes:
+    """A chunked body's last read, cut after its last chunk (the backend sent more).
+
+    The end is found by its bytes; in an SSE stream CRLF appears only in the
+    chunk framing, so the search cannot stop inside an event.
+    """
+    if body.startswith(CHUNKED_END[2:]):
+        return body[: len(CHUNKED_END) - 2]
+    end = body.find(CHUNKED_END)
+    return body if end < 0 else body[: end + len(CHUNKED_END)]
 
 
 class ConnectError(Exception):

@@ -150,3 +150,43 @@ def test_connect_timeout_gives_502_without_waiting_for_the_request_timeout(spawn
     assert resp.status == 502, resp
     assert "timed out after 0.5s" in resp.json()["error"]
     assert 0.4 < elapsed < 10  # (retries: at most 1 + --retries connect attempts)
+
+
+def test_bytes_after_a_chunked_answer_are_dropped_and_the_connection_not_reused(spawn):
+    backend = spawn(Mock, "b", ["Qwen3-32B"])
+    router = router_over(spawn, [backend], "--max-errors", "0")
+    body = json.dumps(chat_body()).encode()
+    request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n%s"
+    before = backend.stats()["total_connections"]
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+        # Two requests on one client connection: the junk must not reach the client,
+        # where it would sit in front of the second answer.
+        sock.sendall(
+            request % (b"X-Mock-Fault: chunked-extra\r\n", len(body), body)
+            + request % (b"Connection: close\r\n", len(body), body)
+        )
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    first, _, second = data.partition(b"0\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200") and b'{"id": "chunked"' in first
+    assert second.startswith(b"HTTP/1.1 200") and b"JUNK" not in data
+    # The second answer came over a new backend connection (+1 for the stats query).
+    assert backend.stats()["total_connections"] == before + 3
+
+
+def test_interim_1xx_answer_is_not_relayed(spawn):
+    backend = spawn(Mock, "b", ["Qwen3-32B"])
+    router = router_over(spawn, [backend])
+    body = json.dumps(chat_body()).encode()
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Mock-Fault: early-hints\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, answer = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Link:" not in head
+    assert json.loads(answer) == {"id": "hinted", "object": "chat.completion"}

@@ -196,3 +196,58 @@ def test_hang_up_while_waiting_for_the_head(spawn):
         wait_until(lambda: backend.stats()["requests"] >= 3, 5, "the request to reach it")
     wait_until(lambda: backend.stats()["client_disconnects"] == 1, 5, "the backend to see it")
     assert router.stats_of("b")["in_flight"] == 0
+
+
+async def test_chunks_pass_as_the_backend_framed_them(spawn):
+    # No token delay: the simulator writes 64 events per chunk. The router relays
+    # the backend's chunks as they are, not a chunk per event or per read.
+    backend = spawn(Mock, "b", ["Qwen3-32B"])
+    router = router_over(spawn, [backend])
+    shapes = []
+    for port in (backend.port, router.port):
+        reader, writer, head = await _open_stream(port, chat_body(stream=True, max_tokens=100))
+        assert b"chunked" in head.lower()
+        chunks = []
+        while chunk := await asyncio.wait_for(_read_chunk(reader), 10):
+            chunks.append(chunk)
+        writer.close()
+        shapes.append([chunk.count(b"\n\n") for chunk in chunks])
+    direct, proxied = shapes
+    assert proxied == direct and direct[0] == 64
+
+
+async def test_connection_closed_inside_a_chunk_gets_no_event_appended(spawn):
+    # An event of ours after half a chunk would be read as the rest of that chunk:
+    # the client gets the whole chunks, the half, and the close.
+    backend = spawn(Mock, "b", ["Qwen3-32B"])
+    router = router_over(spawn, [backend])
+    reader, writer, head = await _open_stream(
+        router.port, chat_body(stream=True), "X-Mock-Fault: cut-mid-chunk\r\n"
+    )
+    assert head.startswith(b"HTTP/1.1 200")
+    assert (await _read_chunk(reader)).startswith(b"data: ")
+    assert (await _read_chunk(reader)).startswith(b"data: ")
+    rest = await asyncio.wait_for(reader.read(), 5)  # until the router closes
+    writer.close()
+    assert rest.split(b"\r\n", 1)[1] == b'data: {"ch'
+    wait_until(lambda: router.stats_of("b")["error_count"] == 1, 5, "the error counted")
+
+
+async def test_close_delimited_stream_is_chunked_and_the_client_keeps_its_connection(spawn):
+    backend = spawn(Mock, "b", ["Qwen3-32B"])
+    router = router_over(spawn, [backend])
+    reader, writer, head = await _open_stream(
+        router.port, chat_body(stream=True), "X-Mock-Fault: close-delimited\r\n"
+    )
+    lines = head.lower().split(b"\r\n")
+    assert b"transfer-encoding: chunked" in lines and b"connection: close" not in lines
+    events = [e for _, e in await _events(reader)]
+    assert len(events) == 5 and events[-1] == b"data: [DONE]"
+    payload = json.dumps(chat_body(max_tokens=2)).encode()
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(payload), payload)
+    )
+    again = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    writer.close()
+    assert again.startswith(b"HTTP/1.1 200")

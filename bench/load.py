@@ -42,7 +42,8 @@ def run_wrk(
     rate: float | None = None,
     path: str = "/v1/chat/completions",
 ) -> WrkResult:
-    """POST ``body`` with wrk; with ``rate``, each connection paces itself to reach it."""
+    """POST ``body`` with wrk; with ``rate``, each connection paces itself to reach it
+    (about: wrk's timer counts milliseconds, and a request's own time adds to its wait)."""
     with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
         body_file = Path(tmp) / "body.json"
         body_file.write_bytes(body)
@@ -53,8 +54,11 @@ def run_wrk(
             f'local f = io.open("{body_file}", "rb"); wrk.body = f:read("*a"); f:close()',
         ]
         if rate:
+            # Each connection waits a random 0..2x the mean between its requests: with
+            # one fixed delay all connections fire on the same millisecond tick, and
+            # the median latency measures the queue behind that burst, not the proxy.
             delay_ms = max(1, round(connections * 1000 / rate))
-            lua.append(f"function delay() return {delay_ms} end")
+            lua.append(f"function delay() return math.random(0, {2 * delay_ms}) end")
         script.write_text("\n".join(lua) + "\n")
         result = subprocess.run(
             [

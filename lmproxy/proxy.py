@@ -377,7 +377,7 @@ class Journey:
         self.route: RouteRequest | None = None
         self.strategy = router.strategy
         self.tried: list[Service] = []
-        given = request.header(b"x-request-id")
+        given = request.request_id
         self.request_id = given or router.next_request_id()
         # A made id travels as a header to the backend and back to the client.
         self.id_header = b"" if given else b"X-Request-ID: %s\r\n" % self.request_id

@@ -51,6 +51,7 @@ class ClientRequest:
         "method",
         "path",
         "received_at",
+        "request_id",
         "target",
     )
 
@@ -67,6 +68,7 @@ class ClientRequest:
         self.is_json = False
         self.expect_continue = False
         self.received_at = 0.0
+        self.request_id: bytes | None = None  # the client's X-Request-ID
 
     def header(self, name: bytes) -> bytes | None:
         return find_header(self.headers, name)
@@ -176,30 +178,33 @@ class ClientConnection(asyncio.Protocol):
 
     # --- httptools callbacks ------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self._parsing = ClientRequest()
-        self._header_bytes = 0
-        if self.current is None:
-            self._arm(self.router.config.header_timeout)
+    # No on_message_begin: every request has a URL, and one callback fewer per
+    # request is worth it; on_url may come in pieces, the first one begins it.
 
     def on_url(self, url: bytes) -> None:
         request = self._parsing
-        assert request is not None
+        if request is None:
+            request = self._parsing = ClientRequest()
+            self._header_bytes = 0
+            if self.current is None:
+                self._arm(self.router.config.header_timeout)
         request.target += url
-        self._count_header_bytes(len(url))
+        self._header_bytes += len(url)
+        if self._header_bytes > MAX_HEADER_BYTES:
+            raise _Reject(431, f"request headers are over {MAX_HEADER_BYTES} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_header_bytes(len(name) + len(value))
-        request = self._parsing
-        assert request is not None
-        request.headers.append((name.lower(), value))
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > MAX_HEADER_BYTES:
+            raise _Reject(431, f"request headers are over {MAX_HEADER_BYTES} bytes")
+        self._parsing.headers.append((name.lower(), value))  # type: ignore[union-attr]
 
     def on_headers_complete(self) -> None:
         request = self._parsing
         assert request is not None
         parser = self.parser
         request.method = parser.get_method()
-        request.http_minor = int(parser.get_http_version()[-1:] or 1)
+        request.http_minor = 0 if parser.get_http_version() == "1.0" else 1
         request.keep_alive = parser.should_keep_alive()
         question = request.target.find(b"?")
         request.path = request.target if question < 0 else request.target[:question]
@@ -226,6 +231,8 @@ class ClientConnection(asyncio.Protocol):
                 request.is_json = b"json" in value.lower()
             elif name == b"expect" and value.lower() == b"100-continue":
                 request.expect_continue = True
+            elif name == b"x-request-id" and request.request_id is None:
+                request.request_id = value
         if request.expect_continue and self.transport is not None:
             self.transport.write(CONTINUE_RESPONSE)
 
@@ -308,11 +315,6 @@ class ClientConnection(asyncio.Protocol):
         request = self._queue.popleft()
         self.current = request
         self.router.dispatch(self, request)
-
-    def _count_header_bytes(self, size: int) -> None:
-        self._header_bytes += size
-        if self._header_bytes > MAX_HEADER_BYTES:
-            raise _Reject(431, f"request headers are over {MAX_HEADER_BYTES} bytes")
 
     def _reject(self, reject: _Reject) -> None:
         """Answer a request the router cannot read, then close: the stream is unusable."""

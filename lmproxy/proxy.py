@@ -201,7 +201,11 @@ class Exchange:
             self._out.append(b"0\r\n\r\n")
         self.flush()
         self.reusable = reusable
-        self._settle(Outcome.DONE)
+        if self.outcome is None:
+            # The upstream connection is done with this exchange (it calls this last):
+            # account at once, without a turn of the loop.
+            self.outcome = Outcome.DONE
+            self.journey.finish(self)
 
     def on_lost(self, reason: str, broken: bool) -> None:
         self.reason = reason

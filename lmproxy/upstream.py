@@ -161,7 +161,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.sink is not sink:  # the response ended inside a callback (HEAD)
             return
         if len(self._head) > MAX_HEAD_BYTES:  # still no end of the head
-            self._fail(f"backend sent a response head over {MAX_HEAD_BYTES} bytes", True)
+            self._fail(f"backend sent a response head over {MAX_HEAD_BYTES} bytes", broken=True)
             return
         body = self._body
         if body:

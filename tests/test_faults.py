@@ -11,6 +11,24 @@ import time
 import pytest
 from conftest import Mock, chat_body, free_port, router_over, wait_until
 
+_FAULTY_CHAT = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n%s"
+
+
+def _chat_with(headers: bytes) -> bytes:
+    """A raw chat request carrying ``headers`` (each line ending in CRLF)."""
+    body = json.dumps(chat_body()).encode()
+    return _FAULTY_CHAT % (headers, len(body), body)
+
+
+def _answer_until_close(port: int, data: bytes) -> bytes:
+    """Send raw bytes to the router; everything it answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
 
 def test_backend_killed_while_answering_is_retried_elsewhere(spawn):
     slow = spawn(Mock, "slow", ["Qwen3-32B"], "--ttft", "3")
@@ -55,15 +73,8 @@ def test_killed_backend_is_ejected_and_readmitted_when_back(spawn):
 def test_broken_body_cuts_the_response_and_the_connection_is_discarded(spawn, fault):
     backend = spawn(Mock, "b", ["Qwen3-32B"])
     router = router_over(spawn, [backend], "--max-errors", "0")
-    body = json.dumps(chat_body()).encode()
-    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
-        sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Mock-Fault: %s\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (fault.encode(), len(body), body)
-        )
-        data = b""
-        while chunk := sock.recv(65536):  # the router closes: the body is known incomplete
-            data += chunk
+    # The router closes: the body is known incomplete.
+    data = _answer_until_close(router.port, _chat_with(b"X-Mock-Fault: %s\r\n" % fault.encode()))
     assert data.startswith(b"HTTP/1.1 200")
     assert not data.endswith(b"0\r\n\r\n")
     before = backend.stats()["total_connections"]
@@ -88,16 +99,8 @@ def test_longer_body_than_content_length_is_not_reused(spawn):
 def test_chunk_that_never_ends_times_out(spawn):
     backend = spawn(Mock, "b", ["Qwen3-32B"])
     router = router_over(spawn, [backend], "--request-timeout", "0.5")
-    body = json.dumps(chat_body()).encode()
     started = time.monotonic()
-    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
-        sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Mock-Fault: "
-            b"endless-chunk\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-        )
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
+    data = _answer_until_close(router.port, _chat_with(b"X-Mock-Fault: endless-chunk\r\n"))
     assert data.startswith(b"HTTP/1.1 200") and not data.endswith(b"0\r\n\r\n")
     assert 0.4 < time.monotonic() - started < 5
     wait_until(lambda: backend.stats()["client_disconnects"] == 1, 5, "the backend dropped")
@@ -155,19 +158,13 @@ def test_connect_timeout_gives_502_without_waiting_for_the_request_timeout(spawn
 def test_bytes_after_a_chunked_answer_are_dropped_and_the_connection_not_reused(spawn):
     backend = spawn(Mock, "b", ["Qwen3-32B"])
     router = router_over(spawn, [backend], "--max-errors", "0")
-    body = json.dumps(chat_body()).encode()
-    request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n%s"
     before = backend.stats()["total_connections"]
-    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
-        # Two requests on one client connection: the junk must not reach the client,
-        # where it would sit in front of the second answer.
-        sock.sendall(
-            request % (b"X-Mock-Fault: chunked-extra\r\n", len(body), body)
-            + request % (b"Connection: close\r\n", len(body), body)
-        )
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
+    # Two requests on one client connection: the junk must not reach the client,
+    # where it would sit in front of the second answer.
+    data = _answer_until_close(
+        router.port,
+        _chat_with(b"X-Mock-Fault: chunked-extra\r\n") + _chat_with(b"Connection: close\r\n"),
+    )
     first, _, second = data.partition(b"0\r\n\r\n")
     assert first.startswith(b"HTTP/1.1 200") and b'{"id": "chunked"' in first
     assert second.startswith(b"HTTP/1.1 200") and b"JUNK" not in data
@@ -178,15 +175,9 @@ def test_bytes_after_a_chunked_answer_are_dropped_and_the_connection_not_reused(
 def test_interim_1xx_answer_is_not_relayed(spawn):
     backend = spawn(Mock, "b", ["Qwen3-32B"])
     router = router_over(spawn, [backend])
-    body = json.dumps(chat_body()).encode()
-    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
-        sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Mock-Fault: early-hints\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
-        )
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
+    data = _answer_until_close(
+        router.port, _chat_with(b"X-Mock-Fault: early-hints\r\nConnection: close\r\n")
+    )
     head, _, answer = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"Link:" not in head
     assert json.loads(answer) == {"id": "hinted", "object": "chat.completion"}

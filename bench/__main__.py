@@ -456,7 +456,10 @@ class Bench:
             else:
                 values = [(r.get(key) or 0) * scale for r in rows]
                 values = [0 if isinstance(v, float) and math.isnan(v) else v for v in values]
-                ax.bar(names, values, color="tab:blue")
+                bars = ax.bar(names, values, color="tab:blue")
+                # The peers differ a thousandfold (LiteLLM): a linear axis hides the rest.
+                ax.set_yscale("log")
+                ax.bar_label(bars, labels=[f"{v:,.0f}" if v else "" for v in values], fontsize=8)
             ax.set_xticks(range(len(rows)), names, rotation=20, ha="right")
             ax.set_ylabel(label)
             fig.tight_layout()

@@ -56,10 +56,18 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-_HOP_NAMES = rb"connection|keep-alive|proxy-[a-z-]+|te|trailer|upgrade"
-# Header lines (with the CRLF before them) of a response head to drop.
-_HOP_BY_HOP_FIELDS = re.compile(rb"\r\n(?:%s|transfer-encoding)[ \t]*:[^\r]*" % _HOP_NAMES, re.I)
-_HOP_BY_HOP_BUT_TE = re.compile(rb"\r\n(?:%s)[ \t]*:[^\r]*" % _HOP_NAMES, re.I)
+
+
+def _header_lines(names: frozenset[bytes]) -> re.Pattern[bytes]:
+    """Header lines named ``names``, each with the CRLF before it, in a response head."""
+    alternatives = b"|".join(re.escape(name) for name in sorted(names))
+    return re.compile(rb"\r\n(?:%s)[ \t]*:[^\r]*" % alternatives, re.I)
+
+
+# The response head's lines to drop; a chunked body relayed as the backend framed
+# it keeps its Transfer-Encoding.
+_HOP_BY_HOP_FIELDS = _header_lines(HOP_BY_HOP)
+_HOP_BY_HOP_BUT_TE = _header_lines(HOP_BY_HOP - {b"transfer-encoding"})
 _SSE_TYPE = re.compile(rb"\r\ncontent-type[ \t]*:[ \t]*text/event-stream", re.I)
 # Request headers the router sets itself for the backend connection.
 REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}

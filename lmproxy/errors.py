@@ -57,10 +57,10 @@ STATUS_LINES: dict[int, bytes] = {
 }
 
 
-def status_line(status: int, reason: bytes = b"") -> bytes:
+def status_line(status: int) -> bytes:
     line = STATUS_LINES.get(status)
     if line is None:
-        line = b"HTTP/1.1 %d %s\r\n" % (status, reason or b"Unknown")
+        line = b"HTTP/1.1 %d Unknown\r\n" % status
     return line
 
 

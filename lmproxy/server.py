@@ -191,12 +191,13 @@ class ClientConnection(asyncio.Protocol):
         request.target += url
         self._header_bytes += len(url)
         if self._header_bytes > MAX_HEADER_BYTES:
-            raise _Reject(431, f"request headers are over {MAX_HEADER_BYTES} bytes")
+            raise _headers_too_large()
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Counted inline, not in a helper: this runs for every header of every request.
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > MAX_HEADER_BYTES:
-            raise _Reject(431, f"request headers are over {MAX_HEADER_BYTES} bytes")
+            raise _headers_too_large()
         self._parsing.headers.append((name.lower(), value))  # type: ignore[union-attr]
 
     def on_headers_complete(self) -> None:
@@ -373,6 +374,10 @@ class ClientConnection(asyncio.Protocol):
             self._linger()
             return
         self.close()
+
+
+def _headers_too_large() -> _Reject:
+    return _Reject(431, f"request headers are over {MAX_HEADER_BYTES} bytes")
 
 
 def _describe(exc: Exception) -> str:

@@ -362,7 +362,7 @@ class _Pieces:
 
     def on_body(self, piece: bytes) -> None:
         sink = self._conn.sink
-        if sink is not None and not self._conn._probing:
+        if sink is not None:
             sink.on_body(piece)
 
 

@@ -87,7 +87,13 @@ def test_slow_client_pauses_the_backend_and_memory_stays_bounded(spawn):
     router = router_over(spawn, [backend])
     rss_before = _rss_kib(router.proc.pid)
     body = json.dumps(chat_body(stream=True, max_tokens=60_000)).encode()
-    sock = socket.create_connection(("127.0.0.1", router.port), timeout=30)
+    sock = socket.socket()
+    # A fixed receive buffer: this kernel lets an unread socket's buffer grow to 32 MB,
+    # which could hold the whole stream and let the backend finish with no
+    # back-pressure from the router at all.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", router.port))
     sock.sendall(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
         % (len(body), body)

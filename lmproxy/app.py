@@ -41,6 +41,9 @@ LOCAL_METHODS = (b"GET", b"HEAD")
 # within these bounds, so a timeout fires at most 25% late.
 MIN_SWEEP_S = 0.05
 MAX_SWEEP_S = 1.0
+# While some client's reading is paused, its socket is asked this often whether the
+# client hung up (the event loop does not watch a paused socket).
+HANGUP_POLL_S = 0.05
 NOT_FOUND_HINT = (
     "the router serves /v1/... (OpenAI API), /chat/completions, /completions, "
     "/models, /health, /services, /stats and /metrics"
@@ -59,17 +62,24 @@ class Router:
         self.config = config
         self.loop = asyncio.get_running_loop()
         self.link = link
+        # Names this router in the Via header of what it forwards; the workers of one
+        # router share the supervisor's, so a loop through any of them is seen at once.
+        self.instance_id = link.instance_id if link is not None else new_instance_id()
+        self.via_token = self.instance_id.encode()
+        self.via_line = b"Via: 1.1 %s\r\n" % self.via_token
         self.registry = Registry(max_errors=config.max_errors, make_pool=self._make_pool)
         if link is not None:
             self.registry.limit_share = link.workers
         self.strategy, self.model_strategies = _load_strategies(config)
-        self.fleet = Fleet(self.registry, config) if link is None else None
+        self.fleet = Fleet(self.registry, config, self.instance_id) if link is None else None
         self.admission = AdmissionQueue(self.registry, config.queue_timeout)
         self.metrics = Metrics(self.registry, lambda: len(self.admission))
         # Request ids: a random prefix per process and a counter, cheaper than uuid4.
         self._id_prefix = os.urandom(4).hex().encode()
         self._ids = itertools.count(1)
         self.connections: set[ClientConnection] = set()
+        self.paused: set[ClientConnection] = set()  # reading paused: polled for hang-ups
+        self._hangup_poll: asyncio.TimerHandle | None = None
         self.server: asyncio.Server | None = None
         self.draining = False
         self.port = config.port
@@ -79,6 +89,8 @@ class Router:
             min(
                 MAX_SWEEP_S,
                 config.header_timeout / 4,
+                config.body_timeout / 4,
+                config.send_timeout / 4,
                 config.keepalive_timeout / 4,
                 config.request_timeout / 4,
                 config.queue_timeout / 4 or MAX_SWEEP_S,
@@ -115,6 +127,7 @@ class Router:
             ) from None
         self.port = self.server.sockets[0].getsockname()[1]
         if self.fleet is not None:
+            self.fleet.own_port = self.port
             self.fleet.start()
         self._sweeper = self.loop.call_later(self.sweep_interval_s, self._sweep)
         if self.link is not None:
@@ -137,11 +150,15 @@ class Router:
             self._dispatch(client, request)
         except Exception:
             # A bug must cost one request, never the connection's order or the router.
-            log.exception("internal error on %s %r", request.method.decode(), request.target)
+            log.exception("internal error on %s %r", request.method, request.target)
             if client.current is request and not client.closing:
                 client.respond_error(500, "internal router error; see the router's log")
 
     def _dispatch(self, client: ClientConnection, request: ClientRequest) -> None:
+        if request.looped:
+            # Our own Via came back: a service (or a chain of routers) leads here.
+            client.respond_error(508, LOOP_MESSAGE)
+            return
         path = request.path
         handler = api.ROUTES.get(path)
         if handler is None and path.startswith(b"/v1/models/"):
@@ -152,7 +169,9 @@ class Router:
                 if path == b"/services":
                     self._admin(client, request)
                     return
-                client.respond_error(405, f"{path.decode()} only answers GET")
+                client.respond_error(
+                    405, f"{_printable(path)} only answers GET", b"Allow: GET, HEAD\r\n"
+                )
                 return
             if path not in api.OPEN_PATHS and not self._authorized(request):
                 client.respond_error(401, _UNAUTHORIZED)
@@ -183,8 +202,18 @@ class Router:
             if path.startswith(b"/services/"):
                 self._admin(client, request)
                 return
+            if request.method == b"CONNECT":
+                client.respond_error(405, "CONNECT is not served: lmproxy is not a forward proxy")
+                return
             client.respond_error(
-                404, f"no route for {request.method.decode()} {path.decode()}; {NOT_FOUND_HINT}"
+                404,
+                f"no route for {_printable(request.method)} {_printable(path)}; {NOT_FOUND_HINT}",
+            )
+            return
+        if (b"/." in path or b"%" in path) and _has_dot_segment(path):
+            # A backend that resolves them would serve what the /v1/ gate keeps out.
+            client.respond_error(
+                400, "the path has a '.' or '..' segment (or an encoded one); send it resolved"
             )
             return
         if not self._authorized(request):
@@ -251,12 +280,36 @@ class Router:
     def _authorized(self, request: ClientRequest) -> bool:
         return not self._api_keys or _bearer_matches(request, self._api_keys)
 
+    def watch_paused(self, client: ClientConnection) -> None:
+        """Poll a client whose reading is paused for a hang-up, until it reads again."""
+        self.paused.add(client)
+        if self._hangup_poll is None:
+            self._hangup_poll = self.loop.call_later(HANGUP_POLL_S, self._poll_paused)
+
+    def _poll_paused(self) -> None:
+        self._hangup_poll = None
+        for client in list(self.paused):
+            if client.peer_gone():
+                self.paused.discard(client)
+                client.abort()
+        if self.paused:
+            self._hangup_poll = self.loop.call_later(HANGUP_POLL_S, self._poll_paused)
+
     def _sweep(self) -> None:
         """Enforce every connection's timeouts: one timer for the router, none per request."""
         now = self.loop.time()
+        send_timeout = self.config.send_timeout
         for conn in list(self.connections):
             if conn.deadline <= now:
                 conn.on_deadline()
+            if conn.write_paused and now - conn.write_paused_at >= send_timeout:
+                # The client has read nothing of its answers for that long: it holds a
+                # connection (and maybe a backend's) for nothing.
+                log.info(
+                    "closing a client that read nothing for %gs (--send-timeout)", send_timeout
+                )
+                conn.abort()
+                continue
             exchange = conn.exchange
             if exchange is not None:
                 exchange.check_timeout(now)
@@ -289,11 +342,29 @@ class Router:
                 conn.transport.abort()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._hangup_poll is not None:
+            self._hangup_poll.cancel()
         if self.fleet is not None:
             await self.fleet.stop()
         for service in self.registry.services.values():
             if service.pool is not None:
                 service.pool.close()
+
+
+def new_instance_id() -> str:
+    """This router's name in Via headers: random, so two routers never share one."""
+    return "lmproxy-" + os.urandom(6).hex()
+
+
+def _printable(raw: bytes) -> str:
+    """Bytes from a client, quoted for a message: control characters escaped."""
+    return repr(raw.decode("utf-8", "replace"))[1:-1]
+
+
+def _has_dot_segment(path: bytes) -> bool:
+    """Whether ``path`` has a ``.`` or ``..`` segment, also percent-encoded."""
+    decoded = unquote(path.decode("latin-1")) if b"%" in path else path.decode("latin-1")
+    return any(segment in (".", "..") for segment in decoded.split("/"))
 
 
 def _auto_max_connections() -> int:
@@ -372,6 +443,10 @@ RESTART_ONLY = (
     "keepalive_timeout",
     "header_timeout",
     "demo",
+)
+LOOP_MESSAGE = (
+    "routing loop: this request already passed through this router (its Via header names "
+    "it); a service's URL points back at the router itself; fix that service's address"
 )
 _UNAUTHORIZED = "missing or invalid API key: send 'Authorization: Bearer <key>'"
 _ADMIN_UNAUTHORIZED = (

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import re
 import sys
 from typing import Any
 
 import strategies
-from lmproxy import __version__
+from lmproxy import __version__, logs
 from lmproxy.config import Config, ConfigError, build_config, load_toml, parse_backend
 
 DEFAULTS = Config()
@@ -295,7 +294,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--header-timeout",
         type=float,
         metavar="S",
-        help=f"seconds a client may take to send request headers (default: {d.header_timeout:g})",
+        help=(
+            "seconds a client may take to send request headers, and a new connection to "
+            f"begin its first request; past it 408 (default: {d.header_timeout:g})"
+        ),
+    )
+    g.add_argument(
+        "--body-timeout",
+        type=float,
+        metavar="S",
+        help=(
+            "longest silence while a request body is being received; past it the client "
+            f"gets 408 and a close (default: {d.body_timeout:g})"
+        ),
+    )
+    g.add_argument(
+        "--send-timeout",
+        type=float,
+        metavar="S",
+        help=(
+            "longest a client may leave its answer unread (its receive buffer full); past "
+            f"it the connection, and the backend's, is closed (default: {d.send_timeout:g})"
+        ),
     )
     g.add_argument(
         "--max-connections",
@@ -343,11 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if config is None:
         return 0
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
-    )
+    logs.configure(config.log_level, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         import uvloop
     except ImportError:  # Windows: plain asyncio still works, only slower

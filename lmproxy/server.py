@@ -6,15 +6,29 @@ strictly in order (pipelining); reading pauses while too many wait. Every
 protocol error the parser or a limit raises becomes its status and a close, in
 one place (``_reject``).
 
-Timeouts cost nothing per request: a connection keeps one ``deadline`` (from a
-request's first byte to the end of its headers: the header timeout; while idle
-between requests: the keep-alive timeout) and the router's sweep closes the
-connections whose deadline has passed.
+Everything a client can make the router hold is bounded, and every state of a
+connection has a deadline:
+
+- bytes the parser has not turned into a request yet: ``data_received`` counts
+  them as they arrive (``_stalled``: bytes since the parser last made
+  progress), so a header, a chunk-size line or a trailer that never ends is
+  refused within one read of its limit, whatever httptools has completed;
+- queued requests: reading stops while ``MAX_PIPELINED`` wait, while they hold
+  more than ``QUEUED_BODY_BYTES``, while an error waits to be answered, and
+  while the transport is over its high-water mark, so the router's own answers
+  obey write flow control as proxied ones do. A client that hangs up while its
+  reading is paused is noticed by a poll of its socket (``peer_gone``);
+- time: a connection keeps one ``deadline`` (fresh or in headers: the header
+  timeout; in a body: the body timeout, re-armed by every read; idle between
+  requests: the keep-alive timeout), and the router's sweep ends the
+  connections whose deadline passed, or whose answers the client has not read
+  for the send timeout. None of it costs a timer per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import select
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -29,13 +43,18 @@ if TYPE_CHECKING:
     from lmproxy.proxy import Exchange, Journey
 
 MAX_HEADER_BYTES = 64 * 1024
-MAX_PIPELINED = 8  # complete requests waiting behind the one being answered
+# A chunk-size line with its extensions, the trailers, or blank lines between requests.
+MAX_LINE_BYTES = 4 * 1024
+MAX_PIPELINED = 8  # complete requests waiting behind the one being answered: stop reading
+MAX_QUEUED = 64  # past this (one read may hold many small requests) the rest is refused
+QUEUED_BODY_BYTES = 1024 * 1024  # request bodies waiting behind the one being answered
 CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
 INFINITY = float("inf")
 TOO_MANY_CONNECTIONS = error_response(
     503, "the router is at its connection limit (--max-connections); retry shortly", False
 )
 LINGER_S = 2.0  # how long a rejected client may go on sending before the close
+_HANGUP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
 
 
 class ClientRequest:
@@ -43,16 +62,19 @@ class ClientRequest:
         "body",
         "body_parts",
         "body_size",
+        "connection",
         "expect_continue",
         "headers",
         "http_minor",
         "is_json",
         "keep_alive",
+        "looped",
         "method",
         "path",
         "received_at",
         "request_id",
         "target",
+        "upgrade",
     )
 
     def __init__(self) -> None:
@@ -69,6 +91,9 @@ class ClientRequest:
         self.expect_continue = False
         self.received_at = 0.0
         self.request_id: bytes | None = None  # the client's X-Request-ID
+        self.connection: bytes | None = None  # the Connection header: it may name hop-by-hop ones
+        self.looped = False  # it carries this router's own Via: it came round a loop
+        self.upgrade = False  # it offered a protocol upgrade (served as HTTP/1.1, then closed)
 
     def header(self, name: bytes) -> bytes | None:
         return find_header(self.headers, name)
@@ -87,12 +112,14 @@ class _Reject(Exception):
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
+        "_budget",
         "_header_bytes",
-        "_lingering",
+        "_ignore_input",
         "_parsing",
         "_pending_reject",
         "_queue",
         "_read_paused",
+        "_stalled",
         "closing",
         "current",
         "deadline",
@@ -104,6 +131,7 @@ class ClientConnection(asyncio.Protocol):
         "transport",
         "waiting",
         "write_paused",
+        "write_paused_at",
     )
 
     def __init__(self, router: Router) -> None:
@@ -117,14 +145,17 @@ class ClientConnection(asyncio.Protocol):
         self.waiting: Journey | None = None  # queued for a free slot (admission.py)
         self.closing = False
         self.write_paused = False
+        self.write_paused_at = 0.0
         self._parsing: ClientRequest | None = None
         self._queue: deque[ClientRequest] = deque()
         self._header_bytes = 0
-        self._lingering = False
+        self._stalled = 0  # bytes received since the parser last made progress
+        self._budget = 0  # requests this read may still start at once (see data_received)
+        self._ignore_input = False  # lingering, or past an upgrade offer: reads are dropped
         self._read_paused = False
         self._pending_reject: _Reject | None = None
-        # When the connection is due to be closed for idling or slow headers;
-        # the router's sweep checks it (no timer per request).
+        # When the connection is due to be closed for idling, slow headers or a
+        # silent body; the router's sweep checks it (no timer per request).
         self.deadline = INFINITY
 
     # --- asyncio.Protocol -------------------------------------------------------
@@ -139,42 +170,68 @@ class ClientConnection(asyncio.Protocol):
             transport.close()
             return
         router.connections.add(self)
-        self._arm(self.router.config.keepalive_timeout)
+        # A fresh connection has until the header timeout to send a request.
+        self._arm(router.config.header_timeout)
 
     def data_received(self, data: bytes) -> None:
-        if self._lingering:
+        if self._ignore_input:
             return
+        # Counted before parsing; every callback that shows progress resets it, so
+        # what is left is what httptools holds without having made anything of it.
+        self._stalled += len(data)
+        # One read may hold thousands of tiny pipelined requests: a few start at once,
+        # the rest wait their turn of the loop, so other clients are served meanwhile.
+        self._budget = MAX_PIPELINED
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._on_upgrade()
+        except httptools.HttpParserUpgrade as exc:
+            self._on_upgrade(data[exc.args[0] :] if exc.args else b"")
+            return
         except httptools.HttpParserError as exc:
             # httptools chains what a callback raised as the error's context.
             reject = exc.__context__
             if not isinstance(reject, _Reject):
                 reject = _Reject(400, f"malformed HTTP request: {_describe(exc)}")
             self._reject(reject)
+            return
+        if self._stalled > MAX_LINE_BYTES:
+            self._check_stall()
+        if not self._budget and self.current is None and self._queue:
+            self.loop.call_soon(self._drain)
+        request = self._parsing
+        if request is not None and request.method and self.current is None:
+            # In a body: the body timeout is the longest silence, so each read re-arms it.
+            self._arm(self.router.config.body_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self.router.connections.discard(self)
+        router = self.router
+        router.connections.discard(self)
+        router.paused.discard(self)
+        self._queue.clear()
         if self.exchange is not None:
             self.exchange.client_gone()
         elif self.task is not None and not self.task.done():
             self.task.cancel()
         elif self.waiting is not None:
-            self.router.admission.leave(self.waiting)
+            router.admission.leave(self.waiting)
             self.waiting = None
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.write_paused_at = self.loop.time()
         if self.exchange is not None:
             self.exchange.pause()
+        self._flow()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         if self.exchange is not None:
             self.exchange.resume()
+        if self.current is None and self._queue and not self.closing:
+            self._next()
+        else:
+            self._flow()
 
     # --- httptools callbacks ------------------------------------------------------
 
@@ -195,12 +252,14 @@ class ClientConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # Counted inline, not in a helper: this runs for every header of every request.
+        # Trailers come here too, and count against the same limit.
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > MAX_HEADER_BYTES:
             raise _headers_too_large()
         self._parsing.headers.append((name.lower(), value))  # type: ignore[union-attr]
 
     def on_headers_complete(self) -> None:
+        self._stalled = 0
         request = self._parsing
         assert request is not None
         parser = self.parser
@@ -210,9 +269,12 @@ class ClientConnection(asyncio.Protocol):
         question = request.target.find(b"?")
         request.path = request.target if question < 0 else request.target[:question]
         if self.current is None:
-            self.deadline = INFINITY  # the body may take its time
+            self.deadline = INFINITY  # data_received arms the body timeout if a body follows
         limit = self.router.config.max_body_size
+        body_expected = False
         for name, value in request.headers:
+            if name not in _NOTED:
+                continue
             if name == b"content-length":
                 try:
                     size = int(value)
@@ -224,20 +286,33 @@ class ClientConnection(asyncio.Protocol):
                         f"request body of {size} bytes is over the limit of {limit} bytes "
                         "(--max-body-size)",
                     )
-            elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
-                # httptools accepts "gzip, chunked"; the backend would then get a
-                # compressed body with nothing saying so.
-                raise _Reject(501, "only 'Transfer-Encoding: chunked' is supported")
+                body_expected = size > 0
+            elif name == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    # httptools accepts "gzip, chunked"; the backend would then get a
+                    # compressed body with nothing saying so.
+                    raise _Reject(501, "only 'Transfer-Encoding: chunked' is supported")
+                body_expected = True
             elif name == b"content-type":
                 request.is_json = b"json" in value.lower()
-            elif name == b"expect" and value.lower() == b"100-continue":
-                request.expect_continue = True
-            elif name == b"x-request-id" and request.request_id is None:
-                request.request_id = value
+            elif name == b"expect":
+                request.expect_continue = value.lower() == b"100-continue"
+            elif name == b"x-request-id":
+                if request.request_id is None:
+                    request.request_id = value
+            elif name == b"connection":
+                request.connection = value
+            elif name == b"via":
+                request.looped = request.looped or self.router.via_token in value
+            elif name == b"upgrade":
+                request.upgrade = True
+        if request.upgrade:
+            self._upgrade_offered(request, body_expected)
         if request.expect_continue and self.transport is not None:
             self.transport.write(CONTINUE_RESPONSE)
 
     def on_body(self, body: bytes) -> None:
+        self._stalled = 0
         request = self._parsing
         assert request is not None
         request.body_size += len(body)
@@ -249,20 +324,33 @@ class ClientConnection(asyncio.Protocol):
             )
         request.body_parts.append(body)
 
+    def on_chunk_header(self) -> None:
+        self._stalled = 0
+
     def on_message_complete(self) -> None:
+        self._stalled = 0
         request = self._parsing
         assert request is not None
+        if request.upgrade:
+            return  # httptools skips the body of an upgrade offer; _on_upgrade reads it
         self._parsing = None
         parts = request.body_parts
         request.body = parts[0] if len(parts) == 1 else b"".join(parts)
         request.body_parts = []
         request.received_at = time.perf_counter()
-        self._queue.append(request)
-        if self.current is None:
+        queue = self._queue
+        if len(queue) >= MAX_QUEUED:
+            raise _Reject(
+                429,
+                f"more than {MAX_QUEUED} pipelined requests wait unanswered on this "
+                "connection; read the answers before sending more",
+            )
+        queue.append(request)
+        if self.current is None and not self.write_paused and self._budget:
+            self._budget -= 1
             self._next()
-        elif len(self._queue) >= MAX_PIPELINED and not self._read_paused:
-            self._read_paused = True
-            self.transport.pause_reading()  # type: ignore[union-attr]
+        elif not self._read_paused:
+            self._flow()
 
     # --- used by the router and the proxy -----------------------------------------
 
@@ -291,43 +379,113 @@ class ClientConnection(asyncio.Protocol):
         if request is None or not request.keep_alive or self.closing or self.router.draining:
             self.close()
             return
-        if self._read_paused and len(self._queue) < MAX_PIPELINED:
-            self._read_paused = False
-            self.transport.resume_reading()  # type: ignore[union-attr]
         if self._queue:
-            self._next()
+            if not self.write_paused:
+                self._next()
+                return
         elif self._pending_reject is not None:
             reject, self._pending_reject = self._pending_reject, None
             self._reject(reject)
+            return
         elif self._parsing is None:
             self._arm(self.router.config.keepalive_timeout)
+        elif self._parsing.method:
+            self._arm(self.router.config.body_timeout)
         else:
             self._arm(self.router.config.header_timeout)
+        if self._read_paused:
+            self._flow()
 
     def close(self) -> None:
         """Close once everything written so far has been sent."""
         if not self.closing:
             self.closing = True
+            self.router.paused.discard(self)
             self.transport.close()  # type: ignore[union-attr]
+
+    def abort(self) -> None:
+        """Close at once, dropping what is unsent: the client is gone or will not read."""
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def peer_gone(self) -> bool:
+        """Whether the client hung up, asked of the socket itself: while reading is
+        paused, the event loop does not look, and would not see the close."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return True
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), _HANGUP)
+        return bool(poller.poll(0))
 
     # --- internals ------------------------------------------------------------
 
     def _next(self) -> None:
         request = self._queue.popleft()
         self.current = request
+        if self._read_paused:
+            self._flow()
         self.router.dispatch(self, request)
+
+    def _drain(self) -> None:
+        """Start the requests a crowded read left queued (data_received's budget)."""
+        if self.current is None and self._queue and not self.write_paused and not self.closing:
+            self._next()
+
+    def _flow(self) -> None:
+        """Read from the client only while what waits for it is small: a few queued
+        requests, no error waiting its turn, and a transport that takes what is written."""
+        queue = self._queue
+        stop = (
+            self.write_paused
+            or self._pending_reject is not None
+            or len(queue) >= MAX_PIPELINED
+            or (len(queue) > 1 and sum(len(r.body) for r in queue) > QUEUED_BODY_BYTES)
+            or (len(queue) == 1 and len(queue[0].body) > QUEUED_BODY_BYTES)
+        )
+        if stop == self._read_paused or self.closing or self.transport is None:
+            return
+        self._read_paused = stop
+        if stop:
+            self.transport.pause_reading()
+            self.router.watch_paused(self)
+        else:
+            self.router.paused.discard(self)
+            self.transport.resume_reading()
+
+    def _check_stall(self) -> None:
+        """Bytes came that the parser has made nothing of for too long: refuse them."""
+        request = self._parsing
+        if request is not None and request.method:
+            self._reject(
+                _Reject(
+                    400,
+                    f"a chunk-size line (with its extensions) or the trailers are over "
+                    f"{MAX_LINE_BYTES} bytes",
+                )
+            )
+        elif request is None:
+            self._reject(_Reject(400, f"over {MAX_LINE_BYTES} bytes that do not begin a request"))
+        elif self._stalled > MAX_HEADER_BYTES:
+            self._reject(_headers_too_large())
 
     def _reject(self, reject: _Reject) -> None:
         """Answer a request the router cannot read, then close: the stream is unusable."""
         if self.closing:
             return
-        if self.current is not None:
-            # Answer in order, after the response in flight (if the connection lives on).
-            if self.current.keep_alive:
-                self._pending_reject = reject
-            self._parsing = None
-            self.transport.pause_reading()  # type: ignore[union-attr]
-            self._read_paused = True
+        # Nothing more is read: the parser stopped at an error, or must not go on.
+        self._ignore_input = True
+        self._parsing = None
+        if self.current is not None or self._queue:
+            # Answer in order, after the responses before it (if the connection lives on).
+            self._pending_reject = reject
+            self._flow()
+            if self.current is None:
+                self.loop.call_soon(self._drain)
             return
         self.write(error_response(reject.status, reject.message, keep_alive=False))
         self._linger()
@@ -339,27 +497,57 @@ class ClientConnection(asyncio.Protocol):
         discard the answer before the client reads it (a client still sending
         its oversized body or headers). So: half-close, read and drop what
         still comes for a moment, then close, as nginx's lingering_close does.
+        The moment is bounded: what is dropped costs no memory, and a client
+        that has not read the answer by then is cut off.
         """
         transport = self.transport
         assert transport is not None
         self.closing = True
-        self._lingering = True
+        self._ignore_input = True
+        self.router.paused.discard(self)
         if transport.can_write_eof():
             transport.write_eof()
         if self._read_paused:
             self._read_paused = False
             transport.resume_reading()
-        self.loop.call_later(LINGER_S, transport.close)
+        self.loop.call_later(LINGER_S, _end_linger, transport)
 
-    def _on_upgrade(self) -> None:
-        # Protocol upgrades (WebSocket, h2c) are not offered. A request that asked
-        # for one was complete and is answered normally; the connection then
-        # closes, since the parser will not read past an upgrade.
-        for request in (self.current, *self._queue):
-            if request is not None:
-                request.keep_alive = False
-        if self.current is None and not self._queue:
-            self._reject(_Reject(400, "protocol upgrades are not supported"))
+    def _upgrade_offered(self, request: ClientRequest, body_expected: bool) -> None:
+        """An ``Upgrade`` header: no protocol is switched to (RFC 9110 7.8 lets a server
+        ignore the offer), and the request is served as HTTP/1.1. httptools reads no
+        further than an upgrade's head, so the connection closes after this request,
+        and a body the offer came with is read by ``_on_upgrade``."""
+        if not self.parser.should_upgrade():
+            request.upgrade = False  # no "Connection: upgrade": an ordinary header
+            return
+        request.keep_alive = False
+        # From here on, ``upgrade`` means "httptools will skip a body that follows".
+        request.upgrade = body_expected and request.method != b"CONNECT"
+
+    def _on_upgrade(self, rest: bytes) -> None:
+        """httptools stopped at an upgrade; ``rest`` is what came after the head."""
+        self._ignore_input = True  # no further request is read on this connection
+        request = self._parsing
+        if request is not None and request.upgrade:
+            request.upgrade = False
+            self._ignore_input = False
+            # The body httptools skipped, read by a parser that sees only its framing.
+            self.parser = httptools.HttpRequestParser(_BodyOnly(self))
+            framing = b"transfer-encoding: chunked"
+            for name, value in request.headers:
+                if name == b"content-length":
+                    framing = b"content-length: " + value
+            self._stalled = 0
+            self.data_received(b"POST / HTTP/1.1\r\n%s\r\n\r\n%s" % (framing, rest))
+            return
+        for queued in (self.current, *self._queue):
+            if queued is not None:
+                queued.keep_alive = False
+        if self.current is None:
+            if self._queue:
+                self.loop.call_soon(self._drain)
+            else:
+                self.close()  # its answer is written already
 
     def _arm(self, delay_s: float) -> None:
         self.deadline = self.loop.time() + delay_s
@@ -367,13 +555,73 @@ class ClientConnection(asyncio.Protocol):
     def on_deadline(self) -> None:
         """The router's sweep found the deadline passed."""
         self.deadline = INFINITY
-        if self.current is not None or self.closing:
-            return
-        if self._parsing is not None:
-            self.write(error_response(408, "request headers took too long", keep_alive=False))
+        if self.current is not None or self.closing or self._queue:
+            return  # an answer is under way: its own deadlines (and --send-timeout) hold
+        request = self._parsing
+        if request is not None:
+            if request.method:
+                message = (
+                    f"the request body stalled: nothing came for "
+                    f"{self.router.config.body_timeout:g}s (--body-timeout)"
+                )
+            else:
+                message = (
+                    f"request headers took over {self.router.config.header_timeout:g}s "
+                    "(--header-timeout)"
+                )
+            self._parsing = None
+            self.write(error_response(408, message, keep_alive=False))
             self._linger()
             return
         self.close()
+
+
+class _BodyOnly:
+    """Parser callbacks for the body of an upgrade offer, read after httptools
+    stopped at its head: the head fed to this parser is made up, so only the body
+    and the message's end reach the connection, and nothing after that message."""
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self._conn = conn
+        self._done = False
+
+    def on_headers_complete(self) -> None:
+        pass
+
+    def on_chunk_header(self) -> None:
+        self._conn._stalled = 0
+
+    def on_body(self, body: bytes) -> None:
+        if not self._done:
+            self._conn.on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._done:
+            self._done = True
+            self._conn._ignore_input = True
+            self._conn.on_message_complete()
+
+
+def _end_linger(transport: asyncio.Transport) -> None:
+    if transport.get_write_buffer_size():
+        transport.abort()  # the client never read its answer: do not wait for it
+    else:
+        transport.close()
+
+
+# The request headers on_headers_complete acts on; the rest are only kept.
+_NOTED = frozenset(
+    {
+        b"content-length",
+        b"transfer-encoding",
+        b"content-type",
+        b"expect",
+        b"x-request-id",
+        b"connection",
+        b"via",
+        b"upgrade",
+    }
+)
 
 
 def _headers_too_large() -> _Reject:

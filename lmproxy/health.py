@@ -39,8 +39,11 @@ _decode_models = msgspec.json.Decoder(_ModelList).decode
 
 
 class HealthChecker:
-    def __init__(self, registry: Registry, interval_s: float, timeout_s: float) -> None:
+    def __init__(
+        self, registry: Registry, interval_s: float, timeout_s: float, via: str = ""
+    ) -> None:
         self.registry = registry
+        self.via = via  # the router's Via name: a service that is the router fails with 508
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -83,20 +86,33 @@ class HealthChecker:
             self.registry.probe_failed(service, f"health check timed out after {self.timeout_s}s")
         except ProbeError as exc:
             self.registry.probe_failed(service, f"health check failed: {exc}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Whatever went wrong, the service shows it; the loop goes on.
+            log.exception("health check of %s failed unexpectedly", service.name)
+            self.registry.probe_failed(service, f"health check failed: {type(exc).__name__}: {exc}")
         else:
             self.registry.probe_passed(service, models)
 
     async def _probe(self, service: Service) -> list[tuple[str, int, str]] | None:
         prefix = service.path_prefix.decode()
         status, _ = await http_get(
-            service.host, service.port, prefix + service.health_path, self.timeout_s
+            service.host, service.port, prefix + service.health_path, self.timeout_s, self.via
         )
+        if status == 508:
+            raise ProbeError(
+                f"{service.health_path} answered 508 Loop Detected: {service.url} leads back "
+                "to this router; give the backend's own address"
+            )
         if not 200 <= status < 300:
             raise ProbeError(f"{service.health_path} answered {status}")
         if service.models_configured:
             return None
         for path in ("/v1/models", "/models"):
-            status, body = await http_get(service.host, service.port, prefix + path, self.timeout_s)
+            status, body = await http_get(
+                service.host, service.port, prefix + path, self.timeout_s, self.via
+            )
             if status == 404:
                 continue
             if status != 200:

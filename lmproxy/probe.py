@@ -19,32 +19,42 @@ class ProbeError(Exception):
     pass
 
 
-async def http_get(host: str, port: int, path: str, timeout_s: float) -> tuple[int, bytes]:
-    """GET ``path``; return (status, body). Raises ProbeError or TimeoutError."""
+async def http_get(
+    host: str, port: int, path: str, timeout_s: float, via: str = ""
+) -> tuple[int, bytes]:
+    """GET ``path``; return (status, body). Raises ProbeError or TimeoutError.
+
+    ``via`` names the router: a probe that reaches the router itself is then
+    answered 508 (a service configured at the router's own address).
+    """
     async with asyncio.timeout(timeout_s):
         try:
             reader, writer = await asyncio.open_connection(host, port)
         except OSError as exc:
             raise ProbeError(f"cannot connect: {exc.strerror or exc}") from None
         try:
-            return await _exchange(reader, writer, host, port, path)
+            return await _exchange(reader, writer, host, port, path, via)
         finally:
             writer.close()
 
 
 async def _exchange(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int, path: str
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    host: str,
+    port: int,
+    path: str,
+    via: str,
 ) -> tuple[int, bytes]:
     conn = h11.Connection(h11.CLIENT)
-    request = h11.Request(
-        method="GET",
-        target=path,
-        headers=[
-            ("Host", f"{host}:{port}"),
-            ("User-Agent", "lmproxy-health"),
-            ("Connection", "close"),
-        ],
-    )
+    headers = [
+        ("Host", f"{host}:{port}"),
+        ("User-Agent", "lmproxy-health"),
+        ("Connection", "close"),
+    ]
+    if via:
+        headers.append(("Via", f"1.1 {via}"))
+    request = h11.Request(method="GET", target=path, headers=headers)
     writer.write(conn.send(request) + conn.send(h11.EndOfMessage()))
     status = 0
     body = bytearray()

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from lmproxy.admission import has_room
 from lmproxy.errors import Fault, ProxyError, sse_error_event
 from lmproxy.metrics import log_access
+from lmproxy.registry import name_models
 from lmproxy.request import MODEL_PATHS, RequestHead, RouteRequest, decode_head, with_model
 from lmproxy.upstream import LENGTH, NO_BODY, UNTIL_CLOSE, ConnectError, UpstreamConnection
 
@@ -71,6 +72,38 @@ _HOP_BY_HOP_BUT_TE = _header_lines(HOP_BY_HOP - {b"transfer-encoding"})
 _SSE_TYPE = re.compile(rb"\r\ncontent-type[ \t]*:[ \t]*text/event-stream", re.I)
 # Request headers the router sets itself for the backend connection.
 REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+_named_cache: dict[bytes, frozenset[bytes]] = {}
+
+
+def connection_names(value: bytes) -> frozenset[bytes]:
+    """The header names a ``Connection`` header lists beyond keep-alive and close: they
+    are hop-by-hop too (RFC 9110 7.6.1). Cached: clients send the same few values."""
+    names = _named_cache.get(value)
+    if names is None:
+        names = frozenset(t.strip().lower() for t in value.split(b",")) - _PLAIN_CONNECTION
+        names -= {b""}
+        if len(_named_cache) < 256:
+            _named_cache[value] = names
+    return names
+
+
+_named_lines_cache: dict[frozenset[bytes], re.Pattern[bytes]] = {}
+
+
+def drop_named(fields: bytes, connection: bytes) -> bytes:
+    """A response head's fields less the ones its ``Connection`` header names."""
+    names = connection_names(connection)
+    if not names:
+        return fields
+    pattern = _named_lines_cache.get(names)
+    if pattern is None:
+        pattern = _header_lines(names)
+        if len(_named_lines_cache) < 256:
+            _named_lines_cache[names] = pattern
+    return pattern.sub(b"", fields)
+
+
 LARGE_BODY = 64 * 1024  # above this the body is written beside the head, not copied onto it
 TAIL_BYTES = 4096  # of a response kept for its usage object
 
@@ -175,6 +208,9 @@ class Exchange:
         line = head[:eol] if head.startswith(b"HTTP/1.1 ") else b"HTTP/1.1" + head[8:eol]
         fields = head[eol:-4]  # each header preceded by its CRLF
         hop = _HOP_BY_HOP_BUT_TE if self._chunked and not self._frame else _HOP_BY_HOP_FIELDS
+        connection = self.conn.connection
+        if connection is not None:
+            fields = drop_named(fields, connection)
         fields = hop.sub(b"", fields)
         self._sse = _SSE_TYPE.search(fields) is not None
         out = [line, fields, b"\r\n"]
@@ -341,7 +377,7 @@ def _candidates(router: Router, route: RouteRequest) -> list[Service]:
             f"model {model!r} is not known yet: model discovery is still pending on "
             f"{', '.join(pending)}; retry shortly",
         )
-    models = ", ".join(registry.known_models) or "none"
+    models = name_models(registry.known_models) or "none"
     raise ProxyError(Fault.NOT_FOUND, f"model {model!r} not found; available models: {models}")
 
 
@@ -352,8 +388,13 @@ def _request_data(
         b"%s %s%s HTTP/1.1\r\nHost: %s\r\n%s"
         % (request.method, service.path_prefix, request.target, service.host_header, extra)
     ]
+    drop = REQUEST_DROP
+    if request.connection is not None:
+        named = connection_names(request.connection)
+        if named:
+            drop = drop | named
     for name, value in request.headers:
-        if name not in REQUEST_DROP:
+        if name not in drop:
             lines.append(b"%s: %s\r\n" % (name, value))
     if body or request.method in (b"POST", b"PUT", b"PATCH"):
         lines.append(b"Content-Length: %d\r\n" % len(body))
@@ -496,7 +537,7 @@ class Journey:
         exchange = Exchange(self, conn, service, router.config.request_timeout)
         self.client.exchange = exchange
         self.strategy.on_start(service, route)
-        data = _request_data(service, request, route.body, self.id_header)
+        data = _request_data(service, request, route.body, self.id_header + router.via_line)
         router.metrics.added.observe(time.perf_counter() - request.received_at)
         conn.send(exchange, data, request.method == b"HEAD", request.http_minor == 0)
         if self.client.write_paused:
@@ -533,7 +574,12 @@ class Journey:
             self._log(service.name, exchange.status, exchange.bytes_out, exchange.ttfb_s)
             service.request_count += 1
             service.latencies.append(latency_s)
-            if exchange.status >= 500 or exchange.status == 429:
+            if exchange.status == 508:
+                # A router (this one, or one in a ring with it) saw its own Via.
+                registry.request_failed(
+                    service, f"routing loop: {service.url} leads back to a router it came through"
+                )
+            elif exchange.status >= 500 or exchange.status == 429:
                 service.error_count += 1
             else:
                 registry.request_succeeded(service)

@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 
 from lmproxy import api
-from lmproxy.app import reread, start_demo, startup_warnings
+from lmproxy.app import new_instance_id, reread, start_demo, startup_warnings
 from lmproxy.config import Config, ConfigError
 from lmproxy.control import Channel, ChannelClosed, Message
 from lmproxy.errors import encode_json
@@ -63,7 +63,8 @@ class Supervisor:
         self.reload = reload
         self.loop = asyncio.get_running_loop()
         self.registry = Registry(max_errors=config.max_errors)
-        self.fleet = Fleet(self.registry, config)
+        self.instance_id = new_instance_id()  # the workers' shared Via name
+        self.fleet = Fleet(self.registry, config, self.instance_id)
         self.workers: dict[int, _Worker] = {}
         self.stopping = False
         self.serving = False  # every worker started once
@@ -81,6 +82,7 @@ class Supervisor:
 
     async def run(self, stop: asyncio.Event) -> None:
         reservation = self._reserve_port()
+        self.fleet.own_port = self.config.port
         self.fleet.start()
         try:
             await asyncio.gather(
@@ -149,6 +151,7 @@ class Supervisor:
                 "op": "start",
                 "slot": worker.slot,
                 "workers": self.config.workers,
+                "instance": self.instance_id,
                 "config": msgspec.to_builtins(self.config),
                 "state": self.registry.state(),
             }

@@ -39,7 +39,14 @@ MAX_HEAD_BYTES = 64 * 1024
 HEAD_END = b"\r\n\r\n"  # llhttp accepts no bare LF line endings: a head ends here
 CHUNKED_END = b"\r\n0\r\n\r\n"
 # llhttp allows no space before the colon; it has checked the values.
-_FRAMING_FIELDS = re.compile(rb"\r\n(content-length|transfer-encoding):[ \t]*([^\r]*)", re.I)
+# Connection too: the headers it names are hop-by-hop, and the proxy drops them.
+_FRAMING_FIELDS = re.compile(
+    rb"\r\n(content-length|transfer-encoding|connection):[ \t]*([^\r]*)", re.I
+)
+
+
+class _SecondResponse(Exception):
+    """Raised from a parser callback: a response began after the one asked for ended."""
 
 
 class State(enum.Enum):
@@ -95,6 +102,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_raw_parser",
         "_remaining",
         "_scan",
+        "connection",
         "idle_since",
         "last_activity",
         "loop",
@@ -132,6 +140,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._extra = False  # bytes came after the response's end
         self._probing = False
         self._probe_hit = False
+        self.connection: bytes | None = None  # the response's Connection header
 
     # --- asyncio.Protocol -------------------------------------------------------
 
@@ -211,6 +220,10 @@ class UpstreamConnection(asyncio.Protocol):
     # --- httptools callbacks ------------------------------------------------------
 
     def on_headers_complete(self) -> None:
+        if self._done:
+            # The backend sent a second response after the one asked for, in the same
+            # read: stop parsing here, so that nothing of it reaches the client.
+            raise _SecondResponse
         status = self.parser.get_status_code()
         head = self._head
         start = self._scan
@@ -227,14 +240,18 @@ class UpstreamConnection(asyncio.Protocol):
         self._scan = 0
         head = head[start:end]
         framing = UNTIL_CLOSE
+        self.connection = None
         for name, value in _FRAMING_FIELDS.findall(head):
-            if len(name) == 14:  # content-length
+            if len(name) == 10:  # connection
+                self.connection = value
+            elif framing == CHUNKED:
+                pass  # chunked wins over a Content-Length (RFC 9112 6.3)
+            elif len(name) == 14:  # content-length
                 framing = LENGTH
                 self._remaining = int(value)
             elif value.rstrip().lower().endswith(b"chunked"):
                 framing = CHUNKED
                 self._remaining = -1
-                break
         if self._head_only or status in (204, 304):
             framing = NO_BODY
             self._remaining = 0

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from lmproxy import logs
 from lmproxy.config import Config
 from lmproxy.control import Channel, ChannelClosed, Message
 from lmproxy.errors import error_response, http_response
@@ -55,6 +56,7 @@ class SupervisorLink:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.slot = 0
         self.workers = 1
+        self.instance_id = ""  # the router's Via name, the same in every worker
         self.channel = Channel(reader, writer, self.handle)
         self.router: Router | None = None
         self.started: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
@@ -172,11 +174,10 @@ async def run(fd: int) -> None:
         return
     start = link.started.result()
     link.slot, link.workers = start["slot"], start["workers"]
+    link.instance_id = start["instance"]
     config = msgspec.convert(start["config"], Config)
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s %(name)s[w{link.slot}]: %(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
+    logs.configure(
+        config.log_level, f"%(asctime)s %(levelname)s %(name)s[w{link.slot}]: %(message)s"
     )
     from lmproxy.app import Router
 

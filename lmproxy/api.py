@@ -11,6 +11,9 @@ import datetime
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from lmproxy.logs import masked_url
+from lmproxy.registry import name_models
+
 if TYPE_CHECKING:
     from lmproxy.app import Router
     from lmproxy.registry import Service
@@ -57,7 +60,7 @@ def models(router: Router) -> Payload:
 def model(router: Router, model_id: str) -> Payload:
     served = router.registry.healthy_models()
     if model_id not in served:
-        available = ", ".join(served) or "none"
+        available = name_models(served) or "none"
         return 404, {"error": f"model {model_id!r} not found; available models: {available}"}
     return 200, _model_object(router, model_id)
 
@@ -66,7 +69,7 @@ def service_entry(service: Service) -> dict[str, Any]:
     """One service as /services lists it."""
     return {
         "name": service.name,
-        "url": service.url,
+        "url": masked_url(service.url),
         "healthy": service.healthy,
         "models": list(service.models),
         "weight": service.weight,
@@ -93,6 +96,7 @@ def stats(router: Router) -> Payload:
             "max_in_flight": s.spec.max_in_flight,
             "last_check": _iso(s.last_check),
             "last_error": s.last_error or None,
+            "last_error_at": _iso(s.last_error_at),
         }
         for s in registry.services.values()
     ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -15,6 +16,13 @@ from urllib.parse import urlsplit
 import msgspec
 
 MiB = 1024 * 1024
+# A service's name is a path segment of the admin API and goes into logs and metrics.
+NAME_RULE = "1 to 128 of A-Z a-z 0-9 . _ : -, and not only dots"
+_NAME = re.compile(r"(?!\.*\Z)[A-Za-z0-9._:-]{1,128}\Z")
+# A health path goes into a request line: visible ASCII, no spaces.
+PATH_RULE = "start with '/', then up to 1023 visible ASCII characters (no spaces or controls)"
+_PATH = re.compile(r"/[\x21-\x7e]{0,1023}\Z")
+_HOST = re.compile(r"[A-Za-z0-9._:%-]{1,255}\Z")
 
 
 class ConfigError(Exception):
@@ -49,13 +57,19 @@ class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
             raise ConfigError(f"service {self.name or self.url!r}: weight must be >= 0")
         if self.max_in_flight < 0:
             raise ConfigError(f"service {self.name or self.url!r}: max_in_flight must be >= 0")
-        if not self.health_path.startswith("/"):
+        if not _HOST.match(parts.hostname):
+            raise ConfigError(f"service url {self.url!r}: the host has characters a host has not")
+        if parts.path and not _PATH.match(parts.path):
+            raise ConfigError(f"service url {self.url!r}: its path must {PATH_RULE}")
+        if not _PATH.match(self.health_path):
             raise ConfigError(
                 f"service {self.name or self.url!r}: health_path {self.health_path!r} "
-                "must start with '/'"
+                f"must {PATH_RULE}"
             )
         if not self.name:
             self.name = f"{parts.hostname}:{parts.port or 80}"
+        if not _NAME.match(self.name):
+            raise ConfigError(f"service name {self.name!r} must be {NAME_RULE}")
 
     @property
     def host(self) -> str:
@@ -99,6 +113,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pool_idle_timeout: float = 30.0
     keepalive_timeout: float = 75.0
     header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    send_timeout: float = 60.0
     shutdown_timeout: float = 30.0
     max_connections: int = 0  # 0: as many as the open-file limit allows
     queue_timeout: float = 30.0
@@ -122,6 +138,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             "max_body_size": self.max_body_size,
             "keepalive_timeout": self.keepalive_timeout,
             "header_timeout": self.header_timeout,
+            "body_timeout": self.body_timeout,
+            "send_timeout": self.send_timeout,
             "pool_idle_timeout": self.pool_idle_timeout,
             "registry_sync_interval": self.registry_sync_interval,
         }
@@ -152,6 +170,16 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be 0-65535, got {self.port}")
+        if any(not key.strip() for key in self.api_keys):
+            raise ConfigError(
+                "an API key is empty (--api-key '' or api_keys in the config; was it set from "
+                "an unset variable?); give a real key, or none to leave the API open"
+            )
+        if self.admin_token is not None and not self.admin_token.strip():
+            raise ConfigError(
+                "--admin-token is empty (was it set from an unset variable?); give a real "
+                "token, or none to keep the admin API to loopback clients"
+            )
         names: set[str] = set()
         for spec in self.services:
             if spec.name in names:
@@ -160,6 +188,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                     "name (NAME=URL)"
                 )
             names.add(spec.name)
+            if self.port and points_at(spec, self.host, self.port):
+                raise ConfigError(
+                    f"service {spec.name!r} at {spec.url} is this router's own address "
+                    f"({self.host}:{self.port}): requests would loop; give the backend's address"
+                )
 
     @property
     def binds_publicly(self) -> bool:
@@ -167,6 +200,30 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             return not ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return self.host != "localhost"
+
+
+def points_at(spec: ServiceSpec, host: str, port: int) -> bool:
+    """Whether ``spec``'s URL is, as far as can be told without DNS, the router's own
+    listening address ``host:port`` (a Via header catches every other loop)."""
+    if spec.port != port:
+        return False
+    target, host = _address(spec.host), _address(host)
+    if target == host:
+        return True
+    if host in ("0.0.0.0", "::", ""):  # listening everywhere: any local address is us
+        return target in _LOCAL or target.startswith("127.")
+    return {target, host} <= {"localhost", "127.0.0.1", "::1"}
+
+
+_LOCAL = frozenset({"localhost", "::1", "0.0.0.0", "::"})
+
+
+def _address(host: str) -> str:
+    host = host.lower().strip("[]")
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
 
 
 # --- --backend NAME=URL,weight=N,model=M,health=/path -------------------------------

@@ -30,8 +30,9 @@ from urllib.parse import unquote, urlsplit
 import msgspec
 
 from lmproxy.api import service_entry
-from lmproxy.config import Config, ConfigError, ServiceSpec, spec_from_entry
+from lmproxy.config import Config, ConfigError, ServiceSpec, points_at, spec_from_entry
 from lmproxy.health import HealthChecker
+from lmproxy.logs import masked_url
 from lmproxy.probe import ProbeError, http_get
 from lmproxy.registry import Registry, Service
 
@@ -56,10 +57,13 @@ def describe(service: Service) -> dict[str, Any]:
 
 
 class Fleet:
-    def __init__(self, registry: Registry, config: Config) -> None:
+    def __init__(self, registry: Registry, config: Config, instance_id: str = "") -> None:
         self.registry = registry
         self.config = config
-        self.checker = HealthChecker(registry, config.health_interval, config.health_timeout)
+        self.own_port = config.port  # the port bound, once the router listens
+        self.checker = HealthChecker(
+            registry, config.health_interval, config.health_timeout, instance_id
+        )
         self._expires: dict[str, tuple[float, float]] = {}  # name -> (ttl, monotonic deadline)
         self._gone_since: dict[str, float] = {}  # registry services no longer listed
         self._tasks: list[asyncio.Task[None]] = []
@@ -164,6 +168,11 @@ class Fleet:
             return 400, {"error": f"invalid registration: {exc}; expected {REGISTRATION_SHAPE}"}
         if spec is None:
             return 400, {"error": "only services of metadata.type 'openai-api' can be registered"}
+        if points_at(spec, self.config.host, self.own_port):
+            return 400, {
+                "error": f"{spec.url} is this router's own address: requests would loop; "
+                "register the backend's address"
+            }
         ttl = options.ttl if options.ttl is not None else self.config.registration_ttl
         if ttl < 0:
             return 400, {"error": "ttl must be >= 0 seconds (0: no expiry)"}
@@ -239,13 +248,13 @@ class Fleet:
             if self._registry_ok:
                 log.warning(
                     "registry %s unreachable or unreadable (%s); keeping its services",
-                    url,
+                    masked_url(url),
                     exc or "timed out",
                 )
             self._registry_ok = False
             return
         if not self._registry_ok:
-            log.info("registry %s is readable again", url)
+            log.info("registry %s is readable again", masked_url(url))
         self._registry_ok = True
         listed: set[str] = set()
         for index, entry in enumerate(listing.services):

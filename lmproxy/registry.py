@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from lmproxy.config import ServiceSpec
+from lmproxy.logs import masked_url
 
 if TYPE_CHECKING:
     from lmproxy.upstream import Pool
@@ -30,6 +31,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("lmproxy")
 
 LATENCY_WINDOW = 100  # requests behind the mean in /stats
+# What one backend can make the router hold: its models past these are refused.
+MAX_MODELS_PER_SERVICE = 1000
+MAX_MODEL_ID = 256
+LOGGED_MODELS = 20  # a log line or error message names at most this many models
 
 
 class ModelInfo:
@@ -53,10 +58,12 @@ class Service:
         "in_flight",
         "last_check",
         "last_error",
+        "last_error_at",
         "latencies",
         "local_in_flight",
         "max_in_flight",
         "models",
+        "models_capped",
         "models_configured",
         "models_known",
         "name",
@@ -99,7 +106,9 @@ class Service:
         self.max_in_flight = spec.max_in_flight
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.last_check: float | None = None
-        self.last_error = ""
+        self.last_error = ""  # kept after the service recovers, with its time
+        self.last_error_at: float | None = None
+        self.models_capped = False  # it listed more models than are taken (warned once)
         self.pool: Pool | None = None
 
     @property
@@ -143,12 +152,14 @@ class Registry:
         self.note(
             "service %s at %s (weight %d, health %s)",
             service.name,
-            service.url,
+            masked_url(service.url),
             service.weight,
             service.health_path,
         )
         for model in service.models:
-            self._learn_model(service, model, self.started_at, "lmproxy")
+            self._learn_model(model, self.started_at, "lmproxy")
+        if service.models:
+            self.note("service %s serves %s", service.name, name_models(service.models))
         self._changed()
         return service
 
@@ -160,6 +171,7 @@ class Registry:
         self.note("service %s removed: %s", name, why)
         if service.pool is not None:
             service.pool.close()
+        self._forget_models()
         self._changed()
         return service
 
@@ -215,26 +227,59 @@ class Registry:
         """An active check passed; ``models`` is what the service listed, if it was asked."""
         service.last_check = time.time()
         if models is not None and not service.models_configured:
-            new = tuple(m for m, _, _ in models)
-            for model, created, owned_by in models:
-                if model not in service.models:
-                    self._learn_model(service, model, created, owned_by)
-            for model in service.models:
-                if model not in new:
-                    log.info("service %s no longer lists model %s", service.name, model)
-            service.models = new
-            service.models_known = True
+            self._take_models(service, models)
         if not service.healthy:
             log.info("service %s is healthy", service.name)
         service.healthy = True
         service.consecutive_errors = 0
-        service.last_error = ""
         self._changed()
+
+    def _take_models(self, service: Service, models: list[tuple[str, int, str]]) -> None:
+        """What a service listed, within bounds: a backend cannot make the router hold
+        (or log) more than MAX_MODELS_PER_SERVICE models of MAX_MODEL_ID characters."""
+        listed: dict[str, tuple[int, str]] = {}
+        refused = 0
+        for model, created, owned_by in models:
+            if len(listed) >= MAX_MODELS_PER_SERVICE or len(model) > MAX_MODEL_ID or not model:
+                refused += 1
+            else:
+                listed.setdefault(model, (created, owned_by))
+        if refused and not service.models_capped:
+            service.models_capped = True
+            log.warning(
+                "service %s lists %d models the router does not take (it takes at most %d, "
+                "each 1 to %d characters)",
+                service.name,
+                refused,
+                MAX_MODELS_PER_SERVICE,
+                MAX_MODEL_ID,
+            )
+        new = tuple(listed)
+        if new == service.models:
+            service.models_known = True
+            return
+        added = [m for m in new if m not in service.models]
+        gone = [m for m in service.models if m not in listed]
+        for model in added:
+            created, owned_by = listed[model]
+            self._learn_model(model, created, owned_by)
+        service.models = new
+        service.models_known = True
+        if gone:
+            self._forget_models()
+        # One line per service and check, however many models changed.
+        changes = []
+        if added:
+            changes.append("serves " + name_models(added))
+        if gone:
+            changes.append("no longer lists " + name_models(gone))
+        self.note("service %s %s", service.name, "; ".join(changes))
 
     def probe_failed(self, service: Service, reason: str) -> None:
         first = service.last_check is None
         service.last_check = time.time()
         service.last_error = reason
+        service.last_error_at = service.last_check
         if first:
             # A wrong URL or a backend not up yet: say so once, not on every retry.
             log.warning("service %s is not healthy yet: %s", service.name, reason)
@@ -248,6 +293,7 @@ class Registry:
         service.error_count += 1
         service.consecutive_errors += 1
         service.last_error = reason
+        service.last_error_at = time.time()
         if service.healthy and self.max_errors and service.consecutive_errors >= self.max_errors:
             log.warning(
                 "service %s ejected after %d consecutive failed requests (last: %s); "
@@ -268,6 +314,7 @@ class Registry:
             log.warning("service %s ejected by a worker: %s", name, reason)
             service.healthy = False
             service.last_error = reason
+            service.last_error_at = time.time()
             self._changed()
 
     def request_succeeded(self, service: Service) -> None:
@@ -275,10 +322,15 @@ class Registry:
 
     # --- internals ------------------------------------------------------------
 
-    def _learn_model(self, service: Service, model: str, created: int, owned_by: str) -> None:
-        self.note("service %s serves model %s", service.name, model)
+    def _learn_model(self, model: str, created: int, owned_by: str) -> None:
         if model not in self.known_models:
             self.known_models[model] = ModelInfo(created, owned_by)
+
+    def _forget_models(self) -> None:
+        """Keep only the models some service still lists: a departed service's go."""
+        served = {m for s in self.services.values() for m in s.models}
+        for model in [m for m in self.known_models if m not in served]:
+            del self.known_models[model]
 
     # --- mirroring (workers) ------------------------------------------------------
 
@@ -294,6 +346,7 @@ class Registry:
                     "models_known": s.models_known,
                     "last_check": s.last_check,
                     "last_error": s.last_error,
+                    "last_error_at": s.last_error_at,
                 }
                 for s in self.services.values()
             ],
@@ -314,6 +367,7 @@ class Registry:
             service.models_known = entry["models_known"]
             service.last_check = entry["last_check"]
             service.last_error = entry["last_error"]
+            service.last_error_at = entry["last_error_at"]
         for name in [n for n in self.services if n not in wanted]:
             self.remove(name, "removed by the supervisor")
         self.known_models = {
@@ -333,6 +387,15 @@ def _share(limit: int, workers: int) -> int:
     """This process's part of a router-wide limit: never 0 (a worker must be able to
     serve), so with N workers the sum may exceed the limit by at most N - 1."""
     return -(-limit // workers) if limit else 0
+
+
+def name_models(models: Iterable[str]) -> str:
+    """Models for a log line or a message: at most LOGGED_MODELS, and how many more."""
+    listed = list(models)
+    shown = ", ".join(listed[:LOGGED_MODELS])
+    if len(listed) > LOGGED_MODELS:
+        shown += f" and {len(listed) - LOGGED_MODELS} more (GET /v1/models lists them all)"
+    return shown
 
 
 def _models_of(services: Iterable[Service]) -> list[str]:

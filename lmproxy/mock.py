@@ -25,8 +25,19 @@ clears it):
 ``early-hints``     a ``103 Early Hints`` head, then the answer, in one write
 ``close-delimited``  a streamed answer with neither Content-Length nor chunks:
                     its end is the close
+``two-responses``   a whole answer, then a second one in the same write
+``204-then-response``  a ``204 No Content``, then a second answer in the same write
+``chunked-then-response``  a whole chunked answer, then a second one
+``connection-named``  an answer whose ``Connection`` header names another of its
+                    headers (hop-by-hop: a proxy must drop it)
 ``unhealthy``       ``/health`` answers 503 (set at run time)
+``model-flood``     every ``/v1/models`` lists 5,000 models never listed before
+                    (set at run time)
 ==================  =========================================================
+
+``X-Mock-Raw: BASE64`` on a request makes the answer exactly those bytes (and
+``X-Mock-Raw-Close: 1`` closes the connection after them): how tests try the
+router against framings no fault mode names.
 
 Timing per request can be overridden with ``X-Mock-TTFT`` and
 ``X-Mock-Token-Delay`` (seconds), and for all requests at run time by
@@ -41,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import itertools
 import sys
@@ -71,8 +83,15 @@ FAULTS = (
     "chunked-extra",
     "early-hints",
     "close-delimited",
+    "two-responses",
+    "204-then-response",
+    "chunked-then-response",
+    "connection-named",
     "unhealthy",
+    "model-flood",
 )
+SECOND_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nX-Second: yes\r\n\r\nSECOND"
+FLOOD_MODELS = 5000
 WORDS = (
     "The quick brown fox jumps over the lazy dog while the router streams "
     "every token as soon as the backend produces it"
@@ -365,9 +384,13 @@ class MockConnection(asyncio.Protocol):
             self._write(_json(404, {"detail": "Not Found"}))
             return
         if path in ("/models", "/v1/models"):
+            models = state.models
+            if state.fault == "model-flood":
+                first = state.requests * FLOOD_MODELS
+                models = [f"flood-{i}" for i in range(first, first + FLOOD_MODELS)]
             data = [
                 {"id": m, "object": "model", "created": CREATED, "owned_by": state.name}
-                for m in state.models
+                for m in models
             ]
             self._write(_json(200, {"object": "list", "data": data}))
             state.completed += 1
@@ -404,8 +427,14 @@ class MockConnection(asyncio.Protocol):
             "/v1/embeddings": "embedding",
             "/embeddings": "embedding",
         }.get(path)
-        if kind is None or method != b"POST":
+        if kind is None or method not in (b"POST", b"HEAD"):
             self._write(_json(404, {"error": f"no route {method.decode()} {path}"}))
+            return
+        raw = headers.get(b"x-mock-raw")
+        if raw is not None:
+            self._write(base64.b64decode(raw))
+            if headers.get(b"x-mock-raw-close"):
+                self._close()
             return
         fault = headers.get(b"x-mock-fault", b"").decode() or state.fault
         if await self._fault_before_answer(fault):
@@ -508,6 +537,25 @@ class MockConnection(asyncio.Protocol):
                 b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
                 + head
                 + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            return True
+        if fault == "two-responses":
+            self._write(head + b"Content-Length: 5\r\n\r\nhello" + SECOND_RESPONSE)
+            return True
+        if fault == "204-then-response":
+            self._write(b"HTTP/1.1 204 No Content\r\n\r\n" + SECOND_RESPONSE)
+            return True
+        if fault == "chunked-then-response":
+            self._write(
+                head
+                + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                + SECOND_RESPONSE
+            )
+            return True
+        if fault == "connection-named":
+            self._write(
+                head + b"Connection: keep-alive, X-Hop\r\nX-Hop: secret\r\nX-Kept: yes\r\n"
+                b"Content-Length: 2\r\n\r\n{}"
             )
             return True
         if fault == "close-delimited":  # events over time; the close ends the body

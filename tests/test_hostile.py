@@ -6,14 +6,17 @@ request on), never a 500 of its own making, and keeps serving everyone else.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
 
+import h11
 import pytest
-from conftest import Mock, Router, chat_body
+from conftest import Mock, Router, chat_body, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -294,3 +297,199 @@ def test_fuzz_byte_streams_never_500_and_never_stop_the_router(router, raw):
     if data:
         assert status_of(data) != 500, data[:300]
     assert_still_serving(router)
+
+
+# --- fuzz with the invariants as the oracle -------------------------------------------
+
+GOOD = {
+    "health": (b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", 200),
+    "missing": (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+    "dots": (b"GET /v1/../x HTTP/1.1\r\nHost: x\r\n\r\n", 400),  # refused; still keep-alive
+    "chat": (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s"
+        % (len(_CHAT := json.dumps(chat_body(max_tokens=1)).encode()), _CHAT),
+        200,
+    ),
+    "chunked-chat": (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(_CHAT), _CHAT),
+        200,
+    ),
+}
+BAD = {
+    "garbage": b"GARBAGE\r\n\r\n",
+    "smuggle": b"POST /v1/x HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+    "bad-chunk": b"POST /v1/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n",
+}
+LAST = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+def _send_in_pieces(port: int, raw: bytes, cuts: list[int]) -> bytes:
+    """Send ``raw`` cut at ``cuts`` (separate writes, so mostly separate reads)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT_S) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        previous = 0
+        for cut in [*sorted(set(cuts)), len(raw)]:
+            with contextlib.suppress(OSError):
+                sock.sendall(raw[previous:cut])
+            previous = cut
+            time.sleep(0.001)
+        data = b""
+        deadline = time.monotonic() + READ_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def assert_slots_back(router: Router) -> None:
+    def settled() -> bool:
+        stats = router.get("/stats").json()
+        return stats["queue_length"] == 0 and all(s["in_flight"] == 0 for s in stats["services"])
+
+    wait_until(settled, 5, "in_flight and queue_length back to 0")
+
+
+@FUZZ
+@given(
+    kinds=st.lists(st.sampled_from([*GOOD, *BAD]), min_size=1, max_size=6),
+    cuts=st.lists(st.integers(min_value=1, max_value=4000), max_size=8),
+)
+def test_fuzz_pipelined_mixtures_split_anywhere_get_one_answer_each_in_order(router, kinds, cuts):
+    raw = b"".join(GOOD[k][0] if k in GOOD else BAD[k] for k in kinds) + LAST
+    data = _send_in_pieces(router.port, raw, [c for c in cuts if c < len(raw)])
+    expected = []
+    for kind in kinds:
+        if kind in BAD:
+            expected.append(400)  # then the connection closes: nothing after it
+            break
+        expected.append(GOOD[kind][1])
+    else:
+        expected.append(200)
+    statuses = [int(m) for m in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)]
+    assert statuses == expected, (kinds, data[-300:])
+    assert_slots_back(router)
+
+
+# A backend's answer: a status, a framing honest or not, a body, and what may follow it.
+backend_answers = st.builds(
+    lambda status, framing, body, after, close: (status, framing, body, after, close),
+    st.sampled_from([200, 201, 204, 304, 404, 500, 503]),
+    st.sampled_from(["length", "short", "long", "chunked", "bad-chunk", "until-close", "none"]),
+    st.binary(max_size=40),
+    st.sampled_from([b"", b"junk", b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nSEC"]),
+    st.booleans(),
+)
+
+
+def _backend_bytes(status: int, framing: str, body: bytes, after: bytes) -> bytes:
+    head = b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n" % status
+    if framing == "length":
+        return head + b"Content-Length: %d\r\n\r\n%s%s" % (len(body), body, after)
+    if framing == "short":
+        return head + b"Content-Length: %d\r\n\r\n%s" % (len(body) + 5, body)
+    if framing == "long":
+        return head + b"Content-Length: %d\r\n\r\n%s" % (len(body) // 2, body)
+    if framing == "chunked":
+        chunk = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
+        return head + b"Transfer-Encoding: chunked\r\n\r\n%s0\r\n\r\n%s" % (chunk, after)
+    if framing == "bad-chunk":
+        return head + b"Transfer-Encoding: chunked\r\n\r\nZZ\r\n%s" % body
+    if framing == "until-close":
+        return head + b"\r\n" + body
+    return head + b"\r\n"  # no framing: a body until the close, or none for 204/304
+
+
+@pytest.fixture(scope="module")
+def lenient_router() -> Iterator[Router]:
+    """A router that never ejects its backend: the fuzz sends it broken answers on purpose."""
+    backend = Mock("framing-backend", ["Qwen3-32B"])
+    router = Router("--backend", backend.backend_arg(), "--max-errors", "0")
+    router.wait_healthy(1)
+    yield router
+    router.stop()
+    backend.stop()
+
+
+@FUZZ
+@given(answer=backend_answers)
+def test_fuzz_backend_framings_never_corrupt_the_client_connection(lenient_router, answer):
+    router = lenient_router
+    status, framing, body, after, close = answer
+    raw = _backend_bytes(status, framing, body, after)
+    payload = json.dumps(chat_body(max_tokens=1)).encode()
+    first = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"X-Mock-Raw: %s\r\n%sContent-Length: %d\r\n\r\n%s"
+        % (
+            base64.b64encode(raw),
+            # A backend that stalls mid-body is the fault suite's; here it closes.
+            b"X-Mock-Raw-Close: 1\r\n" if close or framing in ("until-close", "short") else b"",
+            len(payload),
+            payload,
+        )
+    )
+    conn = h11.Connection(h11.CLIENT)
+    with socket.create_connection(("127.0.0.1", router.port), timeout=READ_TIMEOUT_S) as sock:
+        sock.sendall(first)
+        conn.send(
+            h11.Request(
+                method="POST",
+                target="/v1/chat/completions",
+                headers=[("Host", "x"), ("Content-Length", str(len(payload)))],
+            )
+        )
+        conn.send(h11.Data(data=payload))
+        conn.send(h11.EndOfMessage())
+        # The client's byte stream must parse as HTTP, whatever the backend sent:
+        # one response (the backend's, or the router's 502/504), or one cut short.
+        events = _read_response(conn, sock)
+        response = events[0]
+        assert isinstance(response, h11.Response), events
+        assert response.status_code != 500 or status == 500
+        if response.status_code not in (502, 504):
+            assert response.status_code == status
+        if not isinstance(events[-1], h11.EndOfMessage):
+            return  # cut short: the router closed the connection, nothing more came
+        if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
+            return
+        conn.start_next_cycle()
+        sock.sendall(
+            conn.send(h11.Request(method="GET", target="/health", headers=[("Host", "x")]))
+            + conn.send(h11.EndOfMessage())
+        )
+        follow = _read_response(conn, sock)
+        # Nothing of the backend's first answer was left in the connection.
+        assert isinstance(follow[0], h11.Response) and follow[0].status_code == 200, follow
+    assert_slots_back(router)
+
+
+def _read_response(conn: h11.Connection, sock: socket.socket) -> list[object]:
+    events: list[object] = []
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            # Only one error is acceptable: the router closed a body it could not complete.
+            assert "incomplete" in str(exc) or "without sending complete" in str(exc), exc
+            events.append("cut")
+            return events
+        if event is h11.NEED_DATA:
+            try:
+                data = sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                data = b""
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.ConnectionClosed):
+            events.append("cut")
+            return events
+        events.append(event)
+        if isinstance(event, h11.EndOfMessage):
+            return events

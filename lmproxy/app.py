@@ -23,6 +23,7 @@ from lmproxy.admission import AdmissionQueue
 from lmproxy.config import Config, ConfigError, ServiceSpec
 from lmproxy.errors import http_response, json_response
 from lmproxy.fleet import Fleet
+from lmproxy.logs import printable
 from lmproxy.metrics import CONTENT_TYPE, Metrics
 from lmproxy.proxy import Journey
 from lmproxy.registry import Registry, Service
@@ -170,7 +171,7 @@ class Router:
                     self._admin(client, request)
                     return
                 client.respond_error(
-                    405, f"{_printable(path)} only answers GET", b"Allow: GET, HEAD\r\n"
+                    405, f"{printable(path)} only answers GET", b"Allow: GET, HEAD\r\n"
                 )
                 return
             if path not in api.OPEN_PATHS and not self._authorized(request):
@@ -207,7 +208,7 @@ class Router:
                 return
             client.respond_error(
                 404,
-                f"no route for {_printable(request.method)} {_printable(path)}; {NOT_FOUND_HINT}",
+                f"no route for {printable(request.method)} {printable(path)}; {NOT_FOUND_HINT}",
             )
             return
         if (b"/." in path or b"%" in path) and _has_dot_segment(path):
@@ -354,11 +355,6 @@ class Router:
 def new_instance_id() -> str:
     """This router's name in Via headers: random, so two routers never share one."""
     return "lmproxy-" + os.urandom(6).hex()
-
-
-def _printable(raw: bytes) -> str:
-    """Bytes from a client, quoted for a message: control characters escaped."""
-    return repr(raw.decode("utf-8", "replace"))[1:-1]
 
 
 def _has_dot_segment(path: bytes) -> bool:

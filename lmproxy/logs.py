@@ -27,6 +27,11 @@ def one_line(text: str) -> str:
     return _CONTROL.sub(_escape, text)
 
 
+def printable(raw: bytes) -> str:
+    """Bytes from a peer (a path, a method), for a message or a log line."""
+    return one_line(raw.decode("utf-8", "replace"))
+
+
 class OneLineFormatter(logging.Formatter):
     """Escapes control characters in the message; the traceback is left as it is."""
 

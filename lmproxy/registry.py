@@ -111,6 +111,11 @@ class Service:
         self.models_capped = False  # it listed more models than are taken (warned once)
         self.pool: Pool | None = None
 
+    def note_error(self, reason: str, at: float | None = None) -> None:
+        """Record a failure: ``last_error`` and ``last_error_at`` always change together."""
+        self.last_error = reason
+        self.last_error_at = time.time() if at is None else at
+
     @property
     def mean_latency_s(self) -> float:
         return sum(self.latencies) / len(self.latencies) if self.latencies else 0.0
@@ -278,8 +283,7 @@ class Registry:
     def probe_failed(self, service: Service, reason: str) -> None:
         first = service.last_check is None
         service.last_check = time.time()
-        service.last_error = reason
-        service.last_error_at = service.last_check
+        service.note_error(reason, service.last_check)
         if first:
             # A wrong URL or a backend not up yet: say so once, not on every retry.
             log.warning("service %s is not healthy yet: %s", service.name, reason)
@@ -292,8 +296,7 @@ class Registry:
         """A proxied request failed by the service's fault (never a client hang-up)."""
         service.error_count += 1
         service.consecutive_errors += 1
-        service.last_error = reason
-        service.last_error_at = time.time()
+        service.note_error(reason)
         if service.healthy and self.max_errors and service.consecutive_errors >= self.max_errors:
             log.warning(
                 "service %s ejected after %d consecutive failed requests (last: %s); "
@@ -313,8 +316,7 @@ class Registry:
         if service is not None and service.healthy:
             log.warning("service %s ejected by a worker: %s", name, reason)
             service.healthy = False
-            service.last_error = reason
-            service.last_error_at = time.time()
+            service.note_error(reason)
             self._changed()
 
     def request_succeeded(self, service: Service) -> None:

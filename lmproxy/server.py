@@ -444,8 +444,7 @@ class ClientConnection(asyncio.Protocol):
             self.write_paused
             or self._pending_reject is not None
             or len(queue) >= MAX_PIPELINED
-            or (len(queue) > 1 and sum(len(r.body) for r in queue) > QUEUED_BODY_BYTES)
-            or (len(queue) == 1 and len(queue[0].body) > QUEUED_BODY_BYTES)
+            or sum(len(r.body) for r in queue) > QUEUED_BODY_BYTES
         )
         if stop == self._read_paused or self.closing or self.transport is None:
             return

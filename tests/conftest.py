@@ -182,6 +182,17 @@ class Router(Process):
 
         wait_until(ready, timeout_s, f"{count} healthy services")
 
+    def wait_idle(self, timeout_s: float = 10.0) -> None:
+        """Wait until nothing is in flight and nothing queued: every slot came back."""
+
+        def idle() -> bool:
+            stats = self.get("/stats").json()
+            return stats["queue_length"] == 0 and all(
+                s["in_flight"] == 0 for s in stats["services"]
+            )
+
+        wait_until(idle, timeout_s, "in_flight and queue_length back to 0")
+
     def stats_of(self, name: str) -> dict[str, Any]:
         for service in self.get("/stats").json()["services"]:
             if service["name"] == name:

@@ -122,12 +122,7 @@ def rss_kib(proc: Router) -> int:
 
 def assert_settled(router: Router) -> None:
     """Every slot and counter is back: nothing in flight, nothing queued, all healthy."""
-
-    def settled() -> bool:
-        stats = router.get("/stats").json()
-        return stats["queue_length"] == 0 and all(s["in_flight"] == 0 for s in stats["services"])
-
-    wait_until(settled, 10, "in_flight and queue_length back to 0")
+    router.wait_idle()
     for service in router.get("/stats").json()["services"]:
         assert service["healthy"], service
 

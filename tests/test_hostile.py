@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import h11
 import pytest
-from conftest import Mock, Router, chat_body, wait_until
+from conftest import Mock, Router, chat_body
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -348,14 +348,6 @@ def _send_in_pieces(port: int, raw: bytes, cuts: list[int]) -> bytes:
         return data
 
 
-def assert_slots_back(router: Router) -> None:
-    def settled() -> bool:
-        stats = router.get("/stats").json()
-        return stats["queue_length"] == 0 and all(s["in_flight"] == 0 for s in stats["services"])
-
-    wait_until(settled, 5, "in_flight and queue_length back to 0")
-
-
 @FUZZ
 @given(
     kinds=st.lists(st.sampled_from([*GOOD, *BAD]), min_size=1, max_size=6),
@@ -374,7 +366,7 @@ def test_fuzz_pipelined_mixtures_split_anywhere_get_one_answer_each_in_order(rou
         expected.append(200)
     statuses = [int(m) for m in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)]
     assert statuses == expected, (kinds, data[-300:])
-    assert_slots_back(router)
+    router.wait_idle(5)
 
 
 # A backend's answer: a status, a framing honest or not, a body, and what may follow it.
@@ -467,7 +459,7 @@ def test_fuzz_backend_framings_never_corrupt_the_client_connection(lenient_route
         follow = _read_response(conn, sock)
         # Nothing of the backend's first answer was left in the connection.
         assert isinstance(follow[0], h11.Response) and follow[0].status_code == 200, follow
-    assert_slots_back(router)
+    router.wait_idle(5)
 
 
 def _read_response(conn: h11.Connection, sock: socket.socket) -> list[object]:

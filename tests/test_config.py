@@ -92,6 +92,8 @@ pool_max_idle = 8
 pool_idle_timeout = 9
 keepalive_timeout = 11
 header_timeout = 12
+body_timeout = 14
+send_timeout = 15
 shutdown_timeout = 13
 api_keys = ["k1"]
 log_level = "debug"
@@ -115,6 +117,7 @@ health_path = "/healthz"
         12,
         13,
     )
+    assert (config.body_timeout, config.send_timeout) == (14, 15)
     assert config.api_keys == ["k1"] and config.log_level == "debug"
     (service,) = config.services
     assert (service.name, service.weight, service.models, service.health_path) == (
@@ -281,6 +284,8 @@ def test_help_explains_every_flag():
         "--api-key",
         "--keepalive-timeout",
         "--header-timeout",
+        "--body-timeout",
+        "--send-timeout",
     ):
         assert flag in result.stdout
     assert "default: 8000" in result.stdout

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import re
+import socket
 from collections import deque
 from typing import Protocol
 
@@ -38,6 +39,11 @@ LENGTH, CHUNKED, UNTIL_CLOSE, NO_BODY = range(4)
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_END = b"\r\n\r\n"  # llhttp accepts no bare LF line endings: a head ends here
 CHUNKED_END = b"\r\n0\r\n\r\n"
+# A backend connection's kernel receive buffer, fixed: left to autotuning it grows to
+# tcp_rmem's maximum (32 MiB on common kernels) while the router reads fast, and then
+# holds that much for a client that stopped reading before the backend feels any
+# back-pressure. Tokens need no more than this (the kernel doubles it for bookkeeping).
+RECEIVE_BUFFER = 256 * 1024
 # llhttp allows no space before the colon; it has checked the values.
 # Connection too: the headers it names are hop-by-hop, and the proxy drops them.
 _FRAMING_FIELDS = re.compile(
@@ -455,6 +461,9 @@ class Pool:
             raise ConnectError(
                 f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}"
             ) from None
+        sock = conn.transport.get_extra_info("socket") if conn.transport is not None else None
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         conn.reused = False
         return conn
 

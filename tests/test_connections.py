@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
@@ -10,6 +11,8 @@ import time
 from pathlib import Path
 
 from conftest import Mock, Router, chat_body, request, router_over, wait_until
+
+from lmproxy.upstream import RECEIVE_BUFFER, Pool
 
 
 def _recv_all(sock: socket.socket) -> bytes:
@@ -156,3 +159,20 @@ def _refused(port: int) -> bool:
     except ConnectionRefusedError:
         return True
     return False
+
+
+async def test_a_backend_connections_receive_buffer_is_fixed():
+    """Left to autotuning, the kernel would hold up to tcp_rmem's maximum (32 MiB here)
+    of a backend's answer for a client that stopped reading, before the backend felt any
+    back-pressure; the pool fixes it (the kernel reports twice what was set)."""
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = Pool("127.0.0.1", port, max_idle=1, idle_timeout_s=5, connect_timeout_s=5)
+    conn = await pool.connect()
+    try:
+        assert conn.transport is not None
+        sock = conn.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * RECEIVE_BUFFER
+    finally:
+        conn.close()
+        server.close()

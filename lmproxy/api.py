@@ -1,8 +1,11 @@
-"""The router's own endpoints: /health, /models, /v1/models, /services, /stats.
+"""The router's own endpoints: /health, /readiness, /liveness, /models, /services, /stats.
 
 Each handler returns (status, JSON-able payload) from the registry's state; the
 shapes are those of the InfiniLM-SVC router's API document, with additions
-(``in_flight``, ``last_check``) that only add keys.
+(``in_flight``, ``last_check``) that only add keys. ``/health`` answers 200 while
+the router runs, as the InfiniLM routers' does (their launch scripts wait on it
+before any service exists); ``/readiness`` and ``/liveness`` are the Rust routers'
+probes for load balancers and Kubernetes.
 """
 
 from __future__ import annotations
@@ -16,12 +19,12 @@ from lmproxy.registry import name_models
 
 if TYPE_CHECKING:
     from lmproxy.app import Router
-    from lmproxy.registry import Service
+    from lmproxy.registry import Entry, Service
 
 Payload = tuple[int, Any]
 
 
-def _iso(ts: float | None) -> str | None:
+def iso_time(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.datetime.fromtimestamp(ts).isoformat(timespec="seconds")
@@ -37,18 +40,44 @@ def health(router: Router) -> Payload:
         "healthy_services": f"{healthy}/{total}",
         "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
     }
-    # 503 lets a load balancer or Kubernetes readiness probe take this router
-    # out of rotation while it can serve nothing (or is shutting down).
-    return (200 if healthy and not router.draining else 503), body
+    return 200, body
+
+
+def readiness(router: Router) -> Payload:
+    """200 while a request could be served; 503, with why, while none could."""
+    registry = router.registry
+    healthy = len(registry.healthy())
+    body: dict[str, Any] = {
+        "status": "ready",
+        "healthy_services": healthy,
+        "total_services": len(registry.services),
+    }
+    if router.draining:
+        reason = "the router is shutting down"
+    elif not healthy:
+        reason = registry.why_unavailable(None)
+    else:
+        return 200, body
+    # A load balancer or Kubernetes takes the router out of rotation meanwhile.
+    return 503, {**body, "status": "not ready", "error": reason}
+
+
+def liveness(router: Router) -> Payload:
+    """200 while the process serves: a probe that restarts the router must not
+    restart it for its backends' faults."""
+    return 200, {"status": "alive", "router": "stopping" if router.draining else "running"}
 
 
 def _model_object(router: Router, model: str) -> dict[str, Any]:
     info = router.registry.known_models.get(model)
+    created = info.created if info is not None else None
+    owned_by = info.owned_by if info is not None else None
+    # Told by no service: the router's start and its own name stand in.
     return {
         "id": model,
         "object": "model",
-        "created": info.created if info else router.registry.started_at,
-        "owned_by": info.owned_by if info else "lmproxy",
+        "created": router.registry.started_at if created is None else created,
+        "owned_by": owned_by or "lmproxy",
     }
 
 
@@ -75,11 +104,31 @@ def service_entry(service: Service) -> dict[str, Any]:
         "weight": service.weight,
         "max_in_flight": service.spec.max_in_flight,
         "origin": service.origin,
+        "type": "openai-api",
+        "routable": True,
+    }
+
+
+def kept_entry(entry: Entry) -> dict[str, Any]:
+    """A registration never routed to (an InfiniLM babysitter's), as /services lists it."""
+    return {
+        "name": entry.name,
+        "url": masked_url(entry.url),
+        "healthy": entry.healthy,
+        "models": [],
+        "origin": "admin",
+        "type": entry.type,
+        "routable": False,
+        "status": entry.status,
+        "last_heartbeat": iso_time(entry.last_heartbeat),
+        "metadata": entry.metadata,
     }
 
 
 def services(router: Router) -> Payload:
-    listed = [service_entry(s) for s in router.registry.services.values()]
+    registry = router.registry
+    listed = [service_entry(s) for s in registry.services.values()]
+    listed += [kept_entry(e) for e in registry.entries.values()]
     return 200, {"services": listed, "total": len(listed)}
 
 
@@ -94,9 +143,9 @@ def stats(router: Router) -> Payload:
             "response_time": round(s.mean_latency_s, 6),
             "in_flight": s.in_flight,
             "max_in_flight": s.spec.max_in_flight,
-            "last_check": _iso(s.last_check),
+            "last_check": iso_time(s.last_check),
             "last_error": s.last_error or None,
-            "last_error_at": _iso(s.last_error_at),
+            "last_error_at": iso_time(s.last_error_at),
         }
         for s in registry.services.values()
     ]
@@ -110,10 +159,12 @@ def stats(router: Router) -> Payload:
 
 ROUTES: dict[bytes, Callable[[Router], Payload]] = {
     b"/health": health,
+    b"/readiness": readiness,
+    b"/liveness": liveness,
     b"/models": models,
     b"/v1/models": models,
     b"/services": services,
     b"/stats": stats,
 }
 # Open even when API keys are set: probes must not need a secret.
-OPEN_PATHS = frozenset({b"/health"})
+OPEN_PATHS = frozenset({b"/health", b"/readiness", b"/liveness"})

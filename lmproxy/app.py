@@ -47,7 +47,7 @@ MAX_SWEEP_S = 1.0
 HANGUP_POLL_S = 0.05
 NOT_FOUND_HINT = (
     "the router serves /v1/... (OpenAI API), /chat/completions, /completions, "
-    "/models, /health, /services, /stats and /metrics"
+    "/models, /health, /readiness, /liveness, /services, /stats and /metrics"
 )
 
 
@@ -211,6 +211,13 @@ class Router:
                 f"no route for {printable(request.method)} {printable(path)}; {NOT_FOUND_HINT}",
             )
             return
+        if request.method != b"POST" and path in MODEL_PATHS:
+            client.respond_error(
+                405,
+                f"{printable(path)} answers POST with a JSON body, not {printable(request.method)}",
+                b"Allow: POST\r\n",
+            )
+            return
         if (b"/." in path or b"%" in path) and _has_dot_segment(path):
             # A backend that resolves them would serve what the /v1/ gate keeps out.
             client.respond_error(
@@ -225,8 +232,13 @@ class Router:
         Journey(self, client, request).start()
 
     def _admin(self, client: ClientConnection, request: ClientRequest) -> None:
-        """Registrations: with --admin-token, for its holders; without, for loopback only."""
-        if self._admin_token is not None:
+        """Registrations: with --admin-token, for its holders; without, for loopback only.
+        Reading one (``GET /services/{name}[/health]``) is as open as the /services list."""
+        if request.method in LOCAL_METHODS:
+            if not self._authorized(request):
+                client.respond_error(401, _UNAUTHORIZED)
+                return
+        elif self._admin_token is not None:
             if not _bearer_matches(request, [self._admin_token]):
                 client.respond_error(401, _ADMIN_UNAUTHORIZED)
                 return

@@ -232,7 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--default-model",
         metavar="MODEL",
-        help="model for requests that name none (default: the only served model, if just one)",
+        help=(
+            "model for requests that name none (default: the only served model if there is "
+            "just one, else any healthy service, as the InfiniLM routers do)"
+        ),
+    )
+    g.add_argument(
+        "--require-model",
+        action="store_true",
+        default=None,
+        help=(
+            "answer 400 to a request that names no model while several models are served "
+            "(and no --default-model is set), instead of sending it to any healthy service"
+        ),
     )
     g.add_argument(
         "--api-key",
@@ -241,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help=(
             "require 'Authorization: Bearer KEY' on API endpoints; repeatable "
-            "(also LMPROXY_API_KEYS, comma-separated). /health stays open"
+            "(also LMPROXY_API_KEYS, comma-separated). /health, /readiness and /liveness "
+            "stay open"
         ),
     )
     g.add_argument(

@@ -23,10 +23,26 @@ _NAME = re.compile(r"(?!\.*\Z)[A-Za-z0-9._:-]{1,128}\Z")
 PATH_RULE = "start with '/', then up to 1023 visible ASCII characters (no spaces or controls)"
 _PATH = re.compile(r"/[\x21-\x7e]{0,1023}\Z")
 _HOST = re.compile(r"[A-Za-z0-9._:%-]{1,255}\Z")
+V1 = "/v1"  # dropped from the end of a service URL (see ServiceSpec.path_prefix)
 
 
 class ConfigError(Exception):
     """A configuration mistake; the message says what to change."""
+
+
+def check_name(name: str) -> None:
+    """Refuse a service name outside NAME_RULE (it is a path segment of the admin API)."""
+    if not _NAME.match(name):
+        raise ConfigError(f"service name {name!r} must be {NAME_RULE}")
+
+
+class ModelCard(msgspec.Struct):
+    """What /v1/models says of a model besides its id, when a registration tells it
+    (the ``metadata.models_list`` of InfiniLM's babysitter)."""
+
+    id: str
+    created: int | None = None
+    owned_by: str | None = None
 
 
 class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
@@ -39,6 +55,7 @@ class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
     health_path: str = "/health"
     # Requests at once; past it they wait in the router's queue. 0: no limit.
     max_in_flight: int = 0
+    model_cards: list[ModelCard] = []
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -68,8 +85,7 @@ class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
             )
         if not self.name:
             self.name = f"{parts.hostname}:{parts.port or 80}"
-        if not _NAME.match(self.name):
-            raise ConfigError(f"service name {self.name!r} must be {NAME_RULE}")
+        check_name(self.name)
 
     @property
     def host(self) -> str:
@@ -81,7 +97,20 @@ class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
 
     @property
     def path_prefix(self) -> str:
-        return urlsplit(self.url).path.rstrip("/")
+        """What goes before each proxied path: the URL's path, less a final ``/v1``.
+
+        Clients' paths carry their own ``/v1`` (``/v1/chat/completions``), so a URL
+        pasted as ``http://host:port/v1`` would otherwise double it, and its health
+        checks would ask ``/v1/health``.
+        """
+        path = urlsplit(self.url).path.rstrip("/")
+        return path[: -len(V1)] if path.endswith(V1) else path
+
+    @property
+    def base_url(self) -> str:
+        """The URL requests and checks go to: ``url`` less a final ``/v1``."""
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.netloc}{self.path_prefix}"
 
 
 class ModelSettings(msgspec.Struct, forbid_unknown_fields=True):
@@ -106,6 +135,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retries: int = 2
     max_body_size: int = 32 * MiB
     default_model: str | None = None
+    require_model: bool = False  # no model and several served: 400, not any service
     strategy: str = "cache-aware"
     strategy_options: dict[str, Any] = {}
     models: dict[str, ModelSettings] = {}
@@ -260,7 +290,14 @@ def parse_backend(text: str) -> ServiceSpec:
         else:
             health = value
     try:
-        return ServiceSpec(url=url, name=name, models=models, health_path=health, **numbers)
+        return ServiceSpec(
+            url=url,
+            name=name,
+            models=models,
+            health_path=health,
+            weight=numbers["weight"],
+            max_in_flight=numbers["max_in_flight"],
+        )
     except msgspec.ValidationError as exc:
         raise ConfigError(f"--backend {text!r}: {exc}") from None
 
@@ -386,7 +423,16 @@ def spec_from_entry(item: Any) -> ServiceSpec | None:
     models = list(meta.models or [])
     if meta.model:
         models.append(meta.model)
-    models.extend(str(m["id"]) for m in meta.models_list or [] if "id" in m)
+    cards = [
+        ModelCard(
+            str(m["id"]),
+            m.get("created") if isinstance(m.get("created"), int) else None,
+            m.get("owned_by") if isinstance(m.get("owned_by"), str) else None,
+        )
+        for m in meta.models_list or []
+        if "id" in m
+    ]
+    models.extend(card.id for card in cards)
     models.extend(entry.models or [])
     try:
         return ServiceSpec(
@@ -396,6 +442,7 @@ def spec_from_entry(item: Any) -> ServiceSpec | None:
             models=list(dict.fromkeys(models)),
             health_path=entry.health_path,
             max_in_flight=entry.max_in_flight,
+            model_cards=cards,
         )
     except msgspec.ValidationError as exc:
         raise ConfigError(str(exc)) from None

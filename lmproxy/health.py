@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import msgspec
 
@@ -95,23 +94,25 @@ class HealthChecker:
         else:
             self.registry.probe_passed(service, models)
 
-    async def _probe(self, service: Service) -> list[tuple[str, int, str]] | None:
+    async def _probe(self, service: Service) -> list[tuple[str, int | None, str | None]] | None:
+        # Messages name the path asked, prefix included: the one to try by hand.
         prefix = service.path_prefix.decode()
+        health_path = prefix + service.health_path
         status, _ = await http_get(
-            service.host, service.port, prefix + service.health_path, self.timeout_s, self.via
+            service.host, service.port, health_path, self.timeout_s, self.via
         )
         if status == 508:
             raise ProbeError(
-                f"{service.health_path} answered 508 Loop Detected: {service.url} leads back "
+                f"{health_path} answered 508 Loop Detected: {service.url} leads back "
                 "to this router; give the backend's own address"
             )
         if not 200 <= status < 300:
-            raise ProbeError(f"{service.health_path} answered {status}")
+            raise ProbeError(f"{health_path} answered {status}")
         if service.models_configured:
             return None
-        for path in ("/v1/models", "/models"):
+        for path in (prefix + "/v1/models", prefix + "/models"):
             status, body = await http_get(
-                service.host, service.port, prefix + path, self.timeout_s, self.via
+                service.host, service.port, path, self.timeout_s, self.via
             )
             if status == 404:
                 continue
@@ -121,6 +122,7 @@ class HealthChecker:
                 listing = _decode_models(body)
             except msgspec.DecodeError as exc:
                 raise ProbeError(f"{path} is not an OpenAI model list: {exc}") from None
-            now = int(time.time())
-            return [(m.id, m.created or now, m.owned_by or "lmproxy") for m in listing.data]
-        raise ProbeError("neither /v1/models nor /models exists; configure the models instead")
+            return [(m.id, m.created, m.owned_by) for m in listing.data]
+        raise ProbeError(
+            f"neither {prefix}/v1/models nor {prefix}/models exists; configure the models instead"
+        )

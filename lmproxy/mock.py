@@ -37,7 +37,9 @@ clears it):
 
 ``X-Mock-Raw: BASE64`` on a request makes the answer exactly those bytes (and
 ``X-Mock-Raw-Close: 1`` closes the connection after them): how tests try the
-router against framings no fault mode names.
+router against framings no fault mode names. Both headers, and the fault modes
+that answer before any token (all but the mid-stream ones), work on any path and
+method, not only on the completion endpoints.
 
 Timing per request can be overridden with ``X-Mock-TTFT`` and
 ``X-Mock-Token-Delay`` (seconds), and for all requests at run time by
@@ -427,16 +429,20 @@ class MockConnection(asyncio.Protocol):
             "/v1/embeddings": "embedding",
             "/embeddings": "embedding",
         }.get(path)
-        if kind is None or method not in (b"POST", b"HEAD"):
-            self._write(_json(404, {"error": f"no route {method.decode()} {path}"}))
-            return
         raw = headers.get(b"x-mock-raw")
         if raw is not None:
             self._write(base64.b64decode(raw))
             if headers.get(b"x-mock-raw-close"):
                 self._close()
             return
-        fault = headers.get(b"x-mock-fault", b"").decode() or state.fault
+        asked = headers.get(b"x-mock-fault", b"").decode()
+        if kind is None or method not in (b"POST", b"HEAD"):
+            # A fault asked for by header applies on any path and method (a HEAD to
+            # some /v1/ path, say); otherwise there is nothing here.
+            if not (asked and await self._fault_before_answer(asked)):
+                self._write(_json(404, {"error": f"no route {method.decode()} {path}"}))
+            return
+        fault = asked or state.fault
         if await self._fault_before_answer(fault):
             return
         try:

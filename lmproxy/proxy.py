@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from lmproxy.admission import has_room
 from lmproxy.errors import Fault, ProxyError, sse_error_event
 from lmproxy.metrics import log_access
-from lmproxy.registry import name_models
+from lmproxy.registry import LOGGED_SERVICES, name_models
 from lmproxy.request import MODEL_PATHS, RequestHead, RouteRequest, decode_head, with_model
 from lmproxy.upstream import LENGTH, NO_BODY, UNTIL_CLOSE, ConnectError, UpstreamConnection
 
@@ -341,16 +341,22 @@ def _route(router: Router, request: ClientRequest) -> RouteRequest:
         head = decode_head(path, body)
     model = head.model if head is not None else None
     if model is None and model_required:
-        model = router.config.default_model
+        config = router.config
+        model = config.default_model
         if model is None:
             served = router.registry.served_models()
-            if len(served) != 1:
+            if len(served) == 1:
+                model = served[0]
+            elif config.require_model:
                 raise ProxyError(
                     Fault.BAD_REQUEST,
-                    "'model' is required; served models: " + (", ".join(served) or "none yet"),
+                    "'model' is required (--require-model); served models: "
+                    + (name_models(served) or "none yet"),
                 )
-            model = served[0]
-        body = with_model(body, model)
+        if model is not None:
+            body = with_model(body, model)
+        # Else any healthy service takes it, with the body as sent (the InfiniLM
+        # routers' way): the backend answers with the model it serves.
     return RouteRequest(path, model, head, body, request.headers)
 
 
@@ -360,23 +366,24 @@ def _candidates(router: Router, route: RouteRequest) -> list[Service]:
     if model is None:
         found = registry.healthy()
         if not found:
-            raise ProxyError(Fault.NO_HEALTHY_SERVICE, "no healthy service is available")
+            raise ProxyError(Fault.NO_HEALTHY_SERVICE, registry.why_unavailable(None))
         return found
     found = registry.candidates(model)
     if found:
         return found
-    if model in registry.known_models:
-        raise ProxyError(
-            Fault.NO_HEALTHY_SERVICE,
-            f"no healthy service for model {model!r}; check /services for their state",
-        )
+    if model in registry.known_models or not registry.services:
+        raise ProxyError(Fault.NO_HEALTHY_SERVICE, registry.why_unavailable(model))
     if registry.discovery_pending():
-        pending = [s.name for s in registry.services.values() if not s.models_known]
-        raise ProxyError(
-            Fault.NO_HEALTHY_SERVICE,
-            f"model {model!r} is not known yet: model discovery is still pending on "
-            f"{', '.join(pending)}; retry shortly",
-        )
+        pending = [s for s in registry.services.values() if not s.models_known]
+        if any(s.last_check is None for s in pending):
+            raise ProxyError(
+                Fault.NO_HEALTHY_SERVICE,
+                f"model {model!r} is not known yet: model discovery is still pending on "
+                f"{name_models((s.name for s in pending), 'GET /services', LOGGED_SERVICES)}; "
+                "retry shortly",
+            )
+        # Every service that might serve it has failed its check: say why, not "pending".
+        raise ProxyError(Fault.NO_HEALTHY_SERVICE, registry.why_unavailable(model, pending))
     models = name_models(registry.known_models) or "none"
     raise ProxyError(Fault.NOT_FOUND, f"model {model!r} not found; available models: {models}")
 

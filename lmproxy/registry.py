@@ -35,14 +35,40 @@ LATENCY_WINDOW = 100  # requests behind the mean in /stats
 MAX_MODELS_PER_SERVICE = 1000
 MAX_MODEL_ID = 256
 LOGGED_MODELS = 20  # a log line or error message names at most this many models
+LOGGED_SERVICES = 5  # an error message explains at most this many services
+HEARTBEAT_FRESH_S = 120.0  # the InfiniLM registry's rule for an entry's health
 
 
 class ModelInfo:
+    """What /v1/models says of a model; None where no service has told it."""
+
     __slots__ = ("created", "owned_by")
 
-    def __init__(self, created: int, owned_by: str) -> None:
+    def __init__(self, created: int | None, owned_by: str | None) -> None:
         self.created = created
         self.owned_by = owned_by
+
+
+class Entry(msgspec.Struct):
+    """A registration the router keeps, lists and takes heartbeats for, but never
+    routes to: a service of another ``metadata.type`` than ``openai-api``, such as
+    the supervisor ("babysitter") that InfiniLM registers beside its server.
+
+    It is healthy as the InfiniLM registry reckons: status ``running`` and a
+    heartbeat (or the registration) under HEARTBEAT_FRESH_S old.
+    """
+
+    name: str
+    url: str
+    type: str
+    status: str = "running"
+    metadata: dict[str, Any] = {}
+    registered_at: float = 0.0  # epoch seconds
+    last_heartbeat: float = 0.0  # epoch seconds
+
+    @property
+    def healthy(self) -> bool:
+        return self.status == "running" and time.time() - self.last_heartbeat < HEARTBEAT_FRESH_S
 
 
 class Service:
@@ -82,7 +108,7 @@ class Service:
         # Who added it: "config", "admin" or "registry"; each source manages its own.
         self.origin = origin
         self.name = spec.name
-        self.url = spec.url.rstrip("/")
+        self.url = spec.base_url
         self.host = spec.host
         self.port = spec.port
         host = f"[{spec.host}]" if ":" in spec.host else spec.host  # IPv6 literal
@@ -141,6 +167,7 @@ class Registry:
         # A worker's mirror logs membership at debug level: the supervisor says it once.
         self.note = log.info
         self.services: dict[str, Service] = {}
+        self.entries: dict[str, Entry] = {}  # registrations never routed to
         self.known_models: dict[str, ModelInfo] = {}
         self._candidates: dict[str, list[Service]] = {}
         self._healthy: list[Service] = []
@@ -161,8 +188,17 @@ class Registry:
             service.weight,
             service.health_path,
         )
-        for model in service.models:
-            self._learn_model(model, self.started_at, "lmproxy")
+        if service.url != spec.url.rstrip("/"):
+            base = masked_url(service.url)
+            self.note(
+                "service %s: its URL ends in /v1, which clients' paths carry themselves, "
+                "so the router drops it: requests go to %s/v1/..., health checks to %s%s",
+                service.name,
+                base,
+                base,
+                service.health_path,
+            )
+        self._learn_cards(spec)
         if service.models:
             self.note("service %s serves %s", service.name, name_models(service.models))
         self._changed()
@@ -196,11 +232,32 @@ class Registry:
             return self.add(spec, origin)
         if old != spec:
             service.spec = spec
+            self._learn_cards(spec)
             service.weight = spec.weight
             service.max_in_flight = _share(spec.max_in_flight, self.limit_share)
             self.note("service %s updated (weight %d)", spec.name, spec.weight)
             self._changed()
         return service
+
+    # Entries change no routing, so they notify no listener and are not mirrored
+    # into workers: with --workers, the supervisor answers /services itself.
+
+    def keep(self, entry: Entry) -> None:
+        """Keep (or replace) a registration that is not routed to."""
+        if entry.name not in self.entries:
+            self.note(
+                "entry %s at %s kept (type %s: listed and heartbeated, never routed to)",
+                entry.name,
+                masked_url(entry.url),
+                entry.type,
+            )
+        self.entries[entry.name] = entry
+
+    def drop(self, name: str, why: str) -> Entry | None:
+        entry = self.entries.pop(name, None)
+        if entry is not None:
+            self.note("entry %s removed: %s", name, why)
+        return entry
 
     # --- lookups on the request path ---------------------------------------------
 
@@ -219,6 +276,22 @@ class Registry:
         """Some service's models are not known yet: an unknown model may still appear."""
         return any(not s.models_known for s in self.services.values())
 
+    def why_unavailable(self, model: str | None, among: list[Service] | None = None) -> str:
+        """Why no service can take a request for ``model`` (None: any model), naming
+        each service's own failure, so a client is told the cause and not only the effect.
+
+        ``among``: the services to explain, if not those that list ``model``.
+        """
+        if not self.services:
+            return (
+                "no backend service is configured or registered yet (the router's "
+                "--backend, --config, --static-services, --registry-url or POST /services)"
+            )
+        if among is None:
+            among = [s for s in self.services.values() if model is None or model in s.models]
+        which = "no healthy service" if model is None else f"no healthy service for model {model!r}"
+        return f"{which}: {explain(among)}" if among else which
+
     def served_models(self) -> list[str]:
         """Models some service currently lists, healthy or not, in first-seen order."""
         return _models_of(self.services.values())
@@ -228,7 +301,9 @@ class Registry:
 
     # --- health ---------------------------------------------------------------
 
-    def probe_passed(self, service: Service, models: list[tuple[str, int, str]] | None) -> None:
+    def probe_passed(
+        self, service: Service, models: list[tuple[str, int | None, str | None]] | None
+    ) -> None:
         """An active check passed; ``models`` is what the service listed, if it was asked."""
         service.last_check = time.time()
         if models is not None and not service.models_configured:
@@ -239,10 +314,12 @@ class Registry:
         service.consecutive_errors = 0
         self._changed()
 
-    def _take_models(self, service: Service, models: list[tuple[str, int, str]]) -> None:
+    def _take_models(
+        self, service: Service, models: list[tuple[str, int | None, str | None]]
+    ) -> None:
         """What a service listed, within bounds: a backend cannot make the router hold
         (or log) more than MAX_MODELS_PER_SERVICE models of MAX_MODEL_ID characters."""
-        listed: dict[str, tuple[int, str]] = {}
+        listed: dict[str, tuple[int | None, str | None]] = {}
         refused = 0
         for model, created, owned_by in models:
             if len(listed) >= MAX_MODELS_PER_SERVICE or len(model) > MAX_MODEL_ID or not model:
@@ -324,9 +401,25 @@ class Registry:
 
     # --- internals ------------------------------------------------------------
 
-    def _learn_model(self, model: str, created: int, owned_by: str) -> None:
-        if model not in self.known_models:
+    def _learn_cards(self, spec: ServiceSpec) -> None:
+        cards = {card.id: card for card in spec.model_cards}
+        for model in spec.models:
+            card = cards.get(model)
+            if card is None:
+                self._learn_model(model, None, None)
+            else:
+                self._learn_model(model, card.created, card.owned_by)
+
+    def _learn_model(self, model: str, created: int | None, owned_by: str | None) -> None:
+        """First told, first kept; a field no service has told yet is taken from the next."""
+        info = self.known_models.get(model)
+        if info is None:
             self.known_models[model] = ModelInfo(created, owned_by)
+            return
+        if info.created is None:
+            info.created = created
+        if info.owned_by is None:
+            info.owned_by = owned_by
 
     def _forget_models(self) -> None:
         """Keep only the models some service still lists: a departed service's go."""
@@ -391,13 +484,27 @@ def _share(limit: int, workers: int) -> int:
     return -(-limit // workers) if limit else 0
 
 
-def name_models(models: Iterable[str]) -> str:
-    """Models for a log line or a message: at most LOGGED_MODELS, and how many more."""
+def name_models(
+    models: Iterable[str], where: str = "GET /v1/models lists them all", most: int = LOGGED_MODELS
+) -> str:
+    """Names for a log line or a message: at most ``most``, then how many more, and
+    ``where`` the rest are listed."""
     listed = list(models)
-    shown = ", ".join(listed[:LOGGED_MODELS])
-    if len(listed) > LOGGED_MODELS:
-        shown += f" and {len(listed) - LOGGED_MODELS} more (GET /v1/models lists them all)"
+    shown = ", ".join(listed[:most])
+    if len(listed) > most:
+        shown += f" and {len(listed) - most} more ({where})"
     return shown
+
+
+def explain(services: Iterable[Service]) -> str:
+    """``name: last error`` of each service out of routing, for at most LOGGED_SERVICES."""
+    listed = list(services)
+    text = "; ".join(
+        f"{s.name}: {s.last_error or 'not checked yet'}" for s in listed[:LOGGED_SERVICES]
+    )
+    if len(listed) > LOGGED_SERVICES:
+        text += f"; and {len(listed) - LOGGED_SERVICES} more (GET /stats has each one's last error)"
+    return text
 
 
 def _models_of(services: Iterable[Service]) -> list[str]:

@@ -92,6 +92,7 @@ pool_max_idle = 8
 pool_idle_timeout = 9
 keepalive_timeout = 11
 header_timeout = 12
+require_model = true
 body_timeout = 14
 send_timeout = 15
 shutdown_timeout = 13
@@ -118,6 +119,7 @@ health_path = "/healthz"
         13,
     )
     assert (config.body_timeout, config.send_timeout) == (14, 15)
+    assert config.require_model is True
     assert config.api_keys == ["k1"] and config.log_level == "debug"
     (service,) = config.services
     assert (service.name, service.weight, service.models, service.health_path) == (
@@ -205,6 +207,29 @@ def test_static_services_variants(tmp_path, document):
     assert spec.models == ["9g_8b_thinking"]
 
 
+def test_models_list_keeps_created_and_owned_by(tmp_path):
+    path = tmp_path / "services.json"
+    card = {"id": "m", "object": "model", "created": 1700000000, "owned_by": "infinilm"}
+    odd = {"id": "n", "created": "yesterday", "owned_by": 5}  # not told, in effect
+    entry = {**_ENTRY, "metadata": {"type": "openai-api", "models_list": [card, odd]}}
+    path.write_text(json.dumps([entry]))
+    (spec,) = load_static_services(str(path))
+    assert spec.models == ["m", "n"]
+    assert [(c.id, c.created, c.owned_by) for c in spec.model_cards] == [
+        ("m", 1700000000, "infinilm"),
+        ("n", None, None),
+    ]
+
+
+def test_a_url_ending_in_v1_is_taken_without_it():
+    spec = parse_backend("http://10.0.0.5:8100/v1/")
+    assert (spec.base_url, spec.path_prefix) == ("http://10.0.0.5:8100", "")
+    spec = parse_backend("http://10.0.0.5:8100/api/v1")
+    assert (spec.base_url, spec.path_prefix) == ("http://10.0.0.5:8100/api", "/api")
+    spec = parse_backend("http://10.0.0.5:8100/v1x")
+    assert spec.path_prefix == "/v1x"
+
+
 def test_static_services_without_models_are_discovered(tmp_path):
     path = tmp_path / "services.json"
     path.write_text(json.dumps([{"name": "x", "host": "h", "port": 1}]))
@@ -278,6 +303,7 @@ def test_help_explains_every_flag():
         "--retries",
         "--max-body-size",
         "--default-model",
+        "--require-model",
         "--config",
         "--demo",
         "--strategy",

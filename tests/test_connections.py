@@ -148,7 +148,7 @@ def test_sigterm_lets_streams_in_flight_finish(spawn):
 
 def test_sigint_exits_zero_when_idle(spawn):
     router = spawn(Router)
-    assert request(router.port, "GET", "/health").status == 503  # no services
+    assert request(router.port, "GET", "/readiness").status == 503  # no services
     router.signal(signal.SIGINT)
     assert router.proc.wait(10) == 0
 

@@ -19,18 +19,51 @@ def test_health_reports_healthy_services(spawn, two_backends):
     datetime.datetime.fromisoformat(body["timestamp"])
 
 
-def test_health_is_503_with_same_shape_when_no_service_is_healthy(spawn):
+def test_health_is_200_and_readiness_503_while_no_service_is_healthy(spawn):
     backend = spawn(Mock, "sick", ["m"], "--fault", "unhealthy")
     router = spawn(Router, "--backend", backend.backend_arg(), "--health-interval", "0.2")
     wait_until(lambda: router.get("/stats").json()["services"][0]["last_check"], what="a check")
+    # /health answers 200 while the router runs (InfiniLM's launch scripts wait on it
+    # before any service exists); its body tells the truth.
     resp = router.get("/health")
-    assert resp.status == 503
+    assert resp.status == 200
     assert resp.json()["healthy_services"] == "0/1"
     assert resp.json()["status"] == "unhealthy"
-    # ...and it turns healthy as soon as the backend passes its check.
+    ready = router.get("/readiness")
+    assert ready.status == 503
+    body = ready.json()
+    assert body["status"] == "not ready"
+    assert (body["healthy_services"], body["total_services"]) == (0, 1)
+    # It says why: the service's own failed check.
+    assert "sick" in body["error"] and "answered 503" in body["error"], body
+    live = router.get("/liveness")
+    assert live.status == 200 and live.json()["status"] == "alive"
+    # ...and readiness turns 200 as soon as the backend passes its check.
     backend.set_fault("none")
     router.wait_healthy(1)
-    assert router.get("/health").status == 200
+    ready = router.get("/readiness")
+    assert ready.status == 200 and ready.json()["status"] == "ready", ready
+    assert "error" not in ready.json()
+
+
+def test_readiness_is_503_while_draining():
+    """Shutting down, the router is out of rotation even with healthy services."""
+    from types import SimpleNamespace
+
+    from lmproxy import api
+    from lmproxy.config import ServiceSpec
+    from lmproxy.registry import Registry
+
+    registry = Registry()
+    registry.probe_passed(registry.add(ServiceSpec(url="http://127.0.0.1:9", name="a")), None)
+    router = SimpleNamespace(registry=registry, draining=False)
+    assert api.readiness(router)[0] == 200  # type: ignore[arg-type]
+    router.draining = True
+    status, body = api.readiness(router)  # type: ignore[arg-type]
+    assert status == 503 and "shutting down" in body["error"]
+    assert api.health(router)[0] == 200  # type: ignore[arg-type]
+    assert api.health(router)[1]["router"] == "stopping"  # type: ignore[arg-type]
+    assert api.liveness(router) == (200, {"status": "alive", "router": "stopping"})  # type: ignore[arg-type]
 
 
 def test_models_is_deduplicated_union_of_healthy_services(spawn):
@@ -75,6 +108,8 @@ def test_services_lists_every_service(spawn, two_backends):
         "weight": 1,
         "max_in_flight": 0,
         "origin": "config",
+        "type": "openai-api",
+        "routable": True,
     }
     assert by_name["svc-9g"]["weight"] == 3
 

@@ -6,7 +6,7 @@ import socket
 import time
 
 import pytest
-from conftest import Mock, Router, chat_body, free_port, router_over, wait_until
+from conftest import Mock, Router, chat_body, free_port, request, router_over, wait_until
 
 
 @pytest.fixture
@@ -57,7 +57,6 @@ def _error(resp, status):
         (b'{"model": "Qwen3-32B"}', "'messages' is required"),
         (b'{"model": "Qwen3-32B", "messages": []}', "'messages' must not be empty"),
         (b'{"model": "Qwen3-32B", "messages": {"role": "user"}}', "'messages' must be a list"),
-        (b'{"messages": [{"role": "user", "content": "x"}]}', "'model' is required"),
         (
             b'{"model": "Qwen3-32B", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
             "nested too deeply",
@@ -75,9 +74,46 @@ def test_400_missing_prompt_for_completions(router):
     assert "'prompt' is required" in message
 
 
-def test_400_missing_model_lists_the_models(router):
+def test_missing_model_goes_to_any_healthy_service(spawn, two_backends):
+    """As the InfiniLM routers do: InfiniLM's RouterClient leaves the model out."""
+    a, b = two_backends
+    router = router_over(spawn, [a, b], "--strategy", "round-robin")
+    served = set()
+    for _ in range(4):
+        resp = router.post("/chat/completions", chat_body(model=None))
+        assert resp.status == 200, resp
+        # The body went as sent: each backend answered with its own model.
+        served.add((resp.headers["x-mock-server"], resp.json()["model"]))
+    assert served == {("svc-qwen", "Qwen3-32B"), ("svc-9g", "9g_8b_thinking")}
+
+
+def test_require_model_keeps_the_400_and_lists_the_models(spawn, two_backends):
+    a, b = two_backends
+    router = router_over(spawn, [a, b], "--require-model")
     message = _error(router.post("/v1/chat/completions", chat_body(model=None)), 400)
+    assert "'model' is required" in message and "--require-model" in message
     assert "Qwen3-32B" in message and "9g_8b_thinking" in message
+    # A named model, or the default one, still goes through.
+    assert router.post("/v1/chat/completions", chat_body()).status == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/chat/completions"),
+        ("GET", "/chat/completions"),
+        ("PUT", "/v1/completions"),
+        ("DELETE", "/v1/embeddings"),
+        ("OPTIONS", "/v1/chat/completions"),
+    ],
+)
+def test_405_for_a_model_path_without_post(router, method, path):
+    resp = request(router.port, method, path)
+    assert resp.status == 405, resp
+    assert resp.headers["allow"] == "POST"
+    assert f"{path} answers POST" in resp.json()["error"]
+    head = request(router.port, "HEAD", path)
+    assert head.status == 405 and head.headers["allow"] == "POST" and head.body == b""
 
 
 def test_valid_edges_of_the_ranges_pass(router):
@@ -116,14 +152,60 @@ def test_503_known_model_without_healthy_service(spawn):
 
 
 def test_503_while_discovery_is_pending(spawn):
+    # A backend that accepts connections and never answers: its first check is
+    # still under way, so the router cannot tell yet whether it serves the model.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        port = silent.getsockname()[1]
+        router = spawn(
+            Router, "--backend", f"late=http://127.0.0.1:{port}", "--health-timeout", "60"
+        )
+        message = _error(router.post("/v1/chat/completions", chat_body()), 503)
+        assert "discovery is still pending on late" in message and "retry" in message
+    finally:
+        silent.close()
+
+
+def test_503_names_the_cause_once_the_first_check_failed(spawn):
     port = free_port()
-    router = spawn(Router, "--backend", f"late=http://127.0.0.1:{port}")
+    router = spawn(Router, "--backend", f"http://127.0.0.1:{port}")
+    wait_until(lambda: router.get("/stats").json()["services"][0]["last_check"], what="a check")
     message = _error(router.post("/v1/chat/completions", chat_body()), 503)
-    assert "discovery" in message and "late" in message
+    assert message.startswith(f"no healthy service for model 'Qwen3-32B': 127.0.0.1:{port}: ")
+    assert "cannot connect" in message and "refused" in message, message
+    # Without a model, the same cause.
+    message = _error(router.post("/v1/chat/completions", chat_body(model=None)), 503)
+    assert message.startswith(f"no healthy service: 127.0.0.1:{port}: ")
+    assert "cannot connect" in message, message
     # The backend comes up: its models become routable within seconds, not an interval.
     spawn(Mock, "late", ["Qwen3-32B"], port=port)
     router.wait_healthy(1, timeout_s=10)
     assert router.post("/v1/chat/completions", chat_body()).status == 200
+
+
+def test_503_with_no_service_at_all_says_how_to_add_one(spawn):
+    router = spawn(Router)
+    for model in ("Qwen3-32B", None):
+        message = _error(router.post("/v1/chat/completions", chat_body(model=model)), 503)
+        assert "no backend service is configured or registered yet" in message, message
+        assert "POST /services" in message
+
+
+def test_503_names_each_unhealthy_service_and_bounds_the_list(spawn):
+    ports = [free_port() for _ in range(7)]
+    args = [
+        a for i, p in enumerate(ports) for a in ("--backend", f"s{i}=http://127.0.0.1:{p},model=m")
+    ]
+    router = spawn(Router, *args)
+    wait_until(
+        lambda: all(s["last_check"] for s in router.get("/stats").json()["services"]),
+        what="every first check",
+    )
+    message = _error(router.post("/v1/chat/completions", chat_body("m")), 503)
+    assert all(f"s{i}: health check failed: cannot connect" in message for i in range(5)), message
+    assert "s5:" not in message and "and 2 more (GET /stats" in message
 
 
 def test_502_when_backend_is_unreachable(spawn):

@@ -52,6 +52,26 @@ def test_health_check_uses_the_services_own_health_path(spawn):
     assert "/nope" in router.stats_of("broken")["last_error"]
 
 
+def test_a_backend_url_ending_in_v1_works_and_says_so_once(spawn):
+    backend = spawn(Mock, "b", ["m"])
+    router = spawn(Router, "--backend", f"b={backend.url}/v1", "--health-interval", "0.2")
+    router.wait_healthy(1)
+    assert router.post("/v1/chat/completions", chat_body("m")).status == 200
+    paths = backend.stats()["paths"]
+    assert "/v1/chat/completions" in paths and "/health" in paths
+    assert not any(p.startswith("/v1/v1") or p == "/v1/health" for p in paths), paths
+    assert router.get("/services").json()["services"][0]["url"] == backend.url
+    wait_until(lambda: backend.stats()["paths"].count("/health") >= 3, 5, "more checks")
+    assert router.output.count("its URL ends in /v1") == 1, router.output
+
+
+def test_a_failed_check_names_the_path_it_asked(spawn):
+    backend = spawn(Mock, "b", ["m"])
+    router = spawn(Router, "--backend", f"b={backend.url}/api,health=/ready")
+    wait_until(lambda: router.stats_of("b")["last_error"], what="a failed check")
+    assert "/api/ready answered 404" in router.stats_of("b")["last_error"]
+
+
 def test_new_models_are_picked_up_by_the_next_check(spawn):
     backend = spawn(Mock, "b", ["m"])
     router_over(spawn, [backend], "--health-interval", "0.3")

@@ -43,6 +43,15 @@ def test_chat_completion(client):
     assert completion.usage.completion_tokens == 6
 
 
+def test_top_k_as_a_keyword_fails_in_the_sdk_before_any_request(client):
+    """Why README sends top_k and repetition_penalty in extra_body: the InfiniLM
+    document's SDK example passes them as keywords, which the SDK refuses."""
+    with pytest.raises(TypeError, match="top_k"):
+        client.chat.completions.create(
+            model="Qwen3-32B", messages=[{"role": "user", "content": "Hello"}], top_k=50
+        )
+
+
 def test_chat_completion_streaming(client):
     stream = client.chat.completions.create(
         model="9g_8b_thinking",

@@ -29,12 +29,20 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 
-from lmproxy.api import service_entry
-from lmproxy.config import Config, ConfigError, ServiceSpec, points_at, spec_from_entry
+from lmproxy.api import iso_time, kept_entry, service_entry
+from lmproxy.config import (
+    Config,
+    ConfigError,
+    ServiceSpec,
+    check_name,
+    points_at,
+    spec_from_entry,
+)
+from lmproxy.errors import encode_json
 from lmproxy.health import HealthChecker
-from lmproxy.logs import masked_url
+from lmproxy.logs import masked_url, printable
 from lmproxy.probe import ProbeError, http_get
-from lmproxy.registry import Registry, Service
+from lmproxy.registry import Entry, Registry, Service
 
 log = logging.getLogger("lmproxy")
 
@@ -43,8 +51,33 @@ RANK = {"config": 0, "admin": 1, "registry": 2}
 TICK_S = 0.5  # how often TTLs and grace periods are checked
 
 
+# What one registration that is never routed to may make the router hold.
+MAX_ENTRIES = 1000
+MAX_ENTRY_METADATA = 16 * 1024  # bytes of JSON
+MAX_ENTRY_TEXT = 256  # characters of its url, type or status
+
+
 class _Registration(msgspec.Struct):
     ttl: float | None = None
+
+
+class _EntryMetadata(msgspec.Struct):
+    type: str
+
+
+class _OtherEntry(msgspec.Struct):
+    """A registration of another type than openai-api, as InfiniLM's babysitter sends it."""
+
+    name: str
+    metadata: dict[str, Any]
+    url: str | None = None
+    host: str | None = None
+    port: int | None = None
+    status: str = "running"
+
+
+class _Heartbeat(msgspec.Struct):
+    status: str | None = None
 
 
 class _RegistryListing(msgspec.Struct):
@@ -54,6 +87,33 @@ class _RegistryListing(msgspec.Struct):
 def describe(service: Service) -> dict[str, Any]:
     """A service as the admin API answers: its /services entry and its health path."""
     return {**service_entry(service), "health_path": service.spec.health_path}
+
+
+def entry_from(data: dict[str, Any]) -> Entry:
+    """A registration of another ``metadata.type``, checked and bounded; ConfigError else."""
+    try:
+        raw = msgspec.convert(data, _OtherEntry)
+        kind = msgspec.convert(raw.metadata, _EntryMetadata).type
+    except msgspec.ValidationError as exc:
+        raise ConfigError(str(exc)) from None
+    check_name(raw.name)
+    if raw.url:
+        url = raw.url
+    elif raw.host and raw.port:
+        url = f"http://{raw.host}:{raw.port}"
+    else:
+        raise ConfigError("needs host and port, or url")
+    for what, text in (("url", url), ("metadata.type", kind), ("status", raw.status)):
+        _check_text(what, text)
+    if len(encode_json(raw.metadata)) > MAX_ENTRY_METADATA:
+        raise ConfigError(f"metadata is over {MAX_ENTRY_METADATA // 1024} KiB of JSON")
+    now = time.time()
+    return Entry(raw.name, url, kind, raw.status, raw.metadata, now, now)
+
+
+def _check_text(what: str, text: str) -> None:
+    if not 0 < len(text) <= MAX_ENTRY_TEXT or not text.isprintable():
+        raise ConfigError(f"{what} must be 1 to {MAX_ENTRY_TEXT} printable characters")
 
 
 class Fleet:
@@ -66,6 +126,7 @@ class Fleet:
         )
         self._expires: dict[str, tuple[float, float]] = {}  # name -> (ttl, monotonic deadline)
         self._gone_since: dict[str, float] = {}  # registry services no longer listed
+        self._heartbeats: dict[str, float] = {}  # name -> epoch of its last heartbeat
         self._tasks: list[asyncio.Task[None]] = []
         self._poller: asyncio.Task[None] | None = None
         self._registry_ok = True
@@ -108,11 +169,13 @@ class Fleet:
             self.checker.watch(service)
         return service, created
 
-    def _remove(self, name: str, why: str) -> Service | None:
+    def _remove(self, name: str, why: str) -> Service | Entry | None:
+        """Take out the service, or the kept entry, of that name."""
         self.checker.unwatch(name)
         self._expires.pop(name, None)
         self._gone_since.pop(name, None)
-        return self.registry.remove(name, why)
+        self._heartbeats.pop(name, None)
+        return self.registry.remove(name, why) or self.registry.drop(name, why)
 
     def apply_config(self, config: Config) -> None:
         """A reloaded config: its services replace the configured ones."""
@@ -135,7 +198,8 @@ class Fleet:
     # --- the admin API ------------------------------------------------------------
 
     def admin(self, method: bytes, path: bytes, body: bytes) -> Payload:
-        """``POST /services``, ``DELETE /services/{name}``, ``POST /services/{name}/heartbeat``."""
+        """``POST /services``; ``GET|DELETE /services/{name}``;
+        ``POST /services/{name}/heartbeat``; ``GET /services/{name}/health``."""
         if path == b"/services":
             if method != b"POST":
                 return 405, {"error": "/services answers GET (list) and POST (register)"}
@@ -145,16 +209,23 @@ class Fleet:
         if action == "heartbeat":
             if method != b"POST":
                 return 405, {"error": "heartbeats are POST /services/{name}/heartbeat"}
-            return self.heartbeat(name)
+            return self.heartbeat(name, body)
+        if action == "health":
+            if method != b"GET":
+                return 405, {"error": "/services/{name}/health answers GET"}
+            return self.health_of(name)
         if action:
-            return 404, {"error": f"no route for {path.decode('latin-1')}"}
+            return 404, {"error": f"no route for {printable(path)}"}
         if method == b"DELETE":
             return self.deregister(name)
         if method == b"GET":
             service = self.registry.services.get(name)
-            if service is None:
-                return 404, {"error": f"no service named {name!r}"}
-            return 200, describe(service)
+            if service is not None:
+                return 200, describe(service)
+            entry = self.registry.entries.get(name)
+            if entry is not None:
+                return 200, kept_entry(entry)
+            return 404, {"error": f"no service named {name!r}"}
         return 405, {"error": f"/services/{name} answers GET and DELETE"}
 
     def register(self, body: bytes) -> Payload:
@@ -164,11 +235,14 @@ class Fleet:
                 raise ConfigError("expected a JSON object")
             options = msgspec.convert(data, _Registration)
             spec = spec_from_entry(data)
+            # Another type (InfiniLM's babysitter): kept and listed, never routed to.
+            entry = entry_from(data) if spec is None else None
         except (msgspec.DecodeError, msgspec.ValidationError, ConfigError) as exc:
             return 400, {"error": f"invalid registration: {exc}; expected {REGISTRATION_SHAPE}"}
-        if spec is None:
-            return 400, {"error": "only services of metadata.type 'openai-api' can be registered"}
-        if points_at(spec, self.config.host, self.own_port):
+        target: ServiceSpec | Entry | None = spec or entry
+        assert target is not None
+        name = target.name
+        if spec is not None and points_at(spec, self.config.host, self.own_port):
             return 400, {
                 "error": f"{spec.url} is this router's own address: requests would loop; "
                 "register the backend's address"
@@ -176,37 +250,109 @@ class Fleet:
         ttl = options.ttl if options.ttl is not None else self.config.registration_ttl
         if ttl < 0:
             return 400, {"error": "ttl must be >= 0 seconds (0: no expiry)"}
-        current = self.registry.services.get(spec.name)
+        current = self.registry.services.get(name)
         if current is not None and RANK[current.origin] < RANK["admin"]:
             return 409, {
-                "error": f"service {spec.name!r} is defined in the config; change the config "
+                "error": f"service {name!r} is defined in the config; change the config "
                 "and reload (SIGHUP), or register under another name"
             }
-        service, created = self._put(spec, "admin")
-        self._gone_since.pop(spec.name, None)
-        if ttl:
-            self._expires[spec.name] = (ttl, time.monotonic() + ttl)
+        if entry is not None:
+            registry = self.registry
+            if name not in registry.entries and len(registry.entries) >= MAX_ENTRIES:
+                return 400, {
+                    "error": f"the router keeps at most {MAX_ENTRIES} registrations of types "
+                    "other than openai-api; delete some (DELETE /services/{name})"
+                }
+            if current is not None:
+                self._remove(name, f"registered again, as type {entry.type!r}")
+            created = name not in registry.entries
+            registry.keep(entry)
+            answer = kept_entry(entry)
         else:
-            self._expires.pop(spec.name, None)
-        log.info("service %s registered (ttl %s)", spec.name, f"{ttl:g}s" if ttl else "none")
-        return (201 if created else 200), {**describe(service), "ttl": ttl or None}
+            assert spec is not None
+            if self.registry.drop(name, "registered again, as type 'openai-api'"):
+                self._heartbeats.pop(name, None)
+            service, created = self._put(spec, "admin")
+            answer = describe(service)
+        self._gone_since.pop(name, None)
+        self._heartbeats[name] = time.time()
+        if ttl:
+            self._expires[name] = (ttl, time.monotonic() + ttl)
+        else:
+            self._expires.pop(name, None)
+        log.info("service %s registered (ttl %s)", name, f"{ttl:g}s" if ttl else "none")
+        return (201 if created else 200), {**answer, "ttl": ttl or None}
 
     def deregister(self, name: str) -> Payload:
-        service = self._remove(name, "deregistered through the admin API")
-        if service is None:
+        if self._remove(name, "deregistered through the admin API") is None:
             return 404, {"error": f"no service named {name!r}"}
-        return 200, {"removed": name}
+        # "message" is what the InfiniLM registry answers; "removed" is lmproxy's.
+        return 200, {"removed": name, "message": f"Service '{name}' unregistered successfully"}
 
-    def heartbeat(self, name: str) -> Payload:
+    def heartbeat(self, name: str, body: bytes = b"") -> Payload:
+        """Keep a registration's ttl alive. An entry's heartbeat may carry a new
+        ``status``, as the InfiniLM registry allows; a service's health is the
+        router's checks' alone, so there a status is ignored."""
         service = self.registry.services.get(name)
-        if service is None:
+        entry = self.registry.entries.get(name)
+        if service is None and entry is None:
+            # "not found": what InfiniLM's babysitter looks for before its server registers.
             return 404, {
-                "error": f"no service named {name!r}; register it again with POST /services"
+                "error": f"service {name!r} not found; register it again with POST /services"
             }
+        status = None
+        if body.strip():
+            try:
+                status = msgspec.json.decode(body, type=_Heartbeat).status
+                if status is not None:
+                    _check_text("status", status)
+            except (msgspec.DecodeError, msgspec.ValidationError, ConfigError) as exc:
+                return 400, {"error": f"invalid heartbeat body: {exc}; send none, or {{}}"}
         expiry = self._expires.get(name)
         if expiry is not None:
             self._expires[name] = (expiry[0], time.monotonic() + expiry[0])
-        return 200, {"name": name, "healthy": service.healthy, "ttl": expiry[0] if expiry else None}
+        now = time.time()
+        self._heartbeats[name] = now
+        if entry is not None:
+            entry.last_heartbeat = now
+            if status is not None:
+                entry.status = status
+            healthy = entry.healthy
+        else:
+            assert service is not None
+            healthy = service.healthy
+        return 200, {
+            "name": name,
+            "healthy": healthy,
+            "ttl": expiry[0] if expiry else None,
+            "message": "Heartbeat received",
+            "timestamp": iso_time(now),
+        }
+
+    def health_of(self, name: str) -> Payload:
+        """``GET /services/{name}/health`` in the InfiniLM registry's shape. A service's
+        health is the router's own checks'; an entry's, its heartbeats' (never probed)."""
+        service = self.registry.services.get(name)
+        entry = self.registry.entries.get(name)
+        if service is not None:
+            healthy = service.healthy
+            status = (
+                "unknown" if service.last_check is None else "healthy" if healthy else "unhealthy"
+            )
+            last = self._heartbeats.get(name) or service.last_check or 0.0
+        elif entry is not None:
+            healthy = entry.healthy
+            status = "healthy" if healthy else "unhealthy"
+            last = entry.last_heartbeat
+        else:
+            return 404, {"error": f"Service '{name}' not found"}
+        return 200, {
+            "service": name,
+            "health_status": status,
+            "is_healthy": healthy,
+            "last_heartbeat": last,
+            "timestamp": iso_time(time.time()),
+        }
 
     # --- clocks -------------------------------------------------------------------
 
@@ -288,5 +434,7 @@ class Fleet:
 
 REGISTRATION_SHAPE = (
     '{"name": "...", "url": "http://host:port"} (or "host" and "port"), optional '
-    '"models": [...] (or metadata.models), "weight", "health_path", "max_in_flight", "ttl"'
+    '"models": [...] (or metadata.models), "weight", "health_path", "max_in_flight", "ttl"; '
+    'an entry of another metadata.type ("InfiniLM": a babysitter) is kept and listed, '
+    "never routed to"
 )

@@ -289,7 +289,10 @@ class Supervisor:
             worker.snapshot = message["snapshot"]
         elif op == "http":
             path = message["path"]
-            if path in (b"/stats", b"/metrics"):
+            if path == b"/services" and message["method"] in (b"GET", b"HEAD"):
+                status, payload = api.services(self)  # type: ignore[arg-type]
+                self._reply(worker, message, status, b"application/json", encode_json(payload))
+            elif path in (b"/stats", b"/metrics"):
                 task = asyncio.create_task(self._answer_figures(worker, message))
                 self._watchers.add(task)
                 task.add_done_callback(self._watchers.discard)

@@ -50,8 +50,9 @@ ASK_TIMEOUT_S = 10.0
 class SupervisorLink:
     """The worker's side of the channel."""
 
-    # Answered by the supervisor with every worker's figures.
-    WHOLE_ROUTER = frozenset({b"/stats", b"/metrics"})
+    # Answered by the supervisor: with every worker's figures, or (/services) with
+    # the entries it keeps but never routes to, which workers do not mirror.
+    WHOLE_ROUTER = frozenset({b"/stats", b"/metrics", b"/services"})
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.slot = 0

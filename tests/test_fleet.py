@@ -9,31 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import Mock, Process, Router, chat_body, request, wait_until
-
-
-class Registry(Process):
-    """The InfiniLM-SVC registry stand-in: ``tests/infinilm_registry.py``."""
-
-    def __init__(self) -> None:
-        super().__init__(["tests/infinilm_registry.py", "--port", "0"])
-        self.wait_for_port()
-
-    def register(self, name: str, backend: Mock, kind: str = "openai-api", **extra: object) -> None:
-        entry = {
-            "name": name,
-            "host": "127.0.0.1",
-            "port": backend.port,
-            "hostname": "localhost",
-            "url": backend.url,
-            "status": "running",
-            "metadata": {"type": kind, "models": backend.models},
-            **extra,
-        }
-        assert request(self.port, "POST", "/services", entry).status == 201
-
-    def delete(self, name: str) -> None:
-        assert request(self.port, "DELETE", f"/services/{name}").status == 200
+from conftest import Mock, Registry, Router, chat_body, wait_until
 
 
 def _services(router: Router) -> dict[str, dict]:

@@ -63,6 +63,23 @@ def test_registration_reaches_every_worker_within_a_second(spawn):
     for _ in range(10):
         assert router.post("/v1/chat/completions", chat_body("9g_8b_thinking")).status == 200
     assert time.monotonic() - registered < 6
+    # An InfiniLM babysitter's entry, never routed to, is listed by every worker too,
+    # with the status its last heartbeat set.
+    entry = {"name": "w-sitter", "url": "http://127.0.0.1:9", "metadata": {"type": "InfiniLM"}}
+    assert router.post("/services", entry).status == 201
+    assert router.post("/services/w-sitter/heartbeat", {"status": "stopped"}).status == 200
+
+    def everyone_lists_it() -> bool:
+        return all(
+            {s["name"]: s for s in router.get("/services").json()["services"]}.get(
+                "w-sitter", {}
+            ).get("status")
+            == "stopped"
+            for _ in range(10)
+        )
+
+    wait_until(everyone_lists_it, 1.0, "every worker to list the entry")
+    assert router.get("/health").json()["healthy_services"] == "1/1"
 
 
 def test_each_service_is_probed_once_per_interval(spawn):

@@ -14,6 +14,7 @@ import datetime
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from lmproxy.errors import Fault, error_payload
 from lmproxy.logs import masked_url
 from lmproxy.registry import name_models
 
@@ -90,7 +91,9 @@ def model(router: Router, model_id: str) -> Payload:
     served = router.registry.healthy_models()
     if model_id not in served:
         available = name_models(served) or "none"
-        return 404, {"error": f"model {model_id!r} not found; available models: {available}"}
+        return error_payload(
+            Fault.NOT_FOUND, f"model {model_id!r} not found; available models: {available}"
+        )
     return 200, _model_object(router, model_id)
 
 

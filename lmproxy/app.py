@@ -21,7 +21,7 @@ import strategies
 from lmproxy import api
 from lmproxy.admission import AdmissionQueue
 from lmproxy.config import Config, ConfigError, ServiceSpec
-from lmproxy.errors import http_response, json_response
+from lmproxy.errors import Fault, http_response, json_response
 from lmproxy.fleet import Fleet
 from lmproxy.logs import printable
 from lmproxy.metrics import CONTENT_TYPE, Metrics
@@ -153,12 +153,12 @@ class Router:
             # A bug must cost one request, never the connection's order or the router.
             log.exception("internal error on %s %r", request.method, request.target)
             if client.current is request and not client.closing:
-                client.respond_error(500, "internal router error; see the router's log")
+                client.respond_error(Fault.INTERNAL, "internal router error; see the router's log")
 
     def _dispatch(self, client: ClientConnection, request: ClientRequest) -> None:
         if request.looped:
             # Our own Via came back: a service (or a chain of routers) leads here.
-            client.respond_error(508, LOOP_MESSAGE)
+            client.respond_error(Fault.LOOP_DETECTED, LOOP_MESSAGE)
             return
         path = request.path
         handler = api.ROUTES.get(path)
@@ -171,11 +171,13 @@ class Router:
                     self._admin(client, request)
                     return
                 client.respond_error(
-                    405, f"{printable(path)} only answers GET", b"Allow: GET, HEAD\r\n"
+                    Fault.METHOD_NOT_ALLOWED,
+                    f"{printable(path)} only answers GET",
+                    b"Allow: GET, HEAD\r\n",
                 )
                 return
             if path not in api.OPEN_PATHS and not self._authorized(request):
-                client.respond_error(401, _UNAUTHORIZED)
+                client.respond_error(Fault.UNAUTHORIZED, _UNAUTHORIZED)
                 return
             if self.link is not None and path in self.link.WHOLE_ROUTER:
                 # Figures of the whole router: every worker's, gathered by the supervisor.
@@ -204,16 +206,19 @@ class Router:
                 self._admin(client, request)
                 return
             if request.method == b"CONNECT":
-                client.respond_error(405, "CONNECT is not served: lmproxy is not a forward proxy")
+                client.respond_error(
+                    Fault.METHOD_NOT_ALLOWED,
+                    "CONNECT is not served: lmproxy is not a forward proxy",
+                )
                 return
             client.respond_error(
-                404,
+                Fault.NOT_FOUND,
                 f"no route for {printable(request.method)} {printable(path)}; {NOT_FOUND_HINT}",
             )
             return
         if request.method != b"POST" and path in MODEL_PATHS:
             client.respond_error(
-                405,
+                Fault.METHOD_NOT_ALLOWED,
                 f"{printable(path)} answers POST with a JSON body, not {printable(request.method)}",
                 b"Allow: POST\r\n",
             )
@@ -221,11 +226,12 @@ class Router:
         if (b"/." in path or b"%" in path) and _has_dot_segment(path):
             # A backend that resolves them would serve what the /v1/ gate keeps out.
             client.respond_error(
-                400, "the path has a '.' or '..' segment (or an encoded one); send it resolved"
+                Fault.BAD_REQUEST,
+                "the path has a '.' or '..' segment (or an encoded one); send it resolved",
             )
             return
         if not self._authorized(request):
-            client.respond_error(401, _UNAUTHORIZED)
+            client.respond_error(Fault.UNAUTHORIZED, _UNAUTHORIZED)
             return
         if self.draining:
             request.keep_alive = False
@@ -236,14 +242,14 @@ class Router:
         Reading one (``GET /services/{name}[/health]``) is as open as the /services list."""
         if request.method in LOCAL_METHODS:
             if not self._authorized(request):
-                client.respond_error(401, _UNAUTHORIZED)
+                client.respond_error(Fault.UNAUTHORIZED, _UNAUTHORIZED)
                 return
         elif self._admin_token is not None:
             if not _bearer_matches(request, [self._admin_token]):
-                client.respond_error(401, _ADMIN_UNAUTHORIZED)
+                client.respond_error(Fault.UNAUTHORIZED, _ADMIN_UNAUTHORIZED)
                 return
         elif not _is_loopback(client):
-            client.respond_error(403, _ADMIN_FORBIDDEN)
+            client.respond_error(Fault.FORBIDDEN, _ADMIN_FORBIDDEN)
             return
         if self.link is not None:
             client.task = self.loop.create_task(self.link.answer(client, request))

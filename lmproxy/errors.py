@@ -1,8 +1,9 @@
 """Every failure the router reports, and the one table that maps it to a status.
 
-Whose fault a failure is decides two things at once: the HTTP status the client
-gets and whether it counts against a backend service. Both are decided here and
-nowhere else, in the spirit of h11's ``error_status_hint``.
+Every error the router answers itself names a :class:`Fault`, whose status is
+decided here and nowhere else, in the spirit of h11's ``error_status_hint``.
+Whether a failure counts against a backend service is the proxy's decision
+(``proxy.py``): it depends on what happened, not on the status.
 """
 
 from __future__ import annotations
@@ -13,26 +14,60 @@ from http import HTTPStatus
 import msgspec
 
 
+@enum.unique
 class Fault(enum.Enum):
-    """A kind of failure: (status, counts against the backend service)."""
+    """Every kind of failure the router answers itself; ``status`` is what the client
+    gets. README's error table is this one. Values are names, never statuses: equal
+    values would make enum members aliases of each other."""
 
-    BAD_REQUEST = (400, False)
-    UNAUTHORIZED = (401, False)
-    FORBIDDEN = (403, False)
-    NOT_FOUND = (404, False)
-    METHOD_NOT_ALLOWED = (405, False)
-    BODY_TOO_LARGE = (413, False)
-    HEADERS_TOO_LARGE = (431, False)
-    QUEUE_TIMEOUT = (429, False)  # every eligible service stayed at its max_in_flight
-    NO_HEALTHY_SERVICE = (503, False)
-    BACKEND_UNREACHABLE = (502, True)
-    BACKEND_BROKEN = (502, True)
-    BACKEND_TIMEOUT = (504, True)
-    SHUTTING_DOWN = (503, False)
+    BAD_REQUEST = "bad_request"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    REQUEST_TIMEOUT = "request_timeout"  # headers or a body too slow
+    CONFLICT = "conflict"  # a registration for a configured name
+    BODY_TOO_LARGE = "body_too_large"
+    TOO_MANY_PIPELINED = "too_many_pipelined"
+    QUEUE_TIMEOUT = "queue_timeout"  # every eligible service stayed at its max_in_flight
+    HEADERS_TOO_LARGE = "headers_too_large"
+    INTERNAL = "internal"  # a bug in the router
+    NOT_IMPLEMENTED = "not_implemented"  # a transfer coding other than chunked
+    BACKEND_UNREACHABLE = "backend_unreachable"
+    BACKEND_BROKEN = "backend_broken"
+    NO_HEALTHY_SERVICE = "no_healthy_service"
+    AT_CONNECTION_LIMIT = "at_connection_limit"
+    SUPERVISOR_SILENT = "supervisor_silent"
+    BACKEND_TIMEOUT = "backend_timeout"
+    LOOP_DETECTED = "loop_detected"
 
-    def __init__(self, status: int, counts_against_service: bool) -> None:
-        self.status = status
-        self.counts_against_service = counts_against_service
+    @property
+    def status(self) -> int:
+        return _STATUS[self]
+
+
+_STATUS: dict[Fault, int] = {
+    Fault.BAD_REQUEST: 400,
+    Fault.UNAUTHORIZED: 401,
+    Fault.FORBIDDEN: 403,
+    Fault.NOT_FOUND: 404,
+    Fault.METHOD_NOT_ALLOWED: 405,
+    Fault.REQUEST_TIMEOUT: 408,
+    Fault.CONFLICT: 409,
+    Fault.BODY_TOO_LARGE: 413,
+    Fault.TOO_MANY_PIPELINED: 429,
+    Fault.QUEUE_TIMEOUT: 429,
+    Fault.HEADERS_TOO_LARGE: 431,
+    Fault.INTERNAL: 500,
+    Fault.NOT_IMPLEMENTED: 501,
+    Fault.BACKEND_UNREACHABLE: 502,
+    Fault.BACKEND_BROKEN: 502,
+    Fault.NO_HEALTHY_SERVICE: 503,
+    Fault.AT_CONNECTION_LIMIT: 503,
+    Fault.SUPERVISOR_SILENT: 503,
+    Fault.BACKEND_TIMEOUT: 504,
+    Fault.LOOP_DETECTED: 508,
+}
 
 
 class ProxyError(Exception):
@@ -97,9 +132,14 @@ def json_response(
 
 
 def error_response(
-    status: int, message: str, keep_alive: bool = True, extra_headers: bytes = b""
+    fault: Fault, message: str, keep_alive: bool = True, extra_headers: bytes = b""
 ) -> bytes:
-    return json_response(status, {"error": message}, keep_alive, extra_headers)
+    return json_response(fault.status, {"error": message}, keep_alive, extra_headers)
+
+
+def error_payload(fault: Fault, message: str) -> tuple[int, dict[str, str]]:
+    """A handler's (status, payload) for a failure: the admin API's answers."""
+    return fault.status, {"error": message}
 
 
 def sse_error_event(message: str) -> bytes:

@@ -38,7 +38,7 @@ from lmproxy.config import (
     points_at,
     spec_from_entry,
 )
-from lmproxy.errors import encode_json
+from lmproxy.errors import Fault, encode_json, error_payload
 from lmproxy.health import HealthChecker
 from lmproxy.logs import masked_url, printable
 from lmproxy.probe import ProbeError, http_get
@@ -202,20 +202,26 @@ class Fleet:
         ``POST /services/{name}/heartbeat``; ``GET /services/{name}/health``."""
         if path == b"/services":
             if method != b"POST":
-                return 405, {"error": "/services answers GET (list) and POST (register)"}
+                return error_payload(
+                    Fault.METHOD_NOT_ALLOWED, "/services answers GET (list) and POST (register)"
+                )
             return self.register(body)
         rest = unquote(path[len(b"/services/") :].decode("utf-8", "replace"))
         name, _, action = rest.partition("/")
         if action == "heartbeat":
             if method != b"POST":
-                return 405, {"error": "heartbeats are POST /services/{name}/heartbeat"}
+                return error_payload(
+                    Fault.METHOD_NOT_ALLOWED, "heartbeats are POST /services/{name}/heartbeat"
+                )
             return self.heartbeat(name, body)
         if action == "health":
             if method != b"GET":
-                return 405, {"error": "/services/{name}/health answers GET"}
+                return error_payload(
+                    Fault.METHOD_NOT_ALLOWED, "/services/{name}/health answers GET"
+                )
             return self.health_of(name)
         if action:
-            return 404, {"error": f"no route for {printable(path)}"}
+            return error_payload(Fault.NOT_FOUND, f"no route for {printable(path)}")
         if method == b"DELETE":
             return self.deregister(name)
         if method == b"GET":
@@ -225,8 +231,8 @@ class Fleet:
             entry = self.registry.entries.get(name)
             if entry is not None:
                 return 200, kept_entry(entry)
-            return 404, {"error": f"no service named {name!r}"}
-        return 405, {"error": f"/services/{name} answers GET and DELETE"}
+            return error_payload(Fault.NOT_FOUND, f"no service named {name!r}")
+        return error_payload(Fault.METHOD_NOT_ALLOWED, f"/services/{name} answers GET and DELETE")
 
     def register(self, body: bytes) -> Payload:
         try:
@@ -238,31 +244,36 @@ class Fleet:
             # Another type (InfiniLM's babysitter): kept and listed, never routed to.
             entry = entry_from(data) if spec is None else None
         except (msgspec.DecodeError, msgspec.ValidationError, ConfigError) as exc:
-            return 400, {"error": f"invalid registration: {exc}; expected {REGISTRATION_SHAPE}"}
+            return error_payload(
+                Fault.BAD_REQUEST, f"invalid registration: {exc}; expected {REGISTRATION_SHAPE}"
+            )
         target: ServiceSpec | Entry | None = spec or entry
         assert target is not None
         name = target.name
         if spec is not None and points_at(spec, self.config.host, self.own_port):
-            return 400, {
-                "error": f"{spec.url} is this router's own address: requests would loop; "
-                "register the backend's address"
-            }
+            return error_payload(
+                Fault.BAD_REQUEST,
+                f"{spec.url} is this router's own address: requests would loop; "
+                "register the backend's address",
+            )
         ttl = options.ttl if options.ttl is not None else self.config.registration_ttl
         if ttl < 0:
-            return 400, {"error": "ttl must be >= 0 seconds (0: no expiry)"}
+            return error_payload(Fault.BAD_REQUEST, "ttl must be >= 0 seconds (0: no expiry)")
         current = self.registry.services.get(name)
         if current is not None and RANK[current.origin] < RANK["admin"]:
-            return 409, {
-                "error": f"service {name!r} is defined in the config; change the config "
-                "and reload (SIGHUP), or register under another name"
-            }
+            return error_payload(
+                Fault.CONFLICT,
+                f"service {name!r} is defined in the config; change the config "
+                "and reload (SIGHUP), or register under another name",
+            )
         if entry is not None:
             registry = self.registry
             if name not in registry.entries and len(registry.entries) >= MAX_ENTRIES:
-                return 400, {
-                    "error": f"the router keeps at most {MAX_ENTRIES} registrations of types "
-                    "other than openai-api; delete some (DELETE /services/{name})"
-                }
+                return error_payload(
+                    Fault.BAD_REQUEST,
+                    f"the router keeps at most {MAX_ENTRIES} registrations of types "
+                    "other than openai-api; delete some (DELETE /services/{name})",
+                )
             if current is not None:
                 self._remove(name, f"registered again, as type {entry.type!r}")
             created = name not in registry.entries
@@ -285,7 +296,7 @@ class Fleet:
 
     def deregister(self, name: str) -> Payload:
         if self._remove(name, "deregistered through the admin API") is None:
-            return 404, {"error": f"no service named {name!r}"}
+            return error_payload(Fault.NOT_FOUND, f"no service named {name!r}")
         # "message" is what the InfiniLM registry answers; "removed" is lmproxy's.
         return 200, {"removed": name, "message": f"Service '{name}' unregistered successfully"}
 
@@ -297,9 +308,10 @@ class Fleet:
         entry = self.registry.entries.get(name)
         if service is None and entry is None:
             # "not found": what InfiniLM's babysitter looks for before its server registers.
-            return 404, {
-                "error": f"service {name!r} not found; register it again with POST /services"
-            }
+            return error_payload(
+                Fault.NOT_FOUND,
+                f"service {name!r} not found; register it again with POST /services",
+            )
         status = None
         if body.strip():
             try:
@@ -307,7 +319,9 @@ class Fleet:
                 if status is not None:
                     _check_text("status", status)
             except (msgspec.DecodeError, msgspec.ValidationError, ConfigError) as exc:
-                return 400, {"error": f"invalid heartbeat body: {exc}; send none, or {{}}"}
+                return error_payload(
+                    Fault.BAD_REQUEST, f"invalid heartbeat body: {exc}; send none, or {{}}"
+                )
         expiry = self._expires.get(name)
         if expiry is not None:
             self._expires[name] = (expiry[0], time.monotonic() + expiry[0])
@@ -345,7 +359,7 @@ class Fleet:
             status = "healthy" if healthy else "unhealthy"
             last = entry.last_heartbeat
         else:
-            return 404, {"error": f"Service '{name}' not found"}
+            return error_payload(Fault.NOT_FOUND, f"Service '{name}' not found")
         return 200, {
             "service": name,
             "health_status": status,

@@ -650,7 +650,7 @@ class Journey:
             extra = self.id_header
             if error.retry_after is not None:
                 extra += b"Retry-After: %d\r\n" % error.retry_after
-            self.client.respond_error(error.status, error.message, extra)
+            self.client.respond_error(error.fault, error.message, extra)
 
     def _log(self, service: str, status: int, bytes_out: int, ttfb_s: float) -> None:
         style = self.router.config.access_log

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from lmproxy.errors import error_response
+from lmproxy.errors import Fault, error_response
 from lmproxy.request import find_header
 
 if TYPE_CHECKING:
@@ -51,7 +51,9 @@ QUEUED_BODY_BYTES = 1024 * 1024  # request bodies waiting behind the one being a
 CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
 INFINITY = float("inf")
 TOO_MANY_CONNECTIONS = error_response(
-    503, "the router is at its connection limit (--max-connections); retry shortly", False
+    Fault.AT_CONNECTION_LIMIT,
+    "the router is at its connection limit (--max-connections); retry shortly",
+    False,
 )
 LINGER_S = 2.0  # how long a rejected client may go on sending before the close
 _HANGUP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
@@ -105,8 +107,8 @@ class _Reject(Exception):
     httptools reports it as an ``HttpParserCallbackError`` whose context it is.
     """
 
-    def __init__(self, status: int, message: str) -> None:
-        self.status = status
+    def __init__(self, fault: Fault, message: str) -> None:
+        self.fault = fault
         self.message = message
 
 
@@ -191,7 +193,7 @@ class ClientConnection(asyncio.Protocol):
             # httptools chains what a callback raised as the error's context.
             reject = exc.__context__
             if not isinstance(reject, _Reject):
-                reject = _Reject(400, f"malformed HTTP request: {_describe(exc)}")
+                reject = _Reject(Fault.BAD_REQUEST, f"malformed HTTP request: {_describe(exc)}")
             self._reject(reject)
             return
         if self._stalled > MAX_LINE_BYTES:
@@ -282,7 +284,7 @@ class ClientConnection(asyncio.Protocol):
                     size = -1  # httptools rejects it right after
                 if size > limit:
                     raise _Reject(
-                        413,
+                        Fault.BODY_TOO_LARGE,
                         f"request body of {size} bytes is over the limit of {limit} bytes "
                         "(--max-body-size)",
                     )
@@ -291,7 +293,9 @@ class ClientConnection(asyncio.Protocol):
                 if value.strip().lower() != b"chunked":
                     # httptools accepts "gzip, chunked"; the backend would then get a
                     # compressed body with nothing saying so.
-                    raise _Reject(501, "only 'Transfer-Encoding: chunked' is supported")
+                    raise _Reject(
+                        Fault.NOT_IMPLEMENTED, "only 'Transfer-Encoding: chunked' is supported"
+                    )
                 body_expected = True
             elif name == b"content-type":
                 request.is_json = b"json" in value.lower()
@@ -318,7 +322,7 @@ class ClientConnection(asyncio.Protocol):
         request.body_size += len(body)
         if request.body_size > self.router.config.max_body_size:
             raise _Reject(
-                413,
+                Fault.BODY_TOO_LARGE,
                 f"request body is over the limit of {self.router.config.max_body_size} bytes "
                 "(--max-body-size)",
             )
@@ -341,7 +345,7 @@ class ClientConnection(asyncio.Protocol):
         queue = self._queue
         if len(queue) >= MAX_QUEUED:
             raise _Reject(
-                429,
+                Fault.TOO_MANY_PIPELINED,
                 f"more than {MAX_QUEUED} pipelined requests wait unanswered on this "
                 "connection; read the answers before sending more",
             )
@@ -363,9 +367,9 @@ class ClientConnection(asyncio.Protocol):
         self.write(data)
         self.response_done()
 
-    def respond_error(self, status: int, message: str, extra_headers: bytes = b"") -> None:
+    def respond_error(self, fault: Fault, message: str, extra_headers: bytes = b"") -> None:
         keep_alive = self.current is not None and self.current.keep_alive
-        self.write(error_response(status, message, keep_alive, extra_headers))
+        self.write(error_response(fault, message, keep_alive, extra_headers))
         if not keep_alive:
             self.current = None
             self.close()
@@ -462,13 +466,17 @@ class ClientConnection(asyncio.Protocol):
         if request is not None and request.method:
             self._reject(
                 _Reject(
-                    400,
+                    Fault.BAD_REQUEST,
                     f"a chunk-size line (with its extensions) or the trailers are over "
                     f"{MAX_LINE_BYTES} bytes",
                 )
             )
         elif request is None:
-            self._reject(_Reject(400, f"over {MAX_LINE_BYTES} bytes that do not begin a request"))
+            self._reject(
+                _Reject(
+                    Fault.BAD_REQUEST, f"over {MAX_LINE_BYTES} bytes that do not begin a request"
+                )
+            )
         elif self._stalled > MAX_HEADER_BYTES:
             self._reject(_headers_too_large())
 
@@ -486,7 +494,7 @@ class ClientConnection(asyncio.Protocol):
             if self.current is None:
                 self.loop.call_soon(self._drain)
             return
-        self.write(error_response(reject.status, reject.message, keep_alive=False))
+        self.write(error_response(reject.fault, reject.message, keep_alive=False))
         self._linger()
 
     def _linger(self) -> None:
@@ -569,7 +577,7 @@ class ClientConnection(asyncio.Protocol):
                     "(--header-timeout)"
                 )
             self._parsing = None
-            self.write(error_response(408, message, keep_alive=False))
+            self.write(error_response(Fault.REQUEST_TIMEOUT, message, keep_alive=False))
             self._linger()
             return
         self.close()
@@ -624,7 +632,7 @@ _NOTED = frozenset(
 
 
 def _headers_too_large() -> _Reject:
-    return _Reject(431, f"request headers are over {MAX_HEADER_BYTES} bytes")
+    return _Reject(Fault.HEADERS_TOO_LARGE, f"request headers are over {MAX_HEADER_BYTES} bytes")
 
 
 def _describe(exc: Exception) -> str:

@@ -35,7 +35,7 @@ import msgspec
 from lmproxy import logs
 from lmproxy.config import Config
 from lmproxy.control import Channel, ChannelClosed, Message
-from lmproxy.errors import error_response, http_response
+from lmproxy.errors import Fault, error_response, http_response
 
 if TYPE_CHECKING:
     from lmproxy.app import Router
@@ -149,7 +149,11 @@ class SupervisorLink:
             )
         except (ChannelClosed, TimeoutError):
             client.respond(
-                error_response(503, "the router's supervisor did not answer; retry shortly", False)
+                error_response(
+                    Fault.SUPERVISOR_SILENT,
+                    "the router's supervisor did not answer; retry shortly",
+                    False,
+                )
             )
             return
         client.respond(

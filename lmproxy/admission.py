@@ -25,6 +25,7 @@ from lmproxy.errors import Fault, ProxyError
 if TYPE_CHECKING:
     from lmproxy.proxy import Journey
     from lmproxy.registry import Registry, Service
+    from lmproxy.server import ClientConnection
 
 MAX_RETRY_AFTER_S = 60
 
@@ -42,7 +43,9 @@ class AdmissionQueue:
         # Whether any service has a limit; the request path checks only this.
         self.limited = False
         self._waking = False
+        self._wake_soon = False
         registry.listeners.append(self._fleet_changed)
+        registry.on_slot_freed = self.slot_freed
 
     def __len__(self) -> int:
         return len(self.waiting)
@@ -60,17 +63,24 @@ class AdmissionQueue:
         self.waiting.append(journey)
         return None
 
-    def leave(self, journey: Journey) -> None:
-        """The client hung up while waiting."""
-        with contextlib.suppress(ValueError):
-            self.waiting.remove(journey)
+    def leave(self, client: ClientConnection) -> None:
+        """The client hung up: its request, if one waits, leaves the queue."""
+        journey, client.waiting = client.waiting, None
+        if journey is not None:
+            with contextlib.suppress(ValueError):
+                self.waiting.remove(journey)
 
     def slot_freed(self) -> None:
-        if self.waiting:
-            self.wake()
+        """A limited service freed a slot (``Service.release``). Waiting requests are
+        started on the next turn of the loop, after whatever the finished request does
+        next (answer, retry) has taken its own share."""
+        if self.waiting and not self._wake_soon:
+            self._wake_soon = True
+            self.loop.call_soon(self.wake)
 
     def wake(self) -> None:
         """Start, in order, every waiting request that a free slot can take."""
+        self._wake_soon = False
         if self._waking:  # a started request may free or fill slots re-entrantly
             return
         self._waking = True
@@ -80,9 +90,9 @@ class AdmissionQueue:
                 if healthy and not any(has_room(s) for s in healthy):
                     break
                 if journey.client.closing:
-                    self.waiting.remove(journey)
+                    self._take(journey)
                 elif journey.may_start():
-                    self.waiting.remove(journey)
+                    self._take(journey)
                     journey.attempt()
         finally:
             self._waking = False
@@ -91,10 +101,16 @@ class AdmissionQueue:
         """From the router's sweep: answer 429 to requests that waited too long."""
         waiting = self.waiting
         while waiting and now - waiting[0].queued_at >= self.timeout_s:
-            journey = waiting.popleft()
-            journey.client.waiting = None
+            journey = waiting[0]
+            self._take(journey)
             if not journey.client.closing:
                 journey.fail(self._full_error(journey.last_candidates, now - journey.queued_at))
+
+    def _take(self, journey: Journey) -> None:
+        """Out of the queue; only here (and in ``admit``, ``leave``) is ``client.waiting``
+        written."""
+        self.waiting.remove(journey)
+        journey.client.waiting = None
 
     def _full_error(self, candidates: list[Service], waited_s: float) -> ProxyError:
         names = ", ".join(f"{s.name} ({s.max_in_flight})" for s in candidates)

@@ -273,8 +273,6 @@ class Exchange:
         self.conn.pause_reading()
 
     def resume(self) -> None:
-        # Time spent waiting on a slow client is not the backend's silence.
-        self.conn.last_activity = self.loop.time()
         self.conn.resume_reading()
 
     @property
@@ -295,10 +293,9 @@ class Exchange:
                 self.conn.close()
                 self._settle(Outcome.TIMEOUT)
             return
-        if self.client.write_paused:
-            # Waiting on a slow client is not the backend's silence.
-            self.conn.last_activity = now
-        elif now - self.conn.last_activity >= self.timeout_s:
+        # Waiting on a slow client is not the backend's silence (and resuming restarts
+        # the count: UpstreamConnection.resume_reading).
+        if not self.client.write_paused and self.conn.silent_for(now) >= self.timeout_s:
             self.conn.close()
             self._cut(f"the backend sent nothing for {self.timeout_s:g}s")
 
@@ -460,7 +457,6 @@ class Journey:
         router = self.router
         route = self.route
         assert route is not None
-        self.client.waiting = None
         try:
             candidates = _candidates(router, route)
         except ProxyError as exc:
@@ -483,8 +479,7 @@ class Journey:
         service = self.strategy.choose(candidates, route)
         # Counted from the choice, not the send: a request still connecting holds its
         # slot, or concurrent requests would all see room (and an idle service).
-        service.in_flight += 1
-        service.local_in_flight += 1
+        service.acquire()
         pool = service.pool
         assert pool is not None
         conn = pool.take_idle()
@@ -509,7 +504,7 @@ class Journey:
             conn = await pool.connect()
         except ConnectError as exc:
             self.client.task = None
-            self._release_slot(service)
+            service.release()
             self.router.registry.request_failed(service, str(exc))
             self.router.metrics.failed(service, "connect")
             self._retry(
@@ -520,21 +515,14 @@ class Journey:
             )
             return
         except asyncio.CancelledError:  # the client hung up while we connected
-            self._release_slot(service)
+            service.release()
             raise
         self.client.task = None
         if self.client.closing:
-            self._release_slot(service)
+            service.release()
             pool.release(conn)
             return
         self._send(service, conn)
-
-    def _release_slot(self, service: Service) -> None:
-        """Undo the choice's count for a request that never reached the service."""
-        service.in_flight -= 1
-        service.local_in_flight -= 1
-        if service.max_in_flight:
-            self.router.admission.slot_freed()
 
     def _send(self, service: Service, conn: UpstreamConnection) -> None:
         route = self.route
@@ -559,15 +547,12 @@ class Journey:
             log.exception("internal error finishing a request")
             exchange.conn.close()
             self.client.close()
-        if exchange.service.max_in_flight:
-            self.router.admission.slot_freed()
 
     def _finish(self, exchange: Exchange) -> None:
         client = self.client
         client.exchange = None
         service = exchange.service
-        service.in_flight -= 1
-        service.local_in_flight -= 1
+        service.release()
         latency_s = time.perf_counter() - exchange.sent_at
         strategy = self.strategy
         route = self.route

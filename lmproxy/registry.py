@@ -93,6 +93,7 @@ class Service:
         "models_configured",
         "models_known",
         "name",
+        "on_free",
         "origin",
         "path_prefix",
         "pool",
@@ -136,6 +137,22 @@ class Service:
         self.last_error_at: float | None = None
         self.models_capped = False  # it listed more models than are taken (warned once)
         self.pool: Pool | None = None
+        self.on_free: Callable[[], None] = _nothing  # the registry's slot_freed
+
+    # The only places in_flight changes on the request path: httpcore keeps its pool's
+    # bookkeeping in one function, and so does this.
+
+    def acquire(self) -> None:
+        """A request chose this service: it holds a slot until ``release``."""
+        self.in_flight += 1
+        self.local_in_flight += 1
+
+    def release(self) -> None:
+        """The request's slot is free again; a request waiting for one is woken."""
+        self.in_flight -= 1
+        self.local_in_flight -= 1
+        if self.max_in_flight:
+            self.on_free()
 
     def note_error(self, reason: str, at: float | None = None) -> None:
         """Record a failure: ``last_error`` and ``last_error_at`` always change together."""
@@ -162,6 +179,8 @@ class Registry:
         # the admission queue); and when this process ejects a service by itself.
         self.listeners: list[Callable[[], None]] = []
         self.on_eject: Callable[[Service, str], None] | None = None
+        # Called when a limited service frees a slot (the admission queue's wake).
+        self.on_slot_freed: Callable[[], None] = _nothing
         # Per-process share of each service's max_in_flight (workers split it).
         self.limit_share = 1
         # A worker's mirror logs membership at debug level: the supervisor says it once.
@@ -177,6 +196,7 @@ class Registry:
 
     def add(self, spec: ServiceSpec, origin: str = "config") -> Service:
         service = Service(spec, origin)
+        service.on_free = self._slot_freed
         service.max_in_flight = _share(spec.max_in_flight, self.limit_share)
         if self.make_pool is not None:
             service.pool = self.make_pool(service)
@@ -401,6 +421,9 @@ class Registry:
 
     # --- internals ------------------------------------------------------------
 
+    def _slot_freed(self) -> None:
+        self.on_slot_freed()
+
     def _learn_cards(self, spec: ServiceSpec) -> None:
         cards = {card.id: card for card in spec.model_cards}
         for model in spec.models:
@@ -476,6 +499,10 @@ class Registry:
         self._candidates.clear()
         for listener in self.listeners:
             listener()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _share(limit: int, workers: int) -> int:

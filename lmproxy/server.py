@@ -216,8 +216,7 @@ class ClientConnection(asyncio.Protocol):
         elif self.task is not None and not self.task.done():
             self.task.cancel()
         elif self.waiting is not None:
-            router.admission.leave(self.waiting)
-            self.waiting = None
+            router.admission.leave(self)
 
     def pause_writing(self) -> None:
         self.write_paused = True

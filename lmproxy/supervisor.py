@@ -337,7 +337,7 @@ class Supervisor:
         for service in self.registry.services.values():
             requests, errors = self.retired_counts.get(service.name, (0, 0))
             latencies: list[float] = []
-            in_flight = 0
+            under_way = 0
             worker_error = ""
             for snapshot in snapshots:
                 figures = snapshot["services"].get(service.name)
@@ -346,12 +346,12 @@ class Supervisor:
                 requests += figures["request_count"]
                 errors += figures["error_count"]
                 latencies += figures["latencies"]
-                in_flight += figures["in_flight"]
+                under_way += figures["in_flight"]
                 worker_error = worker_error or figures["last_error"]
             service.request_count = requests
             service.error_count = errors
             service.latencies = deque(latencies)
-            service.in_flight = in_flight
+            service.in_flight = under_way
             if not service.last_error:
                 service.last_error = worker_error
 

@@ -318,8 +318,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
+        # Time spent paused, waiting on a slow client, is not the backend's silence.
+        self.last_activity = self.loop.time()
         if self.transport is not None and self.state is State.BUSY:
             self.transport.resume_reading()
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since the backend last sent anything (or reading last resumed)."""
+        return now - self.last_activity
 
     def close(self) -> None:
         """Close now, discarding whatever is in flight (hang-up, timeout, broken)."""

@@ -27,7 +27,7 @@ import enum
 import logging
 import re
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from lmproxy.admission import has_room
 from lmproxy.errors import Fault, ProxyError, sse_error_event
@@ -116,6 +116,44 @@ class Outcome(enum.Enum):
     TIMEOUT = "timeout"  # no head within the request timeout: 504
     CUT = "cut"  # failed after the head reached the client
     CLIENT_GONE = "client_gone"
+
+
+class Retry(enum.Enum):
+    NO = "no"  # answer the error
+    ELSEWHERE = "elsewhere"  # on another service, within --retries
+    ANYWHERE = "anywhere"  # on any service, this one too: not its fault
+
+
+class Failure(NamedTuple):
+    """What a failed exchange means: the error the client gets if nothing else is
+    tried, where a retry may go, and whether it counts against the service."""
+
+    fault: Fault
+    retry: Retry
+    blames_service: bool
+    message: str  # formatted with service, reason and timeout
+
+
+# Outcomes absent here end without an answer from the journey: CLIENT_GONE (no one
+# to answer) and CUT (the client has its error event already; it counts against
+# the service).
+FAILURES: dict[Outcome, Failure] = {
+    # Its keep-alive timer beat ours: the connection was stale, the service is fine.
+    Outcome.STALE: Failure(Fault.BACKEND_UNREACHABLE, Retry.ANYWHERE, False, "{reason}"),
+    Outcome.DROPPED: Failure(
+        Fault.BACKEND_UNREACHABLE,
+        Retry.ELSEWHERE,
+        True,
+        "service {service} closed the connection before answering",
+    ),
+    Outcome.BROKEN: Failure(Fault.BACKEND_BROKEN, Retry.NO, True, "service {service}: {reason}"),
+    Outcome.TIMEOUT: Failure(
+        Fault.BACKEND_TIMEOUT,
+        Retry.NO,
+        True,
+        "service {service} sent no response within {timeout:g}s (--request-timeout)",
+    ),
+}
 
 
 class Exchange:
@@ -549,73 +587,74 @@ class Journey:
             self.client.close()
 
     def _finish(self, exchange: Exchange) -> None:
-        client = self.client
-        client.exchange = None
+        self.client.exchange = None
+        exchange.service.release()
+        self._account(exchange)
+        outcome = exchange.outcome
+        if outcome is Outcome.DONE:
+            self.client.response_done()
+            return
+        failure = FAILURES.get(outcome) if outcome is not None else None
+        if failure is None:
+            return  # the client is gone, or already has its error event (CUT)
+        error = ProxyError(
+            failure.fault,
+            failure.message.format(
+                service=exchange.service.name,
+                reason=exchange.reason,
+                timeout=exchange.timeout_s,
+            ),
+        )
+        if failure.retry is Retry.NO:
+            self.fail(error)
+        else:
+            self._retry(exchange.service if failure.retry is Retry.ELSEWHERE else None, error)
+
+    def _account(self, exchange: Exchange) -> None:
+        """Figures, health, strategy feedback and the connection's fate, whatever
+        comes next for the request."""
         service = exchange.service
-        service.release()
         latency_s = time.perf_counter() - exchange.sent_at
-        strategy = self.strategy
         route = self.route
+        assert route is not None
         registry = self.router.registry
         outcome = exchange.outcome
-        metrics = self.router.metrics
         if outcome is Outcome.DONE:
-            metrics.finished(
-                service, route.model, exchange.status, latency_s, exchange.ttfb_s, exchange.tail
+            status = exchange.status
+            self.router.metrics.finished(
+                service, route.model, status, latency_s, exchange.ttfb_s, exchange.tail
             )
-            self._log(service.name, exchange.status, exchange.bytes_out, exchange.ttfb_s)
+            self._log(service.name, status, exchange.bytes_out, exchange.ttfb_s)
             service.request_count += 1
             service.latencies.append(latency_s)
-            if exchange.status == 508:
+            if status == 508:
                 # A router (this one, or one in a ring with it) saw its own Via.
                 registry.request_failed(
                     service, f"routing loop: {service.url} leads back to a router it came through"
                 )
-            elif exchange.status >= 500 or exchange.status == 429:
+            elif status >= 500 or status == 429:
                 service.error_count += 1
             else:
                 registry.request_succeeded(service)
-            strategy.on_end(service, route, latency_s, exchange.status < 500)
+            self.strategy.on_end(service, route, latency_s, status < 500)
             if exchange.reusable:
                 service.pool.release(exchange.conn)  # type: ignore[union-attr]
             else:
                 exchange.conn.close()
-            client.response_done()
             return
         if outcome is Outcome.CLIENT_GONE:
             self._log(service.name, 499, exchange.bytes_out, exchange.ttfb_s)
             service.request_count += 1
-            strategy.on_end(service, route, latency_s, True)
+            self.strategy.on_end(service, route, latency_s, True)
             return
-        metrics.failed(service, outcome.value)
-        strategy.on_end(service, route, latency_s, False)
-        if outcome is Outcome.STALE:
-            # Not the service's fault: its keep-alive timer beat ours. Retry anywhere.
-            self._retry(None, ProxyError(Fault.BACKEND_UNREACHABLE, exchange.reason))
-            return
-        service.request_count += 1
-        registry.request_failed(service, exchange.reason)
-        if outcome is Outcome.DROPPED:
-            self._retry(
-                service,
-                ProxyError(
-                    Fault.BACKEND_UNREACHABLE,
-                    f"service {service.name} closed the connection before answering",
-                ),
-            )
-        elif outcome is Outcome.BROKEN:
-            self.fail(
-                ProxyError(Fault.BACKEND_BROKEN, f"service {service.name}: {exchange.reason}")
-            )
-        elif outcome is Outcome.TIMEOUT:
-            self.fail(
-                ProxyError(
-                    Fault.BACKEND_TIMEOUT,
-                    f"service {service.name} sent no response within {exchange.timeout_s:g}s "
-                    "(--request-timeout)",
-                )
-            )
-        else:  # CUT: the client already has the error event and a closed connection.
+        assert outcome is not None
+        self.router.metrics.failed(service, outcome.value)
+        self.strategy.on_end(service, route, latency_s, False)
+        failure = FAILURES.get(outcome)
+        if failure is None or failure.blames_service:
+            service.request_count += 1
+            registry.request_failed(service, exchange.reason)
+        if outcome is Outcome.CUT:
             self._log(service.name, exchange.status, exchange.bytes_out, exchange.ttfb_s)
 
     def _retry(self, failed: Service | None, error: ProxyError) -> None:

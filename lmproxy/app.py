@@ -7,6 +7,7 @@ local answer (the router's own endpoints) or a :class:`~lmproxy.proxy.Journey`.
 from __future__ import annotations
 
 import asyncio
+import enum
 import hmac
 import ipaddress
 import itertools
@@ -14,7 +15,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import unquote
 
 import strategies
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lmproxy")
 
-LOCAL_METHODS = (b"GET", b"HEAD")
 # Timeouts are enforced by a sweep this often: a quarter of the shortest timeout,
 # within these bounds, so a timeout fires at most 25% late.
 MIN_SWEEP_S = 0.05
@@ -49,6 +49,21 @@ NOT_FOUND_HINT = (
     "the router serves /v1/... (OpenAI API), /chat/completions, /completions, "
     "/models, /health, /readiness, /liveness, /services, /stats and /metrics"
 )
+
+
+class Access(enum.Enum):
+    OPEN = "open"  # probes: no secret needed
+    API = "api"  # an API key, when --api-key is set
+    ADMIN = "admin"  # the admin token; with none set, loopback clients only
+
+
+class Endpoint(NamedTuple):
+    access: Access
+    handle: Callable[[ClientConnection, ClientRequest], None]
+
+
+Route = dict[bytes, Endpoint]  # method -> endpoint; ANY_METHOD matches the rest
+ANY_METHOD = b"*"
 
 
 class Router:
@@ -100,6 +115,8 @@ class Router:
         self._api_keys = [k.encode() for k in config.api_keys]
         self._admin_token = config.admin_token.encode() if config.admin_token else None
         self.max_connections = config.max_connections or _auto_max_connections()
+        self._routes = self._route_table()
+        self._prefixes = self._prefix_table()
 
     def _make_pool(self, service: Service) -> Pool:
         config = self.config
@@ -161,50 +178,8 @@ class Router:
             client.respond_error(Fault.LOOP_DETECTED, LOOP_MESSAGE)
             return
         path = request.path
-        handler = api.ROUTES.get(path)
-        if handler is None and path.startswith(b"/v1/models/"):
-            model_id = unquote(path[len(b"/v1/models/") :].decode("utf-8", "replace"))
-            handler = lambda router: api.model(router, model_id)  # noqa: E731
-        if handler is not None or path == b"/metrics":
-            if request.method not in LOCAL_METHODS:
-                if path == b"/services":
-                    self._admin(client, request)
-                    return
-                client.respond_error(
-                    Fault.METHOD_NOT_ALLOWED,
-                    f"{printable(path)} only answers GET",
-                    b"Allow: GET, HEAD\r\n",
-                )
-                return
-            if path not in api.OPEN_PATHS and not self._authorized(request):
-                client.respond_error(Fault.UNAUTHORIZED, _UNAUTHORIZED)
-                return
-            if self.link is not None and path in self.link.WHOLE_ROUTER:
-                # Figures of the whole router: every worker's, gathered by the supervisor.
-                client.task = self.loop.create_task(self.link.answer(client, request))
-                return
-            if handler is None:
-                client.respond(
-                    http_response(
-                        200,
-                        CONTENT_TYPE,
-                        self.metrics.render(),
-                        request.keep_alive,
-                        head_only=request.method == b"HEAD",
-                    )
-                )
-                return
-            status, payload = handler(self)
-            client.respond(
-                json_response(
-                    status, payload, request.keep_alive, head_only=request.method == b"HEAD"
-                )
-            )
-            return
-        if not path.startswith(b"/v1/") and path not in MODEL_PATHS:
-            if path.startswith(b"/services/"):
-                self._admin(client, request)
-                return
+        route = self._routes.get(path) or self._prefix_route(path)
+        if route is None:
             if request.method == b"CONNECT":
                 client.respond_error(
                     Fault.METHOD_NOT_ALLOWED,
@@ -216,13 +191,123 @@ class Router:
                 f"no route for {printable(request.method)} {printable(path)}; {NOT_FOUND_HINT}",
             )
             return
-        if request.method != b"POST" and path in MODEL_PATHS:
+        endpoint = route.get(request.method) or route.get(ANY_METHOD)
+        if endpoint is None:
+            allowed = ", ".join(m.decode() for m in route)
             client.respond_error(
                 Fault.METHOD_NOT_ALLOWED,
-                f"{printable(path)} answers POST with a JSON body, not {printable(request.method)}",
-                b"Allow: POST\r\n",
+                f"{printable(path)} answers {allowed}, not {printable(request.method)}",
+                b"Allow: %s\r\n" % allowed.encode(),
             )
             return
+        if endpoint.access is not Access.OPEN and not self._admits(client, request, endpoint):
+            return
+        endpoint.handle(client, request)
+
+    # --- the route table: path -> method -> (who may, what answers) ---------------------
+
+    def _route_table(self) -> dict[bytes, Route]:
+        def local(handler: Callable[[Router], api.Payload], access: Access = Access.API) -> Route:
+            endpoint = Endpoint(access, lambda c, r: self._answer(c, r, handler))
+            return {b"GET": endpoint, b"HEAD": endpoint}
+
+        proxied = {b"POST": Endpoint(Access.API, self._proxy)}
+        metrics = Endpoint(Access.API, self._metrics)
+        return {
+            b"/health": local(api.health, Access.OPEN),
+            b"/readiness": local(api.readiness, Access.OPEN),
+            b"/liveness": local(api.liveness, Access.OPEN),
+            b"/models": local(api.models),
+            b"/v1/models": local(api.models),
+            b"/stats": local(api.stats),
+            b"/metrics": {b"GET": metrics, b"HEAD": metrics},
+            b"/services": {**local(api.services), b"POST": Endpoint(Access.ADMIN, self._fleet)},
+            **dict.fromkeys(MODEL_PATHS, proxied),
+        }
+
+    def _prefix_table(self) -> list[tuple[bytes, Route]]:
+        """Routes by path prefix, for the paths the table does not name; first match wins."""
+        model = Endpoint(Access.API, self._model)
+        # Reading a service is as open as the /services list; changing one is the admin's.
+        read = Endpoint(Access.API, self._fleet)
+        return [
+            (b"/v1/models/", {b"GET": model, b"HEAD": model}),
+            (
+                b"/services/",
+                {b"GET": read, b"HEAD": read, ANY_METHOD: Endpoint(Access.ADMIN, self._fleet)},
+            ),
+            (b"/v1/", {ANY_METHOD: Endpoint(Access.API, self._proxy)}),
+        ]
+
+    def _prefix_route(self, path: bytes) -> Route | None:
+        for prefix, route in self._prefixes:
+            if path.startswith(prefix):
+                return route
+        return None
+
+    def _admits(self, client: ClientConnection, request: ClientRequest, endpoint: Endpoint) -> bool:
+        """API keys for the API (when set); for the admin API's changes, the admin token,
+        or with none set, a loopback client. Answers the refusal itself."""
+        if endpoint.access is Access.API:
+            if self._authorized(request):
+                return True
+            client.respond_error(Fault.UNAUTHORIZED, _UNAUTHORIZED)
+        elif self._admin_token is not None:
+            if _bearer_matches(request, [self._admin_token]):
+                return True
+            client.respond_error(Fault.UNAUTHORIZED, _ADMIN_UNAUTHORIZED)
+        elif _is_loopback(client):
+            return True
+        else:
+            client.respond_error(Fault.FORBIDDEN, _ADMIN_FORBIDDEN)
+        return False
+
+    # --- what answers ------------------------------------------------------------------
+
+    def _answer(
+        self,
+        client: ClientConnection,
+        request: ClientRequest,
+        handler: Callable[[Router], api.Payload],
+    ) -> None:
+        if self.link is not None and request.path in self.link.WHOLE_ROUTER:
+            # The whole router's: every worker's figures, or what the supervisor keeps.
+            client.task = self.loop.create_task(self.link.answer(client, request))
+            return
+        status, payload = handler(self)
+        client.respond(
+            json_response(status, payload, request.keep_alive, head_only=request.method == b"HEAD")
+        )
+
+    def _model(self, client: ClientConnection, request: ClientRequest) -> None:
+        model_id = unquote(request.path[len(b"/v1/models/") :].decode("utf-8", "replace"))
+        self._answer(client, request, lambda router: api.model(router, model_id))
+
+    def _metrics(self, client: ClientConnection, request: ClientRequest) -> None:
+        if self.link is not None:
+            client.task = self.loop.create_task(self.link.answer(client, request))
+            return
+        client.respond(
+            http_response(
+                200,
+                CONTENT_TYPE,
+                self.metrics.render(),
+                request.keep_alive,
+                head_only=request.method == b"HEAD",
+            )
+        )
+
+    def _fleet(self, client: ClientConnection, request: ClientRequest) -> None:
+        """The admin API: answered by the fleet (the supervisor's, with --workers)."""
+        if self.link is not None:
+            client.task = self.loop.create_task(self.link.answer(client, request))
+            return
+        assert self.fleet is not None
+        status, payload = self.fleet.admin(request.method, request.path, request.body)
+        client.respond(json_response(status, payload, request.keep_alive))
+
+    def _proxy(self, client: ClientConnection, request: ClientRequest) -> None:
+        path = request.path
         if (b"/." in path or b"%" in path) and _has_dot_segment(path):
             # A backend that resolves them would serve what the /v1/ gate keeps out.
             client.respond_error(
@@ -230,33 +315,9 @@ class Router:
                 "the path has a '.' or '..' segment (or an encoded one); send it resolved",
             )
             return
-        if not self._authorized(request):
-            client.respond_error(Fault.UNAUTHORIZED, _UNAUTHORIZED)
-            return
         if self.draining:
             request.keep_alive = False
         Journey(self, client, request).start()
-
-    def _admin(self, client: ClientConnection, request: ClientRequest) -> None:
-        """Registrations: with --admin-token, for its holders; without, for loopback only.
-        Reading one (``GET /services/{name}[/health]``) is as open as the /services list."""
-        if request.method in LOCAL_METHODS:
-            if not self._authorized(request):
-                client.respond_error(Fault.UNAUTHORIZED, _UNAUTHORIZED)
-                return
-        elif self._admin_token is not None:
-            if not _bearer_matches(request, [self._admin_token]):
-                client.respond_error(Fault.UNAUTHORIZED, _ADMIN_UNAUTHORIZED)
-                return
-        elif not _is_loopback(client):
-            client.respond_error(Fault.FORBIDDEN, _ADMIN_FORBIDDEN)
-            return
-        if self.link is not None:
-            client.task = self.loop.create_task(self.link.answer(client, request))
-            return
-        assert self.fleet is not None
-        status, payload = self.fleet.admin(request.method, request.path, request.body)
-        client.respond(json_response(status, payload, request.keep_alive))
 
     @property
     def queue_length(self) -> int:

@@ -382,7 +382,8 @@ class Router:
         for conn in list(self.connections):
             if conn.deadline <= now:
                 conn.on_deadline()
-            if conn.write_paused and now - conn.write_paused_at >= send_timeout:
+            flow = conn.flow
+            if flow.write_paused and now - flow.write_paused_at >= send_timeout:
                 # The client has read nothing of its answers for that long: it holds a
                 # connection (and maybe a backend's) for nothing.
                 log.info(

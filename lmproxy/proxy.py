@@ -333,7 +333,7 @@ class Exchange:
             return
         # Waiting on a slow client is not the backend's silence (and resuming restarts
         # the count: UpstreamConnection.resume_reading).
-        if not self.client.write_paused and self.conn.silent_for(now) >= self.timeout_s:
+        if not self.client.flow.write_paused and self.conn.silent_for(now) >= self.timeout_s:
             self.conn.close()
             self._cut(f"the backend sent nothing for {self.timeout_s:g}s")
 
@@ -573,7 +573,7 @@ class Journey:
         data = _request_data(service, request, route.body, self.id_header + router.via_line)
         router.metrics.added.observe(time.perf_counter() - request.received_at)
         conn.send(exchange, data, request.method == b"HEAD", request.http_minor == 0)
-        if self.client.write_paused:
+        if self.client.flow.write_paused:
             exchange.pause()
 
     def finish(self, exchange: Exchange) -> None:

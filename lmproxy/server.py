@@ -120,20 +120,18 @@ class ClientConnection(asyncio.Protocol):
         "_parsing",
         "_pending_reject",
         "_queue",
-        "_read_paused",
         "_stalled",
         "closing",
         "current",
         "deadline",
         "exchange",
+        "flow",
         "loop",
         "parser",
         "router",
         "task",
         "transport",
         "waiting",
-        "write_paused",
-        "write_paused_at",
     )
 
     def __init__(self, router: Router) -> None:
@@ -146,15 +144,13 @@ class ClientConnection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.waiting: Journey | None = None  # queued for a free slot (admission.py)
         self.closing = False
-        self.write_paused = False
-        self.write_paused_at = 0.0
+        self.flow = FlowControl(self)
         self._parsing: ClientRequest | None = None
         self._queue: deque[ClientRequest] = deque()
         self._header_bytes = 0
         self._stalled = 0  # bytes received since the parser last made progress
         self._budget = 0  # requests this read may still start at once (see data_received)
         self._ignore_input = False  # lingering, or past an upgrade offer: reads are dropped
-        self._read_paused = False
         self._pending_reject: _Reject | None = None
         # When the connection is due to be closed for idling, slow headers or a
         # silent body; the router's sweep checks it (no timer per request).
@@ -164,6 +160,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.flow.transport = transport  # type: ignore[assignment]
         router = self.router
         if len(router.connections) >= router.max_connections:
             # Refuse fast: serving one more would slow every connection already here.
@@ -209,7 +206,7 @@ class ClientConnection(asyncio.Protocol):
         self.closing = True
         router = self.router
         router.connections.discard(self)
-        router.paused.discard(self)
+        self.flow.stop_watching()
         self._queue.clear()
         if self.exchange is not None:
             self.exchange.client_gone()
@@ -219,14 +216,13 @@ class ClientConnection(asyncio.Protocol):
             router.admission.leave(self)
 
     def pause_writing(self) -> None:
-        self.write_paused = True
-        self.write_paused_at = self.loop.time()
+        self.flow.writing_paused(self.loop.time())
         if self.exchange is not None:
             self.exchange.pause()
         self._flow()
 
     def resume_writing(self) -> None:
-        self.write_paused = False
+        self.flow.writing_resumed()
         if self.exchange is not None:
             self.exchange.resume()
         if self.current is None and self._queue and not self.closing:
@@ -349,10 +345,10 @@ class ClientConnection(asyncio.Protocol):
                 "connection; read the answers before sending more",
             )
         queue.append(request)
-        if self.current is None and not self.write_paused and self._budget:
+        if self.current is None and not self.flow.write_paused and self._budget:
             self._budget -= 1
             self._next()
-        elif not self._read_paused:
+        elif not self.flow.read_paused:
             self._flow()
 
     # --- used by the router and the proxy -----------------------------------------
@@ -383,7 +379,7 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         if self._queue:
-            if not self.write_paused:
+            if not self.flow.write_paused:
                 self._next()
                 return
         elif self._pending_reject is not None:
@@ -396,14 +392,14 @@ class ClientConnection(asyncio.Protocol):
             self._arm(self.router.config.body_timeout)
         else:
             self._arm(self.router.config.header_timeout)
-        if self._read_paused:
+        if self.flow.read_paused:
             self._flow()
 
     def close(self) -> None:
         """Close once everything written so far has been sent."""
         if not self.closing:
             self.closing = True
-            self.router.paused.discard(self)
+            self.flow.stop_watching()
             self.transport.close()  # type: ignore[union-attr]
 
     def abort(self) -> None:
@@ -430,13 +426,13 @@ class ClientConnection(asyncio.Protocol):
     def _next(self) -> None:
         request = self._queue.popleft()
         self.current = request
-        if self._read_paused:
+        if self.flow.read_paused:
             self._flow()
         self.router.dispatch(self, request)
 
     def _drain(self) -> None:
         """Start the requests a crowded read left queued (data_received's budget)."""
-        if self.current is None and self._queue and not self.write_paused and not self.closing:
+        if self.current is None and self._queue and not self.flow.write_paused and not self.closing:
             self._next()
 
     def _flow(self) -> None:
@@ -444,20 +440,17 @@ class ClientConnection(asyncio.Protocol):
         requests, no error waiting its turn, and a transport that takes what is written."""
         queue = self._queue
         stop = (
-            self.write_paused
+            self.flow.write_paused
             or self._pending_reject is not None
             or len(queue) >= MAX_PIPELINED
             or sum(len(r.body) for r in queue) > QUEUED_BODY_BYTES
         )
-        if stop == self._read_paused or self.closing or self.transport is None:
+        if stop == self.flow.read_paused or self.closing:
             return
-        self._read_paused = stop
         if stop:
-            self.transport.pause_reading()
-            self.router.watch_paused(self)
+            self.flow.pause_reading()
         else:
-            self.router.paused.discard(self)
-            self.transport.resume_reading()
+            self.flow.resume_reading()
 
     def _check_stall(self) -> None:
         """Bytes came that the parser has made nothing of for too long: refuse them."""
@@ -510,12 +503,9 @@ class ClientConnection(asyncio.Protocol):
         assert transport is not None
         self.closing = True
         self._ignore_input = True
-        self.router.paused.discard(self)
         if transport.can_write_eof():
             transport.write_eof()
-        if self._read_paused:
-            self._read_paused = False
-            transport.resume_reading()
+        self.flow.resume_reading()  # what still comes is read and dropped
         self.loop.call_later(LINGER_S, _end_linger, transport)
 
     def _upgrade_offered(self, request: ClientRequest, body_expected: bool) -> None:
@@ -580,6 +570,51 @@ class ClientConnection(asyncio.Protocol):
             self._linger()
             return
         self.close()
+
+
+class FlowControl:
+    """A client connection's flow control, both ways, as uvicorn's FlowControl: the one
+    place its transport's reading is paused or resumed, and that remembers whether
+    its writing is.
+
+    Writing: the transport says when its buffer passes the high-water mark
+    (``writing_paused``) and when it drains (``writing_resumed``); meanwhile the
+    backend's response is not read and no new request starts. Reading: the
+    connection decides (``ClientConnection._flow``); while it is paused, the
+    router polls the socket for a hang-up, which the event loop would not see.
+    """
+
+    __slots__ = ("_conn", "read_paused", "transport", "write_paused", "write_paused_at")
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self._conn = conn
+        self.transport: asyncio.Transport | None = None
+        self.read_paused = False
+        self.write_paused = False
+        self.write_paused_at = 0.0  # the router's --send-timeout counts from here
+
+    def writing_paused(self, now: float) -> None:
+        self.write_paused = True
+        self.write_paused_at = now
+
+    def writing_resumed(self) -> None:
+        self.write_paused = False
+
+    def pause_reading(self) -> None:
+        if not self.read_paused and self.transport is not None:
+            self.read_paused = True
+            self.transport.pause_reading()
+            self._conn.router.watch_paused(self._conn)
+
+    def resume_reading(self) -> None:
+        self.stop_watching()
+        if self.read_paused:
+            self.read_paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
+
+    def stop_watching(self) -> None:
+        self._conn.router.paused.discard(self._conn)
 
 
 class _BodyOnly:

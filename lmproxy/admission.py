@@ -23,9 +23,8 @@ from typing import TYPE_CHECKING
 from lmproxy.errors import Fault, ProxyError
 
 if TYPE_CHECKING:
-    from lmproxy.proxy import Journey
+    from lmproxy.protocols import QueuedClient, Waiter
     from lmproxy.registry import Registry, Service
-    from lmproxy.server import ClientConnection
 
 MAX_RETRY_AFTER_S = 60
 
@@ -39,7 +38,7 @@ class AdmissionQueue:
         self.loop = asyncio.get_running_loop()
         self.registry = registry
         self.timeout_s = timeout_s
-        self.waiting: deque[Journey] = deque()
+        self.waiting: deque[Waiter] = deque()
         # Whether any service has a limit; the request path checks only this.
         self.limited = False
         self._waking = False
@@ -50,7 +49,7 @@ class AdmissionQueue:
     def __len__(self) -> int:
         return len(self.waiting)
 
-    def admit(self, journey: Journey, candidates: list[Service]) -> list[Service] | None:
+    def admit(self, journey: Waiter, candidates: list[Service]) -> list[Service] | None:
         """The candidates with room, or None after queueing ``journey`` (or refusing it)."""
         open_ = [s for s in candidates if has_room(s)]
         if open_:
@@ -63,7 +62,7 @@ class AdmissionQueue:
         self.waiting.append(journey)
         return None
 
-    def leave(self, client: ClientConnection) -> None:
+    def leave(self, client: QueuedClient) -> None:
         """The client hung up: its request, if one waits, leaves the queue."""
         journey, client.waiting = client.waiting, None
         if journey is not None:
@@ -106,7 +105,7 @@ class AdmissionQueue:
             if not journey.client.closing:
                 journey.fail(self._full_error(journey.last_candidates, now - journey.queued_at))
 
-    def _take(self, journey: Journey) -> None:
+    def _take(self, journey: Waiter) -> None:
         """Out of the queue; only here (and in ``admit``, ``leave``) is ``client.waiting``
         written."""
         self.waiting.remove(journey)

@@ -15,23 +15,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from lmproxy.errors import Fault, error_payload
-from lmproxy.logs import masked_url
-from lmproxy.registry import name_models
+from lmproxy.logs import iso_time
+from lmproxy.registry import kept_entry, name_models, service_entry
 
 if TYPE_CHECKING:
-    from lmproxy.app import Router
-    from lmproxy.registry import Entry, Service
+    from lmproxy.protocols import RouterState
 
 Payload = tuple[int, Any]
 
 
-def iso_time(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.datetime.fromtimestamp(ts).isoformat(timespec="seconds")
-
-
-def health(router: Router) -> Payload:
+def health(router: RouterState) -> Payload:
     registry = router.registry
     healthy = len(registry.healthy())
     total = len(registry.services)
@@ -44,7 +37,7 @@ def health(router: Router) -> Payload:
     return 200, body
 
 
-def readiness(router: Router) -> Payload:
+def readiness(router: RouterState) -> Payload:
     """200 while a request could be served; 503, with why, while none could."""
     registry = router.registry
     healthy = len(registry.healthy())
@@ -63,13 +56,13 @@ def readiness(router: Router) -> Payload:
     return 503, {**body, "status": "not ready", "error": reason}
 
 
-def liveness(router: Router) -> Payload:
+def liveness(router: RouterState) -> Payload:
     """200 while the process serves: a probe that restarts the router must not
     restart it for its backends' faults."""
     return 200, {"status": "alive", "router": "stopping" if router.draining else "running"}
 
 
-def _model_object(router: Router, model: str) -> dict[str, Any]:
+def _model_object(router: RouterState, model: str) -> dict[str, Any]:
     info = router.registry.known_models.get(model)
     created = info.created if info is not None else None
     owned_by = info.owned_by if info is not None else None
@@ -82,12 +75,12 @@ def _model_object(router: Router, model: str) -> dict[str, Any]:
     }
 
 
-def models(router: Router) -> Payload:
+def models(router: RouterState) -> Payload:
     data = [_model_object(router, m) for m in router.registry.healthy_models()]
     return 200, {"object": "list", "data": data}
 
 
-def model(router: Router, model_id: str) -> Payload:
+def model(router: RouterState, model_id: str) -> Payload:
     served = router.registry.healthy_models()
     if model_id not in served:
         available = name_models(served) or "none"
@@ -97,45 +90,14 @@ def model(router: Router, model_id: str) -> Payload:
     return 200, _model_object(router, model_id)
 
 
-def service_entry(service: Service) -> dict[str, Any]:
-    """One service as /services lists it."""
-    return {
-        "name": service.name,
-        "url": masked_url(service.url),
-        "healthy": service.healthy,
-        "models": list(service.models),
-        "weight": service.weight,
-        "max_in_flight": service.spec.max_in_flight,
-        "origin": service.origin,
-        "type": "openai-api",
-        "routable": True,
-    }
-
-
-def kept_entry(entry: Entry) -> dict[str, Any]:
-    """A registration never routed to (an InfiniLM babysitter's), as /services lists it."""
-    return {
-        "name": entry.name,
-        "url": masked_url(entry.url),
-        "healthy": entry.healthy,
-        "models": [],
-        "origin": "admin",
-        "type": entry.type,
-        "routable": False,
-        "status": entry.status,
-        "last_heartbeat": iso_time(entry.last_heartbeat),
-        "metadata": entry.metadata,
-    }
-
-
-def services(router: Router) -> Payload:
+def services(router: RouterState) -> Payload:
     registry = router.registry
     listed = [service_entry(s) for s in registry.services.values()]
     listed += [kept_entry(e) for e in registry.entries.values()]
     return 200, {"services": listed, "total": len(listed)}
 
 
-def stats(router: Router) -> Payload:
+def stats(router: RouterState) -> Payload:
     registry = router.registry
     listed = [
         {
@@ -160,7 +122,7 @@ def stats(router: Router) -> Payload:
     }
 
 
-ROUTES: dict[bytes, Callable[[Router], Payload]] = {
+ROUTES: dict[bytes, Callable[[RouterState], Payload]] = {
     b"/health": health,
     b"/readiness": readiness,
     b"/liveness": liveness,

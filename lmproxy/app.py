@@ -13,15 +13,14 @@ import ipaddress
 import itertools
 import logging
 import os
-import signal
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 from urllib.parse import unquote
 
 import strategies
 from lmproxy import api
 from lmproxy.admission import AdmissionQueue
-from lmproxy.config import Config, ConfigError, ServiceSpec
+from lmproxy.config import Config, ConfigError
 from lmproxy.errors import Fault, http_response, json_response
 from lmproxy.fleet import Fleet
 from lmproxy.logs import printable
@@ -32,9 +31,6 @@ from lmproxy.request import MODEL_PATHS
 from lmproxy.server import ClientConnection, ClientRequest
 from lmproxy.system import raise_open_file_limit
 from lmproxy.upstream import Pool
-
-if TYPE_CHECKING:
-    from lmproxy.worker import SupervisorLink
 
 log = logging.getLogger("lmproxy")
 
@@ -49,6 +45,20 @@ NOT_FOUND_HINT = (
     "the router serves /v1/... (OpenAI API), /chat/completions, /completions, "
     "/models, /health, /readiness, /liveness, /services, /stats and /metrics"
 )
+
+
+class Link(Protocol):
+    """A worker's line to its supervisor (``worker.SupervisorLink``), as the router uses it."""
+
+    WHOLE_ROUTER: frozenset[bytes]  # paths the supervisor answers for the whole router
+
+    @property
+    def instance_id(self) -> str: ...
+
+    @property
+    def workers(self) -> int: ...
+
+    async def answer(self, client: ClientConnection, request: ClientRequest) -> None: ...
 
 
 class Access(enum.Enum):
@@ -74,7 +84,7 @@ class Router:
     /metrics, the admin API) to the supervisor.
     """
 
-    def __init__(self, config: Config, link: SupervisorLink | None = None) -> None:
+    def __init__(self, config: Config, link: Link | None = None) -> None:
         self.config = config
         self.loop = asyncio.get_running_loop()
         self.link = link
@@ -86,7 +96,7 @@ class Router:
         self.registry = Registry(max_errors=config.max_errors, make_pool=self._make_pool)
         if link is not None:
             self.registry.limit_share = link.workers
-        self.strategy, self.model_strategies = _load_strategies(config)
+        self.strategy, self.model_strategies = load_strategies(config)
         self.fleet = Fleet(self.registry, config, self.instance_id) if link is None else None
         self.admission = AdmissionQueue(self.registry, config.queue_timeout)
         self.metrics = Metrics(self.registry, lambda: len(self.admission))
@@ -159,7 +169,6 @@ class Router:
             len(self.registry.services),
             self.max_connections,
         )
-        startup_warnings(self.config, len(self.registry.services), self.port)
 
     # --- per request -------------------------------------------------------------
 
@@ -340,7 +349,7 @@ class Router:
             config.models,
         ):
             # Only then: a strategy's learnt state (prefix trees, latencies) is kept.
-            self.strategy, self.model_strategies = _load_strategies(config)
+            self.strategy, self.model_strategies = load_strategies(config)
         self.config = config
         self.registry.max_errors = config.max_errors
         self.admission.timeout_s = config.queue_timeout
@@ -449,22 +458,7 @@ def _auto_max_connections() -> int:
     return max(16, (raise_open_file_limit() - 256) // 2)
 
 
-def startup_warnings(config: Config, services: int, port: int) -> None:
-    if not services and not config.registry_url:
-        log.warning(
-            "no backend services configured: give --backend URL, --config, --registry-url "
-            "or --demo, or register them (POST /services)"
-        )
-    if config.binds_publicly and not config.api_keys:
-        log.warning(
-            "listening on %s with no API keys: anyone who can reach port %d can use "
-            "every backend; set --api-key or LMPROXY_API_KEYS, or bind --host 127.0.0.1",
-            config.host,
-            port,
-        )
-
-
-def _load_strategies(
+def load_strategies(
     config: Config,
 ) -> tuple[strategies.Strategy, dict[str, strategies.Strategy]]:
     """The router's strategy, and the models' own (every other model uses the first)."""
@@ -533,62 +527,3 @@ _ADMIN_FORBIDDEN = (
     "admin endpoints answer only loopback clients while no admin token is set; start the "
     "router with --admin-token (or LMPROXY_ADMIN_TOKEN) to allow others"
 )
-
-
-async def serve(config: Config, reload: Callable[[], Config] | None = None) -> None:
-    """Run the router until SIGTERM or SIGINT, then shut down gracefully.
-
-    SIGHUP calls ``reload`` (the command line and config file read again) and
-    applies the result without closing a connection.
-    """
-    loop = asyncio.get_running_loop()
-    demo_servers, demo_specs = await start_demo(config)
-    router = Router(config)
-    await router.start()
-
-    def on_hangup() -> None:
-        new = reread(reload, demo_specs)
-        if new is not None:
-            router.apply(new)
-            log.info("reloaded: %d services, strategy %s", len(new.services), new.strategy)
-
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, on_hangup)
-    await stop.wait()
-    log.info("shutting down")
-    await router.shutdown()
-    for server in demo_servers:
-        server.close()
-    log.info("stopped")
-
-
-async def start_demo(config: Config) -> tuple[list[asyncio.Server], list[ServiceSpec]]:
-    """With --demo, start the simulated backends and add them to ``config``'s services."""
-    if not config.demo:
-        return [], []
-    from lmproxy.mock import start_demo_backends
-
-    servers, specs = await start_demo_backends()
-    config.services = [*config.services, *specs]
-    return servers, specs
-
-
-def reread(reload: Callable[[], Config] | None, demo_specs: list[ServiceSpec]) -> Config | None:
-    """The config as the command line and file now say, or None (logged) if it is wrong."""
-    if reload is None:
-        log.warning("SIGHUP ignored: nothing to reload")
-        return None
-    try:
-        config = reload()
-    except (ConfigError, strategies.StrategyError) as exc:
-        log.error("reload failed, keeping the running config: %s", exc)
-        return None
-    config.services = [*config.services, *demo_specs]
-    try:
-        _load_strategies(config)  # fail here, before anything changes
-    except strategies.StrategyError as exc:
-        log.error("reload failed, keeping the running config: %s", exc)
-        return None
-    return config

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import re
 import sys
+from types import ModuleType
 from typing import Any
 
 import strategies
@@ -377,11 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     if config is None:
         return 0
     logs.configure(config.log_level, "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvloop: ModuleType | None
     try:
         import uvloop
     except ImportError:  # Windows: plain asyncio still works, only slower
         uvloop = None
-    from lmproxy.app import serve
+    from lmproxy.startup import serve
     from lmproxy.supervisor import supervise
 
     def reload() -> Config:

@@ -29,7 +29,6 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 
-from lmproxy.api import iso_time, kept_entry, service_entry
 from lmproxy.config import (
     Config,
     ConfigError,
@@ -40,9 +39,9 @@ from lmproxy.config import (
 )
 from lmproxy.errors import Fault, encode_json, error_payload
 from lmproxy.health import HealthChecker
-from lmproxy.logs import masked_url, printable
+from lmproxy.logs import iso_time, masked_url, printable
 from lmproxy.probe import ProbeError, http_get
-from lmproxy.registry import Entry, Registry, Service
+from lmproxy.registry import Entry, Registry, Service, kept_entry, service_entry
 
 log = logging.getLogger("lmproxy")
 

@@ -9,6 +9,7 @@ is masked wherever a URL is shown.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import re
 from urllib.parse import urlsplit
@@ -54,3 +55,10 @@ def masked_url(url: str) -> str:
         return url
     netloc = parts.netloc.rpartition("@")[2]
     return parts._replace(netloc=f"{parts.username}:***@{netloc}").geturl()
+
+
+def iso_time(ts: float | None) -> str | None:
+    """An epoch time as the API shows it: local ISO 8601, to the second."""
+    if ts is None:
+        return None
+    return datetime.datetime.fromtimestamp(ts).isoformat(timespec="seconds")

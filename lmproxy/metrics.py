@@ -77,7 +77,8 @@ class _Histogram:
         self.total += total
 
     def buckets(self) -> list[tuple[str, float]]:
-        cumulative, out = 0, []
+        cumulative = 0
+        out: list[tuple[str, float]] = []
         for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
             cumulative += count
             out.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
@@ -242,10 +243,10 @@ class Metrics:
             "The service's max_in_flight (0: no limit)",
             labels=["service"],
         )
-        for service in self.registry.services.values():
-            in_flight.add_metric([service.name], service.in_flight)
-            healthy.add_metric([service.name], 1 if service.healthy else 0)
-            limit.add_metric([service.name], service.spec.max_in_flight)
+        for each in self.registry.services.values():
+            in_flight.add_metric([each.name], each.in_flight)
+            healthy.add_metric([each.name], 1 if each.healthy else 0)
+            limit.add_metric([each.name], each.spec.max_in_flight)
         queue = GaugeMetricFamily(
             "lmproxy_queue_length",
             "Requests waiting for a free slot (every eligible service at its max_in_flight)",

@@ -37,7 +37,7 @@ from lmproxy.request import MODEL_PATHS, RequestHead, RouteRequest, decode_head,
 from lmproxy.upstream import LENGTH, NO_BODY, UNTIL_CLOSE, ConnectError, UpstreamConnection
 
 if TYPE_CHECKING:
-    from lmproxy.app import Router
+    from lmproxy.protocols import ProxyHost
     from lmproxy.registry import Service
     from lmproxy.server import ClientConnection, ClientRequest
 
@@ -225,7 +225,9 @@ class Exchange:
         self.status = status
         self._framing = framing
         self.ttfb_s = time.perf_counter() - self.sent_at
-        self.strategy.on_first_byte(self.service, self.journey.route, self.ttfb_s)
+        route = self.journey.route
+        assert route is not None  # an exchange exists only for a routed request
+        self.strategy.on_first_byte(self.service, route, self.ttfb_s)
         client = self.client
         request = client.current
         assert request is not None
@@ -366,7 +368,7 @@ class Exchange:
             self.loop.call_soon(self.journey.finish, self)
 
 
-def _route(router: Router, request: ClientRequest) -> RouteRequest:
+def _route(router: ProxyHost, request: ClientRequest) -> RouteRequest:
     """Decode what routing needs; raise the 400/404/503 a request deserves."""
     path = request.path
     head: RequestHead | None = None
@@ -395,7 +397,7 @@ def _route(router: Router, request: ClientRequest) -> RouteRequest:
     return RouteRequest(path, model, head, body, request.headers)
 
 
-def _candidates(router: Router, route: RouteRequest) -> list[Service]:
+def _candidates(router: ProxyHost, route: RouteRequest) -> list[Service]:
     registry = router.registry
     model = route.model
     if model is None:
@@ -465,7 +467,7 @@ class Journey:
         "tried",
     )
 
-    def __init__(self, router: Router, client: ClientConnection, request: ClientRequest) -> None:
+    def __init__(self, router: ProxyHost, client: ClientConnection, request: ClientRequest) -> None:
         self.router = router
         self.client = client
         self.request = request
@@ -525,6 +527,10 @@ class Journey:
             self._send(service, conn)
         else:
             self.client.task = router.loop.create_task(self._connect(service))
+
+    def abandon(self) -> None:
+        """The client hung up while this request waited for a slot."""
+        self.router.admission.leave(self.client)
 
     def may_start(self) -> bool:
         """Whether a waiting request would now find room (or an error to report)."""

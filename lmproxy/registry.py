@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from lmproxy.config import ServiceSpec
-from lmproxy.logs import masked_url
+from lmproxy.logs import iso_time, masked_url
 
 if TYPE_CHECKING:
     from lmproxy.upstream import Pool
@@ -521,6 +521,37 @@ def name_models(
     if len(listed) > most:
         shown += f" and {len(listed) - most} more ({where})"
     return shown
+
+
+def service_entry(service: Service) -> dict[str, Any]:
+    """One service as /services lists it."""
+    return {
+        "name": service.name,
+        "url": masked_url(service.url),
+        "healthy": service.healthy,
+        "models": list(service.models),
+        "weight": service.weight,
+        "max_in_flight": service.spec.max_in_flight,
+        "origin": service.origin,
+        "type": "openai-api",
+        "routable": True,
+    }
+
+
+def kept_entry(entry: Entry) -> dict[str, Any]:
+    """A registration never routed to (an InfiniLM babysitter's), as /services lists it."""
+    return {
+        "name": entry.name,
+        "url": masked_url(entry.url),
+        "healthy": entry.healthy,
+        "models": [],
+        "origin": "admin",
+        "type": entry.type,
+        "routable": False,
+        "status": entry.status,
+        "last_heartbeat": iso_time(entry.last_heartbeat),
+        "metadata": entry.metadata,
+    }
 
 
 def explain(services: Iterable[Service]) -> str:

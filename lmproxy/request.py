@@ -117,7 +117,7 @@ def decode_head(path: bytes, body: bytes) -> RequestHead:
             raise ProxyError(
                 Fault.BAD_REQUEST, "'messages' is required: a non-empty list of chat messages"
             )
-        if messages[:1] != b"[":
+        if messages[0] != ord("["):
             raise ProxyError(Fault.BAD_REQUEST, "'messages' must be a list of chat messages")
         if _EMPTY_ARRAY.match(messages):
             raise ProxyError(Fault.BAD_REQUEST, "'messages' must not be empty")

@@ -31,7 +31,7 @@ import asyncio
 import select
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
@@ -39,8 +39,8 @@ from lmproxy.errors import Fault, error_response
 from lmproxy.request import find_header
 
 if TYPE_CHECKING:
-    from lmproxy.app import Router
-    from lmproxy.proxy import Exchange, Journey
+    from lmproxy.config import Config
+    from lmproxy.protocols import Exchanging, Waiter
 
 MAX_HEADER_BYTES = 64 * 1024
 # A chunk-size line with its extensions, the trailers, or blank lines between requests.
@@ -57,6 +57,35 @@ TOO_MANY_CONNECTIONS = error_response(
 )
 LINGER_S = 2.0  # how long a rejected client may go on sending before the close
 _HANGUP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
+
+
+class ClientHost(Protocol):
+    """What a client connection needs of the router (``app.Router``)."""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def connections(self) -> set[ClientConnection]: ...
+
+    @property
+    def paused(self) -> set[ClientConnection]: ...  # reading paused: polled for hang-ups
+
+    @property
+    def max_connections(self) -> int: ...
+
+    @property
+    def via_token(self) -> bytes: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    def dispatch(self, client: ClientConnection, request: ClientRequest) -> None: ...
+
+    def watch_paused(self, client: ClientConnection) -> None: ...
 
 
 class ClientRequest:
@@ -134,15 +163,15 @@ class ClientConnection(asyncio.Protocol):
         "waiting",
     )
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: ClientHost) -> None:
         self.router = router
         self.loop = router.loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.current: ClientRequest | None = None  # being answered
-        self.exchange: Exchange | None = None
+        self.exchange: Exchanging | None = None
         self.task: asyncio.Task[None] | None = None
-        self.waiting: Journey | None = None  # queued for a free slot (admission.py)
+        self.waiting: Waiter | None = None  # queued for a free slot (admission.py)
         self.closing = False
         self.flow = FlowControl(self)
         self._parsing: ClientRequest | None = None
@@ -213,7 +242,7 @@ class ClientConnection(asyncio.Protocol):
         elif self.task is not None and not self.task.done():
             self.task.cancel()
         elif self.waiting is not None:
-            router.admission.leave(self)
+            self.waiting.abandon()
 
     def pause_writing(self) -> None:
         self.flow.writing_paused(self.loop.time())

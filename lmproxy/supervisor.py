@@ -26,13 +26,14 @@ from typing import Any
 import msgspec
 
 from lmproxy import api
-from lmproxy.app import new_instance_id, reread, start_demo, startup_warnings
+from lmproxy.app import new_instance_id
 from lmproxy.config import Config, ConfigError
 from lmproxy.control import Channel, ChannelClosed, Message
 from lmproxy.errors import encode_json
 from lmproxy.fleet import Fleet
 from lmproxy.metrics import CONTENT_TYPE, Metrics
 from lmproxy.registry import Registry
+from lmproxy.startup import reread, start_demo, startup_warnings
 
 log = logging.getLogger("lmproxy")
 
@@ -162,9 +163,8 @@ class Supervisor:
         watcher.add_done_callback(self._watchers.discard)
         exited = asyncio.ensure_future(worker.process.wait())
         try:
-            await asyncio.wait(
-                {worker.ready, exited}, timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
-            )
+            waits: set[asyncio.Future[Any]] = {worker.ready, exited}
+            await asyncio.wait(waits, timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
         finally:
             exited.cancel()
         if not worker.ready.done():

@@ -28,6 +28,7 @@ import os
 import signal
 import socket
 import sys
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -174,7 +175,8 @@ async def run(fd: int) -> None:
     link = SupervisorLink(reader, writer)
     reading = asyncio.create_task(link.channel.run())
     reading.add_done_callback(lambda _: link.stop.set())  # the supervisor is gone
-    await asyncio.wait({link.started, reading}, return_when=asyncio.FIRST_COMPLETED)
+    waits: set[asyncio.Future[Any]] = {link.started, reading}
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     if not link.started.done():
         return
     start = link.started.result()
@@ -207,6 +209,7 @@ async def run(fd: int) -> None:
 
 def main() -> int:
     fd = int(sys.argv[1])
+    uvloop: ModuleType | None
     try:
         import uvloop
     except ImportError:

@@ -90,7 +90,7 @@ class CacheAware(BaseStrategy):
 
     def on_start(self, service: Service, request: RouteRequest) -> None:
         hashes = request.memo
-        if not hashes:
+        if not isinstance(hashes, list) or not hashes:
             return
         tree = self._trees.get(service.url)
         if tree is None:

@@ -1,0 +1,118 @@
+"""What each side needs of the others: narrow interfaces instead of the whole Router.
+
+The modules that do one job (the endpoints, the proxy, admission control, the
+client side) are handed objects typed by these Protocols, never by the class
+that happens to implement them, so none of them imports ``app.py`` and the
+import graph of ``lmproxy/`` has no circle, type-only imports counted
+(``tests/test_structure.py`` checks it). ``upstream.Sink`` is the same idea for
+the backend side; the client connection's view of the router is
+``server.ClientHost``, beside the connection it types.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import asyncio
+
+    import strategies
+    from lmproxy.config import Config
+    from lmproxy.errors import ProxyError
+    from lmproxy.metrics import Metrics
+    from lmproxy.registry import Registry, Service
+
+
+class RouterState(Protocol):
+    """What the router's own endpoints (``api.py``) read: a Router, or the supervisor."""
+
+    @property
+    def registry(self) -> Registry: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    @property
+    def queue_length(self) -> int: ...
+
+
+class ProxyHost(Protocol):
+    """What a proxied request (``proxy.Journey``) needs of the router."""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def registry(self) -> Registry: ...
+
+    @property
+    def admission(self) -> Admission: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def strategy(self) -> strategies.Strategy: ...
+
+    @property
+    def via_line(self) -> bytes: ...
+
+    def strategy_for(self, model: str | None) -> strategies.Strategy: ...
+
+    def next_request_id(self) -> bytes: ...
+
+
+class Admission(Protocol):
+    """Admission control (``admission.AdmissionQueue``) as a request meets it."""
+
+    @property
+    def limited(self) -> bool: ...
+
+    def admit(self, journey: Waiter, candidates: list[Service]) -> list[Service] | None: ...
+
+    def leave(self, client: QueuedClient) -> None: ...
+
+
+class Exchanging(Protocol):
+    """What a client connection (and the router's sweep) drives of the proxied
+    response it relays (``proxy.Exchange``)."""
+
+    def client_gone(self) -> None: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def check_timeout(self, now: float) -> None: ...
+
+
+class QueuedClient(Protocol):
+    """A client connection as admission control sees it."""
+
+    waiting: Waiter | None  # set and cleared by admission.py alone
+
+    @property
+    def closing(self) -> bool: ...
+
+
+class Waiter(Protocol):
+    """A request waiting in the admission queue (``proxy.Journey``)."""
+
+    queued_at: float
+
+    @property
+    def client(self) -> QueuedClient: ...
+
+    @property
+    def last_candidates(self) -> list[Service]: ...
+
+    def may_start(self) -> bool: ...
+
+    def attempt(self) -> None: ...
+
+    def fail(self, error: ProxyError) -> None: ...
+
+    def abandon(self) -> None: ...

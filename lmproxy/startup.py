@@ -52,7 +52,7 @@ async def start_demo(config: Config) -> tuple[list[asyncio.Server], list[Service
     """With --demo, start the simulated backends and add them to ``config``'s services."""
     if not config.demo:
         return [], []
-    from lmproxy.mock import start_demo_backends
+    from lmproxy.sim.demo import start_demo_backends
 
     servers, specs = await start_demo_backends()
     config.services = [*config.services, *specs]

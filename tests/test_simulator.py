@@ -73,3 +73,20 @@ def test_routing_benchmark_smoke():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "| cache-aware |" in result.stdout and "| round-robin |" in result.stdout
+
+
+def test_the_simulator_runs_under_both_names():
+    """``lmproxy/sim/`` is the package; ``python -m lmproxy.mock`` keeps working."""
+    helps = []
+    for module in ("lmproxy.sim", "lmproxy.mock"):
+        done = subprocess.run(
+            [sys.executable, "-m", module, "--help"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "--fault" in done.stdout and "--prefix-cache-blocks" in done.stdout
+        helps.append(done.stdout)
+    assert helps[0] == helps[1]

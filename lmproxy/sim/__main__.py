@@ -1,0 +1,5 @@
+import sys
+
+from lmproxy.sim.cli import main
+
+sys.exit(main())

@@ -1,0 +1,103 @@
+"""``python -m lmproxy.sim`` (or ``python -m lmproxy.mock``): one simulated backend."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from lmproxy.sim.engine import Engine
+from lmproxy.sim.faults import FAULTS
+from lmproxy.sim.server import start_mock
+from lmproxy.sim.state import MockState
+from lmproxy.system import raise_open_file_limit
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lmproxy.mock",
+        description="A simulated OpenAI-compatible LLM backend with fault modes, for tests, "
+        "demos and benchmarks.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8100, help="port; 0 picks one (default: 8100)")
+    parser.add_argument("--name", default="", help="name in responses (default: mock-PORT)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME",
+        help="a model to serve; repeatable (default: Qwen3-32B)",
+    )
+    parser.add_argument("--ttft", type=float, default=0.0, help="seconds to first token")
+    parser.add_argument("--token-delay", type=float, default=0.0, help="seconds between tokens")
+    parser.add_argument(
+        "--tokens", type=int, default=16, help="tokens per answer without max_tokens (default 16)"
+    )
+    parser.add_argument("--fault", choices=FAULTS, default="none", help="fault mode at start")
+    g = parser.add_argument_group("engine capacity (see Engine)")
+    g.add_argument(
+        "--max-batch",
+        type=int,
+        default=0,
+        help="sequences generated at once; more wait (default 0: unbounded)",
+    )
+    g.add_argument(
+        "--batch-slowdown",
+        type=float,
+        default=0.0,
+        help="extra time per token per additional sequence in the batch, as a "
+        "fraction of --token-delay (default 0)",
+    )
+    g.add_argument(
+        "--prefill-per-token",
+        type=float,
+        default=0.0,
+        help="seconds of prefill per uncached prompt token (~4 bytes) (default 0)",
+    )
+    g.add_argument(
+        "--prefix-cache-blocks",
+        type=int,
+        default=0,
+        help="128-byte prompt blocks kept in the prefix cache (default 0: none)",
+    )
+    parser.add_argument(
+        "--no-v1-models",
+        action="store_true",
+        help="answer 404 on /v1/models (only /models), like older InfiniLM servers",
+    )
+    args = parser.parse_args(argv)
+
+    raise_open_file_limit()
+
+    async def run() -> None:
+        state = MockState(
+            args.name,
+            args.models or ["Qwen3-32B"],
+            args.ttft,
+            args.token_delay,
+            args.tokens,
+            args.fault,
+            v1_models=not args.no_v1_models,
+            engine=Engine(
+                args.max_batch,
+                args.batch_slowdown,
+                args.prefill_per_token,
+                args.prefix_cache_blocks,
+            ),
+        )
+        server = await start_mock(state, args.host, args.port)
+        port = server.sockets[0].getsockname()[1]
+        state.name = state.name or f"mock-{port}"
+        print(f"mock backend {state.name} listening on http://{args.host}:{port}", flush=True)
+        async with server:
+            await server.serve_forever()
+
+    try:
+        import uvloop
+
+        uvloop.run(run())
+    except ImportError:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    return 0

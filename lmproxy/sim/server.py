@@ -1,0 +1,332 @@
+"""The simulator's HTTP server: one asyncio Protocol per connection, httptools parsing,
+answers built from ``shapes``, faults from ``faults``, timing from the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from typing import Any
+
+import httptools
+import msgspec
+
+from lmproxy.sim.engine import Engine
+from lmproxy.sim.faults import FAULTS, FLOOD_MODELS, answer_with_fault
+from lmproxy.sim.shapes import (
+    CREATED,
+    WORDS,
+    completion,
+    embeddings,
+    encode,
+    event,
+    json_answer,
+    text,
+)
+from lmproxy.sim.state import MockState
+
+HIGH_WATER = 64 * 1024
+BATCH_EVENTS = 64  # events per write when there is no delay between tokens
+
+
+class _Body(msgspec.Struct):
+    model: str | None = None
+    stream: bool | None = False
+    max_tokens: int | None = None
+    input: Any = None
+    messages: msgspec.Raw = msgspec.Raw(b"")
+    prompt: msgspec.Raw = msgspec.Raw(b"")
+
+
+_decode_body = msgspec.json.Decoder(_Body).decode
+
+
+class MockConnection(asyncio.Protocol):
+    def __init__(self, state: MockState) -> None:
+        self.state = state
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.url = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.body: list[bytes] = []
+        self.task: asyncio.Task[None] | None = None
+        self.responding = False  # a response is under way and not finished
+        self.closed = False
+        self.queue: list[tuple[bytes, bytes, dict[bytes, bytes], bytes]] = []
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    # --- asyncio.Protocol -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.set_write_buffer_limits(HIGH_WATER)  # type: ignore[union-attr]
+        self.state.open_connections += 1
+        self.state.total_connections += 1
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.write(json_answer(400, {"error": "bad request"}))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.state.open_connections -= 1
+        if self.responding:
+            self.state.client_disconnects += 1
+            self.state.last_disconnect_at = time.time()
+        if self.task is not None:
+            self.task.cancel()
+        self.writable.set()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    # --- httptools callbacks --------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = {}
+        self.body = []
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.lower()] = value
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        request = (self.parser.get_method(), self.url, self.headers, b"".join(self.body))
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._serve(request))
+        else:
+            self.queue.append(request)
+
+    # --- serving ----------------------------------------------------------------------
+
+    async def _serve(self, request: tuple[bytes, bytes, dict[bytes, bytes], bytes]) -> None:
+        while True:
+            self.responding = True
+            await self._handle(*request)
+            self.responding = False
+            if not self.queue or self.closed:
+                break
+            request = self.queue.pop(0)
+        self.task = None
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    async def _handle(
+        self, method: bytes, url: bytes, headers: dict[bytes, bytes], body: bytes
+    ) -> None:
+        state = self.state
+        path = url.split(b"?", 1)[0].decode("latin-1")
+        if not path.startswith("/mock/"):  # the test's own questions are not traffic
+            state.requests += 1
+            state.paths.append(path)
+            state.last_headers = {
+                k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()
+            }
+            state.last_body = body
+        if path == "/health":
+            if state.fault == "unhealthy":
+                self.write(json_answer(503, {"status": "unhealthy"}))
+            else:
+                self.write(json_answer(200, {"status": "healthy"}))
+            state.completed += 1
+            return
+        if path == "/v1/models" and not state.v1_models:
+            self.write(json_answer(404, {"detail": "Not Found"}))
+            return
+        if path in ("/models", "/v1/models"):
+            models = state.models
+            if state.fault == "model-flood":
+                first = state.requests * FLOOD_MODELS
+                models = [f"flood-{i}" for i in range(first, first + FLOOD_MODELS)]
+            data = [
+                {"id": m, "object": "model", "created": CREATED, "owned_by": state.name}
+                for m in models
+            ]
+            self.write(json_answer(200, {"object": "list", "data": data}))
+            state.completed += 1
+            return
+        if path == "/mock/stats":
+            self.write(json_answer(200, state.stats()))
+            return
+        if path == "/mock/settings":
+            try:
+                settings = msgspec.json.decode(body, type=dict[str, float])
+                state.ttft_s = settings.get("ttft", state.ttft_s)
+                state.token_delay_s = settings.get("token_delay", state.token_delay_s)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self.write(json_answer(400, {"error": f"settings: {exc}"}))
+                return
+            self.write(json_answer(200, {"ttft": state.ttft_s, "token_delay": state.token_delay_s}))
+            return
+        if path == "/mock/fault":
+            try:
+                fault = msgspec.json.decode(body)["fault"]
+            except (msgspec.DecodeError, KeyError, TypeError):
+                fault = None
+            if fault not in FAULTS:
+                self.write(json_answer(400, {"error": f"fault must be one of {', '.join(FAULTS)}"}))
+                return
+            state.fault = fault
+            self.write(json_answer(200, {"fault": fault}))
+            return
+        kind = {
+            "/v1/chat/completions": "chat",
+            "/chat/completions": "chat",
+            "/v1/completions": "text",
+            "/completions": "text",
+            "/v1/embeddings": "embedding",
+            "/embeddings": "embedding",
+        }.get(path)
+        raw = headers.get(b"x-mock-raw")
+        if raw is not None:
+            self.write(base64.b64decode(raw))
+            if headers.get(b"x-mock-raw-close"):
+                self.close()
+            return
+        asked = headers.get(b"x-mock-fault", b"").decode()
+        if kind is None or method not in (b"POST", b"HEAD"):
+            # A fault asked for by header applies on any path and method (a HEAD to
+            # some /v1/ path, say); otherwise there is nothing here.
+            if not (asked and await answer_with_fault(self, asked)):
+                self.write(json_answer(404, {"error": f"no route {method.decode()} {path}"}))
+            return
+        fault = asked or state.fault
+        if await answer_with_fault(self, fault):
+            return
+        try:
+            request = _decode_body(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.write(json_answer(400, {"error": f"invalid body: {exc}"}))
+            return
+        model = request.model or (state.models[0] if state.models else "mock")
+        if model not in state.models:
+            self.write(json_answer(404, {"error": f"model {model!r} is not served here"}))
+            return
+        ttft = float(headers.get(b"x-mock-ttft", b"") or state.ttft_s)
+        delay = float(headers.get(b"x-mock-token-delay", b"") or state.token_delay_s)
+        if kind == "embedding":
+            await asyncio.sleep(ttft)
+            prompt_tokens = max(1, len(body) // Engine.BYTES_PER_TOKEN)
+            self.write(json_answer(200, embeddings(model, request.input, prompt_tokens)))
+            state.completed += 1
+            return
+        n = request.max_tokens if request.max_tokens else state.tokens
+        engine = state.engine
+        if request.stream:
+            state.streams_started += 1
+        await engine.admit()
+        try:
+            prompt = bytes(request.messages) or bytes(request.prompt)
+            prompt_tokens, cached, prefill_s = engine.prefill(prompt)
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": n,
+                "total_tokens": prompt_tokens + n,
+                "prompt_tokens_details": {"cached_tokens": cached},
+            }
+            await asyncio.sleep(ttft + prefill_s)
+            if request.stream:
+                await self._stream(kind, model, n, usage, delay, fault)
+                return
+            if delay:
+                for _ in range(n):
+                    await asyncio.sleep(engine.token_delay(delay))
+            payload = completion(kind, state.name, next(state.ids), model, text(n), usage)
+            self.write(json_answer(200, payload, b"X-Mock-Server: %s\r\n" % state.name.encode()))
+            state.completed += 1
+        finally:
+            engine.release()
+
+    async def _stream(
+        self,
+        kind: str,
+        model: str,
+        n: int,
+        usage: dict[str, Any],
+        delay: float,
+        fault: str,
+    ) -> None:
+        state = self.state
+        engine = state.engine
+        cid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{state.name}-{next(state.ids)}"
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        created = int(time.time())
+        self.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+            b"X-Mock-Server: %s\r\nTransfer-Encoding: chunked\r\n\r\n" % state.name.encode()
+        )
+        cut_at = n // 2 if fault in ("close-mid-stream", "stall-mid-stream") else -1
+        pending: list[bytes] = []
+        if kind == "chat":
+            role = {"delta": {"role": "assistant", "content": ""}}
+            pending.append(event(cid, obj, created, model, role))
+        for i in range(n):
+            if i == cut_at:
+                self._flush(pending)
+                if fault == "close-mid-stream":
+                    self.close()  # FIN after what was sent, as a killed process does
+                    return
+                await asyncio.Event().wait()
+            word = WORDS[i % len(WORDS)] + " "
+            choice = {"delta": {"content": word}} if kind == "chat" else {"text": word}
+            pending.append(event(cid, obj, created, model, choice))
+            if delay:
+                self._flush(pending)
+                await asyncio.sleep(engine.token_delay(delay))
+            elif len(pending) >= BATCH_EVENTS:
+                self._flush(pending)
+            if not self.writable.is_set():  # the reader is slow: wait as a real server does
+                await self.writable.wait()
+            if self.closed:
+                return
+        final: dict[str, Any] = {
+            "id": cid,
+            "object": obj,
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "length" if n else "stop",
+                    **({"delta": {}} if kind == "chat" else {"text": ""}),
+                }
+            ],
+            "usage": usage,
+        }
+        pending.append(b"data: " + encode(final) + b"\n\n")
+        pending.append(b"data: [DONE]\n\n")
+        self._flush(pending)
+        self.write(b"0\r\n\r\n")
+        state.streams_completed += 1
+        state.completed += 1
+
+    def _flush(self, pending: list[bytes]) -> None:
+        if pending:
+            data = b"".join(pending)
+            pending.clear()
+            self.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+async def start_mock(state: MockState, host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: MockConnection(state), host, port, backlog=4096)

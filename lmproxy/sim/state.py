@@ -1,0 +1,65 @@
+"""One simulated backend's settings and counters (what ``GET /mock/stats`` reports)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from lmproxy.sim.engine import Engine
+
+
+class MockState:
+    """Settings and counters of one simulated backend."""
+
+    def __init__(
+        self,
+        name: str,
+        models: list[str],
+        ttft_s: float = 0.0,
+        token_delay_s: float = 0.0,
+        tokens: int = 16,
+        fault: str = "none",
+        v1_models: bool = True,
+        engine: Engine | None = None,
+    ) -> None:
+        self.name = name
+        self.v1_models = v1_models
+        self.engine = engine or Engine()
+        self.models = models
+        self.ttft_s = ttft_s
+        self.token_delay_s = token_delay_s
+        self.tokens = tokens
+        self.fault = fault
+        self.ids = itertools.count(1)
+        self.requests = 0
+        self.completed = 0
+        self.streams_started = 0
+        self.streams_completed = 0
+        self.client_disconnects = 0  # a response the client stopped before its end
+        self.last_disconnect_at = 0.0
+        self.open_connections = 0
+        self.total_connections = 0
+        self.last_headers: dict[str, str] = {}
+        self.last_body = b""
+        self.paths: list[str] = []
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "fault": self.fault,
+            "requests": self.requests,
+            "completed": self.completed,
+            "streams_started": self.streams_started,
+            "streams_completed": self.streams_completed,
+            "client_disconnects": self.client_disconnects,
+            "last_disconnect_at": self.last_disconnect_at,
+            "open_connections": self.open_connections,
+            "total_connections": self.total_connections,
+            "last_headers": self.last_headers,
+            "paths": self.paths[-50:],
+            "active": self.engine.active,
+            "peak_active": self.engine.peak_active,
+            "waiting": len(self.engine.waiting),
+            "prompt_tokens": self.engine.prompt_tokens,
+            "cached_tokens": self.engine.cached_tokens,
+        }

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 from conftest import ROOT
 
 
-def test_bench_smoke_runs_every_installed_peer():
+def test_bench_smoke_runs_every_installed_peer(tmp_path):
+    figures_path = tmp_path / "figures.json"
     result = subprocess.run(
         [
             sys.executable,
@@ -19,6 +21,8 @@ def test_bench_smoke_runs_every_installed_peer():
             "small,stream,many",
             "--peers",
             "direct,nginx,vllm-router,sglang-router,aiohttp,lmproxy",
+            "--figures",
+            str(figures_path),
         ],
         capture_output=True,
         text=True,
@@ -27,11 +31,19 @@ def test_bench_smoke_runs_every_installed_peer():
     )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
-    assert "== lmproxy" in out and "== direct" in out
-    assert "| lmproxy | 50 | 50 | 0 |" in out  # every stream of the many-streams run completed
+    figures = json.loads(figures_path.read_text())
+    ours = figures["lmproxy"]
+    # Every stream of the many-streams run completed, and each workload measured something.
+    assert (ours["many50"]["ok"], ours["many50"]["failed"]) == (50, 0), ours
+    assert ours["many50"]["kib_per_stream"] > 0
+    assert ours["stream64_ttft_s"] > 0 and ours["stream512_ttft_s"] > 0
+    assert "direct" in figures
+    if "skip request-rate figures" not in out:  # wrk is installed
+        assert ours["small_rps"] > 0 and ours["small_errors"] == 0, ours
     for line in out.splitlines():
         if line.startswith("skip "):
             assert "not installed" in line, line  # skipped only for a stated reason
+    assert "# lmproxy and its peers, side by side" in out  # the report came out too
 
 
 def test_hotpath_bench_runs_and_every_request_completes():

@@ -443,8 +443,8 @@ def test_strategy_from_a_separately_installed_package(spawn, tmp_path):
     } == {"b"}
 
 
-def test_the_readme_example_strategy_works(spawn, tmp_path):
-    readme = (ROOT / "README.md").read_text()
+def test_the_documented_example_strategy_works(spawn, tmp_path):
+    readme = (ROOT / "docs" / "strategies.md").read_text()
     start = readme.index("# my_strategy/__init__.py")
     code = readme[start : readme.index("```", start)]
     (tmp_path / "my_strategy.py").write_text(code)

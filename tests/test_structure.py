@@ -103,3 +103,32 @@ def test_client_waiting_is_written_by_admission_alone():
 def test_the_upstream_connection_alone_writes_its_last_activity():
     writes = _lines_matching(r"last_activity =")
     assert {path for path, _ in writes} == {"lmproxy/upstream.py"}, writes
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_in_the_docs_leads_somewhere():
+    """README is short and docs/ holds the rest: every relative link between them, and
+    every #anchor, must resolve."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(pages) >= 10
+    anchors = {
+        page: {_slug(h) for h in re.findall(r"^#+ (.*)$", page.read_text(), flags=re.M)}
+        for page in pages
+    }
+    checked = 0
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if "://" in target:
+                continue
+            path, _, anchor = target.partition("#")
+            resolved = (page.parent / path).resolve() if path else page
+            assert resolved.exists(), f"{page.name}: {target} leads nowhere"
+            if anchor:
+                assert anchor in anchors.get(resolved, set()), f"{page.name}: no #{anchor}"
+            checked += 1
+    assert checked > 20
+    assert (ROOT / "README.md").stat().st_size < 12 * 1024

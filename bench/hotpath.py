@@ -3,11 +3,12 @@
     python -m bench.hotpath --requests 50000 --strategy cache-aware
 
 One Router, one pooled backend connection and one client connection, all with
-in-memory transports: each request's bytes are fed to the client connection,
-a canned backend response to the backend connection, and the event loop turns
-once. What is timed (process CPU time) is everything lmproxy does in Python
-for a small non-streamed chat completion (parsing, routing, forwarding,
-relaying, accounting) plus one loop turn, and none of the syscalls.
+in-memory transports (the tests' in-process layer, ``tests/inproc.py``): each
+request's bytes are fed to the client connection, a canned backend response to
+the backend connection, and the event loop turns once. What is timed (process
+CPU time) is everything lmproxy does in Python for a small non-streamed chat
+completion (parsing, routing, forwarding, relaying, accounting) plus one loop
+turn, and none of the syscalls.
 
 Use it to tune the hot path: on a shared machine the socket benchmarks
 (``python -m bench``) move 10-20% between runs; this, on a quiet core, a few
@@ -22,12 +23,8 @@ import argparse
 import asyncio
 import gc
 import time
-from typing import Any
 
-from lmproxy.app import Router
-from lmproxy.config import Config, ServiceSpec
-from lmproxy.server import ClientConnection
-from lmproxy.upstream import UpstreamConnection
+from tests.inproc import Harness  # the tests' in-process layer (run from the repo root)
 
 BODY = b'{"model":"Qwen3-32B","messages":[{"role":"user","content":"Hello"}],"max_tokens":16}'
 REQUEST = (
@@ -46,57 +43,12 @@ RESPONSE = (
 )
 
 
-class MemoryTransport:
-    """Just enough of asyncio.Transport: writes are kept, then dropped by the loop."""
-
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def writelines(self, data: list[bytes]) -> None:
-        self.written.extend(data)
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closing = True
-
-    abort = close
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        pass
-
-
 async def measure(requests: int, strategy: str) -> float:
     """Microseconds of CPU per request."""
-    spec = ServiceSpec(url="http://127.0.0.1:9", name="a", models=["Qwen3-32B"])
-    router = Router(Config(services=[spec], strategy=strategy))
-    service = router.registry.services["a"]
-    router.registry.probe_passed(service, None)
-    assert service.pool is not None
-    backend = UpstreamConnection(service.pool)
-    backend_transport = MemoryTransport()
-    backend.connection_made(backend_transport)  # type: ignore[arg-type]
-    service.pool.release(backend)
-    client = ClientConnection(router)
-    client_transport = MemoryTransport()
-    client.connection_made(client_transport)  # type: ignore[arg-type]
+    harness = Harness(strategy=strategy)
+    service = harness.service
+    backend, backend_transport = harness.backend()
+    client, client_transport = harness.client()
 
     async def run(count: int) -> float:
         gc.collect()

@@ -237,6 +237,22 @@ def router_over(
     return router
 
 
+# Fixtures that start processes: spawn, and the module-wide router and backend of the
+# attack and fuzz modules (started once per module, without spawn).
+PROCESS_FIXTURES = frozenset({"spawn", "router", "backend", "lenient_router"})
+SLOW_MODULES = frozenset({"test_bench"})  # benchmarks, run as processes
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``slow`` every test that starts processes: ``pytest -m "not slow"`` is the
+    everyday run (in-process and unit tests, under a minute); CI runs everything."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        module = getattr(item, "module", None)
+        if fixtures & PROCESS_FIXTURES or (module is not None and module.__name__ in SLOW_MODULES):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def spawn() -> Iterator[Callable[..., Any]]:
     """Start processes (``spawn(Mock, ...)``, ``spawn(Router, ...)``); all stop at the end."""

@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 
+import pytest
 from conftest import ROOT, Mock, chat_body, request, wait_until
 
 
@@ -49,6 +50,7 @@ def test_bounded_batch_queues_requests(spawn):
     assert sorted(finished)[1] > 0.55  # the second waited for the first's place
 
 
+@pytest.mark.slow
 def test_routing_benchmark_smoke():
     result = subprocess.run(
         [
@@ -75,6 +77,7 @@ def test_routing_benchmark_smoke():
     assert "| cache-aware |" in result.stdout and "| round-robin |" in result.stdout
 
 
+@pytest.mark.slow
 def test_the_simulator_runs_under_both_names():
     """``lmproxy/sim/`` is the package; ``python -m lmproxy.mock`` keeps working."""
     helps = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -125,9 +126,13 @@ def test_405_for_a_model_path_without_post(router, method, path):
     assert head.status == 405 and head.headers["allow"] == "POST" and head.body == b""
 
 
-def test_valid_edges_of_the_ranges_pass(router):
+def test_valid_edges_of_the_ranges_pass(router, two_backends):
     body = chat_body(temperature=0, top_p=1, top_k=-1, max_tokens=1, repetition_penalty=2)
-    assert router.post("/v1/chat/completions", body).status == 200
+    resp = router.post("/v1/chat/completions", body)
+    assert resp.status == 200, resp
+    assert resp.json()["usage"]["completion_tokens"] == 1  # max_tokens reached the backend
+    backend = request(two_backends[0].port, "GET", "/mock/stats").json()
+    assert json.loads(backend["last_body"]) == body  # every edge value passed unchanged
 
 
 def test_missing_model_uses_the_only_served_model(spawn):

@@ -115,5 +115,13 @@ def test_access_log_text(spawn):
 def test_no_access_log_by_default(spawn):
     backend = spawn(Mock, "a", ["Qwen3-32B"])
     router = router_over(spawn, [backend])
-    router.post("/chat/completions", chat_body())
+    assert router.post("/chat/completions", chat_body()).status == 200
+    # The request is finished and counted before the log is read, so its line would be there.
+    labels = {"service": "a", "model": "Qwen3-32B", "status": "2xx"}
+    wait_until(
+        lambda: value(samples(router), "lmproxy_requests_total", **labels) == 1,
+        5,
+        "the request counted",
+    )
     assert "lmproxy.access" not in router.output
+    assert "lmproxy listening on" in router.output  # the log itself is there

@@ -85,7 +85,14 @@ def test_text_completion_streaming(client):
 
 def test_embeddings(client):
     result = client.embeddings.create(model="9g_8b_thinking", input=["a", "b", "c"])
-    assert len(result.data) == 3
+    assert result.model == "9g_8b_thinking"
+    assert [item.index for item in result.data] == [0, 1, 2]
+    assert all(len(item.embedding) == 8 for item in result.data)
+    # Each input has its own vector, and the same input always the same one.
+    assert len({tuple(item.embedding) for item in result.data}) == 3
+    again = client.embeddings.create(model="9g_8b_thinking", input=["b"])
+    assert again.data[0].embedding == result.data[1].embedding
+    assert result.usage.prompt_tokens > 0
 
 
 def test_models_list(client):

@@ -57,8 +57,16 @@ def test_embeddings(setup):
     router, _, b = setup
     resp = router.post("/v1/embeddings", {"model": "9g_8b_thinking", "input": ["a", "b"]})
     assert resp.status == 200
-    assert len(resp.json()["data"]) == 2
-    assert b.stats()["paths"][-1] == "/v1/embeddings"
+    answer = resp.json()
+    assert answer["model"] == "9g_8b_thinking"
+    assert [item["index"] for item in answer["data"]] == [0, 1]
+    for item in answer["data"]:
+        assert item["object"] == "embedding" and len(item["embedding"]) == 8
+        assert all(0 <= x < 1 for x in item["embedding"])
+    assert answer["usage"]["prompt_tokens"] > 0
+    stats = b.stats()
+    assert stats["paths"][-1] == "/v1/embeddings"
+    assert json.loads(stats["last_body"]) == {"model": "9g_8b_thinking", "input": ["a", "b"]}
 
 
 def test_original_body_bytes_are_forwarded(setup):
@@ -67,6 +75,7 @@ def test_original_body_bytes_are_forwarded(setup):
     assert router.post("/v1/chat/completions", raw).status == 200
     body = request(a.port, "GET", "/mock/stats").json()
     assert body["last_headers"]["content-length"] == str(len(raw))
+    assert body["last_body"] == raw.decode()  # byte for byte: spacing and escapes kept
 
 
 def test_other_v1_paths_route_by_model_or_to_any_service(setup):

@@ -56,6 +56,7 @@ class MockState:
             "open_connections": self.open_connections,
             "total_connections": self.total_connections,
             "last_headers": self.last_headers,
+            "last_body": self.last_body[:4096].decode("utf-8", "replace"),
             "paths": self.paths[-50:],
             "active": self.engine.active,
             "peak_active": self.engine.peak_active,

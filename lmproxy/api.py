@@ -11,7 +11,6 @@ probes for load balancers and Kubernetes.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from lmproxy.errors import Fault, error_payload
@@ -120,16 +119,3 @@ def stats(router: RouterState) -> Payload:
         "queue_length": router.queue_length,
         "services": listed,
     }
-
-
-ROUTES: dict[bytes, Callable[[RouterState], Payload]] = {
-    b"/health": health,
-    b"/readiness": readiness,
-    b"/liveness": liveness,
-    b"/models": models,
-    b"/v1/models": models,
-    b"/services": services,
-    b"/stats": stats,
-}
-# Open even when API keys are set: probes must not need a secret.
-OPEN_PATHS = frozenset({b"/health", b"/readiness", b"/liveness"})

@@ -135,8 +135,8 @@ class Failure(NamedTuple):
 
 
 # Outcomes absent here end without an answer from the journey: CLIENT_GONE (no one
-# to answer) and CUT (the client has its error event already; it counts against
-# the service).
+# to answer) and CUT (the client already has all it gets: an error event, or a cut
+# body and a close; it counts against the service).
 FAILURES: dict[Outcome, Failure] = {
     # Its keep-alive timer beat ours: the connection was stale, the service is fine.
     Outcome.STALE: Failure(Fault.BACKEND_UNREACHABLE, Retry.ANYWHERE, False, "{reason}"),

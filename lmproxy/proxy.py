@@ -640,7 +640,7 @@ class Journey:
                 )
             elif status >= 500 or status == 429:
                 service.error_count += 1
-            else:
+            elif service.consecutive_errors:  # only then is there a streak to end
                 registry.request_succeeded(service)
             self.strategy.on_end(service, route, latency_s, status < 500)
             if exchange.reusable:

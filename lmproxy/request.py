@@ -88,6 +88,7 @@ class RouteRequest:
 
 
 _EMPTY_ARRAY = re.compile(rb"\[\s*\]\Z")
+_NULL, _ARRAY = b"n["  # first bytes of a raw JSON null and array
 
 
 def _is_null(raw: msgspec.Raw) -> bool:
@@ -113,11 +114,13 @@ def decode_head(path: bytes, body: bytes) -> RequestHead:
     if path in CHAT_PATHS:
         # A memoryview: the messages may be megabytes, and are never copied here.
         messages = memoryview(head.messages)
-        if not messages or _is_null(head.messages):
+        # The raw value is valid JSON, so its first byte tells its type: "n" is null.
+        first = messages[0] if messages else _NULL
+        if first == _NULL:
             raise ProxyError(
                 Fault.BAD_REQUEST, "'messages' is required: a non-empty list of chat messages"
             )
-        if messages[0] != ord("["):
+        if first != _ARRAY:
             raise ProxyError(Fault.BAD_REQUEST, "'messages' must be a list of chat messages")
         if _EMPTY_ARRAY.match(messages):
             raise ProxyError(Fault.BAD_REQUEST, "'messages' must not be empty")

@@ -404,6 +404,15 @@ def load_static_services(path: str) -> list[ServiceSpec]:
     return specs
 
 
+def entry_url(url: str | None, host: str | None, port: int | None) -> str:
+    """An InfiniLM-style entry's address: its ``url``, else ``host`` and ``port``."""
+    if url:
+        return url
+    if host and port:
+        return f"http://{host}:{port}"
+    raise ConfigError("needs host and port, or url")
+
+
 def spec_from_entry(item: Any) -> ServiceSpec | None:
     """One service in the InfiniLM-SVC format (static files, its registry, registrations);
     None for an entry of another ``metadata.type``, which the InfiniLM router skips too."""
@@ -414,12 +423,7 @@ def spec_from_entry(item: Any) -> ServiceSpec | None:
     meta = entry.metadata
     if meta.type not in (None, "openai-api"):
         return None
-    if entry.url:
-        url = entry.url
-    elif entry.host and entry.port:
-        url = f"http://{entry.host}:{entry.port}"
-    else:
-        raise ConfigError("needs host and port, or url")
+    url = entry_url(entry.url, entry.host, entry.port)
     models = list(meta.models or [])
     if meta.model:
         models.append(meta.model)

@@ -34,6 +34,7 @@ from lmproxy.config import (
     ConfigError,
     ServiceSpec,
     check_name,
+    entry_url,
     points_at,
     spec_from_entry,
 )
@@ -96,12 +97,7 @@ def entry_from(data: dict[str, Any]) -> Entry:
     except msgspec.ValidationError as exc:
         raise ConfigError(str(exc)) from None
     check_name(raw.name)
-    if raw.url:
-        url = raw.url
-    elif raw.host and raw.port:
-        url = f"http://{raw.host}:{raw.port}"
-    else:
-        raise ConfigError("needs host and port, or url")
+    url = entry_url(raw.url, raw.host, raw.port)
     for what, text in (("url", url), ("metadata.type", kind), ("status", raw.status)):
         _check_text(what, text)
     if len(encode_json(raw.metadata)) > MAX_ENTRY_METADATA:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import re
 
-from inproc import BODY, Harness, chat_request
+from inproc import BODY, Harness, MemoryTransport, chat_request
+
+from lmproxy.upstream import UpstreamConnection
 
 OK_BODY = b'{"id":"x","object":"chat.completion"}'
 
@@ -144,24 +146,33 @@ async def test_a_close_delimited_body_is_sent_chunked_and_ends_with_the_close():
     assert not downstream.closing  # a complete answer: the client connection lives on
 
 
+EVENT = b'data: {"choices":[{"delta":{"content":"tok "}}]}\n\n'
+WHOLE = b"%x\r\n%s\r\n" % (len(EVENT), EVENT)  # one chunk holding one event
+
+
+def start_stream(h: Harness, chunks: int) -> tuple[UpstreamConnection, MemoryTransport]:
+    """A streamed request whose backend has sent its head and ``chunks`` whole events."""
+    backend, _ = h.backend()
+    client, downstream = h.client()
+    client.data_received(chat_request(BODY.replace(b"}", b',"stream":true}')))
+    backend.data_received(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + WHOLE * chunks
+    )
+    return backend, downstream
+
+
 async def test_a_stream_cut_inside_a_chunk_is_relayed_as_cut_and_the_client_closed():
     """No event of the router's own can follow half a chunk: the client gets what came,
     and a close, so its chunked body is visibly incomplete; the service is blamed."""
     h = Harness()
-    backend, _ = h.backend()
-    client, downstream = h.client()
-    client.data_received(chat_request(BODY.replace(b"}", b',"stream":true}')))
-    event = b'data: {"choices":[{"delta":{"content":"tok "}}]}\n\n'
-    whole = b"%x\r\n%s\r\n" % (len(event), event)
-    backend.data_received(
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-        + whole * 2
-    )
-    backend.data_received(b"%x\r\n%s" % (len(event), event[:10]))  # half a chunk
+    backend, downstream = start_stream(h, 2)
+    half = b"%x\r\n%s" % (len(EVENT), EVENT[:10])
+    backend.data_received(half)
     backend.connection_lost(None)
     await h.turn()
     answer = downstream.take()
-    assert answer.endswith(whole * 2 + b"%x\r\n%s" % (len(event), event[:10]))
+    assert answer.endswith(WHOLE * 2 + half)
     assert b'"error"' not in answer and not answer.endswith(b"0\r\n\r\n")
     assert downstream.closing
     assert h.service.error_count == 1
@@ -169,19 +180,11 @@ async def test_a_stream_cut_inside_a_chunk_is_relayed_as_cut_and_the_client_clos
 
 async def test_a_stream_cut_between_chunks_ends_with_an_error_event():
     h = Harness()
-    backend, _ = h.backend()
-    client, downstream = h.client()
-    client.data_received(chat_request(BODY.replace(b"}", b',"stream":true}')))
-    event = b'data: {"choices":[{"delta":{"content":"tok "}}]}\n\n'
-    whole = b"%x\r\n%s\r\n" % (len(event), event)
-    backend.data_received(
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-        + whole
-    )
+    backend, downstream = start_stream(h, 1)
     backend.connection_lost(None)
     await h.turn()
     answer = downstream.take()
-    tail = answer[answer.index(whole) + len(whole) :]
+    tail = answer[answer.index(WHOLE) + len(WHOLE) :]
     size, _, rest = tail.partition(b"\r\n")
     error_event = rest[: int(size, 16)]
     assert error_event.startswith(b'data: {"error":"the backend failed mid-stream'), answer

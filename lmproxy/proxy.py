@@ -630,7 +630,8 @@ class Journey:
             self.router.metrics.finished(
                 service, route.model, status, latency_s, exchange.ttfb_s, exchange.tail
             )
-            self._log(service.name, status, exchange.bytes_out, exchange.ttfb_s)
+            if self.router.config.access_log != "off":  # no call at all when it is off
+                self._log(service.name, status, exchange.bytes_out, exchange.ttfb_s)
             service.request_count += 1
             service.latencies.append(latency_s)
             if status == 508:

@@ -50,6 +50,22 @@ class Strategy(Protocol):
         ...
 
 
+@runtime_checkable
+class SharesState(Protocol):
+    """A strategy whose learnt state the workers of one router share (``--workers``).
+
+    The worker machinery sets ``sharing``, asks ``share()`` for what was learnt
+    since the last call (JSON-able, bounded) about every 0.1 s, and hands what
+    the other workers learnt to ``absorb``: the router then learns as one.
+    """
+
+    sharing: bool
+
+    def share(self) -> list[Any]: ...
+
+    def absorb(self, updates: list[Any]) -> None: ...
+
+
 class Option:
     """One option a strategy takes: its type, default and a line of help."""
 

@@ -258,7 +258,7 @@ def test_cache_aware_sends_a_repeated_prefix_back_to_the_same_service():
 
 def test_cache_aware_spreads_misses_by_load_not_to_the_first_service():
     pool = services(3)
-    strategy = CacheAware()
+    strategy = CacheAware({"miss": "least-loaded"})
     picks = collections.Counter()
     for i in range(30):
         chosen = strategy.choose(pool, r := route(messages=conversation(100 + i, 0)))
@@ -268,6 +268,71 @@ def test_cache_aware_spreads_misses_by_load_not_to_the_first_service():
     # A miss goes to the least-loaded service, whatever the sizes of the trees.
     pool[0].in_flight, pool[1].in_flight, pool[2].in_flight = 5, 0, 5
     assert strategy.choose(pool, route(messages=conversation(999, 0))).name == "s1"
+
+
+def test_cache_aware_places_misses_where_every_router_would():
+    """The default: a new conversation goes to its rendezvous choice, the same from
+    two strategies that never exchanged anything (replicas), spread by weight, and
+    passed on when its choice is over its load bound."""
+    pool = services(3, weights=[3, 2, 1])
+    one, two = CacheAware(), CacheAware()
+    picks = collections.Counter()
+    for i in range(600):
+        r1, r2 = route(messages=conversation(i, 0)), route(messages=conversation(i, 0))
+        first, second = one.choose(pool, r1), two.choose(pool, r2)
+        assert first is second
+        picks[first.name] += 1
+        # The conversation's next turn, at the replica that never saw it, goes home too.
+        later = route(messages=conversation(i, 2))
+        assert two.choose(pool, later) is first
+    assert 0.42 < picks["s0"] / 600 < 0.58  # 3 of 6
+    assert 0.25 < picks["s1"] / 600 < 0.42  # 2 of 6
+    assert 0.10 < picks["s2"] / 600 < 0.24  # 1 of 6
+    # Over its bound, a key's first choice passes it on; the choice is still the same
+    # from both strategies, since both see the same loads here.
+    key_owner = one.choose(pool, route(messages=conversation(7, 0)))
+    key_owner.in_flight = 20
+    moved = one.choose(pool, route(messages=conversation(7, 0)))
+    assert moved is not key_owner and two.choose(pool, route(messages=conversation(7, 0))) is moved
+
+
+def test_rendezvous_moves_only_the_keys_of_a_service_that_leaves():
+    from strategies.placement import Rendezvous
+
+    pool = services(4)
+    keys = range(2000)
+    before = {k: Rendezvous().order(pool, k)[0] for k in keys}
+    fewer = pool[:3]
+    after = {k: Rendezvous().order(fewer, k)[0] for k in keys}
+    moved = [k for k in keys if before[k] is not after[k]]
+    assert all(before[k] is pool[3] for k in moved)
+    assert 0.15 < len(moved) / len(keys) < 0.35  # about a quarter: the leaver's share
+
+
+def test_cache_aware_workers_share_what_they_learn():
+    """What one worker's strategy learns, another absorbs: a conversation placed by
+    load on one worker is found in the other's trees."""
+    pool = services(3)
+    one, two = CacheAware(), CacheAware()
+    one.sharing = True
+    r = route(messages=conversation(5, 0))
+    owner = one.choose(pool, r)
+    # Make the first turn go elsewhere than its rendezvous choice: that owner is busy.
+    owner.in_flight = 50
+    placed = one.choose(pool, r := route(messages=conversation(5, 0)))
+    assert placed is not owner
+    one.on_start(placed, r)
+    owner.in_flight = 0
+    # Without sharing, the other worker would send the next turn to the owner.
+    assert two.choose(pool, route(messages=conversation(5, 1))) is owner
+    updates = one.share()
+    assert updates and one.share() == []  # each prefix is handed over once
+    two.absorb(updates)
+    assert two.choose(pool, route(messages=conversation(5, 1))) is placed
+    # Not sharing (one process): nothing is kept for others.
+    lone = CacheAware()
+    lone.on_start(pool[0], route(messages=conversation(6, 0)))
+    assert lone.share() == []
 
 
 def test_cache_aware_yields_to_load_under_imbalance():
@@ -312,6 +377,58 @@ def test_cache_aware_through_the_router_keeps_conversations_home(spawn):
     cached = sum(b.stats()["cached_tokens"] for b in backends)
     prompt = sum(b.stats()["prompt_tokens"] for b in backends)
     assert cached / prompt > 0.6
+
+
+def _homes(routers: list[Router], conversations: int, turns: int) -> list[set[str]]:
+    """For each conversation, the services its turns reached; turn t goes to router
+    t mod len(routers), each over a fresh connection."""
+    homes = []
+    for i in range(conversations):
+        seen = set()
+        for t in range(turns):
+            resp = routers[t % len(routers)].post(
+                "/v1/chat/completions",
+                {"model": "Qwen3-32B", "max_tokens": 1, "messages": conversation(40 + i, t)},
+            )
+            assert resp.status == 200, resp
+            seen.add(resp.headers["x-mock-server"])
+        homes.append(seen)
+    return homes
+
+
+def test_cache_aware_with_workers_keeps_conversations_home(spawn):
+    backends = [spawn(Mock, f"w{i}", ["Qwen3-32B"]) for i in range(3)]
+    router = router_over(spawn, backends, "--workers", "2")
+    homes = _homes([router], conversations=8, turns=4)
+    assert all(len(h) == 1 for h in homes), homes
+    assert len(set().union(*homes)) >= 2  # and the conversations did spread
+
+
+def test_workers_share_what_cache_aware_learns(spawn):
+    """Misses placed by each worker's own view of load (miss=least-loaded) would split a
+    conversation between services; shared trees keep it home."""
+    backends = [spawn(Mock, f"v{i}", ["Qwen3-32B"]) for i in range(3)]
+    router = router_over(
+        spawn, backends, "--workers", "2", "--strategy-opt", "miss=least-loaded",
+        "--log-level", "debug",
+    )  # fmt: skip
+    for i in range(6):
+        absorbed = router.output.count("absorbed")
+        body = {"model": "Qwen3-32B", "max_tokens": 1, "messages": conversation(60 + i, 0)}
+        home = router.post("/v1/chat/completions", body).headers["x-mock-server"]
+        wait_until(lambda n=absorbed: router.output.count("absorbed") > n, 5, "the other worker")
+        for t in range(1, 4):
+            body = {"model": "Qwen3-32B", "max_tokens": 1, "messages": conversation(60 + i, t)}
+            assert router.post("/v1/chat/completions", body).headers["x-mock-server"] == home
+
+
+def test_two_cache_aware_routers_with_no_link_place_a_conversation_alike(spawn):
+    backends = [spawn(Mock, f"r{i}", ["Qwen3-32B"]) for i in range(3)]
+    first = router_over(spawn, backends)
+    second = router_over(spawn, backends)
+    homes = _homes([first, second], conversations=8, turns=4)
+    assert all(len(h) == 1 for h in homes), homes
+    assert len(set().union(*homes)) >= 2
 
 
 # --- per-model strategies, loading and errors ---------------------------------------

@@ -285,6 +285,11 @@ class Supervisor:
             self._in_flight_changed()
         elif op == "eject":
             self.registry.eject(message["name"], message["reason"])
+        elif op == "learnt":
+            # What one worker's strategies learnt goes to the others, as it came.
+            for other in self._live():
+                if other is not worker:
+                    other.channel.send(message)  # type: ignore[union-attr]
         elif op == "final":
             worker.snapshot = message["snapshot"]
         elif op == "http":

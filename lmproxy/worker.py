@@ -37,6 +37,7 @@ from lmproxy import logs
 from lmproxy.config import Config
 from lmproxy.control import Channel, ChannelClosed, Message
 from lmproxy.errors import Fault, error_response, http_response
+from strategies import SharesState
 
 if TYPE_CHECKING:
     from lmproxy.app import Router
@@ -85,8 +86,11 @@ class SupervisorLink:
         elif op == "config":
             config = msgspec.convert(message["config"], Config)
             router.apply(config)
+            self._share_learning()  # a changed strategy is a new object
         elif op == "snapshot":
             self.channel.reply(message, {"snapshot": self.snapshot()})
+        elif op == "learnt":
+            self._absorb(message["updates"])
 
     def attach(self, router: Router, state: dict[str, Any]) -> None:
         """Start mirroring into ``router``, from the state sent with ``start``."""
@@ -94,9 +98,15 @@ class SupervisorLink:
         router.registry.on_eject = self.ejected
         router.registry.note = log.debug  # the supervisor logs membership once
         router.registry.sync(state)
+        self._share_learning()
         for message in self._early:
             self.handle(message)
         self._early.clear()
+
+    def _share_learning(self) -> None:
+        """From the first request on, the strategies keep what they learn for the others."""
+        for _, strategy in self._sharing():
+            strategy.sharing = True
 
     def _apply_others(self) -> None:
         assert self.router is not None
@@ -128,6 +138,8 @@ class SupervisorLink:
         self.channel.send({"op": "eject", "name": service.name, "reason": reason})
 
     async def report_in_flight(self) -> None:
+        """Every INFLIGHT_SYNC_S: this worker's in-flight counts, when they changed, and
+        what its strategies learnt, for the other workers."""
         while True:
             await asyncio.sleep(INFLIGHT_SYNC_S)
             assert self.router is not None
@@ -135,6 +147,28 @@ class SupervisorLink:
             if counts != self._reported:
                 self._reported = counts
                 self.channel.send({"op": "inflight", "counts": counts})
+            learnt = {}
+            for name, strategy in self._sharing():
+                updates = strategy.share()
+                if updates:
+                    learnt[name] = updates
+            if learnt:
+                self.channel.send({"op": "learnt", "updates": learnt})
+
+    def _sharing(self) -> list[tuple[str, SharesState]]:
+        """The router's strategies that share state, by model ("" for the default one)."""
+        router = self.router
+        assert router is not None
+        pairs = [("", router.strategy), *router.model_strategies.items()]
+        return [(name, s) for name, s in pairs if isinstance(s, SharesState)]
+
+    def _absorb(self, learnt: dict[str, list[Any]]) -> None:
+        strategies = dict(self._sharing())
+        for name, updates in learnt.items():
+            strategy = strategies.get(name)
+            if strategy is not None:
+                strategy.absorb(updates)
+                log.debug("absorbed %d updates for strategy %r from a worker", len(updates), name)
 
     async def answer(self, client: ClientConnection, request: ClientRequest) -> None:
         """Have the supervisor answer a request for the whole router (figures, admin API)."""

@@ -24,13 +24,29 @@ import asyncio
 import gc
 import time
 
+from strategies import SharesState
 from tests.inproc import Harness  # the tests' in-process layer (run from the repo root)
 
-BODY = b'{"model":"Qwen3-32B","messages":[{"role":"user","content":"Hello"}],"max_tokens":16}'
-REQUEST = (
-    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
-    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
-)
+
+def chat_request(system_bytes: int = 0) -> bytes:
+    """A small chat completion; with ``system_bytes``, after a system prompt that long
+    (what cache-aware hashes and, with --share, hands to the other workers)."""
+    system = (
+        b'{"role":"system","content":"%s"},'
+        % (b"You are helpful. " * (system_bytes // 17 + 1))[:system_bytes]
+        if system_bytes
+        else b""
+    )
+    body = (
+        b'{"model":"Qwen3-32B","messages":[%s{"role":"user","content":"Hello"}],"max_tokens":16}'
+        % system
+    )
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
 ANSWER = (
     b'{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"Qwen3-32B",'
     b'"choices":[{"index":0,"message":{"role":"assistant","content":"The quick brown fox"},'
@@ -43,19 +59,30 @@ RESPONSE = (
 )
 
 
-async def measure(requests: int, strategy: str) -> float:
+async def measure(
+    requests: int, strategy: str, system_bytes: int = 0, share: bool = False
+) -> float:
     """Microseconds of CPU per request."""
     harness = Harness(strategy=strategy)
     service = harness.service
     backend, backend_transport = harness.backend()
     client, client_transport = harness.client()
+    request = chat_request(system_bytes)
+    sharer = None
+    if share:  # as a worker of --workers N does: keep what is learnt, hand it over in batches
+        sharer = harness.router.strategy
+        if not isinstance(sharer, SharesState):
+            raise SystemExit(f"strategy {strategy} shares no state")
+        sharer.sharing = True
 
     async def run(count: int) -> float:
         gc.collect()
         before = service.request_count
         started = time.process_time()
-        for _ in range(count):
-            client.data_received(REQUEST)
+        for i in range(count):
+            if sharer is not None and i % 100 == 0:
+                sharer.share()
+            client.data_received(request)
             backend.data_received(RESPONSE)
             await asyncio.sleep(0)  # the journey's finish runs from the loop
             client_transport.written.clear()
@@ -74,13 +101,24 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=50000)
     parser.add_argument("--strategy", default="cache-aware")
     parser.add_argument("--repeat", type=int, default=3, help="runs; the best is reported")
+    parser.add_argument(
+        "--system-bytes", type=int, default=0, help="a system prompt this long in each request"
+    )
+    parser.add_argument(
+        "--share",
+        action="store_true",
+        help="share what the strategy learns, as each worker of --workers N does",
+    )
     args = parser.parse_args()
     try:
         import uvloop
     except ImportError:
         uvloop = None
     runner = uvloop.run if uvloop is not None else asyncio.run
-    figures = [runner(measure(args.requests, args.strategy)) for _ in range(args.repeat)]
+    figures = [
+        runner(measure(args.requests, args.strategy, args.system_bytes, args.share))
+        for _ in range(args.repeat)
+    ]
     print(
         f"{args.strategy}: {min(figures):.2f} us of CPU per request in lmproxy's Python path "
         f"(best of {args.repeat}: {', '.join(f'{f:.2f}' for f in figures)})"

@@ -17,6 +17,13 @@ Workloads:
 - ``mixed-length``: no shared prefixes; most requests short, some long (long
   prompts and long answers). Only load balance matters.
 
+A strategy may carry options and name how the router is deployed:
+``cache-aware(miss=least-loaded)`` passes ``--strategy-opt miss=least-loaded``
+(options separated by ``;``); ``cache-aware@workers2`` runs one router with
+``--workers 2``; ``cache-aware@replicas2`` runs two routers that share nothing,
+and the client sends each request to the next of them in turn (fresh
+connections, as behind a load balancer).
+
 Reported per strategy: throughput (completed requests/s), time to first token
 p50/p99, end-to-end latency p50/p99, and the prefix-cache hit rate (cached
 prompt tokens / prompt tokens, from the services' ``usage``). Writes
@@ -86,8 +93,11 @@ class SharedPrefix:
         body = {"model": "Qwen3-32B", "messages": list(history), "max_tokens": 24}
         history.append({"role": "assistant", "content": _words(self.rng, 24)})
         if len(history) > 21:  # the conversation ends; a new one takes its place
-            del history[1:]
-            history[0]["content"] = "You are a new agent. " + _words(self.rng, 900)
+            # A new system message, not the old one changed: the turn just built still
+            # holds that one, and must go out as its conversation sent it.
+            history[:] = [
+                {"role": "system", "content": "You are a new agent. " + _words(self.rng, 900)}
+            ]
         return body
 
 
@@ -149,16 +159,36 @@ async def _request(port: int, body: dict, result: Result) -> None:
         writer.close()
 
 
-async def _run_one(strategy: str, workload: str, args: argparse.Namespace) -> dict:
+def _deployment(name: str) -> tuple[list[str], int]:
+    """``strategy[(key=value;...)][@workersN|@replicasN]`` -> (router flags, routers)."""
+    strategy, _, deployment = name.partition("@")
+    strategy, _, options = strategy.partition("(")
+    flags = ["--strategy", strategy]
+    for option in filter(None, options.rstrip(")").split(";")):
+        flags += ["--strategy-opt", option]
+    if not deployment:
+        return flags, 1
+    for kind in ("workers", "replicas"):
+        if deployment.startswith(kind) and deployment[len(kind) :].isdigit():
+            count = int(deployment[len(kind) :])
+            if kind == "workers":
+                return [*flags, "--workers", str(count)], 1
+            return flags, count
+    raise SystemExit(f"unknown deployment {deployment!r}: use @workersN or @replicasN")
+
+
+async def _run_one(name: str, workload: str, args: argparse.Namespace) -> dict:
+    flags, replicas = _deployment(name)
     services: list[Proc] = []
-    proxy = None
+    proxies: list[Proc] = []
     try:
-        for name, delay, _ in SERVICES:
-            services.append(mock(name, "Qwen3-32B", "--token-delay", str(delay), *ENGINE))
+        for service, delay, _ in SERVICES:
+            services.append(mock(service, "Qwen3-32B", "--token-delay", str(delay), *ENGINE))
         backends = []
-        for (name, _, weight), proc in zip(SERVICES, services, strict=True):
-            backends += ["--backend", f"{name}=http://127.0.0.1:{proc.port},weight={weight}"]
-        proxy = router(*backends, "--strategy", strategy)
+        for (service, _, weight), proc in zip(SERVICES, services, strict=True):
+            backends += ["--backend", f"{service}=http://127.0.0.1:{proc.port},weight={weight}"]
+        proxies = [router(*backends, *flags) for _ in range(replicas)]
+        ports = [p.port for p in proxies]
         await asyncio.sleep(0.5)  # first health checks
         rng = random.Random(args.seed)
         source = SharedPrefix(rng) if workload == "shared-prefix" else MixedLength(rng)
@@ -166,13 +196,16 @@ async def _run_one(strategy: str, workload: str, args: argparse.Namespace) -> di
         tasks = []
         started = time.perf_counter()
         deadline = started + args.duration
+        turn = 0
         while time.perf_counter() < deadline:
-            tasks.append(asyncio.create_task(_request(proxy.port, source.next(), result)))
+            port = ports[turn % len(ports)]
+            turn += 1
+            tasks.append(asyncio.create_task(_request(port, source.next(), result)))
             await asyncio.sleep(rng.expovariate(args.rate))
         await asyncio.wait_for(asyncio.gather(*tasks), args.duration + 120)
         elapsed = time.perf_counter() - started
     finally:
-        if proxy is not None:
+        for proxy in proxies:
             proxy.stop()
         for proc in services:
             proc.stop()
@@ -187,7 +220,7 @@ async def _run_one(strategy: str, workload: str, args: argparse.Namespace) -> di
         )
 
     return {
-        "strategy": strategy,
+        "strategy": name,
         "workload": workload,
         "requests": len(result.e2e),
         "failed": result.failed,

@@ -11,6 +11,7 @@ probes for load balancers and Kubernetes.
 from __future__ import annotations
 
 import datetime
+import time
 from typing import TYPE_CHECKING, Any
 
 from lmproxy.errors import Fault, error_payload
@@ -19,6 +20,7 @@ from lmproxy.registry import kept_entry, name_models, service_entry
 
 if TYPE_CHECKING:
     from lmproxy.protocols import RouterState
+    from lmproxy.registry import Service
 
 Payload = tuple[int, Any]
 
@@ -96,6 +98,20 @@ def services(router: RouterState) -> Payload:
     return 200, {"services": listed, "total": len(listed)}
 
 
+def engine_figures(service: Service) -> dict[str, Any] | None:
+    """What the engine's /metrics said at the last scrape, and how long ago; None if
+    the router has no figure (none yet, no /metrics, or --load-interval 0)."""
+    if service.engine_at is None:
+        return None
+    return {
+        "running": service.engine_running,
+        "waiting": service.engine_waiting,
+        "kv_cache_usage": service.engine_kv,
+        "age_s": round(max(0.0, time.time() - service.engine_at), 3),
+        "counted": service.engine_extra,  # what the load-aware strategies add
+    }
+
+
 def stats(router: RouterState) -> Payload:
     registry = router.registry
     listed = [
@@ -110,6 +126,7 @@ def stats(router: RouterState) -> Payload:
             "last_check": iso_time(s.last_check),
             "last_error": s.last_error or None,
             "last_error_at": iso_time(s.last_error_at),
+            "engine": engine_figures(s),
         }
         for s in registry.services.values()
     ]

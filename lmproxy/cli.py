@@ -150,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds a health check may take (default: {d.health_timeout:g})",
     )
     g.add_argument(
+        "--load-interval",
+        type=float,
+        metavar="S",
+        help=(
+            "seconds between scrapes of each service's /metrics for the engine's own load "
+            "(vLLM's or SGLang's running and waiting requests), which the load-aware "
+            f"strategies add to the router's count; 0 turns it off (default: {d.load_interval:g})"
+        ),
+    )
+    g.add_argument(
         "--max-errors",
         type=int,
         metavar="N",

@@ -129,6 +129,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     static_services: str | None = None
     health_interval: float = 30.0
     health_timeout: float = 5.0
+    load_interval: float = 1.0  # seconds between scrapes of the engines' /metrics; 0: off
     max_errors: int = 3
     connect_timeout: float = 5.0
     request_timeout: float = 300.0
@@ -184,6 +185,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             "max_connections": self.max_connections,
             "queue_timeout": self.queue_timeout,
             "registration_ttl": self.registration_ttl,
+            "load_interval": self.load_interval,
             "service_removal_grace_period": self.service_removal_grace_period,
             "workers": self.workers,
         }.items():

@@ -40,6 +40,7 @@ from lmproxy.config import (
 )
 from lmproxy.errors import Fault, encode_json, error_payload
 from lmproxy.health import HealthChecker
+from lmproxy.load import LoadScraper
 from lmproxy.logs import iso_time, masked_url, printable
 from lmproxy.probe import ProbeError, http_get
 from lmproxy.registry import Entry, Registry, Service, kept_entry, service_entry
@@ -119,6 +120,7 @@ class Fleet:
         self.checker = HealthChecker(
             registry, config.health_interval, config.health_timeout, instance_id
         )
+        self.load = LoadScraper(registry, config.load_interval, config.health_timeout, instance_id)
         self._expires: dict[str, tuple[float, float]] = {}  # name -> (ttl, monotonic deadline)
         self._gone_since: dict[str, float] = {}  # registry services no longer listed
         self._heartbeats: dict[str, float] = {}  # name -> epoch of its last heartbeat
@@ -130,6 +132,7 @@ class Fleet:
 
     def start(self) -> None:
         self.checker.start()
+        self.load.start()
         self._tasks.append(asyncio.create_task(self._tick(), name="fleet:tick"))
         self._follow_registry()
 
@@ -140,6 +143,7 @@ class Fleet:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.checker.stop()
+        await self.load.stop()
 
     def _follow_registry(self) -> None:
         """Poll the configured registry (or stop polling one no longer configured)."""
@@ -177,6 +181,8 @@ class Fleet:
         self.config = config
         self.checker.interval_s = config.health_interval
         self.checker.timeout_s = config.health_timeout
+        self.load.interval_s = config.load_interval
+        self.load.timeout_s = config.health_timeout
         self.registry.max_errors = config.max_errors
         wanted = {spec.name: spec for spec in config.services}
         for service in list(self.registry.services.values()):

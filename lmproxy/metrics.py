@@ -243,10 +243,27 @@ class Metrics:
             "The service's max_in_flight (0: no limit)",
             labels=["service"],
         )
+        engine = {
+            name: GaugeMetricFamily(f"lmproxy_engine_{name}", text, labels=["service"])
+            for name, text in (
+                ("running_requests", "The engine's batch, from its /metrics (last scrape)"),
+                ("waiting_requests", "The engine's queue, from its /metrics (last scrape)"),
+                ("kv_cache_usage", "The engine's KV-cache use, 0-1 (last scrape)"),
+                ("load_age_seconds", "Seconds since the engine's /metrics was last read"),
+            )
+        }
+        now = time.time()
         for each in self.registry.services.values():
             in_flight.add_metric([each.name], each.in_flight)
             healthy.add_metric([each.name], 1 if each.healthy else 0)
             limit.add_metric([each.name], each.spec.max_in_flight)
+            if each.engine_at is not None:
+                labels = [each.name]
+                engine["running_requests"].add_metric(labels, each.engine_running or 0)
+                engine["waiting_requests"].add_metric(labels, each.engine_waiting or 0)
+                if each.engine_kv is not None:
+                    engine["kv_cache_usage"].add_metric(labels, each.engine_kv)
+                engine["load_age_seconds"].add_metric(labels, max(0.0, now - each.engine_at))
         queue = GaugeMetricFamily(
             "lmproxy_queue_length",
             "Requests waiting for a free slot (every eligible service at its max_in_flight)",
@@ -263,6 +280,7 @@ class Metrics:
             healthy,
             limit,
             queue,
+            *engine.values(),
         )
 
 

@@ -76,6 +76,11 @@ class Service:
 
     __slots__ = (
         "consecutive_errors",
+        "engine_at",
+        "engine_extra",
+        "engine_kv",
+        "engine_running",
+        "engine_waiting",
         "error_count",
         "health_path",
         "healthy",
@@ -88,6 +93,7 @@ class Service:
         "latencies",
         "local_in_flight",
         "max_in_flight",
+        "metrics_missing",
         "models",
         "models_capped",
         "models_configured",
@@ -138,6 +144,15 @@ class Service:
         self.models_capped = False  # it listed more models than are taken (warned once)
         self.pool: Pool | None = None
         self.on_free: Callable[[], None] = _nothing  # the registry's slot_freed
+        # The engine's own load, scraped from its /metrics (load.py): None until known.
+        self.engine_running: int | None = None
+        self.engine_waiting: int | None = None
+        self.engine_kv: float | None = None
+        self.engine_at: float | None = None  # epoch seconds of the last scrape
+        # What the load-aware strategies add to in_flight: the engine's requests that are
+        # not this router's (other routers', direct clients'); 0 when stale or unknown.
+        self.engine_extra = 0
+        self.metrics_missing = False  # no /metrics with load figures: not scraped again
 
     # The only places in_flight changes on the request path: httpcore keeps its pool's
     # bookkeeping in one function, and so does this.
@@ -389,6 +404,24 @@ class Registry:
             service.healthy = False
             self._changed()
 
+    def engine_load(
+        self, service: Service, running: int, waiting: int, kv: float | None, at: float
+    ) -> None:
+        """A scrape of the engine's /metrics: its batch, its queue, its KV-cache use."""
+        service.engine_running = running
+        service.engine_waiting = waiting
+        service.engine_kv = kv
+        service.engine_at = at
+        # The engine counts this router's requests too: only the rest is extra.
+        service.engine_extra = max(0, running + waiting - service.in_flight)
+        self._notify()
+
+    def engine_stale(self, service: Service) -> None:
+        """The last scrape is too old to trust: the router's own count decides alone."""
+        if service.engine_extra:
+            service.engine_extra = 0
+            self._notify()
+
     def request_failed(self, service: Service, reason: str) -> None:
         """A proxied request failed by the service's fault (never a client hang-up)."""
         service.error_count += 1
@@ -465,6 +498,13 @@ class Registry:
                     "last_check": s.last_check,
                     "last_error": s.last_error,
                     "last_error_at": s.last_error_at,
+                    "engine": [
+                        s.engine_running,
+                        s.engine_waiting,
+                        s.engine_kv,
+                        s.engine_at,
+                        s.engine_extra,
+                    ],
                 }
                 for s in self.services.values()
             ],
@@ -486,6 +526,13 @@ class Registry:
             service.last_check = entry["last_check"]
             service.last_error = entry["last_error"]
             service.last_error_at = entry["last_error_at"]
+            (
+                service.engine_running,
+                service.engine_waiting,
+                service.engine_kv,
+                service.engine_at,
+                service.engine_extra,
+            ) = entry["engine"]
         for name in [n for n in self.services if n not in wanted]:
             self.remove(name, "removed by the supervisor")
         self.known_models = {
@@ -493,6 +540,12 @@ class Registry:
             for m, (created, owned_by) in state["known_models"].items()
         }
         self._changed()
+
+    def _notify(self) -> None:
+        """Figures changed, not membership or health: the listeners (the workers' copies)
+        hear of it; the routing lists stay as they are."""
+        for listener in self.listeners:
+            listener()
 
     def _changed(self) -> None:
         self._healthy = [s for s in self.services.values() if s.healthy]

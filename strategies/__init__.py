@@ -4,7 +4,10 @@ A strategy picks one service among the healthy candidates for a request. The
 router tells it when a request to a service starts, when its first byte arrives
 and when it ends, so that it can keep whatever state it needs cheaply. The
 services it sees are the router's live objects: read their figures
-(``in_flight``, ``weight``, ``latency``...) but do not change them.
+(``in_flight``, ``weight``, ``latency``...) but do not change them. A load-aware
+strategy weighs ``service_load(service)``: the router's own requests in flight plus, while
+a fresh scrape of the engine's /metrics says so, the requests the engine has from
+elsewhere (``engine_extra``; see ``lmproxy/load.py``).
 
 Strategies are found by name in the entry-point group ``lmproxy.strategies``
 (the built-ins are registered there by lmproxy's own pyproject.toml, exactly as
@@ -23,6 +26,11 @@ if TYPE_CHECKING:
     from lmproxy.request import RouteRequest
 
 ENTRY_POINT_GROUP = "lmproxy.strategies"
+
+
+def service_load(service: Service) -> int:
+    """The service's load: the router's exact count, plus the engine's other traffic."""
+    return service.in_flight + service.engine_extra
 
 
 class StrategyError(Exception):

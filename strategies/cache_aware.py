@@ -36,7 +36,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from strategies import BaseStrategy, Option
+from strategies import BaseStrategy, Option, service_load
 from strategies.least_outstanding import LeastOutstanding
 from strategies.placement import Rendezvous
 from strategies.prompt import block_hashes, opening_key, prompt_bytes, session_key, stable_hash
@@ -108,15 +108,14 @@ class CacheAware(BaseStrategy):
         for service in candidates:
             matched = self.match(service, hashes)
             if matched > best_match or (
-                matched == best_match and matched and service.in_flight < best.in_flight
+                matched == best_match and matched and service_load(service) < service_load(best)
             ):
                 best, best_match = service, matched
         if best_match < self.opt["min_match"] * len(hashes):
             return self._miss(candidates, request, least)
-        excess = best.in_flight - least.in_flight
-        if excess > self.opt["balance_abs"] and best.in_flight > self.opt["balance_rel"] * max(
-            least.in_flight, 1
-        ):
+        best_load, least_load = service_load(best), service_load(least)
+        over_abs = best_load - least_load > self.opt["balance_abs"]
+        if over_abs and best_load > self.opt["balance_rel"] * max(least_load, 1):
             return least
         return best
 

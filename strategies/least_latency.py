@@ -51,7 +51,9 @@ class LeastLatency(BaseStrategy):
                 chosen = min(candidates, key=lambda s: self._last_tried.get(s.name, 0))
             else:
                 # Queueing adds to the wait: weigh the average by the work in flight.
-                chosen = min(candidates, key=lambda s: ewma[s.name] * (1 + s.in_flight))
+                chosen = min(
+                    candidates, key=lambda s: ewma[s.name] * (1 + s.in_flight + s.engine_extra)
+                )
         self._last_tried[chosen.name] = self._count
         return chosen
 

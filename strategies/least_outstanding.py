@@ -30,6 +30,6 @@ class LeastOutstanding(BaseStrategy):
         best = candidates[start]
         for i in range(1, n):
             service = candidates[(start + i) % n]
-            if service.in_flight < best.in_flight:
+            if service.in_flight + service.engine_extra < best.in_flight + best.engine_extra:
                 best = service
         return best

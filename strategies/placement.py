@@ -20,6 +20,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from strategies import service_load
 from strategies.prompt import stable_hash
 
 if TYPE_CHECKING:
@@ -65,11 +66,11 @@ class Rendezvous:
 
     def choose(self, candidates: Sequence[Service], key: int, epsilon: float) -> Service:
         """The key's first choice whose load is within its bound."""
-        total = sum(s.in_flight for s in candidates) + 1  # including this request
+        total = sum(service_load(s) for s in candidates) + 1  # including this request
         weights = sum(max(s.weight, 0) for s in candidates)
         ordered = self.order(candidates, key)
         for service in ordered:
             share = max(service.weight, 0) / weights if weights else 1 / len(candidates)
-            if service.in_flight < math.ceil((1 + epsilon) * total * share):
+            if service_load(service) < math.ceil((1 + epsilon) * total * share):
                 return service
-        return min(ordered, key=lambda s: s.in_flight)
+        return min(ordered, key=service_load)

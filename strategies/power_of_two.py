@@ -31,4 +31,5 @@ class PowerOfTwo(BaseStrategy):
             return candidates[0]
         a, b = self._random.sample(range(len(candidates)), 2)
         first, second = candidates[a], candidates[b]
-        return first if first.in_flight <= second.in_flight else second
+        first_load = first.in_flight + first.engine_extra
+        return first if first_load <= second.in_flight + second.engine_extra else second

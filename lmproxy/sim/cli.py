@@ -7,6 +7,7 @@ import asyncio
 
 from lmproxy.sim.engine import Engine
 from lmproxy.sim.faults import FAULTS
+from lmproxy.sim.metrics import DIALECTS
 from lmproxy.sim.server import start_mock
 from lmproxy.sim.state import MockState
 from lmproxy.system import raise_open_file_limit
@@ -61,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         help="128-byte prompt blocks kept in the prefix cache (default 0: none)",
     )
     parser.add_argument(
+        "--metrics",
+        choices=DIALECTS,
+        default="vllm",
+        help="the engine's load at /metrics under vLLM's names, SGLang's, or none (404) "
+        "(default vllm)",
+    )
+    parser.add_argument(
         "--no-v1-models",
         action="store_true",
         help="answer 404 on /v1/models (only /models), like older InfiniLM servers",
@@ -78,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             args.tokens,
             args.fault,
             v1_models=not args.no_v1_models,
+            metrics=args.metrics,
             engine=Engine(
                 args.max_batch,
                 args.batch_slowdown,

@@ -13,6 +13,7 @@ import msgspec
 
 from lmproxy.sim.engine import Engine
 from lmproxy.sim.faults import FAULTS, FLOOD_MODELS, answer_with_fault
+from lmproxy.sim.metrics import engine_metrics
 from lmproxy.sim.shapes import (
     CREATED,
     WORDS,
@@ -164,6 +165,16 @@ class MockConnection(asyncio.Protocol):
             ]
             self.write(json_answer(200, {"object": "list", "data": data}))
             state.completed += 1
+            return
+        if path == "/metrics":
+            if state.metrics == "none":
+                self.write(json_answer(404, {"detail": "Not Found"}))
+            else:
+                body = engine_metrics(state)
+                self.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
             return
         if path == "/mock/stats":
             self.write(json_answer(200, state.stats()))

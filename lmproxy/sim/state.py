@@ -21,8 +21,10 @@ class MockState:
         fault: str = "none",
         v1_models: bool = True,
         engine: Engine | None = None,
+        metrics: str = "vllm",
     ) -> None:
         self.name = name
+        self.metrics = metrics  # /metrics under vLLM's names, SGLang's, or "none" (404)
         self.v1_models = v1_models
         self.engine = engine or Engine()
         self.models = models

@@ -1,0 +1,123 @@
+"""The engines' own load: scraped from their /metrics, weighed with the router's count."""
+
+from __future__ import annotations
+
+import collections
+import json
+import socket
+
+from conftest import Mock, Router, request, router_over, wait_until
+
+from lmproxy.config import ServiceSpec
+from lmproxy.load import parse
+from lmproxy.registry import Registry
+from strategies.least_outstanding import LeastOutstanding
+
+VLLM = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="a"} 3.0
+vllm:num_requests_running{engine="0",model_name="b"} 1.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="a"} 7.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="a"} 0.42
+# TYPE vllm:time_to_first_token_seconds histogram
+vllm:time_to_first_token_seconds_bucket{le="0.1",model_name="a"} 5.0
+vllm:time_to_first_token_seconds_count{model_name="a"} 9.0
+"""
+
+
+def test_parse_reads_vllm_sglang_and_the_deprecated_name():
+    assert parse(VLLM) == (4, 7, 0.42)  # summed over model_name; histograms ignored
+    old = "# TYPE vllm:gpu_cache_usage_perc gauge\nvllm:gpu_cache_usage_perc 0.5\n"
+    assert parse(VLLM.replace("kv_cache_usage_perc", "x_other") + old) == (4, 7, 0.5)
+    sglang = (
+        'sglang:num_running_reqs{model_name="m"} 2\n'
+        'sglang:num_queue_reqs{model_name="m"} 11\n'
+        'sglang:token_usage{model_name="m"} 0.25\n'
+    )
+    assert parse(sglang) == (2, 11, 0.25)
+    assert parse("# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 3\n") is None
+    assert parse("") is None
+
+
+def test_the_engines_other_traffic_counts_only_while_fresh():
+    registry = Registry()
+    busy = registry.add(ServiceSpec(url="http://127.0.0.1:1", name="busy"))
+    idle = registry.add(ServiceSpec(url="http://127.0.0.1:2", name="idle"))
+    busy.in_flight = 2  # the router's own: the engine counts them among its 2 + 50
+    registry.engine_load(busy, 2, 50, 0.9, at=0.0)
+    assert busy.engine_extra == 50
+    strategy = LeastOutstanding()
+    busy.in_flight, idle.in_flight = 0, 3
+    assert strategy.choose([busy, idle], None) is idle  # type: ignore[arg-type]
+    registry.engine_stale(busy)  # too old to trust: the router's own count decides
+    assert busy.engine_extra == 0
+    assert strategy.choose([busy, idle], None) is busy  # type: ignore[arg-type]
+
+
+def _flood(port: int, count: int) -> list[socket.socket]:
+    """``count`` streamed requests straight to a service, bypassing the router, never read."""
+    body = json.dumps(
+        {"model": "Qwen3-32B", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    ).encode()
+    held = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"X-Mock-Token-Delay: 5\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        held.append(sock)
+    return held
+
+
+def test_an_engine_busy_with_traffic_from_elsewhere_is_avoided(spawn):
+    idle = spawn(Mock, "idle", ["Qwen3-32B"])
+    busy = spawn(Mock, "busy", ["Qwen3-32B"], "--max-batch", "1")
+    held = _flood(busy.port, 51)  # 1 running, 50 waiting: none of it through the router
+    try:
+        wait_until(lambda: busy.stats()["waiting"] == 50, 10, "the direct traffic to queue")
+        for strategy in ("least-outstanding", "power-of-two", "cache-aware"):
+            router = router_over(
+                spawn, [idle, busy], "--strategy", strategy, "--load-interval", "0.2"
+            )
+
+            def scraped(router: Router = router) -> bool:
+                engine = router.stats_of("busy")["engine"]
+                return bool(engine) and engine["waiting"] == 50
+
+            wait_until(scraped, 10, "the scrape")
+            served = collections.Counter()
+            for i in range(100):
+                body = {
+                    "model": "Qwen3-32B",
+                    "max_tokens": 1,
+                    "messages": [{"role": "user", "content": f"question {i} " + "words " * 60}],
+                }
+                resp = router.post("/v1/chat/completions", body)
+                assert resp.status == 200, resp
+                served[resp.headers["x-mock-server"]] += 1
+            assert served["idle"] >= 90, (strategy, served)
+            engine = router.stats_of("busy")["engine"]
+            assert engine["running"] == 1 and engine["counted"] >= 50 and engine["age_s"] < 2
+            metrics = router.get("/metrics").body.decode()
+            assert 'lmproxy_engine_waiting_requests{service="busy"} 50.0' in metrics
+            router.stop()
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_a_service_without_load_metrics_is_asked_once(spawn):
+    plain = spawn(Mock, "plain", ["Qwen3-32B"], "--metrics", "none")
+    router = router_over(spawn, [plain], "--load-interval", "0.1", "--health-interval", "0.2")
+    wait_until(lambda: "has no engine load figures" in router.output, 5, "the one try")
+    asked = plain.stats()["paths"].count("/metrics")
+    # About ten load intervals later (five health checks), it was not asked again.
+    wait_until(lambda: plain.stats()["paths"].count("/health") >= 6, 10, "more health checks")
+    assert plain.stats()["paths"].count("/metrics") == asked == 1
+    assert router.stats_of("plain")["engine"] is None
+    assert request(router.port, "GET", "/health").status == 200

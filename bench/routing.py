@@ -16,6 +16,10 @@ Workloads:
   sent where its conversation's prefix is cached skips most of its prefill.
 - ``mixed-length``: no shared prefixes; most requests short, some long (long
   prompts and long answers). Only load balance matters.
+- ``external-load``: mixed-length, while another client keeps ten long streams
+  open on the fast service directly, bypassing the router: the router's own
+  count says that service is idle, the engine's ``/metrics`` says it is full.
+  ``@noload`` runs the router with ``--load-interval 0`` (its own view only).
 
 A strategy may carry options and name how the router is deployed:
 ``cache-aware(miss=least-loaded)`` passes ``--strategy-opt miss=least-loaded``
@@ -55,7 +59,10 @@ STRATEGIES = [
     "affinity",
     "cache-aware",
 ]
-WORKLOADS = ["shared-prefix", "mixed-length"]
+WORKLOADS = ["shared-prefix", "mixed-length", "external-load"]
+# external-load: streams another client keeps open on the fast service, not through
+# the router, so that only the engine's own /metrics shows that service busy.
+EXTERNAL_STREAMS = 10  # the fast service's batch is 8: two more wait in its queue
 # (name, seconds per token, weight): one fast, one medium, one slow service.
 SERVICES = [("fast", 0.010, 3), ("medium", 0.015, 2), ("slow", 0.025, 1)]
 ENGINE = [
@@ -174,7 +181,18 @@ def _deployment(name: str) -> tuple[list[str], int]:
             if kind == "workers":
                 return [*flags, "--workers", str(count)], 1
             return flags, count
-    raise SystemExit(f"unknown deployment {deployment!r}: use @workersN or @replicasN")
+    if deployment == "noload":
+        return [*flags, "--load-interval", "0"], 1
+    raise SystemExit(f"unknown deployment {deployment!r}: use @workersN, @replicasN or @noload")
+
+
+def _external_body() -> dict:
+    """A stream long enough to outlast the run: 4,000 tokens at the fast service's pace."""
+    return {
+        "model": "Qwen3-32B",
+        "messages": [{"role": "user", "content": "keep talking"}],
+        "max_tokens": 4000,
+    }
 
 
 async def _run_one(name: str, workload: str, args: argparse.Namespace) -> dict:
@@ -191,9 +209,19 @@ async def _run_one(name: str, workload: str, args: argparse.Namespace) -> dict:
         ports = [p.port for p in proxies]
         await asyncio.sleep(0.5)  # first health checks
         rng = random.Random(args.seed)
-        source = SharedPrefix(rng) if workload == "shared-prefix" else MixedLength(rng)
+        source: SharedPrefix | MixedLength = (
+            SharedPrefix(rng) if workload == "shared-prefix" else MixedLength(rng)
+        )
         result = Result()
         tasks = []
+        outside: list[asyncio.Task[None]] = []
+        if workload == "external-load":  # not counted: another client's traffic
+            fast = services[0].port
+            outside = [
+                asyncio.create_task(_request(fast, _external_body(), Result()))
+                for _ in range(EXTERNAL_STREAMS)
+            ]
+            await asyncio.sleep(1.5)  # the engines' next scrape sees them
         started = time.perf_counter()
         deadline = started + args.duration
         turn = 0
@@ -204,6 +232,9 @@ async def _run_one(name: str, workload: str, args: argparse.Namespace) -> dict:
             await asyncio.sleep(rng.expovariate(args.rate))
         await asyncio.wait_for(asyncio.gather(*tasks), args.duration + 120)
         elapsed = time.perf_counter() - started
+        for task in outside:
+            task.cancel()
+        await asyncio.gather(*outside, return_exceptions=True)
     finally:
         for proxy in proxies:
             proxy.stop()

@@ -78,6 +78,7 @@ class Service:
         "consecutive_errors",
         "engine_at",
         "engine_extra",
+        "engine_full",
         "engine_kv",
         "engine_running",
         "engine_waiting",
@@ -152,6 +153,8 @@ class Service:
         # What the load-aware strategies add to in_flight: the engine's requests that are
         # not this router's (other routers', direct clients'); 0 when stale or unknown.
         self.engine_extra = 0
+        # The engine queues requests (its batch is full), as of a fresh scrape.
+        self.engine_full = False
         self.metrics_missing = False  # no /metrics with load figures: not scraped again
 
     # The only places in_flight changes on the request path: httpcore keeps its pool's
@@ -414,12 +417,14 @@ class Registry:
         service.engine_at = at
         # The engine counts this router's requests too: only the rest is extra.
         service.engine_extra = max(0, running + waiting - service.in_flight)
+        service.engine_full = waiting > 0
         self._notify()
 
     def engine_stale(self, service: Service) -> None:
         """The last scrape is too old to trust: the router's own count decides alone."""
-        if service.engine_extra:
+        if service.engine_extra or service.engine_full:
             service.engine_extra = 0
+            service.engine_full = False
             self._notify()
 
     def request_failed(self, service: Service, reason: str) -> None:
@@ -504,6 +509,7 @@ class Registry:
                         s.engine_kv,
                         s.engine_at,
                         s.engine_extra,
+                        s.engine_full,
                     ],
                 }
                 for s in self.services.values()
@@ -532,6 +538,7 @@ class Registry:
                 service.engine_kv,
                 service.engine_at,
                 service.engine_extra,
+                service.engine_full,
             ) = entry["engine"]
         for name in [n for n in self.services if n not in wanted]:
             self.remove(name, "removed by the supervisor")

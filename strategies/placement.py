@@ -66,9 +66,16 @@ class Rendezvous:
 
     def choose(self, candidates: Sequence[Service], key: int, epsilon: float) -> Service:
         """The key's first choice whose load is within its bound."""
-        total = sum(service_load(s) for s in candidates) + 1  # including this request
+        # The bound is a share of this router's own requests (exact), and each service's
+        # load is weighed against it with the engine's other traffic added: an engine
+        # busy with work from elsewhere cannot raise its own bound.
+        total = sum(s.in_flight for s in candidates) + 1  # including this request
         weights = sum(max(s.weight, 0) for s in candidates)
         ordered = self.order(candidates, key)
+        # An engine that queues requests (a fresh scrape says its batch is full) is
+        # passed over while another has room: its queue may be behind long requests.
+        if any(s.engine_full for s in ordered) and not all(s.engine_full for s in ordered):
+            ordered = [s for s in ordered if not s.engine_full]
         for service in ordered:
             share = max(service.weight, 0) / weights if weights else 1 / len(candidates)
             if service_load(service) < math.ceil((1 + epsilon) * total * share):

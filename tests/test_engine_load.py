@@ -58,6 +58,24 @@ def test_the_engines_other_traffic_counts_only_while_fresh():
     assert strategy.choose([busy, idle], None) is busy  # type: ignore[arg-type]
 
 
+def test_a_full_engine_is_passed_over_by_miss_placement():
+    from strategies.placement import Rendezvous
+
+    registry = Registry()
+    pool = [registry.add(ServiceSpec(url=f"http://127.0.0.1:{i}", name=f"s{i}")) for i in (1, 2, 3)]
+    keys = range(300)
+    owners = {k: Rendezvous().choose(pool, k, 0.25) for k in keys}
+    full = owners[0]
+    registry.engine_load(full, 8, 2, None, at=0.0)  # its batch is full: 2 wait
+    assert full.engine_full
+    assert all(Rendezvous().choose(pool, k, 0.25) is not full for k in keys)
+    # Keys it did not own stay where they were.
+    kept = [k for k in keys if owners[k] is not full]
+    assert all(Rendezvous().choose(pool, k, 0.25) is owners[k] for k in kept)
+    registry.engine_stale(full)
+    assert not full.engine_full and Rendezvous().choose(pool, 0, 0.25) is full
+
+
 def _flood(port: int, count: int) -> list[socket.socket]:
     """``count`` streamed requests straight to a service, bypassing the router, never read."""
     body = json.dumps(

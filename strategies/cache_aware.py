@@ -22,8 +22,8 @@ router happens to see least loaded: the request's session, else its
 conversation's opening, is placed by weighted rendezvous hashing with bounded
 loads (``placement.py``). Replicas that never talk to each other, and workers
 between two exchanges of what they learnt, then put a new conversation on the
-same service and learn the same trees. A prompt with no key to place it by
-goes to the least-loaded service.
+same service and learn the same trees. A prompt shorter than one block (nothing
+to cache), or with no key to place it by, goes to the least-loaded service.
 
 With ``--workers``, the workers share what they learn (``share``/``absorb``:
 the prefixes each request added, batched through the supervisor), so the
@@ -103,7 +103,9 @@ class CacheAware(BaseStrategy):
             return candidates[0]
         least = self._balance.choose(candidates, request)
         if not hashes:
-            return self._miss(candidates, request, least)
+            # Under one block: nothing worth caching, so nothing to place alike; spreading
+            # by load keeps identical small requests from piling onto one service.
+            return least
         best, best_match = least, 0
         for service in candidates:
             matched = self.match(service, hashes)

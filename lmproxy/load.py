@@ -95,11 +95,12 @@ class LoadScraper:
             if interval > 0:
                 services = [s for s in self.registry.healthy() if not s.metrics_missing]
                 await asyncio.gather(*(self.scrape(s) for s in services))
-                now = time.time()
-                for service in self.registry.services.values():
-                    at = service.engine_at
-                    if at is not None and now - at > STALE_INTERVALS * interval:
-                        self.registry.engine_stale(service)
+            now = time.time()
+            for service in self.registry.services.values():
+                at = service.engine_at
+                # Turned off by a reload, or too old: the router's own count decides.
+                if at is not None and (interval <= 0 or now - at > STALE_INTERVALS * interval):
+                    self.registry.engine_stale(service)
             await asyncio.sleep(interval if interval > 0 else 1.0)
 
     async def scrape(self, service: Service) -> None:
@@ -110,7 +111,11 @@ class LoadScraper:
             )
         except (ProbeError, TimeoutError, OSError):
             return  # the health check reports it; the figure goes stale meanwhile
-        figures = parse(body.decode("utf-8", "replace")) if status == 200 else None
+        try:
+            figures = parse(body.decode("utf-8", "replace")) if status == 200 else None
+        except Exception as exc:  # a page prometheus_client cannot read: not this time
+            log.debug("service %s: %s did not parse: %s", service.name, path, exc)
+            return
         if figures is None:
             if status in (200, 404):
                 service.metrics_missing = True

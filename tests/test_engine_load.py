@@ -43,6 +43,24 @@ def test_parse_reads_vllm_sglang_and_the_deprecated_name():
     assert parse("") is None
 
 
+async def test_a_page_that_does_not_parse_costs_one_scrape_not_the_loop(monkeypatch):
+    from lmproxy import load
+
+    registry = Registry()
+    service = registry.add(ServiceSpec(url="http://127.0.0.1:1", name="odd"))
+    pages = iter([b'vllm:num_requests_running{model_name="a" 3\n', VLLM.encode()])
+
+    async def fake_get(*args: object, **kwargs: object) -> tuple[int, bytes]:
+        return 200, next(pages)
+
+    monkeypatch.setattr(load, "http_get", fake_get)
+    scraper = load.LoadScraper(registry, 1.0, 1.0)
+    await scraper.scrape(service)  # garbage: no figure, no exception, asked again later
+    assert service.engine_at is None and not service.metrics_missing
+    await scraper.scrape(service)
+    assert (service.engine_running, service.engine_waiting) == (4, 7)
+
+
 def test_the_engines_other_traffic_counts_only_while_fresh():
     registry = Registry()
     busy = registry.add(ServiceSpec(url="http://127.0.0.1:1", name="busy"))

@@ -193,6 +193,10 @@ class Router(Process):
 
         wait_until(idle, timeout_s, "in_flight and queue_length back to 0")
 
+    def listed(self) -> dict[str, dict[str, Any]]:
+        """GET /services, by name."""
+        return {s["name"]: s for s in self.get("/services").json()["services"]}
+
     def stats_of(self, name: str) -> dict[str, Any]:
         for service in self.get("/stats").json()["services"]:
             if service["name"] == name:

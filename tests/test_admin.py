@@ -11,7 +11,7 @@ from conftest import Mock, Router, chat_body, request, wait_until
 
 
 def _names(router: Router) -> set[str]:
-    return {s["name"] for s in router.get("/services").json()["services"]}
+    return set(router.listed())
 
 
 def _local_address() -> str | None:

@@ -12,10 +12,6 @@ from pathlib import Path
 from conftest import Mock, Registry, Router, chat_body, wait_until
 
 
-def _services(router: Router) -> dict[str, dict]:
-    return {s["name"]: s for s in router.get("/services").json()["services"]}
-
-
 def test_registry_decides_membership_and_the_router_decides_health(spawn):
     a = spawn(Mock, "reg-a", ["Qwen3-32B"])
     sick = spawn(Mock, "reg-sick", ["Qwen3-32B"], "--fault", "unhealthy")
@@ -33,9 +29,9 @@ def test_registry_decides_membership_and_the_router_decides_health(spawn):
         "--service-removal-grace-period",
         "1.5",
     )
-    wait_until(lambda: len(_services(router)) == 2, 5, "the registry's services")
+    wait_until(lambda: len(router.listed()) == 2, 5, "the registry's services")
     router.wait_healthy(1, timeout_s=5)
-    services = _services(router)
+    services = router.listed()
     assert services["service_a"]["origin"] == "registry"
     assert services["service_a"]["healthy"] is True
     assert services["service_sick"]["healthy"] is False  # the registry said running
@@ -45,7 +41,7 @@ def test_registry_decides_membership_and_the_router_decides_health(spawn):
     # Gone from the registry: kept for the grace period, then removed.
     registry.delete("service_sick")
     left = time.monotonic()
-    wait_until(lambda: "service_sick" not in _services(router), 5, "removal after the grace")
+    wait_until(lambda: "service_sick" not in router.listed(), 5, "removal after the grace")
     assert time.monotonic() - left >= 1.2
     assert "gone from the registry for 1.5s" in router.output
 
@@ -53,7 +49,7 @@ def test_registry_decides_membership_and_the_router_decides_health(spawn):
     registry.kill()
     wait_until(lambda: "unreachable" in router.output, 5, "the failed poll to be logged")
     time.sleep(2.0)  # longer than the grace period: nothing may be removed meanwhile
-    assert "service_a" in _services(router)
+    assert "service_a" in router.listed()
     assert router.post("/v1/chat/completions", chat_body()).status == 200
 
 
@@ -75,7 +71,7 @@ def test_a_service_back_in_the_registry_within_the_grace_is_kept(spawn):
     time.sleep(0.6)  # a few polls without it
     registry.register("flap", a)
     time.sleep(2.5)  # past the grace period it would have had
-    assert _services(router)["flap"]["healthy"] is True
+    assert router.listed()["flap"]["healthy"] is True
 
 
 def _write_config(path: Path, backends: list[Mock], strategy: str) -> None:
@@ -126,7 +122,7 @@ def test_sighup_reload_under_load_fails_no_request(spawn, tmp_path):
 
         _write_config(config, [b], "least-outstanding")
         router.signal(signal.SIGHUP)
-        wait_until(lambda: "hup-a" not in _services(router), 5, "the old service to go")
+        wait_until(lambda: "hup-a" not in router.listed(), 5, "the old service to go")
         served_by_a = a.stats()["completed"]
         count = len(statuses)
         wait_until(lambda: len(statuses) > count + 50, 10, "more load after the reload")
@@ -144,4 +140,4 @@ def test_sighup_reload_under_load_fails_no_request(spawn, tmp_path):
             thread.join(15)
     assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
     assert [len(seen) for seen in sockets] == [1] * 4  # no connection was dropped
-    assert "hup-b" in _services(router)
+    assert "hup-b" in router.listed()

@@ -37,10 +37,6 @@ class Babysitter(Process):
         return self.output.count(line + "\n")
 
 
-def _services(router: Router) -> dict[str, dict]:
-    return {s["name"]: s for s in router.get("/services").json()["services"]}
-
-
 def test_infinilm_start_up_order(spawn):
     """launch_all.sh's order: router first, then each babysitter with its server."""
     # 1. The router starts with no services, and /health is 200 at once: the launch
@@ -57,7 +53,7 @@ def test_infinilm_start_up_order(spawn):
     sitter = spawn(Babysitter, f"http://127.0.0.1:{router.port}", "service_9g8b", server)
     wait_until(lambda: sitter.count("registered service_9g8b-server 201"), 10, "registrations")
     assert sitter.count("registered service_9g8b 201") == 1
-    listed = _services(router)
+    listed = router.listed()
     assert listed["service_9g8b"]["routable"] is False
     assert listed["service_9g8b"]["type"] == "InfiniLM"
     assert listed["service_9g8b"]["url"] == f"http://127.0.0.1:{server.port + 1}"
@@ -94,7 +90,7 @@ def test_infinilm_start_up_order(spawn):
     assert sitter.count("unregistered service_9g8b-server 200") == 1
 
     # 5. The router forgets it.
-    assert _services(router) == {}
+    assert router.listed() == {}
     assert router.get("/health").json()["healthy_services"] == "0/0"
     assert router.get("/readiness").status == 503
     message = router.post("/chat/completions", {"messages": HELLO}).json()["error"]
@@ -132,10 +128,10 @@ def test_babysitter_entries_are_kept_listed_and_heartbeated(spawn):
     # The name is taken over by an openai-api registration, and back.
     server = spawn(Mock, "srv", ["m"])
     assert router.post("/services", {"name": "sitter", "url": server.url}).status == 201
-    assert _services(router)["sitter"]["routable"] is True
+    assert router.listed()["sitter"]["routable"] is True
     router.wait_healthy(1)
     assert router.post("/services", entry).status == 201
-    assert _services(router)["sitter"]["routable"] is False
+    assert router.listed()["sitter"]["routable"] is False
     assert router.get("/health").json()["healthy_services"] == "0/0"
     assert request(router.port, "DELETE", "/services/sitter").status == 200
     assert request(router.port, "DELETE", "/services/sitter").status == 404
@@ -147,7 +143,7 @@ def test_babysitter_entries_follow_the_ttl(spawn):
     router = spawn(Router, "--registration-ttl", "1")
     entry = {"name": "sitter", "url": "http://127.0.0.1:9", "metadata": {"type": "InfiniLM"}}
     assert router.post("/services", entry).status == 201
-    wait_until(lambda: "sitter" not in _services(router), 5, "the entry to expire")
+    wait_until(lambda: "sitter" not in router.listed(), 5, "the entry to expire")
     assert "entry sitter removed: no heartbeat for 1s" in router.output
 
 
@@ -181,7 +177,7 @@ def test_the_infinilm_registry_with_registry_url_keeps_working(spawn):
     )
     router.wait_healthy(1)
     # From a registry, only openai-api entries matter to routing.
-    assert list(_services(router)) == ["service_qwen-server"]
+    assert list(router.listed()) == ["service_qwen-server"]
     resp = router.post("/chat/completions", {"messages": HELLO})
     assert resp.status == 200 and resp.json()["model"] == "Qwen3-32B"
     sitter.signal(signal.SIGTERM)

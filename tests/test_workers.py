@@ -71,11 +71,7 @@ def test_registration_reaches_every_worker_within_a_second(spawn):
 
     def everyone_lists_it() -> bool:
         return all(
-            {s["name"]: s for s in router.get("/services").json()["services"]}.get(
-                "w-sitter", {}
-            ).get("status")
-            == "stopped"
-            for _ in range(10)
+            router.listed().get("w-sitter", {}).get("status") == "stopped" for _ in range(10)
         )
 
     wait_until(everyone_lists_it, 1.0, "every worker to list the entry")

@@ -123,7 +123,9 @@ class Fleet:
         self.load = LoadScraper(registry, config.load_interval, config.health_timeout, instance_id)
         self._expires: dict[str, tuple[float, float]] = {}  # name -> (ttl, monotonic deadline)
         self._gone_since: dict[str, float] = {}  # registry services no longer listed
-        self._heartbeats: dict[str, float] = {}  # name -> epoch of its last heartbeat
+        # Registered service -> epoch of its registration or last heartbeat (for
+        # /services/{name}/health; a kept entry carries its own last_heartbeat).
+        self._heartbeats: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._poller: asyncio.Task[None] | None = None
         self._registry_ok = True
@@ -282,12 +284,11 @@ class Fleet:
             answer = kept_entry(entry)
         else:
             assert spec is not None
-            if self.registry.drop(name, "registered again, as type 'openai-api'"):
-                self._heartbeats.pop(name, None)
+            self.registry.drop(name, "registered again, as type 'openai-api'")
             service, created = self._put(spec, "admin")
+            self._heartbeats[name] = time.time()  # an entry keeps its own
             answer = describe(service)
         self._gone_since.pop(name, None)
-        self._heartbeats[name] = time.time()
         if ttl:
             self._expires[name] = (ttl, time.monotonic() + ttl)
         else:
@@ -327,7 +328,6 @@ class Fleet:
         if expiry is not None:
             self._expires[name] = (expiry[0], time.monotonic() + expiry[0])
         now = time.time()
-        self._heartbeats[name] = now
         if entry is not None:
             entry.last_heartbeat = now
             if status is not None:
@@ -335,6 +335,7 @@ class Fleet:
             healthy = entry.healthy
         else:
             assert service is not None
+            self._heartbeats[name] = now
             healthy = service.healthy
         return 200, {
             "name": name,

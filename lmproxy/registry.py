@@ -416,9 +416,12 @@ class Registry:
         service.engine_kv = kv
         service.engine_at = at
         # The engine counts this router's requests too: only the rest is extra.
-        service.engine_extra = max(0, running + waiting - service.in_flight)
-        service.engine_full = waiting > 0
-        self._notify()
+        extra, full = max(0, running + waiting - service.in_flight), waiting > 0
+        if (extra, full) != (service.engine_extra, service.engine_full):
+            # Only what routing reads goes to the listeners (the workers' copies):
+            # no broadcast of the whole registry for a scrape that changed nothing.
+            service.engine_extra, service.engine_full = extra, full
+            self._notify()
 
     def engine_stale(self, service: Service) -> None:
         """The last scrape is too old to trust: the router's own count decides alone."""

@@ -50,6 +50,62 @@ def test_bounded_batch_queues_requests(spawn):
     assert sorted(finished)[1] > 0.55  # the second waited for the first's place
 
 
+def test_max_completion_tokens_is_read_first_as_vllm_does(spawn):
+    """sglang-router rewrites max_tokens as max_completion_tokens: the simulator must obey it."""
+    backend = spawn(Mock, "e", ["Qwen3-32B"])
+    usage = lambda body: request(backend.port, "POST", "/v1/chat/completions", body).json()[  # noqa: E731
+        "usage"
+    ]
+    assert usage(chat_body(max_completion_tokens=3))["completion_tokens"] == 3
+    assert usage(chat_body(max_tokens=9, max_completion_tokens=2))["completion_tokens"] == 2
+    assert usage(chat_body(max_tokens=5))["completion_tokens"] == 5
+
+
+def test_render_answers_as_vllm_does(spawn):
+    """vllm-router's cache_aware asks /v1/chat/completions/render for the prompt's token ids
+    and routes blind without them. The ids follow the prompt: a longer conversation's ids
+    start with the shorter one's, and a different prompt's do not."""
+    backend = spawn(Mock, "e", ["Qwen3-32B"])
+    system = {"role": "system", "content": "You are agent 7. " + "w" * 2000}
+    turn = [system, {"role": "user", "content": "first question"}]
+    longer = [
+        *turn,
+        {"role": "assistant", "content": "an answer"},
+        {"role": "user", "content": "?"},
+    ]
+
+    def render(messages: list[dict]) -> dict:
+        resp = request(
+            backend.port, "POST", "/v1/chat/completions/render", chat_body(messages=messages)
+        )
+        assert resp.status == 200, resp.body
+        return resp.json()
+
+    short, long = render(turn), render(longer)
+    assert short["model"] == "Qwen3-32B" and isinstance(short["request_id"], str)
+    assert all(isinstance(t, int) and 0 <= t < 151_936 for t in short["token_ids"])
+    assert len(short["token_ids"]) > 400  # about one per 4 bytes, as usage counts them
+    shared = len(short["token_ids"]) - 8  # a JSON array's closing bytes differ
+    assert long["token_ids"][:shared] == short["token_ids"][:shared]
+    other = render([{"role": "system", "content": "You are agent 8. " + "w" * 2000}])
+    assert other["token_ids"][:20] != short["token_ids"][:20]
+    # A completion's render is a list, one per prompt, as vLLM's /v1/completions/render.
+    resp = request(
+        backend.port,
+        "POST",
+        "/v1/completions/render",
+        {"model": "Qwen3-32B", "prompt": ["one prompt here", "and another one"]},
+    )
+    assert resp.status == 200
+    items = resp.json()
+    assert [len(i["token_ids"]) for i in items] == [4, 4]
+    assert len({i["request_id"] for i in items}) == 2
+    # Rendering generates nothing: no engine time, no traffic in the batch's figures.
+    assert backend.stats()["prompt_tokens"] == 0
+    missing = request(backend.port, "POST", "/v1/chat/completions/render", chat_body(model="other"))
+    assert missing.status == 404
+
+
 @pytest.mark.slow
 def test_routing_benchmark_smoke():
     result = subprocess.run(

@@ -21,6 +21,19 @@ class Engine:
 
     BLOCK_BYTES = 128
     BYTES_PER_TOKEN = 4
+    VOCAB = 151_936  # Qwen's: token ids look like a real model's
+
+    @classmethod
+    def token_ids(cls, prompt: bytes) -> list[int]:
+        """The simulated tokenizer: one token per 4 prompt bytes, as ``prefill`` counts
+        them, each id a function of its bytes, so that two prompts share their leading
+        ids exactly as far as they share their leading bytes."""
+        size = cls.BYTES_PER_TOKEN
+        ids = [
+            int.from_bytes(prompt[i : i + size], "little") % cls.VOCAB
+            for i in range(0, len(prompt) - size + 1, size)
+        ]
+        return ids or [0]
 
     def __init__(
         self,

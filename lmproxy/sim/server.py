@@ -22,6 +22,7 @@ from lmproxy.sim.shapes import (
     encode,
     event,
     json_answer,
+    rendered,
     text,
 )
 from lmproxy.sim.state import MockState
@@ -34,6 +35,9 @@ class _Body(msgspec.Struct):
     model: str | None = None
     stream: bool | None = False
     max_tokens: int | None = None
+    # What chat clients send now, and sglang-router sends in max_tokens' place; vLLM
+    # takes it first.
+    max_completion_tokens: int | None = None
     input: Any = None
     messages: msgspec.Raw = msgspec.Raw(b"")
     prompt: msgspec.Raw = msgspec.Raw(b"")
@@ -207,6 +211,8 @@ class MockConnection(asyncio.Protocol):
             "/completions": "text",
             "/v1/embeddings": "embedding",
             "/embeddings": "embedding",
+            "/v1/chat/completions/render": "render-chat",
+            "/v1/completions/render": "render-text",
         }.get(path)
         raw = headers.get(b"x-mock-raw")
         if raw is not None:
@@ -233,6 +239,11 @@ class MockConnection(asyncio.Protocol):
         if model not in state.models:
             self.write(json_answer(404, {"error": f"model {model!r} is not served here"}))
             return
+        n = request.max_completion_tokens or request.max_tokens or state.tokens
+        if kind.startswith("render"):  # no generation: the engine's batch is not involved
+            self.write(json_answer(200, _render(kind, model, request, n, next(state.ids))))
+            state.completed += 1
+            return
         ttft = float(headers.get(b"x-mock-ttft", b"") or state.ttft_s)
         delay = float(headers.get(b"x-mock-token-delay", b"") or state.token_delay_s)
         if kind == "embedding":
@@ -241,7 +252,6 @@ class MockConnection(asyncio.Protocol):
             self.write(json_answer(200, embeddings(model, request.input, prompt_tokens)))
             state.completed += 1
             return
-        n = request.max_tokens if request.max_tokens else state.tokens
         engine = state.engine
         if request.stream:
             state.streams_started += 1
@@ -336,6 +346,24 @@ class MockConnection(asyncio.Protocol):
             data = b"".join(pending)
             pending.clear()
             self.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+def _render(kind: str, model: str, request: _Body, n: int, number: int) -> Any:
+    """vLLM's render answers: one ``GenerateRequest`` for a chat, a list of them (one per
+    prompt) for a completion. The token ids are of the same bytes ``prefill`` caches."""
+    if kind == "render-chat":
+        return rendered(model, Engine.token_ids(bytes(request.messages)), n, f"render-{number}")
+    prompts = [bytes(request.prompt)]
+    try:
+        decoded = msgspec.json.decode(prompts[0])
+    except msgspec.DecodeError:
+        decoded = None
+    if isinstance(decoded, list) and decoded and all(isinstance(p, str) for p in decoded):
+        prompts = [encode(p) for p in decoded]
+    return [
+        rendered(model, Engine.token_ids(p), n, f"render-{number}-{i}")
+        for i, p in enumerate(prompts)
+    ]
 
 
 async def start_mock(state: MockState, host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:

@@ -64,6 +64,24 @@ def completion(
     }
 
 
+def rendered(model: str, token_ids: list[int], max_tokens: int, request_id: str) -> dict[str, Any]:
+    """What vLLM's ``/v1/chat/completions/render`` answers (its ``GenerateRequest``): the
+    prompt as the engine would see it, without generating. Routers that place by tokens
+    (vllm-router's cache_aware) ask it first."""
+    return {
+        "request_id": request_id,
+        "token_ids": token_ids,
+        "features": None,
+        "sampling_params": {"n": 1, "max_tokens": max_tokens},
+        "model": model,
+        "stream": False,
+        "stream_options": None,
+        "cache_salt": None,
+        "priority": 0,
+        "kv_transfer_params": None,
+    }
+
+
 def embeddings(model: str, inputs: Any, prompt_tokens: int) -> dict[str, Any]:
     items = (
         inputs

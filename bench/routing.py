@@ -21,6 +21,17 @@ Workloads:
   count says that service is idle, the engine's ``/metrics`` says it is full.
   ``@noload`` runs the router with ``--load-interval 0`` (its own view only).
 
+The peers run in front of the same services, with the same seed and workload:
+``sglang-router:cache_aware`` starts sglang-router with ``--policy cache_aware``
+(``bench/setup.sh`` installs it; a peer that is not installed is skipped with a
+line that says so). By default every lmproxy strategy, the ``@workers2``,
+``@replicas2`` and ``@noload`` deployments of the default strategy, and the
+peers' policies in ``PEER_ROWS`` run. Each conversation of shared-prefix carries
+its own ``X-Session-ID`` header, as a chat application sends its conversation id:
+vllm-router's consistent_hash routes by it, the cache-aware policies may use it.
+Request bodies are compact JSON, so every router forwards prompts of the same size
+(the Rust routers re-encode bodies; lmproxy forwards the client's bytes).
+
 A strategy may carry options and name how the router is deployed:
 ``cache-aware(miss=least-loaded)`` passes ``--strategy-opt miss=least-loaded``
 (options separated by ``;``); ``cache-aware@workers2`` runs one router with
@@ -46,6 +57,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.peers import PEERS, Running, RustRouter
 from bench.procs import Proc, mock, router
 from lmproxy.system import raise_open_file_limit
 
@@ -58,6 +70,14 @@ STRATEGIES = [
     "least-latency",
     "affinity",
     "cache-aware",
+]
+DEPLOYMENTS = ["cache-aware@workers2", "cache-aware@replicas2", "cache-aware@noload"]
+PEER_ROWS = [
+    "sglang-router:cache_aware",
+    "sglang-router:round_robin",
+    "vllm-router:cache_aware",
+    "vllm-router:consistent_hash",
+    "vllm-router:round_robin",
 ]
 WORKLOADS = ["shared-prefix", "mixed-length", "external-load"]
 # external-load: streams another client keeps open on the fast service, not through
@@ -93,9 +113,13 @@ class SharedPrefix:
             [{"role": "system", "content": f"You are agent {i}. " + _words(rng, 900)}]
             for i in range(conversations)
         ]
+        self.sessions = [f"conversation-{i}" for i in range(conversations)]
+        self.started = conversations
 
-    def next(self) -> dict:
-        history = self.rng.choice(self.histories)
+    def next(self) -> tuple[dict, str | None]:
+        """The next turn of one conversation, and that conversation's session id."""
+        index = self.rng.randrange(len(self.histories))
+        history, session = self.histories[index], self.sessions[index]
         history.append({"role": "user", "content": _words(self.rng, 30)})
         body = {"model": "Qwen3-32B", "messages": list(history), "max_tokens": 24}
         history.append({"role": "assistant", "content": _words(self.rng, 24)})
@@ -105,7 +129,9 @@ class SharedPrefix:
             history[:] = [
                 {"role": "system", "content": "You are a new agent. " + _words(self.rng, 900)}
             ]
-        return body
+            self.sessions[index] = f"conversation-{self.started}"
+            self.started += 1
+        return body, session
 
 
 class MixedLength:
@@ -114,19 +140,21 @@ class MixedLength:
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
 
-    def next(self) -> dict:
+    def next(self) -> tuple[dict, str | None]:
         long = self.rng.random() < 0.2
         content = _words(self.rng, 600 if long else 40)
-        return {
+        body = {
             "model": "Qwen3-32B",
             "messages": [{"role": "user", "content": content}],
             "max_tokens": 160 if long else 12,
         }
+        return body, None
 
 
-async def _request(port: int, body: dict, result: Result) -> None:
-    payload = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}})
-    data = payload.encode()
+async def _request(port: int, body: dict, result: Result, session: str | None = None) -> None:
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    data = json.dumps(streamed, separators=(",", ":")).encode()
+    extra = b"X-Session-ID: %s\r\n" % session.encode() if session else b""
     started = time.perf_counter()
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -136,7 +164,7 @@ async def _request(port: int, body: dict, result: Result) -> None:
     try:
         writer.write(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: "
-            b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data)
+            b"application/json\r\n%sContent-Length: %d\r\n\r\n%s" % (extra, len(data), data)
         )
         head = await reader.readuntil(b"\r\n\r\n")
         if not head.startswith(b"HTTP/1.1 200"):
@@ -164,6 +192,32 @@ async def _request(port: int, body: dict, result: Result) -> None:
         result.failed += 1
     finally:
         writer.close()
+
+
+def _peer(name: str) -> tuple[str, str] | None:
+    """``peer:policy`` -> (peer, policy); None for an lmproxy row."""
+    peer, sep, policy = name.partition(":")
+    if not sep:
+        return None
+    known = PEERS.get(peer)
+    if not isinstance(known, RustRouter) or policy not in known.policies:
+        rows = ", ".join(PEER_ROWS)
+        raise SystemExit(f"unknown peer row {name!r}: use one of {rows}")
+    return peer, policy
+
+
+def _start(name: str, ports: list[int]) -> list[Proc | Running]:
+    """The routers of one row, in front of the services on ``ports``."""
+    peer = _peer(name)
+    if peer is not None:
+        known = PEERS[peer[0]]
+        assert isinstance(known, RustRouter)
+        return [known.start(ports, None, policy=peer[1])]
+    flags, replicas = _deployment(name)
+    backends = []
+    for (service, _, weight), port in zip(SERVICES, ports, strict=True):
+        backends += ["--backend", f"{service}=http://127.0.0.1:{port},weight={weight}"]
+    return [router(*backends, *flags) for _ in range(replicas)]
 
 
 def _deployment(name: str) -> tuple[list[str], int]:
@@ -196,16 +250,12 @@ def _external_body() -> dict:
 
 
 async def _run_one(name: str, workload: str, args: argparse.Namespace) -> dict:
-    flags, replicas = _deployment(name)
     services: list[Proc] = []
-    proxies: list[Proc] = []
+    proxies: list[Proc | Running] = []
     try:
         for service, delay, _ in SERVICES:
             services.append(mock(service, "Qwen3-32B", "--token-delay", str(delay), *ENGINE))
-        backends = []
-        for (service, _, weight), proc in zip(SERVICES, services, strict=True):
-            backends += ["--backend", f"{service}=http://127.0.0.1:{proc.port},weight={weight}"]
-        proxies = [router(*backends, *flags) for _ in range(replicas)]
+        proxies = _start(name, [proc.port for proc in services])
         ports = [p.port for p in proxies]
         await asyncio.sleep(0.5)  # first health checks
         rng = random.Random(args.seed)
@@ -228,7 +278,8 @@ async def _run_one(name: str, workload: str, args: argparse.Namespace) -> dict:
         while time.perf_counter() < deadline:
             port = ports[turn % len(ports)]
             turn += 1
-            tasks.append(asyncio.create_task(_request(port, source.next(), result)))
+            body, session = source.next()
+            tasks.append(asyncio.create_task(_request(port, body, result, session)))
             await asyncio.sleep(rng.expovariate(args.rate))
         await asyncio.wait_for(asyncio.gather(*tasks), args.duration + 120)
         elapsed = time.perf_counter() - started
@@ -324,8 +375,16 @@ def _plot(rows: list[dict], path: Path) -> None:
 async def _main(args: argparse.Namespace) -> int:
     raise_open_file_limit()
     rows = []
+    strategies = []
+    for name in args.strategies:
+        peer = _peer(name)
+        missing = PEERS[peer[0]].missing() if peer else None
+        if missing:
+            print(f"skip {name}: {missing}")
+        else:
+            strategies.append(name)
     for workload in args.workloads:
-        for strategy in args.strategies:
+        for strategy in strategies:
             row = await _run_one(strategy, workload, args)
             rows.append(row)
             print(
@@ -364,8 +423,9 @@ def main() -> int:
     parser.add_argument(
         "--strategies",
         type=lambda s: s.split(","),
-        default=STRATEGIES,
-        help="comma-separated (default: all built-ins)",
+        default=STRATEGIES + DEPLOYMENTS + PEER_ROWS,
+        help="comma-separated rows: strategy[(opt=v;...)][@workersN|@replicasN|@noload] "
+        "or peer:policy (default: every built-in, the default's deployments, and the peers)",
     )
     parser.add_argument(
         "--workloads",

@@ -126,11 +126,11 @@ def _wait_ready(port: int, proc: subprocess.Popen, workdir: str, timeout_s: floa
 
 
 def _launch(
-    name: str, argv: list[str], cpus: str, port: int, workdir: str, cwd: str | None = None
+    name: str, argv: list[str], cpus: str | None, port: int, workdir: str, cwd: str | None = None
 ) -> Running:
     log = open(Path(workdir) / "peer.log", "wb")  # noqa: SIM115 - owned by the process
     proc = subprocess.Popen(
-        ["taskset", "-c", cpus, *argv],
+        ["taskset", "-c", cpus, *argv] if cpus else argv,
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -228,14 +228,15 @@ class _VenvPeer(Peer):
         return None
 
 
-class _RustRouter(_VenvPeer):
+class RustRouter(_VenvPeer):
     """vllm-router and sglang-router share their command line (sglang-router's is a
     fork of it), but for a subcommand and the spelling of the warning log level."""
 
     subcommand: tuple[str, ...] = ()
     warn_level = "warning"
+    policies: tuple[str, ...] = ()  # those bench.routing compares
 
-    def start(self, backends: list[int], cpus: str) -> Running:
+    def start(self, backends: list[int], cpus: str | None, policy: str = "round_robin") -> Running:
         workdir = tempfile.mkdtemp(prefix=f"bench-{self.name}-")
         port = free_port()
         argv = [
@@ -248,7 +249,7 @@ class _RustRouter(_VenvPeer):
             "--worker-urls",
             *[f"http://127.0.0.1:{p}" for p in backends],
             "--policy",
-            "round_robin",
+            policy,
             # No admission limits of their own: the benchmark measures the proxying.
             "--max-concurrent-requests",
             "100000",
@@ -262,18 +263,20 @@ class _RustRouter(_VenvPeer):
         return _launch(self.name, argv, cpus, port, workdir)
 
 
-class VllmRouter(_RustRouter):
+class VllmRouter(RustRouter):
     name = "vllm-router"
     about = "vllm-router (Rust), round_robin"
     executable = "vllm-router"
+    policies = ("cache_aware", "consistent_hash", "round_robin")
 
 
-class SglangRouter(_RustRouter):
+class SglangRouter(RustRouter):
     name = "sglang-router"
     about = "sglang-router (Rust), round_robin"
     executable = "sglang-router"
     subcommand = ("launch",)
     warn_level = "warn"
+    policies = ("cache_aware", "round_robin")
 
 
 class Litellm(_VenvPeer):

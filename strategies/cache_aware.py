@@ -12,7 +12,11 @@ It avoids the known failure modes of the Rust routers' default policy:
 - a cache hit yields to load when the preferred service is busier than the
   least-loaded one by more than ``balance_abs`` requests in flight *and* by a
   factor of more than ``balance_rel``, so one service is not saturated while
-  the others idle;
+  the others idle. The default of 8 (a batch's worth) is high on purpose: a
+  conversation that moves is prefilled again in full where it lands, and a
+  router that moves conversations at every passing burst loses more to those
+  prefills than it gains in balance (``bench.routing``: 4 moved 10 of 47
+  conversations and cost two points of hit rate);
 - memory is bounded: at most ``max_entries`` prefix hashes per service, least
   recently used evicted first; work is bounded too: only the first
   ``max_prefix_bytes`` of a prompt are hashed.
@@ -20,7 +24,8 @@ It avoids the known failure modes of the Rust routers' default policy:
 A miss goes where every router would send it, not to whichever service one
 router happens to see least loaded: the request's session, else its
 conversation's opening, is placed by weighted rendezvous hashing with bounded
-loads (``placement.py``). Replicas that never talk to each other, and workers
+loads (``placement.py``; a service takes up to ``balance_abs`` requests over its
+share before it passes a key on). Replicas that never talk to each other, and workers
 between two exchanges of what they learnt, then put a new conversation on the
 same service and learn the same trees. A prompt shorter than one block (nothing
 to cache), or with no key to place it by, goes to the least-loaded service.
@@ -58,7 +63,7 @@ class CacheAware(BaseStrategy):
         "max_prefix_bytes": Option(int, 65536, "bytes of a prompt's opening considered"),
         "max_entries": Option(int, 100_000, "prefixes remembered per service (LRU)"),
         "min_match": Option(float, 0.1, "fraction of a prompt's prefixes that makes a hit"),
-        "balance_abs": Option(int, 4, "in-flight excess over the least loaded that may yield"),
+        "balance_abs": Option(int, 8, "in-flight excess over the least loaded that may yield"),
         "balance_rel": Option(float, 1.5, "in-flight ratio over the least loaded that may yield"),
         "miss": Option(str, "rendezvous", "where a miss goes: rendezvous or least-loaded"),
         "epsilon": Option(float, 0.25, "a miss's service takes at most (1+epsilon) x its share"),
@@ -132,7 +137,9 @@ class CacheAware(BaseStrategy):
         )
         if not key:
             return least
-        return self._placement.choose(candidates, stable_hash(key), self.opt["epsilon"])
+        return self._placement.choose(
+            candidates, stable_hash(key), self.opt["epsilon"], self.opt["balance_abs"]
+        )
 
     def on_start(self, service: Service, request: RouteRequest) -> None:
         hashes = request.memo

@@ -11,7 +11,11 @@ the keys it held.
 
 Bounded loads: the first service in that order whose requests in flight are
 under its share of ``(1 + epsilon)`` times the total takes the key, so a hot
-key, or a slow service, is passed over instead of overloaded.
+key, or a slow service, is passed over instead of overloaded. A ``slack`` of a
+few requests over its share is always allowed: at the small totals of a lightly
+loaded fleet, a bound of ``ceil(1.25 * 7 * 1/6) = 2`` requests would pass keys on
+at every passing burst, and two replicas, which see each burst at different
+moments, would pass them on differently.
 """
 
 from __future__ import annotations
@@ -64,12 +68,17 @@ class Rendezvous:
         scored.sort(key=lambda item: (-item[0], item[1]))
         return [service for _, _, service in scored]
 
-    def choose(self, candidates: Sequence[Service], key: int, epsilon: float) -> Service:
-        """The key's first choice whose load is within its bound."""
-        # The bound is a share of this router's own requests (exact), and each service's
-        # load is weighed against it with the engine's other traffic added: an engine
-        # busy with work from elsewhere cannot raise its own bound.
-        total = sum(s.in_flight for s in candidates) + 1  # including this request
+    def choose(
+        self, candidates: Sequence[Service], key: int, epsilon: float, slack: int = 0
+    ) -> Service:
+        """The key's first choice whose load is within its bound, or over its share by
+        no more than ``slack`` requests."""
+        # Loads and their total are the engines' (this router's exact count, plus the
+        # other traffic each engine reported): every replica in front of the same engines
+        # then sees about the same figures, and bounds a key's first choice alike. With
+        # only its own requests in the total, a replica that serves half the traffic
+        # would find every engine over a bound half as large as it should be.
+        total = sum(service_load(s) for s in candidates) + 1  # including this request
         weights = sum(max(s.weight, 0) for s in candidates)
         ordered = self.order(candidates, key)
         # An engine that queues requests (a fresh scrape says its batch is full) is
@@ -78,6 +87,7 @@ class Rendezvous:
             ordered = [s for s in ordered if not s.engine_full]
         for service in ordered:
             share = max(service.weight, 0) / weights if weights else 1 / len(candidates)
-            if service_load(service) < math.ceil((1 + epsilon) * total * share):
+            load = service_load(service)
+            if load < math.ceil((1 + epsilon) * total * share) or load <= total * share + slack:
                 return service
         return min(ordered, key=service_load)

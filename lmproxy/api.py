@@ -109,6 +109,10 @@ def engine_figures(service: Service) -> dict[str, Any] | None:
         "kv_cache_usage": service.engine_kv,
         "age_s": round(max(0.0, time.time() - service.engine_at), 3),
         "counted": service.engine_extra,  # what the load-aware strategies add
+        "models": {
+            model: {"running": running, "waiting": waiting}
+            for model, (running, waiting) in service.engine_models.items()
+        },
     }
 
 

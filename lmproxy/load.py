@@ -10,9 +10,12 @@ longer than a count shows. vLLM and SGLang publish their batch and queue:
 - SGLang: ``sglang:num_running_reqs``, ``sglang:num_queue_reqs``,
   ``sglang:token_usage``.
 
-Figures are summed over their ``model_name`` labels (one engine's queue is
-shared by the models it serves). A service whose ``/metrics`` is missing, or
-has none of these, is asked once and then left alone. A figure older than
+Routing weighs the engine's whole batch and queue, summed over their
+``model_name`` labels: the models one engine serves (a base model and its LoRA
+adapters, say) share its batch, so a request for any of them waits behind all.
+Each model's own figures are kept too, and ``/stats`` shows them. A service
+whose ``/metrics`` is missing, or has none of these, is asked once and then
+left alone. A figure older than
 ``STALE_INTERVALS`` intervals is dropped, so a stale engine view never
 outweighs the router's fresh count (``Registry.engine_stale``).
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import NamedTuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -31,6 +35,7 @@ from lmproxy.registry import Registry, Service
 log = logging.getLogger("lmproxy")
 
 STALE_INTERVALS = 3
+MAX_MODELS = 64  # model_name labels kept per service: a page cannot grow the registry
 RUNNING = frozenset({"vllm:num_requests_running", "sglang:num_running_reqs"})
 WAITING = frozenset({"vllm:num_requests_waiting", "sglang:num_queue_reqs"})
 KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage")
@@ -44,29 +49,43 @@ def _wanted(line: str) -> bool:
     return line.startswith(_WANTED)
 
 
-def parse(text: str) -> tuple[int, int, float | None] | None:
-    """(running, waiting, KV-cache use) from a Prometheus text page; None if it has
-    neither a running nor a waiting figure."""
+class Figures(NamedTuple):
+    running: int
+    waiting: int
+    kv: float | None
+    models: dict[str, tuple[int, int]]  # per model_name label: (running, waiting)
+
+
+def parse(text: str) -> Figures | None:
+    """The engine's figures from a Prometheus text page; None if it has neither a
+    running nor a waiting figure."""
     # Only the lines that matter go to the parser: an engine's page holds hundreds of
     # histogram lines, and this runs every interval for every service.
     lines = [line for line in text.splitlines() if _wanted(line)]
     running = waiting = 0
     found = False
     kv: dict[str, float] = {}
+    models: dict[str, tuple[int, int]] = {}
     for family in text_string_to_metric_families("\n".join(lines) + "\n"):
         for sample in family.samples:
-            if sample.name in RUNNING:
-                running += int(sample.value)
+            is_running = sample.name in RUNNING
+            if is_running or sample.name in WAITING:
+                value = int(sample.value)
                 found = True
-            elif sample.name in WAITING:
-                waiting += int(sample.value)
-                found = True
+                if is_running:
+                    running += value
+                else:
+                    waiting += value
+                model = sample.labels.get("model_name")
+                if model is not None and (model in models or len(models) < MAX_MODELS):
+                    r, w = models.get(model, (0, 0))
+                    models[model] = (r + value, w) if is_running else (r, w + value)
             elif sample.name in KV_USAGE:
                 kv[sample.name] = max(kv.get(sample.name, 0.0), sample.value)
     if not found:
         return None
     usage = next((kv[name] for name in KV_USAGE if name in kv), None)
-    return running, waiting, usage
+    return Figures(running, waiting, usage, models)
 
 
 class LoadScraper:
@@ -126,5 +145,6 @@ class LoadScraper:
                     path,
                 )
             return
-        running, waiting, kv = figures
-        self.registry.engine_load(service, running, waiting, kv, time.time())
+        self.registry.engine_load(
+            service, figures.running, figures.waiting, figures.kv, time.time(), figures.models
+        )

@@ -80,6 +80,7 @@ class Service:
         "engine_extra",
         "engine_full",
         "engine_kv",
+        "engine_models",
         "engine_running",
         "engine_waiting",
         "error_count",
@@ -149,6 +150,7 @@ class Service:
         self.engine_running: int | None = None
         self.engine_waiting: int | None = None
         self.engine_kv: float | None = None
+        self.engine_models: dict[str, tuple[int, int]] = {}  # model_name: (running, waiting)
         self.engine_at: float | None = None  # epoch seconds of the last scrape
         # What the load-aware strategies add to in_flight: the engine's requests that are
         # not this router's (other routers', direct clients'); 0 when stale or unknown.
@@ -408,13 +410,21 @@ class Registry:
             self._changed()
 
     def engine_load(
-        self, service: Service, running: int, waiting: int, kv: float | None, at: float
+        self,
+        service: Service,
+        running: int,
+        waiting: int,
+        kv: float | None,
+        at: float,
+        models: dict[str, tuple[int, int]] | None = None,
     ) -> None:
-        """A scrape of the engine's /metrics: its batch, its queue, its KV-cache use."""
+        """A scrape of the engine's /metrics: its batch, its queue, its KV-cache use,
+        and the batch and queue of each model it labels."""
         service.engine_running = running
         service.engine_waiting = waiting
         service.engine_kv = kv
         service.engine_at = at
+        service.engine_models = models or {}
         # The engine counts this router's requests too: only the rest is extra.
         extra, full = max(0, running + waiting - service.in_flight), waiting > 0
         if (extra, full) != (service.engine_extra, service.engine_full):
@@ -513,6 +523,7 @@ class Registry:
                         s.engine_at,
                         s.engine_extra,
                         s.engine_full,
+                        s.engine_models,
                     ],
                 }
                 for s in self.services.values()
@@ -542,7 +553,9 @@ class Registry:
                 service.engine_at,
                 service.engine_extra,
                 service.engine_full,
+                models,
             ) = entry["engine"]
+            service.engine_models = {m: (r, w) for m, (r, w) in models.items()}
         for name in [n for n in self.services if n not in wanted]:
             self.remove(name, "removed by the supervisor")
         self.known_models = {

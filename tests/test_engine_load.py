@@ -30,15 +30,21 @@ vllm:time_to_first_token_seconds_count{model_name="a"} 9.0
 
 
 def test_parse_reads_vllm_sglang_and_the_deprecated_name():
-    assert parse(VLLM) == (4, 7, 0.42)  # summed over model_name; histograms ignored
+    # Summed over model_name (the models share the engine's batch), each model's kept;
+    # histograms ignored.
+    assert parse(VLLM) == (4, 7, 0.42, {"a": (3, 7), "b": (1, 0)})
     old = "# TYPE vllm:gpu_cache_usage_perc gauge\nvllm:gpu_cache_usage_perc 0.5\n"
-    assert parse(VLLM.replace("kv_cache_usage_perc", "x_other") + old) == (4, 7, 0.5)
+    assert parse(VLLM.replace("kv_cache_usage_perc", "x_other") + old)[:3] == (4, 7, 0.5)
     sglang = (
         'sglang:num_running_reqs{model_name="m"} 2\n'
         'sglang:num_queue_reqs{model_name="m"} 11\n'
         'sglang:token_usage{model_name="m"} 0.25\n'
     )
-    assert parse(sglang) == (2, 11, 0.25)
+    assert parse(sglang) == (2, 11, 0.25, {"m": (2, 11)})
+    # A page cannot grow the registry without bound: at most MAX_MODELS models are kept.
+    flood = "".join(f'vllm:num_requests_running{{model_name="m{i}"}} 1\n' for i in range(500))
+    figures = parse(flood)
+    assert figures is not None and figures.running == 500 and len(figures.models) == 64
     assert parse("# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 3\n") is None
     assert parse("") is None
 
@@ -139,6 +145,7 @@ def test_an_engine_busy_with_traffic_from_elsewhere_is_avoided(spawn):
             assert served["idle"] >= 90, (strategy, served)
             engine = router.stats_of("busy")["engine"]
             assert engine["running"] == 1 and engine["counted"] >= 50 and engine["age_s"] < 2
+            assert engine["models"] == {"Qwen3-32B": {"running": 1, "waiting": 50}}
             metrics = router.get("/metrics").body.decode()
             assert 'lmproxy_engine_waiting_requests{service="busy"} 50.0' in metrics
             router.stop()

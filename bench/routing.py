@@ -26,7 +26,8 @@ The peers run in front of the same services, with the same seed and workload:
 (``bench/setup.sh`` installs it; a peer that is not installed is skipped with a
 line that says so). By default every lmproxy strategy, the ``@workers2``,
 ``@replicas2`` and ``@noload`` deployments of the default strategy, and the
-peers' policies in ``PEER_ROWS`` run. Each conversation of shared-prefix carries
+peers' policies in ``PEER_ROWS`` run (the peers on shared-prefix and mixed-length
+only, unless ``--peers-everywhere``). Each conversation of shared-prefix carries
 its own ``X-Session-ID`` header, as a chat application sends its conversation id:
 vllm-router's consistent_hash routes by it, the cache-aware policies may use it.
 Request bodies are compact JSON, so every router forwards prompts of the same size
@@ -385,6 +386,8 @@ async def _main(args: argparse.Namespace) -> int:
             strategies.append(name)
     for workload in args.workloads:
         for strategy in strategies:
+            if workload == "external-load" and _peer(strategy) and not args.peers_everywhere:
+                continue  # it weighs lmproxy's engine view against its own count alone
             row = await _run_one(strategy, workload, args)
             rows.append(row)
             print(
@@ -432,6 +435,13 @@ def main() -> int:
         type=lambda s: s.split(","),
         default=WORKLOADS,
         help=f"comma-separated, of {', '.join(WORKLOADS)}",
+    )
+    parser.add_argument(
+        "--peers-everywhere",
+        action="store_true",
+        help="run the peers' rows on external-load too (by default they run on "
+        "shared-prefix and mixed-length: external-load compares lmproxy's view of the "
+        "engines' load with its own count alone, which the peers do not read)",
     )
     parser.add_argument(
         "--output",

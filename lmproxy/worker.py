@@ -154,6 +154,7 @@ class SupervisorLink:
                     learnt[name] = updates
             if learnt:
                 self.channel.send({"op": "learnt", "updates": learnt})
+                log.debug("shared updates for strategies %s with the other workers", list(learnt))
 
     def _sharing(self) -> list[tuple[str, SharesState]]:
         """The router's strategies that share state, by model ("" for the default one)."""

@@ -412,14 +412,30 @@ def test_workers_share_what_cache_aware_learns(spawn):
         spawn, backends, "--workers", "2", "--strategy-opt", "miss=least-loaded",
         "--log-level", "debug",
     )  # fmt: skip
+
+    def settled(after: int) -> bool:
+        """A batch shared after the first ``after`` ones, and every batch absorbed: with
+        two workers, each one by the other."""
+        shared = router.output.count("shared updates")
+        return shared > after and router.output.count("absorbed") == shared
+
+    def turn(i: int, t: int) -> str:
+        """Send turn ``t`` of conversation ``i``; once the other worker has what it taught
+        the one that served it, the service that answered."""
+        messages = conversation(60 + i, t)
+        # Each turn's question crosses a prefix boundary (256 bytes): every request
+        # teaches its worker something, which is shared in one batch, waited for here.
+        messages[-1]["content"] += " details" * 40
+        before = router.output.count("shared updates")
+        body = {"model": "Qwen3-32B", "max_tokens": 1, "messages": messages}
+        served = router.post("/v1/chat/completions", body).headers["x-mock-server"]
+        wait_until(lambda: settled(before), 5, "the other worker to absorb it")
+        return served
+
     for i in range(6):
-        absorbed = router.output.count("absorbed")
-        body = {"model": "Qwen3-32B", "max_tokens": 1, "messages": conversation(60 + i, 0)}
-        home = router.post("/v1/chat/completions", body).headers["x-mock-server"]
-        wait_until(lambda n=absorbed: router.output.count("absorbed") > n, 5, "the other worker")
+        home = turn(i, 0)
         for t in range(1, 4):
-            body = {"model": "Qwen3-32B", "max_tokens": 1, "messages": conversation(60 + i, t)}
-            assert router.post("/v1/chat/completions", body).headers["x-mock-server"] == home
+            assert turn(i, t) == home
 
 
 def test_two_cache_aware_routers_with_no_link_place_a_conversation_alike(spawn):

@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-_PORT_LINE = re.compile(rb"listening on http://[^:\s]+:(\d+)")
+_PORT_LINE = re.compile(rb"listening on https?://[^:\s]+:(\d+)")
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ssl
 
 from lmproxy.sim.engine import Engine
 from lmproxy.sim.faults import FAULTS
@@ -73,7 +74,25 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="answer 404 on /v1/models (only /models), like older InfiniLM servers",
     )
+    g = parser.add_argument_group("TLS (an https:// backend)")
+    g.add_argument("--ssl-certfile", metavar="FILE", help="serve HTTPS with this certificate")
+    g.add_argument("--ssl-keyfile", metavar="FILE", help="its key (default: in the certificate)")
+    g.add_argument(
+        "--ssl-ca-certs",
+        metavar="FILE",
+        help="require client certificates signed by this CA (mTLS)",
+    )
     args = parser.parse_args(argv)
+    context = None
+    if args.ssl_certfile:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.ssl_certfile, args.ssl_keyfile)
+        context.set_alpn_protocols(["http/1.1"])
+        if args.ssl_ca_certs:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(args.ssl_ca_certs)
+    elif args.ssl_keyfile or args.ssl_ca_certs:
+        parser.error("--ssl-keyfile and --ssl-ca-certs need --ssl-certfile")
 
     raise_open_file_limit()
 
@@ -94,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
                 args.prefix_cache_blocks,
             ),
         )
-        server = await start_mock(state, args.host, args.port)
+        server = await start_mock(state, args.host, args.port, context)
         port = server.sockets[0].getsockname()[1]
         state.name = state.name or f"mock-{port}"
-        print(f"mock backend {state.name} listening on http://{args.host}:{port}", flush=True)
+        scheme = "https" if context else "http"
+        print(f"mock backend {state.name} listening on {scheme}://{args.host}:{port}", flush=True)
         async with server:
             await server.serve_forever()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from ssl import SSLContext
 from typing import Any
 
 import httptools
@@ -366,6 +367,10 @@ def _render(kind: str, model: str, request: _Body, n: int, number: int) -> Any:
     ]
 
 
-async def start_mock(state: MockState, host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
+async def start_mock(
+    state: MockState, host: str = "127.0.0.1", port: int = 0, ssl: SSLContext | None = None
+) -> asyncio.Server:
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: MockConnection(state), host, port, backlog=4096)
+    return await loop.create_server(
+        lambda: MockConnection(state), host, port, backlog=4096, ssl=ssl
+    )

@@ -68,6 +68,7 @@ class CacheAware(BaseStrategy):
         "miss": Option(str, "rendezvous", "where a miss goes: rendezvous or least-loaded"),
         "epsilon": Option(float, 0.25, "a miss's service takes at most (1+epsilon) x its share"),
         "prefix_messages": Option(int, 2, "messages of a conversation's opening that place it"),
+        "slack": Option(int, 8, "requests over its share a miss's service takes before passing"),
     }
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
@@ -138,7 +139,7 @@ class CacheAware(BaseStrategy):
         if not key:
             return least
         return self._placement.choose(
-            candidates, stable_hash(key), self.opt["epsilon"], self.opt["balance_abs"]
+            candidates, stable_hash(key), self.opt["epsilon"], self.opt["slack"]
         )
 
     def on_start(self, service: Service, request: RouteRequest) -> None:

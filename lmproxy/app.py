@@ -18,7 +18,7 @@ from typing import NamedTuple, Protocol
 from urllib.parse import unquote
 
 import strategies
-from lmproxy import api
+from lmproxy import api, tls
 from lmproxy.admission import AdmissionQueue
 from lmproxy.config import Config, ConfigError
 from lmproxy.errors import Fault, http_response, json_response
@@ -94,6 +94,12 @@ class Router:
         self.via_token = self.instance_id.encode()
         self.via_line = b"Via: 1.1 %s\r\n" % self.via_token
         self.registry = Registry(max_errors=config.max_errors, make_pool=self._make_pool)
+        self.registry.backend_tls = backend_tls(config)
+        # Before any service is added: a CA or certificate file that cannot be read
+        # stops the start here, with its name.
+        self.ssl = tls.server_context(config)
+        for spec in config.services:
+            self.registry.tls_context(spec)
         if link is not None:
             self.registry.limit_share = link.workers
         self.strategy, self.model_strategies = load_strategies(config)
@@ -136,6 +142,7 @@ class Router:
             max_idle=config.pool_max_idle,
             idle_timeout_s=config.pool_idle_timeout,
             connect_timeout_s=config.connect_timeout,
+            ssl=service.ssl,
         )
 
     async def start(self) -> None:
@@ -148,6 +155,7 @@ class Router:
                 # Workers share the port: the kernel spreads connections among them.
                 reuse_port=self.link is not None,
                 backlog=4096,
+                ssl=self.ssl,
             )
         except OSError as exc:
             raise ConfigError(
@@ -161,8 +169,9 @@ class Router:
         if self.link is not None:
             return  # the supervisor reports the router as a whole
         log.info(
-            "lmproxy listening on http://%s:%d (strategy %s, %d services, "
+            "lmproxy listening on %s://%s:%d (strategy %s, %d services, "
             "at most %d client connections)",
+            "https" if self.ssl is not None else "http",
             self.config.host,
             self.port,
             self.config.strategy,
@@ -354,6 +363,14 @@ class Router:
         ):
             # Only then: a strategy's learnt state (prefix trees, latencies) is kept.
             self.strategy, self.model_strategies = load_strategies(config)
+        if (old.ssl_certfile is None) != (config.ssl_certfile is None):
+            log.warning("reload: serving HTTPS or not changed; it takes effect after a restart")
+        elif self.ssl is not None and config.ssl_certfile:
+            try:  # a renewed certificate: new handshakes get it, open connections keep theirs
+                tls.load_server_certificate(self.ssl, config)
+            except ConfigError as exc:
+                log.error("reload: keeping the certificate in use: %s", exc)
+        self.registry.backend_tls = backend_tls(config)
         self.config = config
         self.registry.max_errors = config.max_errors
         self.admission.timeout_s = config.queue_timeout
@@ -505,11 +522,23 @@ def _is_loopback(client: ClientConnection) -> bool:
     return address.is_loopback
 
 
+def backend_tls(config: Config) -> tuple[str | None, str | None, str | None, bool]:
+    """What an https:// service that sets none of its own TLS settings uses."""
+    return (
+        config.backend_ca_certs,
+        config.backend_certfile,
+        config.backend_keyfile,
+        config.backend_verify,
+    )
+
+
 # Settings a reload cannot change in a running process.
 RESTART_ONLY = (
     "host",
     "port",
     "workers",
+    "ssl_ca_certs",
+    "ssl_cert_reqs",
     "max_connections",
     "pool_max_idle",
     "pool_idle_timeout",

@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "a backend service; repeatable. Options after commas: weight=N, model=NAME "
             "(repeatable; otherwise models are discovered from /v1/models), health=/path, "
-            "max_in_flight=N (requests at once; more wait in the queue). "
+            "max_in_flight=N (requests at once; more wait in the queue); for an https:// "
+            "URL, ca=FILE, cert=FILE, key=FILE and verify=false (see TLS below). "
             "e.g. service_9g8b_8100=http://10.0.0.5:8100,weight=2"
         ),
     )
@@ -294,6 +295,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--list-strategies", action="store_true", help="list the installed strategies and exit"
+    )
+    g = parser.add_argument_group(
+        "TLS",
+        "Serving HTTPS takes uvicorn's flags; SIGHUP reloads the certificate.\n"
+        "An https:// service is checked against the system's CA store (SSL_CERT_FILE\n"
+        "and SSL_CERT_DIR apply) unless a CA bundle is given. A service may set its\n"
+        "own: ca=, cert=, key= and verify=false in --backend, or in the config file.",
+    )
+    g.add_argument("--ssl-certfile", metavar="FILE", help="serve HTTPS with this certificate")
+    g.add_argument(
+        "--ssl-keyfile",
+        metavar="FILE",
+        help="its private key (default: in the certificate file)",
+    )
+    g.add_argument(
+        "--ssl-keyfile-password", metavar="PASSWORD", help="the private key's passphrase"
+    )
+    g.add_argument(
+        "--ssl-ca-certs",
+        metavar="FILE",
+        help="CA bundle that client certificates must be signed by (with --ssl-cert-reqs)",
+    )
+    g.add_argument(
+        "--ssl-cert-reqs",
+        type=int,
+        choices=[0, 1, 2],
+        help="client certificates: 0 not asked, 1 optional, 2 required (default: 0)",
+    )
+    g.add_argument(
+        "--backend-ca-certs",
+        metavar="FILE",
+        help="CA bundle to check https:// services against, instead of the system's",
+    )
+    g.add_argument(
+        "--backend-certfile",
+        metavar="FILE",
+        help="client certificate for https:// services that require one (mTLS)",
+    )
+    g.add_argument(
+        "--backend-keyfile", metavar="FILE", help="its private key (default: in the certificate)"
+    )
+    g.add_argument(
+        "--backend-no-verify",
+        dest="backend_verify",
+        action="store_const",
+        const=False,
+        default=None,
+        help="do not check https:// services' certificates (warned about at start-up)",
     )
     g = parser.add_argument_group("connections")
     g.add_argument(

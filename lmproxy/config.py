@@ -56,13 +56,18 @@ class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
     # Requests at once; past it they wait in the router's queue. 0: no limit.
     max_in_flight: int = 0
     model_cards: list[ModelCard] = []
+    # TLS to an https:// service (tls.py); None: the router-wide --backend-* setting.
+    ca: str | None = None  # CA bundle its certificate is checked against
+    cert: str | None = None  # client certificate and key, for mTLS
+    key: str | None = None
+    verify: bool | None = None  # False: no certificate check (warned about)
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
-        if parts.scheme != "http":
+        if parts.scheme not in ("http", "https"):
             raise ConfigError(
-                f"service {self.name or self.url!r}: url {self.url!r} must start with http:// "
-                "(TLS to backends is not supported; put them on a trusted network)"
+                f"service {self.name or self.url!r}: url {self.url!r} must start with "
+                "http:// or https://"
             )
         if not parts.hostname:
             raise ConfigError(f"service url {self.url!r} has no host")
@@ -84,7 +89,7 @@ class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
                 f"must {PATH_RULE}"
             )
         if not self.name:
-            self.name = f"{parts.hostname}:{parts.port or 80}"
+            self.name = f"{parts.hostname}:{self.port}"
         check_name(self.name)
 
     @property
@@ -92,8 +97,12 @@ class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
         return urlsplit(self.url).hostname or ""
 
     @property
+    def tls(self) -> bool:
+        return self.url.startswith("https:")
+
+    @property
     def port(self) -> int:
-        return urlsplit(self.url).port or 80
+        return urlsplit(self.url).port or (443 if self.tls else 80)
 
     @property
     def path_prefix(self) -> str:
@@ -159,6 +168,17 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_level: str = "info"
     access_log: str = "off"
     demo: bool = False
+    # Serving HTTPS (uvicorn's names); tls.py.
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_keyfile_password: str | None = None
+    ssl_ca_certs: str | None = None
+    ssl_cert_reqs: int = 0  # 0: no client certificate, 1: optional, 2: required
+    # TLS to https:// backends, unless a service sets its own (ca=, cert=, key=, verify=).
+    backend_ca_certs: str | None = None
+    backend_certfile: str | None = None
+    backend_keyfile: str | None = None
+    backend_verify: bool = True
 
     def validate(self) -> None:
         positive = {
@@ -195,11 +215,16 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ConfigError(f"--access-log must be off, text or json, got {self.access_log!r}")
         if self.registry_url is not None:
             parts = urlsplit(self.registry_url)
-            if parts.scheme != "http" or not parts.hostname:
+            if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ConfigError(
-                    f"--registry-url {self.registry_url!r} must be an http:// URL "
+                    f"--registry-url {self.registry_url!r} must be an http:// or https:// URL "
                     "(e.g. http://127.0.0.1:8081)"
                 )
+        if self.ssl_cert_reqs not in (0, 1, 2):
+            raise ConfigError(
+                f"--ssl-cert-reqs must be 0 (none), 1 (optional) or 2 (required), "
+                f"got {self.ssl_cert_reqs}"
+            )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be 0-65535, got {self.port}")
         if any(not key.strip() for key in self.api_keys):
@@ -260,7 +285,11 @@ def _address(host: str) -> str:
 
 # --- --backend NAME=URL,weight=N,model=M,health=/path -------------------------------
 
-_BACKEND_KEYS = ("weight", "model", "health", "max_in_flight")
+_BACKEND_KEYS = ("weight", "model", "health", "max_in_flight", "ca", "cert", "key", "verify")
+_BACKEND_OPTIONS = (
+    "weight=N, model=NAME (repeatable), health=/path, max_in_flight=N, and for https:// "
+    "ca=FILE, cert=FILE, key=FILE and verify=false"
+)
 
 
 def parse_backend(text: str) -> ServiceSpec:
@@ -274,15 +303,22 @@ def parse_backend(text: str) -> ServiceSpec:
     numbers = {"weight": 1, "max_in_flight": 0}
     models: list[str] = []
     health = "/health"
+    files: dict[str, str] = {}
+    verify: bool | None = None
     for option in options:
         key, sep, value = option.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or key not in _BACKEND_KEYS:
             raise ConfigError(
-                f"--backend {text!r}: unknown option {option!r}; options are "
-                "weight=N, model=NAME (repeatable), health=/path and max_in_flight=N"
+                f"--backend {text!r}: unknown option {option!r}; options are {_BACKEND_OPTIONS}"
             )
-        if key in numbers:
+        if key in ("ca", "cert", "key"):
+            files[key] = value
+        elif key == "verify":
+            if value.lower() not in ("true", "false"):
+                raise ConfigError(f"--backend {text!r}: verify must be true or false")
+            verify = value.lower() == "true"
+        elif key in numbers:
             try:
                 numbers[key] = int(value)
             except ValueError:
@@ -299,6 +335,10 @@ def parse_backend(text: str) -> ServiceSpec:
             health_path=health,
             weight=numbers["weight"],
             max_in_flight=numbers["max_in_flight"],
+            ca=files.get("ca"),
+            cert=files.get("cert"),
+            key=files.get("key"),
+            verify=verify,
         )
     except msgspec.ValidationError as exc:
         raise ConfigError(f"--backend {text!r}: {exc}") from None

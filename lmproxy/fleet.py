@@ -29,6 +29,7 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 
+from lmproxy import tls
 from lmproxy.config import (
     Config,
     ConfigError,
@@ -400,8 +401,14 @@ class Fleet:
         parts = urlsplit(url)
         path = parts.path.rstrip("/") + "/services?healthy=true"
         try:
+            https = parts.scheme == "https"
             status, body = await http_get(
-                parts.hostname or "", parts.port or 80, path, self.config.health_timeout
+                parts.hostname or "",
+                parts.port or (443 if https else 80),
+                path,
+                self.config.health_timeout,
+                # The registry is checked with the router-wide --backend-* TLS settings.
+                ssl=tls.client_context(*self.registry.backend_tls) if https else None,
             )
             if status != 200:
                 raise ProbeError(f"{path} answered {status}")

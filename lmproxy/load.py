@@ -126,7 +126,7 @@ class LoadScraper:
         path = service.path_prefix.decode() + "/metrics"
         try:
             status, body = await http_get(
-                service.host, service.port, path, self.timeout_s, self.via
+                service.host, service.port, path, self.timeout_s, self.via, service.ssl
             )
         except (ProbeError, TimeoutError, OSError):
             return  # the health check reports it; the figure goes stale meanwhile

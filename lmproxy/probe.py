@@ -9,8 +9,11 @@ it with bytes the pool's fast path would accept.
 from __future__ import annotations
 
 import asyncio
+import ssl as _ssl
 
 import h11
+
+from lmproxy.tls import tls_reason
 
 MAX_PROBE_BODY = 4 * 1024 * 1024  # a /v1/models listing is far smaller
 
@@ -20,16 +23,26 @@ class ProbeError(Exception):
 
 
 async def http_get(
-    host: str, port: int, path: str, timeout_s: float, via: str = ""
+    host: str,
+    port: int,
+    path: str,
+    timeout_s: float,
+    via: str = "",
+    ssl: _ssl.SSLContext | None = None,
 ) -> tuple[int, bytes]:
     """GET ``path``; return (status, body). Raises ProbeError or TimeoutError.
 
     ``via`` names the router: a probe that reaches the router itself is then
-    answered 508 (a service configured at the router's own address).
+    answered 508 (a service configured at the router's own address). ``ssl``: over
+    TLS, checked as the service's requests are.
     """
     async with asyncio.timeout(timeout_s):
         try:
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=ssl, server_hostname=host if ssl is not None else None
+            )
+        except _ssl.SSLError as exc:
+            raise ProbeError(f"TLS handshake failed: {tls_reason(exc)}") from None
         except OSError as exc:
             raise ProbeError(f"cannot connect: {exc.strerror or exc}") from None
         try:
@@ -66,8 +79,18 @@ async def _exchange(
         if event is h11.NEED_DATA:
             try:
                 data = await reader.read(65536)
+            except _ssl.SSLError as exc:  # TLS 1.3: a refused client certificate shows here
+                raise ProbeError(f"TLS failed: {tls_reason(exc)}") from None
             except OSError as exc:
                 raise ProbeError(f"connection failed: {exc.strerror or exc}") from None
+            if not data and status == 0 and writer.get_extra_info("ssl_object") is not None:
+                # TLS 1.3 servers refuse a missing client certificate after the handshake,
+                # with an alert the event loop reports as a plain close.
+                raise ProbeError(
+                    "the service closed the TLS connection without answering; if it "
+                    "requires a client certificate, give cert= and key= (or "
+                    "--backend-certfile and --backend-keyfile)"
+                )
             conn.receive_data(data)
         elif isinstance(event, h11.Response):
             status = event.status_code

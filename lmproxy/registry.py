@@ -15,6 +15,7 @@ In a worker process the whole state is mirrored from the supervisor (``sync``).
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from lmproxy import tls
 from lmproxy.config import ServiceSpec
 from lmproxy.logs import iso_time, masked_url
 
@@ -108,6 +110,7 @@ class Service:
         "port",
         "request_count",
         "spec",
+        "ssl",
         "url",
         "weight",
     )
@@ -125,6 +128,8 @@ class Service:
         self.path_prefix = spec.path_prefix.encode()
         self.weight = spec.weight
         self.health_path = spec.health_path
+        # https://: the one TLS context of its requests, checks and scrapes (Registry.add).
+        self.ssl: ssl.SSLContext | None = None
         self.models: tuple[str, ...] = tuple(spec.models)
         self.models_configured = bool(spec.models)
         # False until the models are known: configured, or listed by the backend once.
@@ -211,11 +216,28 @@ class Registry:
         self._candidates: dict[str, list[Service]] = {}
         self._healthy: list[Service] = []
         self.started_at = int(time.time())
+        # --backend-ca-certs, --backend-certfile, --backend-keyfile, and whether to verify:
+        # what an https:// service that sets none of its own is connected with.
+        self.backend_tls: tuple[str | None, str | None, str | None, bool] = (None, None, None, True)
+
+    def tls_context(self, spec: ServiceSpec) -> ssl.SSLContext | None:
+        """The context for ``spec``'s connections (None for http://); ConfigError if a file
+        it names cannot be read."""
+        if not spec.tls:
+            return None
+        ca, cert, key, verify = self.backend_tls
+        return tls.client_context(
+            spec.ca or ca,
+            spec.cert or cert,
+            spec.key or (None if spec.cert else key),
+            verify if spec.verify is None else spec.verify,
+        )
 
     # --- membership ---------------------------------------------------------
 
     def add(self, spec: ServiceSpec, origin: str = "config") -> Service:
         service = Service(spec, origin)
+        service.ssl = self.tls_context(spec)
         service.on_free = self._slot_freed
         service.max_in_flight = _share(spec.max_in_flight, self.limit_share)
         if self.make_pool is not None:
@@ -267,8 +289,16 @@ class Registry:
             return self.add(spec, origin)
         old = service.spec
         service.origin = origin
-        if (old.url, old.health_path, old.models) != (spec.url, spec.health_path, spec.models):
-            self.remove(spec.name, "its address, health path or models changed")
+        if (old.url, old.health_path, old.models, old.ca, old.cert, old.key, old.verify) != (
+            spec.url,
+            spec.health_path,
+            spec.models,
+            spec.ca,
+            spec.cert,
+            spec.key,
+            spec.verify,
+        ):
+            self.remove(spec.name, "its address, health path, models or TLS settings changed")
             return self.add(spec, origin)
         if old != spec:
             service.spec = spec

@@ -79,6 +79,19 @@ def reread(reload: Callable[[], Config] | None, demo_specs: list[ServiceSpec]) -
 
 
 def startup_warnings(config: Config, services: int, port: int) -> None:
+    unchecked = [
+        s.name
+        for s in config.services
+        if s.tls and (s.verify is False or (s.verify is None and not config.backend_verify))
+    ]
+    if unchecked or not config.backend_verify:
+        log.warning(
+            "TLS certificates of https:// services are not checked (%s: %s): anyone on "
+            "the path can read and change the traffic; give their CA (--backend-ca-certs "
+            "or ca=) instead",
+            "verify=false" if config.backend_verify else "--backend-no-verify",
+            ", ".join(unchecked) or "every https:// service",
+        )
     if not services and not config.registry_url:
         log.warning(
             "no backend services configured: give --backend URL, --config, --registry-url "

@@ -25,8 +25,8 @@ from typing import Any
 
 import msgspec
 
-from lmproxy import api
-from lmproxy.app import new_instance_id
+from lmproxy import api, tls
+from lmproxy.app import backend_tls, new_instance_id
 from lmproxy.config import Config, ConfigError
 from lmproxy.control import Channel, ChannelClosed, Message
 from lmproxy.errors import encode_json
@@ -64,6 +64,12 @@ class Supervisor:
         self.reload = reload
         self.loop = asyncio.get_running_loop()
         self.registry = Registry(max_errors=config.max_errors)
+        self.registry.backend_tls = backend_tls(config)
+        # Checked here once, before any worker starts: a certificate or CA file that
+        # cannot be read stops the start with its name, not each worker in turn.
+        self.https = tls.server_context(config) is not None
+        for spec in config.services:
+            self.registry.tls_context(spec)
         self.instance_id = new_instance_id()  # the workers' shared Via name
         self.fleet = Fleet(self.registry, config, self.instance_id)
         self.workers: dict[int, _Worker] = {}
@@ -96,7 +102,8 @@ class Supervisor:
             reservation.close()
         self.serving = True
         log.info(
-            "lmproxy listening on http://%s:%d (%d workers, strategy %s, %d services)",
+            "lmproxy listening on %s://%s:%d (%d workers, strategy %s, %d services)",
+            "https" if self.https else "http",
             self.config.host,
             self.config.port,
             self.config.workers,
@@ -265,6 +272,7 @@ class Supervisor:
         )
         self.config = config
         self.registry.max_errors = config.max_errors
+        self.registry.backend_tls = backend_tls(config)
         self.fleet.apply_config(config)
         self._flush_state()
         message = {"op": "config", "config": msgspec.to_builtins(config)}

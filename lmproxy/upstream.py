@@ -29,10 +29,13 @@ import asyncio
 import enum
 import re
 import socket
+import ssl
 from collections import deque
 from typing import Protocol
 
 import httptools
+
+from lmproxy.tls import tls_reason
 
 # Framing of a response body as the backend sent it.
 LENGTH, CHUNKED, UNTIL_CLOSE, NO_BODY = range(4)
@@ -429,9 +432,11 @@ class Pool:
         max_idle: int,
         idle_timeout_s: float,
         connect_timeout_s: float,
+        ssl: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        self.ssl = ssl  # https://: every connection handshakes once, then is pooled alike
         self.max_idle = max_idle
         self.idle_timeout_s = idle_timeout_s
         self.connect_timeout_s = connect_timeout_s
@@ -457,11 +462,19 @@ class Pool:
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 _, conn = await self.loop.create_connection(
-                    lambda: UpstreamConnection(self), self.host, self.port
+                    lambda: UpstreamConnection(self),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
+                    server_hostname=self.host if self.ssl is not None else None,
                 )
         except TimeoutError:
             raise ConnectError(
                 f"connect to {self.host}:{self.port} timed out after {self.connect_timeout_s}s"
+            ) from None
+        except ssl.SSLError as exc:
+            raise ConnectError(
+                f"TLS handshake with {self.host}:{self.port} failed: {tls_reason(exc)}"
             ) from None
         except OSError as exc:
             raise ConnectError(

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 20.0
-_PORT_LINE = re.compile(rb"listening on http://[^:\s]+:(\d+)")
+_PORT_LINE = re.compile(rb"listening on https?://[^:\s]+:(\d+)")
 
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float = 10.0, what: str = "") -> Any:
@@ -61,9 +62,15 @@ def request(
     headers: dict[str, str] | None = None,
     timeout: float = 10.0,
     host: str = "127.0.0.1",
+    context: ssl.SSLContext | None = None,
 ) -> Response:
-    """One HTTP request on a fresh connection; ``body`` may be bytes or JSON-able."""
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    """One HTTP request on a fresh connection; ``body`` may be bytes or JSON-able.
+    With ``context``, over TLS."""
+    conn = (
+        http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+        if context is not None
+        else http.client.HTTPConnection(host, port, timeout=timeout)
+    )
     try:
         payload = body if isinstance(body, bytes | None) else json.dumps(body).encode()
         all_headers = {"Content-Type": "application/json"} if payload is not None else {}
@@ -143,17 +150,19 @@ class Mock(Process):
         super().__init__([*args, *extra])
         self.name = name
         self.models = models
+        self.scheme = "https" if "--ssl-certfile" in extra else "http"
+        self.context: ssl.SSLContext | None = None  # for stats() and the like over TLS
         self.wait_for_port()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def backend_arg(self, *options: str) -> str:
         return ",".join([f"{self.name}={self.url}", *options])
 
     def stats(self) -> dict[str, Any]:
-        return request(self.port, "GET", "/mock/stats").json()
+        return request(self.port, "GET", "/mock/stats", context=self.context).json()
 
     def set_timing(self, **settings: float) -> None:
         assert request(self.port, "POST", "/mock/settings", settings).status == 200
@@ -165,15 +174,21 @@ class Mock(Process):
 class Router(Process):
     """The router under test: ``python -m lmproxy`` on 127.0.0.1."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        context: ssl.SSLContext | None = None,
+    ) -> None:
         super().__init__(["-m", "lmproxy", "--host", "127.0.0.1", "--port", "0", *args], env)
+        self.context = context  # an HTTPS router: the client side's TLS
         self.wait_for_port()
 
     def get(self, path: str, **kw: Any) -> Response:
-        return request(self.port, "GET", path, **kw)
+        return request(self.port, "GET", path, context=self.context, **kw)
 
     def post(self, path: str, body: Any = None, **kw: Any) -> Response:
-        return request(self.port, "POST", path, body, **kw)
+        return request(self.port, "POST", path, body, context=self.context, **kw)
 
     def wait_healthy(self, count: int, timeout_s: float = 10.0) -> None:
         def ready() -> bool:

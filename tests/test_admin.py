@@ -125,7 +125,7 @@ def test_bad_registrations_say_what_to_change(spawn):
         (b"{not json", 400, "invalid registration"),
         ([1, 2], 400, "expected a JSON object"),
         ({"name": "x"}, 400, "host and port, or url"),
-        ({"name": "x", "url": "https://a:1"}, 400, "http://"),
+        ({"name": "x", "url": "ftp://a:1"}, 400, "http:// or https://"),
         ({"name": "x", "url": "http://a:1", "ttl": -1}, 400, "ttl"),
         # Another type is kept and listed (tests/test_infinilm.py), but must still be sane.
         ({"name": "x", "url": "http://a:1", "metadata": {"type": 5}}, 400, "metadata.type"),

@@ -49,11 +49,20 @@ def test_backend_with_name_weight_models_and_health():
     assert spec.health_path == "/healthz"
 
 
+def test_backend_https_with_its_tls_options():
+    spec = parse_backend("v=https://10.0.0.5,ca=/c.pem,cert=/k.pem,key=/k.key,verify=false")
+    assert (spec.name, spec.port, spec.tls) == ("v", 443, True)
+    assert (spec.ca, spec.cert, spec.key, spec.verify) == ("/c.pem", "/k.pem", "/k.key", False)
+    plain = parse_backend("http://10.0.0.5")
+    assert (plain.port, plain.tls, plain.verify) == (80, False, None)
+
+
 @pytest.mark.parametrize(
     ("text", "names"),
     [
-        ("https://x:1", "http://"),
+        ("ftp://x:1", "http:// or https://"),
         ("x:1", "http://"),
+        ("https://x:1,verify=maybe", "verify must be true or false"),
         ("http://x:1,weight=two", "weight must be an integer"),
         ("http://x:1,colour=red", "unknown option"),
         ("http://x:1,health=nope", "must start with '/'"),

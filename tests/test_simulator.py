@@ -149,3 +149,25 @@ def test_the_simulator_runs_under_both_names():
         assert "--fault" in done.stdout and "--prefix-cache-blocks" in done.stdout
         helps.append(done.stdout)
     assert helps[0] == helps[1]
+
+
+def test_routing_benchmark_rows_name_peers_and_sessions():
+    """``peer:policy`` rows start the Rust routers (skipped when not installed), and each
+    shared-prefix conversation carries its own session id, a new one when it restarts."""
+    import random
+
+    from bench import routing
+
+    assert routing._peer("vllm-router:consistent_hash") == ("vllm-router", "consistent_hash")
+    assert routing._peer("cache-aware@workers2") is None
+    with pytest.raises(SystemExit, match="unknown peer row"):
+        routing._peer("sglang-router:consistent_hash")  # not one of its policies
+    source = routing.SharedPrefix(random.Random(1), conversations=2)
+    seen: dict[str, int] = {}
+    for _ in range(60):
+        body, session = source.next()
+        assert session is not None
+        turns = sum(1 for m in body["messages"] if m["role"] == "user")
+        assert turns == seen.get(session, 0) + 1  # one conversation, one id, in order
+        seen[session] = turns
+    assert len(seen) > 2  # conversations ended and new ones, with new ids, began

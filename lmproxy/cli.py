@@ -184,11 +184,32 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds between registry polls (default: {d.registry_sync_interval:g})",
     )
     g.add_argument(
+        "--discover",
+        action="append",
+        metavar="URL",
+        help=(
+            "find services in DNS; repeatable: dns://NAME:PORT (every A/AAAA record of NAME "
+            "is a service at PORT: a Kubernetes headless Service, Docker Compose, Consul) or "
+            "srv://_service._proto.NAME (every SRV record, at its own port)"
+        ),
+    )
+    g.add_argument(
+        "--discover-interval",
+        type=float,
+        metavar="S",
+        help=f"seconds between DNS lookups of --discover names (default: {d.discover_interval:g})",
+    )
+    g.add_argument(
+        "--dns-server",
+        metavar="HOST[:PORT]",
+        help="resolver for --discover (default: the system's, from /etc/resolv.conf)",
+    )
+    g.add_argument(
         "--service-removal-grace-period",
         type=float,
         metavar="S",
         help=(
-            "seconds a service that left the registry is kept "
+            "seconds a service that left the registry or DNS is kept "
             f"(default: {d.service_removal_grace_period:g})"
         ),
     )

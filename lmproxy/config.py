@@ -10,7 +10,7 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import msgspec
@@ -88,6 +88,11 @@ class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
                 f"service {self.name or self.url!r}: health_path {self.health_path!r} "
                 f"must {PATH_RULE}"
             )
+        if not self.tls and (self.ca or self.cert or self.key or self.verify is not None):
+            raise ConfigError(
+                f"service {self.name or self.url!r}: ca, cert, key and verify apply to "
+                "https:// URLs; its URL is http://"
+            )
         if not self.name:
             self.name = f"{parts.hostname}:{self.port}"
         check_name(self.name)
@@ -163,6 +168,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     registration_ttl: float = 0.0  # 0: registrations never expire by themselves
     registry_url: str | None = None
     registry_sync_interval: float = 10.0
+    # DNS discovery (discovery.py): dns://NAME:PORT and srv://_service._proto.NAME.
+    discover: list[str] = []
+    discover_interval: float = 10.0
+    dns_server: str | None = None  # HOST[:PORT]; default: the system's resolver
     service_removal_grace_period: float = 60.0
     workers: int = 1  # 0: one per core ("auto" on the command line)
     log_level: str = "info"
@@ -220,6 +229,12 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                     f"--registry-url {self.registry_url!r} must be an http:// or https:// URL "
                     "(e.g. http://127.0.0.1:8081)"
                 )
+        if self.discover_interval <= 0:
+            raise ConfigError(f"--discover-interval must be > 0, got {self.discover_interval}")
+        for target in self.discover:
+            parse_discover(target)
+        if self.dns_server is not None:
+            parse_dns_server(self.dns_server)
         if self.ssl_cert_reqs not in (0, 1, 2):
             raise ConfigError(
                 f"--ssl-cert-reqs must be 0 (none), 1 (optional) or 2 (required), "
@@ -281,6 +296,53 @@ def _address(host: str) -> str:
         return str(ipaddress.ip_address(host))
     except ValueError:
         return host
+
+
+# --- --discover and --dns-server (discovery.py) ------------------------------------
+
+KINDS = ("dns", "srv")
+
+
+class Target(NamedTuple):
+    text: str  # as given, for the log
+    kind: str  # "dns" or "srv"
+    name: str
+    port: int  # dns://: the services' port; srv://: 0 (each record has its own)
+
+
+def parse_discover(text: str) -> Target:
+    """``dns://NAME:PORT`` or ``srv://_service._proto.NAME``; ConfigError otherwise."""
+    parts = urlsplit(text)
+    if parts.scheme not in KINDS or not parts.hostname:
+        raise ConfigError(
+            f"--discover {text!r}: give dns://NAME:PORT (A/AAAA records) or "
+            "srv://_service._proto.NAME (SRV records)"
+        )
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"--discover {text!r}: {exc}") from None
+    if parts.scheme == "dns" and not port:
+        raise ConfigError(f"--discover {text!r}: dns:// needs the services' port (NAME:PORT)")
+    if parts.scheme == "srv" and port:
+        raise ConfigError(f"--discover {text!r}: srv:// takes each record's own port")
+    return Target(text, parts.scheme, parts.hostname, port or 0)
+
+
+def parse_dns_server(server: str) -> tuple[str, int]:
+    host, sep, port = server.rpartition(":")
+    if not sep or "]" in port or (host.count(":") and not host.startswith("[")):
+        host, port = server, "53"  # a bare address, IPv6 included
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        raise ConfigError(
+            f"--dns-server {server!r}: give the resolver's IP address, and its port if not "
+            "53 (127.0.0.1:5353)"
+        ) from None
+    return host, number
 
 
 # --- --backend NAME=URL,weight=N,model=M,health=/path -------------------------------

@@ -1,6 +1,6 @@
-"""Who is in the fleet: the config, live registrations, an InfiniLM-SVC registry.
+"""Who is in the fleet: the config, live registrations, an InfiniLM-SVC registry, DNS.
 
-Three sources add services, and each manages only its own:
+Four sources add services, and each manages only its own:
 
 - ``config``: the config file and command line; a SIGHUP reload applies the
   new list (added, changed, removed).
@@ -11,6 +11,9 @@ Three sources add services, and each manages only its own:
   seconds; a service that leaves the registry is kept for
   ``--service-removal-grace-period`` seconds, so a registry restart or a
   missed heartbeat there does not drop live backends.
+- ``dns``: the ``--discover`` names, resolved every ``--discover-interval``
+  seconds (``discovery.py``); an address that leaves is kept for the same grace
+  period, and a failed lookup removes nothing.
 
 A name belongs to the first source that claims it, in that order of rank: a
 registration cannot take over a configured service, and the registry cannot
@@ -36,9 +39,11 @@ from lmproxy.config import (
     ServiceSpec,
     check_name,
     entry_url,
+    parse_discover,
     points_at,
     spec_from_entry,
 )
+from lmproxy.discovery import DiscoveryError, lookup, make_resolver
 from lmproxy.errors import Fault, encode_json, error_payload
 from lmproxy.health import HealthChecker
 from lmproxy.load import LoadScraper
@@ -130,6 +135,11 @@ class Fleet:
         self._tasks: list[asyncio.Task[None]] = []
         self._poller: asyncio.Task[None] | None = None
         self._registry_ok = True
+        # DNS discovery: each --discover target's services at its last good lookup, and
+        # the targets whose lookups fail now (logged once until they answer again).
+        self._discoverer: asyncio.Task[None] | None = None
+        self._dns_members: dict[str, set[str]] = {}
+        self._dns_failing: set[str] = set()
         for spec in config.services:
             registry.add(spec, "config")
 
@@ -138,10 +148,13 @@ class Fleet:
         self.load.start()
         self._tasks.append(asyncio.create_task(self._tick(), name="fleet:tick"))
         self._follow_registry()
+        self._follow_dns()
 
     async def stop(self) -> None:
         if self._poller is not None:
             self._tasks.append(self._poller)
+        if self._discoverer is not None:
+            self._tasks.append(self._discoverer)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -158,6 +171,19 @@ class Fleet:
             now = time.monotonic()
             for service in self.registry.services.values():
                 if service.origin == "registry":
+                    self._gone_since.setdefault(service.name, now)
+
+    def _follow_dns(self) -> None:
+        """Resolve the --discover names (or stop, and let their services go)."""
+        if self.config.discover and self._discoverer is None:
+            self._discoverer = asyncio.create_task(self._discover(), name="fleet:dns")
+        elif not self.config.discover and self._discoverer is not None:
+            self._discoverer.cancel()
+            self._discoverer = None
+            self._dns_members.clear()
+            now = time.monotonic()
+            for service in self.registry.services.values():
+                if service.origin == "dns":
                     self._gone_since.setdefault(service.name, now)
 
     # --- changes ------------------------------------------------------------------
@@ -198,6 +224,7 @@ class Fleet:
                 self._remove(spec.name, "now defined in the config")
             self._put(spec, "config")
         self._follow_registry()
+        self._follow_dns()
 
     # --- the admin API ------------------------------------------------------------
 
@@ -383,7 +410,9 @@ class Fleet:
             grace = self.config.service_removal_grace_period
             for name, since in list(self._gone_since.items()):
                 if now - since >= grace:
-                    self._remove(name, f"gone from the registry for {grace:g}s")
+                    service = self.registry.services.get(name)
+                    source = "DNS" if service and service.origin == "dns" else "the registry"
+                    self._remove(name, f"gone from {source} for {grace:g}s")
 
     async def _poll(self) -> None:
         while True:
@@ -450,6 +479,59 @@ class Fleet:
                 self._gone_since[service.name] = now
                 log.info(
                     "service %s left the registry; removed in %gs unless it returns",
+                    service.name,
+                    self.config.service_removal_grace_period,
+                )
+
+    async def _discover(self) -> None:
+        while True:
+            try:
+                await self.sync_dns()
+            except Exception:  # a bug here must not end discovery
+                log.exception("DNS discovery failed")
+            await asyncio.sleep(self.config.discover_interval)
+
+    async def sync_dns(self) -> None:
+        """One lookup of every --discover name: DNS decides membership, never health."""
+        resolver = make_resolver(self.config.dns_server, self.config.health_timeout)
+        listed: set[str] = set()
+        for text in self.config.discover:
+            target = parse_discover(text)
+            try:
+                pairs = await lookup(target, resolver)
+            except DiscoveryError as exc:
+                if text not in self._dns_failing:
+                    log.warning("discovery %s: lookup failed (%s); keeping its services", text, exc)
+                self._dns_failing.add(text)
+                listed |= self._dns_members.get(text, set())
+                continue
+            if text in self._dns_failing:
+                self._dns_failing.discard(text)
+                log.info("discovery %s: the name resolves again", text)
+            names = set()
+            for address, port in pairs:
+                host = f"[{address}]" if ":" in address else address
+                spec = ServiceSpec(url=f"http://{host}:{port}", name=f"{address}:{port}")
+                names.add(spec.name)
+                current = self.registry.services.get(spec.name)
+                if current is not None and current.origin != "dns":
+                    continue  # another source owns that address's name
+                self._gone_since.pop(spec.name, None)
+                self._put(spec, "dns")
+            if names != self._dns_members.get(text):
+                log.info("discovery %s: %d addresses", text, len(names))
+            self._dns_members[text] = names
+            listed |= names
+        now = time.monotonic()
+        for service in self.registry.services.values():
+            if (
+                service.origin == "dns"
+                and service.name not in listed
+                and service.name not in self._gone_since
+            ):
+                self._gone_since[service.name] = now
+                log.info(
+                    "service %s is no longer in DNS; removed in %gs unless it returns",
                     service.name,
                     self.config.service_removal_grace_period,
                 )

@@ -35,10 +35,10 @@ def _load_chain(
     try:
         context.load_cert_chain(certfile, keyfile, password)
     except ssl.SSLError as exc:
+        hint = "; a key with a passphrase needs --ssl-keyfile-password" if "ssl" in flags else ""
         raise ConfigError(
             f"{flags}: {certfile}{' / ' + keyfile if keyfile else ''} is not a certificate "
-            f"and its matching private key ({exc.reason or exc}); a key with a passphrase "
-            "needs --ssl-keyfile-password"
+            f"and its matching private key ({exc.reason or exc}){hint}"
         ) from None
     except OSError as exc:
         for path in (certfile, keyfile):

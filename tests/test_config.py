@@ -63,6 +63,7 @@ def test_backend_https_with_its_tls_options():
         ("ftp://x:1", "http:// or https://"),
         ("x:1", "http://"),
         ("https://x:1,verify=maybe", "verify must be true or false"),
+        ("http://x:1,ca=/ca.pem", "apply to https:// URLs"),
         ("http://x:1,weight=two", "weight must be an integer"),
         ("http://x:1,colour=red", "unknown option"),
         ("http://x:1,health=nope", "must start with '/'"),

@@ -1,0 +1,91 @@
+"""DNS discovery: the services behind a name, read again every ``--discover-interval``.
+
+- ``dns://NAME:PORT``: every A and AAAA record of NAME is a service at that port
+  (a Kubernetes headless Service, Docker Compose, Consul or Nomad DNS);
+- ``srv://_service._proto.NAME``: every SRV record is a service at its target's
+  addresses and its port.
+
+The resolver is the system's (``/etc/resolv.conf``), or ``--dns-server
+HOST[:PORT]``. Each address becomes an ``http://ADDRESS:PORT`` service named
+``ADDRESS:PORT``, whose models come from ``/v1/models`` as for any other. The
+fleet (``fleet.py``) keeps an address that disappears for
+``--service-removal-grace-period``; a lookup that fails removes nothing and is
+logged once, until one succeeds again. dnspython does the asking: SRV and
+AAAA records, and a resolver of our choosing, are more than the standard
+library offers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import dns.asyncresolver
+import dns.exception
+import dns.rdatatype
+import dns.resolver
+
+from lmproxy.config import Target, parse_dns_server
+
+MAX_ADDRESSES = 256  # per name: one answer cannot flood the registry
+
+
+class DiscoveryError(Exception):
+    """A name could not be resolved this time; the message says why."""
+
+
+def make_resolver(server: str | None, timeout_s: float) -> dns.asyncresolver.Resolver:
+    """The system's resolver, or one that asks ``server`` (``HOST[:PORT]``) only."""
+    if server is None:
+        resolver = dns.asyncresolver.Resolver()
+    else:
+        host, port = parse_dns_server(server)
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = [host]
+        resolver.port = port
+    resolver.lifetime = timeout_s
+    return resolver
+
+
+async def lookup(target: Target, resolver: dns.asyncresolver.Resolver) -> list[tuple[str, int]]:
+    """The (address, port) pairs the name stands for now, sorted; DiscoveryError if the
+    resolver could not say (a name that exists with no records is an empty list)."""
+    if target.kind == "dns":
+        pairs = [(address, target.port) for address in await _addresses(target.name, resolver)]
+    else:
+        try:
+            answer = await resolver.resolve(target.name, "SRV")
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []  # the name says: nothing there now
+        except dns.exception.DNSException as exc:
+            raise DiscoveryError(_why(exc)) from None
+        pairs = []
+        for record in answer:
+            host = record.target.to_text(omit_final_dot=True)
+            for address in await _addresses(host, resolver):
+                pairs.append((address, int(record.port)))
+    return sorted(set(pairs))[:MAX_ADDRESSES]
+
+
+async def _addresses(name: str, resolver: dns.asyncresolver.Resolver) -> list[str]:
+    try:
+        return [str(ipaddress.ip_address(name))]  # already an address
+    except ValueError:
+        pass
+    found: list[str] = []
+    for kind in ("A", "AAAA"):
+        try:
+            answer = await resolver.resolve(name, kind)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            continue
+        except dns.exception.DNSException as exc:
+            raise DiscoveryError(_why(exc)) from None
+        found += [record.to_text() for record in answer]
+    return found
+
+
+def _why(exc: dns.exception.DNSException) -> str:
+    if isinstance(exc, dns.resolver.LifetimeTimeout | dns.exception.Timeout):
+        return "the resolver did not answer in time"
+    if isinstance(exc, dns.resolver.NoNameservers):
+        return "no resolver could answer (SERVFAIL or refused)"
+    return str(exc) or type(exc).__name__

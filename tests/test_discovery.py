@@ -1,0 +1,159 @@
+"""DNS discovery against a real DNS server on a loopback port (tests/dns_server.py):
+A/AAAA names and SRV records, addresses that come and go, a resolver that fails."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, STARTUP_TIMEOUT_S, Mock, Process, Router, wait_until
+
+MODEL = "Qwen3-32B"
+ONE_TOKEN = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+
+
+class DnsServer(Process):
+    """``tests/dns_server.py``: its records are what ``set`` last wrote to its zone file."""
+
+    def __init__(self, zone: Path) -> None:
+        self.zone = zone
+        self.set({})
+        super().__init__(["tests/dns_server.py", "--zone", str(zone)])
+        self.port = wait_until(self._port, STARTUP_TIMEOUT_S, "the DNS server to listen")
+
+    def _port(self) -> int | None:
+        match = re.search(r"dns listening on 127\.0\.0\.1:(\d+)", self.output)
+        return int(match.group(1)) if match else None
+
+    def set(self, records: dict, fail: bool = False) -> None:
+        self.zone.write_text(json.dumps({"records": records, "fail": fail}))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def served_by(router: Router, requests: int) -> set[str]:
+    return {
+        router.post("/v1/chat/completions", ONE_TOKEN).headers["x-mock-server"]
+        for _ in range(requests)
+    }
+
+
+def discovering(spawn, dns: DnsServer, target: str, *extra: str) -> Router:
+    return spawn(
+        Router,
+        "--discover", target,
+        "--dns-server", f"127.0.0.1:{dns.port}",
+        "--discover-interval", "0.2",
+        "--health-interval", "0.5",
+        "--service-removal-grace-period", "1",
+        *extra,
+    )  # fmt: skip
+
+
+def test_a_name_s_addresses_are_the_services_as_they_come_and_go(spawn, tmp_path):
+    port = free_port()  # one port, as a headless Service's pods share theirs
+    hosts = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    for i, host in enumerate(hosts):
+        spawn(Mock, f"pod{i}", [MODEL], "--host", host, port=port)
+    dns = spawn(DnsServer, tmp_path / "zone.json")
+    dns.set({"vllm.test.": {"A": hosts[:1]}})
+    router = discovering(spawn, dns, f"dns://vllm.test:{port}")
+    router.wait_healthy(1)
+    listed = router.listed()
+    assert list(listed) == [f"127.0.0.2:{port}"] and listed[f"127.0.0.2:{port}"]["origin"] == "dns"
+    assert router.post("/v1/chat/completions", ONE_TOKEN).status == 200
+    # Scale to three: each address is a service, its model discovered from /v1/models.
+    dns.set({"vllm.test.": {"A": hosts}})
+    router.wait_healthy(3)
+    served = {
+        router.post("/v1/chat/completions", ONE_TOKEN).headers["x-mock-server"] for _ in range(9)
+    }
+    assert served == {"pod0", "pod1", "pod2"}
+    # One leaves DNS: kept for the grace period, then removed.
+    dns.set({"vllm.test.": {"A": [hosts[0], hosts[2]]}})
+    wait_until(lambda: "is no longer in DNS" in router.output, 5, "the departure")
+    wait_until(lambda: f"127.0.0.3:{port}" not in router.listed(), 5, "the removal")
+    assert "gone from DNS for 1s" in router.output
+    assert set(router.listed()) == {f"127.0.0.2:{port}", f"127.0.0.4:{port}"}
+
+
+def test_srv_records_give_each_service_its_own_port(spawn, tmp_path):
+    backends = [spawn(Mock, f"srv{i}", [MODEL]) for i in range(2)]
+    dns = spawn(DnsServer, tmp_path / "zone.json")
+    dns.set(
+        {
+            "_http._tcp.vllm.test.": {
+                "SRV": [f"0 0 {b.port} node{i}.vllm.test." for i, b in enumerate(backends)]
+            },
+            "node0.vllm.test.": {"A": ["127.0.0.1"]},
+            "node1.vllm.test.": {"A": ["127.0.0.1"]},
+        }
+    )
+    router = discovering(spawn, dns, "srv://_http._tcp.vllm.test")
+    router.wait_healthy(2)
+    assert set(router.listed()) == {f"127.0.0.1:{b.port}" for b in backends}
+    served = {
+        router.post("/v1/chat/completions", ONE_TOKEN).headers["x-mock-server"] for _ in range(6)
+    }
+    assert served == {"srv0", "srv1"}
+
+
+def test_a_failing_resolver_removes_nothing_and_is_logged_once(spawn, tmp_path):
+    backend = spawn(Mock, "steady", [MODEL])
+    dns = spawn(DnsServer, tmp_path / "zone.json")
+    dns.set({"vllm.test.": {"A": ["127.0.0.1"]}})
+    router = discovering(spawn, dns, f"dns://vllm.test:{backend.port}")
+    router.wait_healthy(1)
+    dns.set({}, fail=True)
+    wait_until(lambda: "lookup failed" in router.output, 5, "the failure")
+    # Eight failed lookups later (1.6 s, past the 1 s grace period): one log line, and
+    # the service is still there and served.
+    asked = dns.output.count("query ")
+    wait_until(lambda: dns.output.count("query ") >= asked + 8, 10, "more lookups")
+    assert router.get("/stats").json()["total_services"] == 1
+    assert router.output.count("lookup failed") == 1
+    assert router.post("/v1/chat/completions", ONE_TOKEN).status == 200
+    dns.set({"vllm.test.": {"A": ["127.0.0.1"]}})
+    wait_until(lambda: "resolves again" in router.output, 5, "the recovery")
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--discover", "vllm.test:8000"], "dns://NAME:PORT"),
+        (["--discover", "dns://vllm.test"], "needs the services' port"),
+        (["--discover", "srv://_http._tcp.x:80"], "each record's own port"),
+        (["--discover", "dns://x:1", "--dns-server", "resolver.example"], "IP address"),
+        (["--discover", "dns://x:1", "--discover-interval", "0"], "must be > 0"),
+    ],
+)
+def test_bad_discovery_flags_say_what_to_change(flags, says):
+    done = subprocess.run(
+        [sys.executable, "-m", "lmproxy", "--port", "0", *flags],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2 and says in done.stderr, done.stderr
+
+
+def test_discovery_from_the_config_file(spawn, tmp_path):
+    backend = spawn(Mock, "filed", [MODEL])
+    dns = spawn(DnsServer, tmp_path / "zone.json")
+    dns.set({"vllm.test.": {"A": ["127.0.0.1"]}})
+    config = tmp_path / "lmproxy.toml"
+    config.write_text(
+        f'discover = ["dns://vllm.test:{backend.port}"]\n'
+        f'dns_server = "127.0.0.1:{dns.port}"\n'
+        "discover_interval = 0.2\n"
+    )
+    router = spawn(Router, "--config", str(config))
+    router.wait_healthy(1)
+    assert router.listed()[f"127.0.0.1:{backend.port}"]["origin"] == "dns"

@@ -464,22 +464,32 @@ class Fleet:
             if spec is None:
                 continue
             listed.add(spec.name)
-            current = self.registry.services.get(spec.name)
-            if current is not None and current.origin != "registry":
-                continue  # the config or a registration owns the name
-            self._gone_since.pop(spec.name, None)
-            self._put(spec, "registry")
+            self._claim(spec, "registry")
+        self._mark_gone("registry", listed, "left the registry")
+
+    def _claim(self, spec: ServiceSpec, origin: str) -> None:
+        """A polled source lists ``spec``: add or refresh it, unless a source of higher
+        rank (the config, a registration) owns the name."""
+        current = self.registry.services.get(spec.name)
+        if current is not None and current.origin != origin:
+            return
+        self._gone_since.pop(spec.name, None)
+        self._put(spec, origin)
+
+    def _mark_gone(self, origin: str, listed: set[str], what: str) -> None:
+        """Start the grace period of ``origin``'s services that it no longer lists."""
         now = time.monotonic()
         for service in self.registry.services.values():
             if (
-                service.origin == "registry"
+                service.origin == origin
                 and service.name not in listed
                 and service.name not in self._gone_since
             ):
                 self._gone_since[service.name] = now
                 log.info(
-                    "service %s left the registry; removed in %gs unless it returns",
+                    "service %s %s; removed in %gs unless it returns",
                     service.name,
+                    what,
                     self.config.service_removal_grace_period,
                 )
 
@@ -513,28 +523,12 @@ class Fleet:
                 host = f"[{address}]" if ":" in address else address
                 spec = ServiceSpec(url=f"http://{host}:{port}", name=f"{address}:{port}")
                 names.add(spec.name)
-                current = self.registry.services.get(spec.name)
-                if current is not None and current.origin != "dns":
-                    continue  # another source owns that address's name
-                self._gone_since.pop(spec.name, None)
-                self._put(spec, "dns")
+                self._claim(spec, "dns")
             if names != self._dns_members.get(text):
                 log.info("discovery %s: %d addresses", text, len(names))
             self._dns_members[text] = names
             listed |= names
-        now = time.monotonic()
-        for service in self.registry.services.values():
-            if (
-                service.origin == "dns"
-                and service.name not in listed
-                and service.name not in self._gone_since
-            ):
-                self._gone_since[service.name] = now
-                log.info(
-                    "service %s is no longer in DNS; removed in %gs unless it returns",
-                    service.name,
-                    self.config.service_removal_grace_period,
-                )
+        self._mark_gone("dns", listed, "is no longer in DNS")
 
 
 REGISTRATION_SHAPE = (

@@ -22,6 +22,9 @@ Workloads:
 3. ``many``: 1,000 / 5,000 / 10,000 slow streams open at once: the proxy's
    resident memory per stream, and whether every stream completes.
 4. ``large``: 100 KB and 1 MB prompts: requests/s and CPU per request.
+5. ``tls``: small chat completions over HTTPS, to lmproxy (``--ssl-certfile``) and
+   nginx (``listen ... ssl``) with the same certificate (made at run time with
+   trustme): requests/s, and CPU per request at the same fixed rate as ``small``.
 
 Writes ``bench/RESULTS.md`` and ``bench/results-*.png``.
 """
@@ -35,6 +38,7 @@ import itertools
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +52,7 @@ from lmproxy.system import raise_open_file_limit
 HERE = Path(__file__).resolve().parent
 PROXY_CPUS = "0"
 LOAD_CPUS = "1"
-WORKLOADS = ["small", "stream", "many", "large"]
+WORKLOADS = ["small", "stream", "many", "large", "tls"]
 
 
 def chat(max_tokens: int, stream: bool = False, content: str = "Hello, how are you?") -> bytes:
@@ -93,6 +97,8 @@ class Bench:
                 self._run_peer(peer.name, lambda p=peer: p.start(ports, PROXY_CPUS))
             if "small" in self.args.workloads and not self.wrk_reason:
                 self._fixed_rate(peers, ports)
+            if "tls" in self.args.workloads and not self.wrk_reason:
+                self._tls(peers, ports)
         finally:
             for backend in self.backends:
                 backend.stop()
@@ -144,7 +150,48 @@ class Bench:
             duration_s=self.args.duration,
             cpus=LOAD_CPUS,
             rate=rate,
+            scheme=running.scheme,
         )
+
+    def _tls(self, peers: list[Any], ports: list[int]) -> None:
+        """Small chat completions over HTTPS, for the peers that serve it."""
+        try:
+            import trustme
+        except ImportError:
+            print("skip tls: trustme is not installed (pip install -e '.[test]')")
+            return
+        rate = getattr(self, "rate", 1000.0)
+        print(f"== tls: HTTPS, CPU at {rate:.0f} req/s", flush=True)
+        with tempfile.TemporaryDirectory(prefix="bench-tls-") as folder:
+            leaf = trustme.CA().issue_cert("127.0.0.1", "localhost")
+            cert, key = Path(folder) / "cert.pem", Path(folder) / "key.pem"
+            cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+            key.write_bytes(leaf.private_key_pem.bytes())
+            for peer in peers:
+                if not peer.serves_tls:
+                    continue
+                try:
+                    running = peer.start_tls(ports, PROXY_CPUS, (str(cert), str(key)))
+                except RuntimeError as exc:
+                    print(f"skip {peer.name} over TLS: {str(exc).splitlines()[0]}")
+                    continue
+                try:
+                    figures = self.results.setdefault(peer.name, {"name": peer.name})
+                    r = self._wrk(running, chat(16), self.args.concurrency)
+                    at_rate, cpu_us = self._wrk_cpu(running, chat(16), 64, rate=rate)
+                    figures.update(
+                        tls_rps=r.rps,
+                        tls_rate_rps=at_rate.rps,
+                        tls_cpu_us=cpu_us,
+                        tls_errors=r.errors + at_rate.errors,
+                    )
+                    print(
+                        f"   {peer.name:14} {r.rps:8.0f} req/s; CPU {fmt(cpu_us)} us/req "
+                        f"at {at_rate.rps:.0f} req/s",
+                        flush=True,
+                    )
+                finally:
+                    running.stop()
 
     def _wrk_cpu(
         self, running: Running, body: bytes, connections: int, rate: float | None = None

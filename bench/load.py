@@ -41,6 +41,7 @@ def run_wrk(
     cpus: str,
     rate: float | None = None,
     path: str = "/v1/chat/completions",
+    scheme: str = "http",
 ) -> WrkResult:
     """POST ``body`` with wrk; with ``rate``, each connection paces itself to reach it
     (about: wrk's timer counts milliseconds, and a request's own time adds to its wait)."""
@@ -74,7 +75,7 @@ def run_wrk(
                 "30s",
                 "-s",
                 str(script),
-                f"http://127.0.0.1:{port}{path}",
+                f"{scheme}://127.0.0.1:{port}{path}",
             ],
             capture_output=True,
             text=True,

@@ -149,6 +149,28 @@ def markdown(results: dict[str, dict[str, Any]], args: argparse.Namespace, rate:
                     f"{_ratio(r.get(key + '_cpu_us'), nginx.get(key + '_cpu_us'))} |"
                 )
         lines.append("")
+    tls_rows = [r for r in rows if "tls_rps" in r]
+    if tls_rows:
+        lines += [
+            "## 5. HTTPS",
+            "",
+            "Small chat completions over TLS (the same certificate for every peer, made at "
+            f"run time): throughput at {args.concurrency} connections, and CPU per request at "
+            "the fixed rate of section 1. `x plain` is the CPU per request over HTTPS "
+            "against the same peer's over plain HTTP (section 1).",
+            "",
+            "| peer | req/s | x nginx | CPU per request | x nginx | x plain |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in tls_rows:
+            lines.append(
+                f"| {r['name']} | {fmt(r.get('tls_rps'))} | "
+                f"{_ratio(r.get('tls_rps'), nginx.get('tls_rps'))} | "
+                f"{fmt(r.get('tls_cpu_us'), 1)} us | "
+                f"{_ratio(r.get('tls_cpu_us'), nginx.get('tls_cpu_us'))} | "
+                f"{_ratio(r.get('tls_cpu_us'), r.get('rate_cpu_us'))} |"
+            )
+        lines.append("")
     errors = {
         r["name"]: sum(
             v for k, v in r.items() if k.endswith(("_errors", "_failed")) and isinstance(v, int)

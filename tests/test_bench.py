@@ -18,7 +18,7 @@ def test_bench_smoke_runs_every_installed_peer(tmp_path):
             "bench",
             "--smoke",
             "--workloads",
-            "small,stream,many",
+            "small,stream,many,tls",
             "--peers",
             "direct,nginx,vllm-router,sglang-router,aiohttp,lmproxy",
             "--figures",
@@ -40,6 +40,7 @@ def test_bench_smoke_runs_every_installed_peer(tmp_path):
     assert "direct" in figures
     if "skip request-rate figures" not in out:  # wrk is installed
         assert ours["small_rps"] > 0 and ours["small_errors"] == 0, ours
+        assert ours["tls_rps"] > 0 and ours["tls_errors"] == 0, ours  # served over HTTPS
     for line in out.splitlines():
         if line.startswith("skip "):
             assert "not installed" in line, line  # skipped only for a stated reason

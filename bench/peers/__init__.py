@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,7 @@ class Running:
         self.port = port
         self.proc = proc
         self.workdir = workdir
+        self.scheme = "http"  # "https": serving TLS (the tls workload)
 
     def cpu_s(self) -> float:
         if self.proc is None:
@@ -102,20 +104,24 @@ class Running:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _wait_ready(port: int, proc: subprocess.Popen, workdir: str, timeout_s: float = 60) -> None:
+def _wait_ready(
+    port: int, proc: subprocess.Popen, workdir: str, timeout_s: float = 60, scheme: str = "http"
+) -> None:
     """Until a chat completion goes through (routers discover their workers first)."""
     body = b'{"model":"Qwen3-32B","messages":[{"role":"user","content":"ready?"}],"max_tokens":1}'
+    # The benchmark's own certificate: whether it is trusted is not what is measured.
+    context = ssl._create_unverified_context() if scheme == "https" else None
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             break
         try:
             req = urllib.request.Request(
-                f"http://127.0.0.1:{port}/v1/chat/completions",
+                f"{scheme}://127.0.0.1:{port}/v1/chat/completions",
                 data=body,
                 headers={"Content-Type": "application/json"},
             )
-            with urllib.request.urlopen(req, timeout=2) as resp:
+            with urllib.request.urlopen(req, timeout=2, context=context) as resp:
                 if resp.status == 200:
                     return
         except OSError:
@@ -126,7 +132,13 @@ def _wait_ready(port: int, proc: subprocess.Popen, workdir: str, timeout_s: floa
 
 
 def _launch(
-    name: str, argv: list[str], cpus: str | None, port: int, workdir: str, cwd: str | None = None
+    name: str,
+    argv: list[str],
+    cpus: str | None,
+    port: int,
+    workdir: str,
+    cwd: str | None = None,
+    scheme: str = "http",
 ) -> Running:
     log = open(Path(workdir) / "peer.log", "wb")  # noqa: SIM115 - owned by the process
     proc = subprocess.Popen(
@@ -137,8 +149,9 @@ def _launch(
         cwd=cwd or workdir,
     )
     running = Running(name, port, proc, workdir)
+    running.scheme = scheme
     try:
-        _wait_ready(port, proc, workdir)
+        _wait_ready(port, proc, workdir, scheme=scheme)
     except RuntimeError:
         running.stop()
         raise
@@ -148,12 +161,16 @@ def _launch(
 class Peer:
     name = ""
     about = ""
+    serves_tls = False  # can be started with tls=(certificate file, key file)
 
     def missing(self) -> str | None:
         """Why this peer cannot run here, or None."""
         return None
 
     def start(self, backends: list[int], cpus: str) -> Running:
+        raise NotImplementedError
+
+    def start_tls(self, backends: list[int], cpus: str, tls: tuple[str, str]) -> Running:
         raise NotImplementedError
 
 
@@ -168,11 +185,15 @@ class Direct(Peer):
 class Nginx(Peer):
     name = "nginx"
     about = "nginx reverse proxy, upstream keep-alive, no buffering (the C reference)"
+    serves_tls = True
 
     def missing(self) -> str | None:
         return None if shutil.which("nginx") else "nginx is not installed (bench/setup.sh)"
 
-    def start(self, backends: list[int], cpus: str) -> Running:
+    def start_tls(self, backends: list[int], cpus: str, tls: tuple[str, str]) -> Running:
+        return self.start(backends, cpus, tls)
+
+    def start(self, backends: list[int], cpus: str, tls: tuple[str, str] | None = None) -> Running:
         workdir = tempfile.mkdtemp(prefix="bench-nginx-")
         port = free_port()
         servers = "\n".join(f"server 127.0.0.1:{p};" for p in backends)
@@ -194,7 +215,8 @@ class Nginx(Peer):
                 keepalive_requests 1000000;
                 upstream backends {{ {servers} keepalive 256; keepalive_requests 1000000; }}
                 server {{
-                    listen 127.0.0.1:{port} backlog=4096;
+                    listen 127.0.0.1:{port} backlog=4096{" ssl" if tls else ""};
+                    {f"ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]};" if tls else ""}
                     location / {{
                         proxy_pass http://backends;
                         proxy_http_version 1.1;
@@ -213,6 +235,7 @@ class Nginx(Peer):
             cpus,
             port,
             workdir,
+            scheme="https" if tls else "http",
         )
 
 
@@ -339,8 +362,12 @@ class AiohttpProxy(Peer):
 class Lmproxy(Peer):
     name = "lmproxy"
     about = "lmproxy, one process, default strategy (cache-aware)"
+    serves_tls = True
 
-    def start(self, backends: list[int], cpus: str) -> Running:
+    def start_tls(self, backends: list[int], cpus: str, tls: tuple[str, str]) -> Running:
+        return self.start(backends, cpus, tls)
+
+    def start(self, backends: list[int], cpus: str, tls: tuple[str, str] | None = None) -> Running:
         workdir = tempfile.mkdtemp(prefix="bench-lmproxy-")
         port = free_port()
         argv = [
@@ -356,7 +383,10 @@ class Lmproxy(Peer):
         ]
         for i, p in enumerate(backends):
             argv += ["--backend", f"b{i}=http://127.0.0.1:{p},model=Qwen3-32B"]
-        return _launch(self.name, argv, cpus, port, workdir, cwd=str(ROOT))
+        if tls:
+            argv += ["--ssl-certfile", tls[0], "--ssl-keyfile", tls[1]]
+        scheme = "https" if tls else "http"
+        return _launch(self.name, argv, cpus, port, workdir, cwd=str(ROOT), scheme=scheme)
 
 
 PEERS: dict[str, Peer] = {

@@ -24,8 +24,8 @@ It avoids the known failure modes of the Rust routers' default policy:
 A miss goes where every router would send it, not to whichever service one
 router happens to see least loaded: the request's session, else its
 conversation's opening, is placed by weighted rendezvous hashing with bounded
-loads (``placement.py``; a service takes up to ``balance_abs`` requests over its
-share before it passes a key on). Replicas that never talk to each other, and workers
+loads (``placement.py``; a service takes up to ``slack`` requests over its share
+before it passes a key on). Replicas that never talk to each other, and workers
 between two exchanges of what they learnt, then put a new conversation on the
 same service and learn the same trees. A prompt shorter than one block (nothing
 to cache), or with no key to place it by, goes to the least-loaded service.

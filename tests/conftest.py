@@ -222,8 +222,9 @@ class Router(Process):
 class Registry(Process):
     """The InfiniLM-SVC registry stand-in: ``tests/infinilm_registry.py``."""
 
-    def __init__(self) -> None:
-        super().__init__(["tests/infinilm_registry.py", "--port", "0"])
+    def __init__(self, *extra: str) -> None:
+        super().__init__(["tests/infinilm_registry.py", "--port", "0", *extra])
+        self.context: ssl.SSLContext | None = None  # serving HTTPS: what reaches it
         self.wait_for_port()
 
     def register(self, name: str, backend: Mock, kind: str = "openai-api", **extra: object) -> None:
@@ -237,7 +238,7 @@ class Registry(Process):
             "metadata": {"type": kind, "models": backend.models},
             **extra,
         }
-        assert request(self.port, "POST", "/services", entry).status == 201
+        assert request(self.port, "POST", "/services", entry, context=self.context).status == 201
 
     def delete(self, name: str) -> None:
         assert request(self.port, "DELETE", f"/services/{name}").status == 200

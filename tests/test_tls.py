@@ -15,7 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 import trustme
-from conftest import ROOT, Mock, Router, request, wait_until
+from conftest import ROOT, Mock, Registry, Router, request, wait_until
 
 MODEL = "Qwen3-32B"
 ONE_TOKEN = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
@@ -352,3 +352,19 @@ def test_https_services_from_a_registration_and_a_static_file(spawn, certs, tmp_
         router.post("/v1/chat/completions", ONE_TOKEN).headers["x-mock-server"] for _ in range(8)
     }
     assert served == {"registered", "listed"}
+
+
+def test_an_https_infinilm_registry(spawn, certs):
+    """--registry-url https://: the registry is read with the --backend-* TLS settings."""
+    registry = spawn(Registry, "--ssl-certfile", certs.server[0], "--ssl-keyfile", certs.server[1])
+    registry.context = certs.client_context()
+    backend = spawn(Mock, "listed", [MODEL])
+    registry.register("listed", backend)
+    router = spawn(
+        Router,
+        "--registry-url", f"https://127.0.0.1:{registry.port}",
+        "--registry-sync-interval", "0.2",
+        "--backend-ca-certs", certs.ca_pem,
+    )  # fmt: skip
+    router.wait_healthy(1)
+    assert router.listed()["listed"]["origin"] == "registry"

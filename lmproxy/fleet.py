@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -164,27 +165,29 @@ class Fleet:
     def _follow_registry(self) -> None:
         """Poll the configured registry (or stop polling one no longer configured)."""
         if self.config.registry_url and self._poller is None:
-            self._poller = asyncio.create_task(self._poll(), name="fleet:registry")
+            self._poller = asyncio.create_task(
+                self._repeat(
+                    self.sync_registry, lambda: self.config.registry_sync_interval, "registry poll"
+                ),
+                name="fleet:registry",
+            )
         elif not self.config.registry_url and self._poller is not None:
             self._poller.cancel()
             self._poller = None
-            now = time.monotonic()
-            for service in self.registry.services.values():
-                if service.origin == "registry":
-                    self._gone_since.setdefault(service.name, now)
+            self._mark_gone("registry", set(), "came from a registry no longer followed")
 
     def _follow_dns(self) -> None:
         """Resolve the --discover names (or stop, and let their services go)."""
         if self.config.discover and self._discoverer is None:
-            self._discoverer = asyncio.create_task(self._discover(), name="fleet:dns")
+            self._discoverer = asyncio.create_task(
+                self._repeat(self.sync_dns, lambda: self.config.discover_interval, "DNS discovery"),
+                name="fleet:dns",
+            )
         elif not self.config.discover and self._discoverer is not None:
             self._discoverer.cancel()
             self._discoverer = None
             self._dns_members.clear()
-            now = time.monotonic()
-            for service in self.registry.services.values():
-                if service.origin == "dns":
-                    self._gone_since.setdefault(service.name, now)
+            self._mark_gone("dns", set(), "came from DNS discovery, no longer configured")
 
     # --- changes ------------------------------------------------------------------
 
@@ -414,13 +417,17 @@ class Fleet:
                     source = "DNS" if service and service.origin == "dns" else "the registry"
                     self._remove(name, f"gone from {source} for {grace:g}s")
 
-    async def _poll(self) -> None:
+    async def _repeat(
+        self, step: Callable[[], Awaitable[None]], interval: Callable[[], float], what: str
+    ) -> None:
+        """Run ``step``, then wait ``interval()`` seconds (asked each time: a reload may
+        change it), until cancelled."""
         while True:
             try:
-                await self.sync_registry()
+                await step()
             except Exception:  # a bug here must not end the polling
-                log.exception("registry poll failed")
-            await asyncio.sleep(self.config.registry_sync_interval)
+                log.exception("%s failed", what)
+            await asyncio.sleep(interval())
 
     async def sync_registry(self) -> None:
         """One poll of the InfiniLM-SVC registry: it decides membership, never health."""
@@ -492,14 +499,6 @@ class Fleet:
                     what,
                     self.config.service_removal_grace_period,
                 )
-
-    async def _discover(self) -> None:
-        while True:
-            try:
-                await self.sync_dns()
-            except Exception:  # a bug here must not end discovery
-                log.exception("DNS discovery failed")
-            await asyncio.sleep(self.config.discover_interval)
 
     async def sync_dns(self) -> None:
         """One lookup of every --discover name: DNS decides membership, never health."""

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import msgspec
 
@@ -28,6 +28,11 @@ V1 = "/v1"  # dropped from the end of a service URL (see ServiceSpec.path_prefix
 
 class ConfigError(Exception):
     """A configuration mistake; the message says what to change."""
+
+
+def url_port(parts: SplitResult) -> int:
+    """A URL's port, or its scheme's default (443 for https, else 80)."""
+    return parts.port or (443 if parts.scheme == "https" else 80)
 
 
 def check_name(name: str) -> None:
@@ -107,7 +112,7 @@ class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
 
     @property
     def port(self) -> int:
-        return urlsplit(self.url).port or (443 if self.tls else 80)
+        return url_port(urlsplit(self.url))
 
     @property
     def path_prefix(self) -> str:

@@ -43,6 +43,7 @@ from lmproxy.config import (
     parse_discover,
     points_at,
     spec_from_entry,
+    url_port,
 )
 from lmproxy.discovery import DiscoveryError, lookup, make_resolver
 from lmproxy.errors import Fault, encode_json, error_payload
@@ -437,14 +438,15 @@ class Fleet:
         parts = urlsplit(url)
         path = parts.path.rstrip("/") + "/services?healthy=true"
         try:
-            https = parts.scheme == "https"
             status, body = await http_get(
                 parts.hostname or "",
-                parts.port or (443 if https else 80),
+                url_port(parts),
                 path,
                 self.config.health_timeout,
                 # The registry is checked with the router-wide --backend-* TLS settings.
-                ssl=tls.client_context(*self.registry.backend_tls) if https else None,
+                ssl=tls.client_context(*self.registry.backend_tls)
+                if parts.scheme == "https"
+                else None,
             )
             if status != 200:
                 raise ProbeError(f"{path} answered {status}")

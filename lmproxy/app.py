@@ -156,6 +156,9 @@ class Router:
                 reuse_port=self.link is not None,
                 backlog=4096,
                 ssl=self.ssl,
+                # The handshake comes before the first request, and the protocol (with its
+                # deadlines) only sees the connection after it: give it the same deadline.
+                ssl_handshake_timeout=self.config.header_timeout if self.ssl else None,
             )
         except OSError as exc:
             raise ConfigError(

@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import openai
@@ -368,3 +369,26 @@ def test_an_https_infinilm_registry(spawn, certs):
     )  # fmt: skip
     router.wait_healthy(1)
     assert router.listed()["listed"]["origin"] == "registry"
+
+
+def test_a_client_that_never_finishes_its_handshake_is_closed_at_the_header_timeout(spawn, certs):
+    """Before its handshake a TLS client is not yet the server's: it gets the deadline of
+    a connection that has not sent its request, not the event loop's default minute."""
+    backend = spawn(Mock, "plain", [MODEL])
+    router = spawn(
+        Router, *serving(certs), "--header-timeout", "1", "--backend", backend.backend_arg(),
+        context=certs.client_context(),
+    )  # fmt: skip
+    router.wait_healthy(1)
+    silent = socket.create_connection(("127.0.0.1", router.port), timeout=10)
+    half = socket.create_connection(("127.0.0.1", router.port), timeout=10)
+    half.sendall(b"\x16\x03\x01\x00\xff")  # a ClientHello's record header, then nothing
+    try:
+        for sock in (silent, half):
+            started = time.monotonic()
+            assert sock.recv(100) == b""  # closed by the router
+            assert time.monotonic() - started < 5
+    finally:
+        silent.close()
+        half.close()
+    assert router.get("/health").status == 200

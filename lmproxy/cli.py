@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  lmproxy --demo                      router + two simulated backends\n"
             "  lmproxy --backend a=http://10.0.0.5:8100 --backend http://10.0.0.6:8100,weight=2\n"
             "  lmproxy --config lmproxy.toml --port 9000\n"
-            "  lmproxy --static-services services.json --router-port 8000\n\n"
+            "  lmproxy --static-services services.json --router-port 8000\n"
+            "  lmproxy --k8s-selector app=vllm     the Ready pods labelled app=vllm\n\n"
             "Every option can also be set in the TOML config file, with underscores\n"
             "(health_interval = 10); the command line wins over the file."
         ),
@@ -203,6 +204,59 @@ def build_parser() -> argparse.ArgumentParser:
         "--dns-server",
         metavar="HOST[:PORT]",
         help="resolver for --discover (default: the system's, from /etc/resolv.conf)",
+    )
+    g.add_argument(
+        "--discover-scheme",
+        choices=("http", "https"),
+        help=(
+            "scheme of the services --discover and --k8s-selector find; https uses the "
+            f"--backend-* TLS settings (default: {d.discover_scheme})"
+        ),
+    )
+    g.add_argument(
+        "--k8s-selector",
+        "--selector",
+        action="extend",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help=(
+            "find services in Kubernetes: the pods whose labels match every KEY=VALUE "
+            "(repeatable), listed then watched; a pod serves while Running and Ready. "
+            "--selector takes the Rust routers' form (KEY=VALUE KEY=VALUE)"
+        ),
+    )
+    g.add_argument(
+        "--k8s-namespace",
+        "--service-discovery-namespace",
+        metavar="NAME",
+        help=(
+            "namespace of the --k8s-selector pods (default: the router pod's own, or the "
+            "kubeconfig context's)"
+        ),
+    )
+    g.add_argument(
+        "--k8s-port",
+        "--service-discovery-port",
+        type=int,
+        metavar="PORT",
+        help=(
+            "port of the --k8s-selector pods, unless a pod's lmproxy.io/port annotation "
+            f"says otherwise (default: {d.k8s_port})"
+        ),
+    )
+    g.add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        help=(
+            "outside a cluster, the kubeconfig whose current context --k8s-selector uses "
+            "(default: in a pod its service account, else $KUBECONFIG or ~/.kube/config)"
+        ),
+    )
+    g.add_argument(
+        "--service-discovery",
+        action="store_const",
+        const=True,
+        help="accepted for the Rust routers' users: --k8s-selector alone turns discovery on",
     )
     g.add_argument(
         "--service-removal-grace-period",

@@ -177,6 +177,13 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     discover: list[str] = []
     discover_interval: float = 10.0
     dns_server: str | None = None  # HOST[:PORT]; default: the system's resolver
+    # Kubernetes discovery (kube.py): the pods a label selector picks, watched.
+    k8s_selector: list[str] = []  # KEY=VALUE terms, all of which a pod's labels match
+    k8s_namespace: str | None = None  # default: the router pod's own (or the kubeconfig's)
+    k8s_port: int = 8000  # unless a pod's lmproxy.io/port annotation says otherwise
+    kubeconfig: str | None = None  # outside a cluster; inside, the service account
+    service_discovery: bool = False  # the Rust routers' switch; a selector is what counts
+    discover_scheme: str = "http"  # of discovered services (DNS and Kubernetes)
     service_removal_grace_period: float = 60.0
     workers: int = 1  # 0: one per core ("auto" on the command line)
     log_level: str = "info"
@@ -240,6 +247,23 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             parse_discover(target)
         if self.dns_server is not None:
             parse_dns_server(self.dns_server)
+        parse_selector(self.k8s_selector)
+        if self.service_discovery and not self.k8s_selector:
+            raise ConfigError(
+                "--service-discovery needs a label selector: give --k8s-selector KEY=VALUE "
+                "(or --selector KEY=VALUE), which picks the engine pods"
+            )
+        if not 0 < self.k8s_port < 65536:
+            raise ConfigError(f"--k8s-port must be 1-65535, got {self.k8s_port}")
+        if self.k8s_namespace is not None and not _NAMESPACE.match(self.k8s_namespace):
+            raise ConfigError(
+                f"--k8s-namespace {self.k8s_namespace!r} is not a namespace name "
+                "(lower-case letters, digits and '-', at most 63)"
+            )
+        if self.discover_scheme not in ("http", "https"):
+            raise ConfigError(
+                f"--discover-scheme must be http or https, got {self.discover_scheme!r}"
+            )
         if self.ssl_cert_reqs not in (0, 1, 2):
             raise ConfigError(
                 f"--ssl-cert-reqs must be 0 (none), 1 (optional) or 2 (required), "
@@ -348,6 +372,28 @@ def parse_dns_server(server: str) -> tuple[str, int]:
             "53 (127.0.0.1:5353)"
         ) from None
     return host, number
+
+
+# --- --k8s-selector and --k8s-namespace (kube.py) ------------------------------------
+
+_LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def parse_selector(items: list[str]) -> list[str]:
+    """``KEY=VALUE`` terms, checked as the API server checks label keys and values
+    (a term it would refuse is better refused at start-up)."""
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
+            raise ConfigError(
+                f"--k8s-selector {item!r}: give KEY=VALUE with a label key and value "
+                "(e.g. app=vllm or app.kubernetes.io/name=vllm)"
+            )
+    return items
 
 
 # --- --backend NAME=URL,weight=N,model=M,health=/path -------------------------------

@@ -1,6 +1,6 @@
-"""Who is in the fleet: the config, live registrations, an InfiniLM-SVC registry, DNS.
+"""Who is in the fleet: the config, registrations, an InfiniLM-SVC registry, DNS, pods.
 
-Four sources add services, and each manages only its own:
+Five sources add services, and each manages only its own:
 
 - ``config``: the config file and command line; a SIGHUP reload applies the
   new list (added, changed, removed).
@@ -14,6 +14,10 @@ Four sources add services, and each manages only its own:
 - ``dns``: the ``--discover`` names, resolved every ``--discover-interval``
   seconds (``discovery.py``); an address that leaves is kept for the same grace
   period, and a failed lookup removes nothing.
+- ``k8s``: the pods ``--k8s-selector`` picks, listed then watched
+  (``kube.py``); a pod that stops being Ready, starts terminating or is deleted
+  leaves at once (the API server says so for certain), and a lost watch
+  removes nothing.
 
 A name belongs to the first source that claims it, in that order of rank: a
 registration cannot take over a configured service, and the registry cannot
@@ -33,7 +37,7 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 
-from lmproxy import tls
+from lmproxy import kube, tls
 from lmproxy.config import (
     Config,
     ConfigError,
@@ -57,6 +61,7 @@ log = logging.getLogger("lmproxy")
 
 Payload = tuple[int, Any]
 RANK = {"config": 0, "admin": 1, "registry": 2}
+SOURCES = {"registry": "the registry", "dns": "DNS", "k8s": "Kubernetes discovery"}
 TICK_S = 0.5  # how often TTLs and grace periods are checked
 
 
@@ -142,6 +147,13 @@ class Fleet:
         self._discoverer: asyncio.Task[None] | None = None
         self._dns_members: dict[str, set[str]] = {}
         self._dns_failing: set[str] = set()
+        # Kubernetes discovery: the watcher's task, and the settings it runs with.
+        self._pods: asyncio.Task[None] | None = None
+        self._pods_settings: tuple[Any, ...] = ()
+        self._kube_access = (
+            kube.resolve_access(config.kubeconfig) if config.k8s_selector else None
+        )  # here, so that missing credentials stop start-up
+        self._kube_config_used = config.kubeconfig
         for spec in config.services:
             registry.add(spec, "config")
 
@@ -151,12 +163,12 @@ class Fleet:
         self._tasks.append(asyncio.create_task(self._tick(), name="fleet:tick"))
         self._follow_registry()
         self._follow_dns()
+        self._follow_pods()
 
     async def stop(self) -> None:
-        if self._poller is not None:
-            self._tasks.append(self._poller)
-        if self._discoverer is not None:
-            self._tasks.append(self._discoverer)
+        for task in (self._poller, self._discoverer, self._pods):
+            if task is not None:
+                self._tasks.append(task)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -189,6 +201,58 @@ class Fleet:
             self._discoverer = None
             self._dns_members.clear()
             self._mark_gone("dns", set(), "came from DNS discovery, no longer configured")
+
+    def _follow_pods(self) -> None:
+        """Watch the --k8s-selector pods; a reload that changes what to watch starts a
+        new watch (whose first list prunes what no longer matches)."""
+        settings = kube.watcher_settings(self.config)
+        if settings == self._pods_settings and (self._pods is not None) == bool(
+            self.config.k8s_selector
+        ):
+            return
+        if self._pods is not None:
+            self._pods.cancel()
+            self._pods = None
+        self._pods_settings = settings
+        if not self.config.k8s_selector:
+            self._mark_gone("k8s", set(), "came from Kubernetes discovery, no longer configured")
+            return
+        try:
+            if self._kube_access is None or self.config.kubeconfig != self._kube_config_used:
+                self._kube_access = kube.resolve_access(self.config.kubeconfig)
+        except ConfigError as exc:
+            log.error("Kubernetes discovery: %s; its pods are kept, not watched", exc)
+            return
+        self._kube_config_used = self.config.kubeconfig
+        access = self._kube_access
+        watcher = kube.PodWatcher(
+            access,
+            self.config.k8s_namespace or access.namespace,
+            self.config.k8s_selector,
+            self.config.k8s_port,
+            self.config.discover_scheme,
+            self._pod_changed,
+            self._pods_listed,
+        )
+        log.info("kubernetes: watching %s (credentials: %s)", watcher.where, access.source)
+        self._pods = asyncio.create_task(watcher.run(), name="fleet:k8s")
+
+    def _pod_changed(self, name: str, spec: ServiceSpec | None, why: str) -> None:
+        if spec is not None:
+            self._claim(spec, "k8s")
+            return
+        service = self.registry.services.get(name)
+        if service is not None and service.origin == "k8s":
+            self._remove(name, f"pod {why}")
+
+    def _pods_listed(self, specs: dict[str, ServiceSpec]) -> None:
+        for spec in specs.values():
+            self._claim(spec, "k8s")
+        for service in list(self.registry.services.values()):
+            if service.origin == "k8s" and service.name not in specs:
+                self._remove(
+                    service.name, "pod no longer listed (deleted, not Ready, or relabelled)"
+                )
 
     # --- changes ------------------------------------------------------------------
 
@@ -229,6 +293,7 @@ class Fleet:
             self._put(spec, "config")
         self._follow_registry()
         self._follow_dns()
+        self._follow_pods()
 
     # --- the admin API ------------------------------------------------------------
 
@@ -415,7 +480,7 @@ class Fleet:
             for name, since in list(self._gone_since.items()):
                 if now - since >= grace:
                     service = self.registry.services.get(name)
-                    source = "DNS" if service and service.origin == "dns" else "the registry"
+                    source = SOURCES.get(service.origin if service else "", "its source")
                     self._remove(name, f"gone from {source} for {grace:g}s")
 
     async def _repeat(
@@ -522,7 +587,9 @@ class Fleet:
             names = set()
             for address, port in pairs:
                 host = f"[{address}]" if ":" in address else address
-                spec = ServiceSpec(url=f"http://{host}:{port}", name=f"{address}:{port}")
+                spec = ServiceSpec(
+                    url=f"{self.config.discover_scheme}://{host}:{port}", name=f"{address}:{port}"
+                )
                 names.add(spec.name)
                 self._claim(spec, "dns")
             if names != self._dns_members.get(text):

@@ -355,7 +355,8 @@ class Registry:
         if not self.services:
             return (
                 "no backend service is configured or registered yet (the router's "
-                "--backend, --config, --static-services, --registry-url or POST /services)"
+                "--backend, --config, --static-services, --registry-url, --discover, "
+                "--k8s-selector or POST /services)"
             )
         if among is None:
             among = [s for s in self.services.values() if model is None or model in s.models]

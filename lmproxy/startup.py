@@ -92,10 +92,10 @@ def startup_warnings(config: Config, services: int, port: int) -> None:
             "verify=false" if config.backend_verify else "--backend-no-verify",
             ", ".join(unchecked) or "every https:// service",
         )
-    if not services and not config.registry_url:
+    if not services and not (config.registry_url or config.discover or config.k8s_selector):
         log.warning(
-            "no backend services configured: give --backend URL, --config, --registry-url "
-            "or --demo, or register them (POST /services)"
+            "no backend services configured: give --backend URL, --config, --registry-url, "
+            "--discover, --k8s-selector or --demo, or register them (POST /services)"
         )
     if config.binds_publicly and not config.api_keys:
         log.warning(

@@ -151,24 +151,28 @@ class Mock(Process):
         self.name = name
         self.models = models
         self.scheme = "https" if "--ssl-certfile" in extra else "http"
+        self.host = extra[extra.index("--host") + 1] if "--host" in extra else "127.0.0.1"
         self.context: ssl.SSLContext | None = None  # for stats() and the like over TLS
         self.wait_for_port()
 
     @property
     def url(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def backend_arg(self, *options: str) -> str:
         return ",".join([f"{self.name}={self.url}", *options])
 
     def stats(self) -> dict[str, Any]:
-        return request(self.port, "GET", "/mock/stats", context=self.context).json()
+        return request(self.port, "GET", "/mock/stats", host=self.host, context=self.context).json()
 
     def set_timing(self, **settings: float) -> None:
-        assert request(self.port, "POST", "/mock/settings", settings).status == 200
+        assert request(self.port, "POST", "/mock/settings", settings, host=self.host).status == 200
 
     def set_fault(self, fault: str) -> None:
-        assert request(self.port, "POST", "/mock/fault", {"fault": fault}).status == 200
+        assert (
+            request(self.port, "POST", "/mock/fault", {"fault": fault}, host=self.host).status
+            == 200
+        )
 
 
 class Router(Process):

@@ -1,0 +1,663 @@
+"""Kubernetes discovery: the pods a label selector picks, listed once, then watched.
+
+``--k8s-selector KEY=VALUE`` (repeatable) picks the engine pods of
+``--k8s-namespace`` (default: the router's own pod's namespace). The router
+lists them, then watches from the list's resourceVersion with bookmarks, as
+client-go's informers do: it never polls. A watch the server ends is resumed
+from the last resourceVersion seen; ``410 Gone`` (history compacted past it)
+means listing again; a lost connection or a refusal is retried with backoff,
+keeping the pods last known.
+
+A pod is a service only while it is Running, has an IP, has its ``Ready``
+condition True and no deletionTimestamp: it leaves the moment the watch says
+otherwise (requests in flight on it finish; new ones go elsewhere). Its service
+is named after the pod, at ``http://POD_IP:PORT`` where PORT is the pod's
+``lmproxy.io/port`` annotation or ``--k8s-port``; the ``lmproxy.io/scheme``
+annotation or ``--discover-scheme`` says http or https. Its models are the
+``lmproxy.io/model`` label (or annotation, which may hold a ``/`` and a
+comma-separated list) or, without one, what ``/v1/models`` says.
+
+The API is spoken directly over h11, the state machine the router's probes
+already use: discovery needs two calls (list and watch pods) and a few fields
+of a pod, and kubernetes_asyncio would bring aiohttp and a generated client of
+the whole API into a router whose hot path owes nothing to either.
+
+Credentials: inside a pod, its service account (token, re-read before each
+call since kubelet rotates it, CA, namespace); outside, ``--kubeconfig`` (or
+``$KUBECONFIG``, or ``~/.kube/config``): its current context's server, CA,
+token or client certificate. Exec and auth-provider plugins are not run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import random
+import ssl
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import quote, urlencode, urlsplit
+
+import h11
+import msgspec
+
+from lmproxy.config import Config, ConfigError, ServiceSpec
+from lmproxy.tls import tls_reason
+
+log = logging.getLogger("lmproxy")
+
+SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+LABEL_MODEL = "lmproxy.io/model"
+ANNOTATION_PORT = "lmproxy.io/port"
+ANNOTATION_SCHEME = "lmproxy.io/scheme"
+
+MAX_PODS = 1024  # services one selector may add: a runaway Deployment cannot flood us
+MAX_LIST_PAGE = 32 * 1024 * 1024  # bytes of one page of the list (500 pods)
+MAX_EVENT = 4 * 1024 * 1024  # bytes of one watch event (etcd keeps objects under 1.5 MiB)
+MAX_ERROR_BODY = 64 * 1024
+PAGE = 500
+WATCH_S = 240  # the server ends each watch after this; the router resumes it
+CALL_TIMEOUT_S = 15.0  # connect, send, and the response's head (and a list page)
+BACKOFF_MIN_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+
+class KubeError(Exception):
+    """A call to the API server failed; the message says why and what to change.
+
+    ``refused``: the server said no (401, 403, 404...), which needs a person; not a
+    lost connection, which the next attempt may not meet."""
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+class Gone(Exception):
+    """410: the resourceVersion is older than the server's history; list again."""
+
+
+class Access(NamedTuple):
+    """How to reach the API server, and as whom."""
+
+    host: str
+    port: int
+    ssl: ssl.SSLContext | None
+    server_name: str | None  # TLS name to check, when not the host
+    token: Callable[[], str | None]
+    namespace: str  # the default: the pod's own, or the kubeconfig context's
+    source: str  # "in-cluster service account" or the kubeconfig path, for logs
+
+
+# --- credentials --------------------------------------------------------------
+
+
+def resolve_access(kubeconfig: str | None, environ: dict[str, str] | None = None) -> Access:
+    """``--kubeconfig``, else the pod's service account, else ``$KUBECONFIG`` or
+    ``~/.kube/config``; ConfigError when none is there."""
+    env = dict(os.environ) if environ is None else environ
+    if kubeconfig:
+        return from_kubeconfig(kubeconfig)
+    if env.get("KUBERNETES_SERVICE_HOST"):
+        return in_cluster(env)
+    for path in [*env.get("KUBECONFIG", "").split(os.pathsep), "~/.kube/config"]:
+        if path and Path(path).expanduser().is_file():
+            return from_kubeconfig(str(Path(path).expanduser()))
+    raise ConfigError(
+        "Kubernetes discovery (--k8s-selector) needs the API server: run the router in a "
+        "pod (its service account is used), or give --kubeconfig FILE"
+    )
+
+
+def in_cluster(environ: dict[str, str], account: Path = SERVICE_ACCOUNT) -> Access:
+    """The pod's service account, as client-go's rest.InClusterConfig reads it."""
+    host = environ["KUBERNETES_SERVICE_HOST"]
+    port = int(environ.get("KUBERNETES_SERVICE_PORT", "443"))
+    token_file, ca_file = account / "token", account / "ca.crt"
+    for path in (token_file, ca_file):
+        if not path.is_file():
+            raise ConfigError(
+                f"in a pod, Kubernetes discovery reads {path}, which is missing: is "
+                "automountServiceAccountToken off? (or give --kubeconfig)"
+            )
+    context = ssl.create_default_context()
+    _load_ca(context, str(ca_file), None, str(ca_file))
+    try:
+        namespace = (account / "namespace").read_text().strip() or "default"
+    except OSError:
+        namespace = "default"
+
+    def token() -> str | None:
+        try:  # kubelet rotates projected tokens: read it for every call
+            return token_file.read_text().strip() or None
+        except OSError:
+            return None
+
+    return Access(host.strip("[]"), port, context, None, token, namespace, "service account")
+
+
+def from_kubeconfig(path: str) -> Access:
+    """The current context of a kubeconfig file: server, CA, token or client cert."""
+    import yaml  # only here: most routers never read a kubeconfig
+
+    where = f"--kubeconfig {path}"
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: not a kubeconfig (no clusters, contexts, users)")
+    base = Path(path).resolve().parent
+    current = doc.get("current-context")
+    if not current:
+        raise ConfigError(f"{where}: no current-context (kubectl config use-context NAME)")
+    context = _named(doc, "contexts", "context", current, where)
+    cluster = _named(doc, "clusters", "cluster", context.get("cluster"), where)
+    user = _named(doc, "users", "user", context.get("user"), where) if context.get("user") else {}
+    server = urlsplit(str(cluster.get("server", "")))
+    if server.scheme not in ("http", "https") or not server.hostname:
+        raise ConfigError(f"{where}: cluster {context.get('cluster')!r} has no https:// server")
+    for plugin in ("exec", "auth-provider"):
+        if plugin in user:
+            raise ConfigError(
+                f"{where}: user {context.get('user')!r} authenticates with an {plugin} "
+                "plugin, which lmproxy does not run; give it a token (kubectl create token "
+                "SERVICE_ACCOUNT) or a client certificate"
+            )
+    ssl_context: ssl.SSLContext | None = None
+    if server.scheme == "https":
+        ssl_context = ssl.create_default_context()
+        if cluster.get("insecure-skip-tls-verify"):
+            log.warning("%s: insecure-skip-tls-verify: the API server is not verified", where)
+            ssl_context.check_hostname = False
+            ssl_context.verify_mode = ssl.CERT_NONE
+        elif "certificate-authority-data" in cluster:
+            data = _b64(cluster["certificate-authority-data"], where, "certificate-authority-data")
+            _load_ca(ssl_context, None, data.decode("ascii", "replace"), where)
+        elif "certificate-authority" in cluster:
+            _load_ca(ssl_context, str(base / cluster["certificate-authority"]), None, where)
+        _client_certificate(ssl_context, user, base, where)
+    token = user.get("token")
+    if token is None and "tokenFile" in user:
+        try:
+            token = (base / user["tokenFile"]).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read tokenFile: {exc.strerror or exc}") from None
+    fixed = str(token) if token else None
+    return Access(
+        server.hostname or "",
+        server.port or (443 if server.scheme == "https" else 80),
+        ssl_context,
+        cluster.get("tls-server-name"),
+        lambda: fixed,
+        str(context.get("namespace") or "default"),
+        path,
+    )
+
+
+def _named(doc: dict[str, Any], key: str, inner: str, name: Any, where: str) -> dict[str, Any]:
+    for item in doc.get(key) or []:
+        if isinstance(item, dict) and item.get("name") == name:
+            found = item.get(inner) or {}
+            if isinstance(found, dict):
+                return found
+    raise ConfigError(f"{where}: no {key[:-1]} named {name!r}")
+
+
+def _b64(value: Any, where: str, field: str) -> bytes:
+    try:
+        return base64.b64decode(str(value), validate=True)
+    except ValueError:
+        raise ConfigError(f"{where}: {field} is not base64") from None
+
+
+def _load_ca(context: ssl.SSLContext, cafile: str | None, cadata: str | None, where: str) -> None:
+    try:
+        context.load_verify_locations(cafile=cafile, cadata=cadata)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"{where}: the cluster's CA is not a PEM certificate ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {cafile}: {exc.strerror or exc}") from None
+
+
+def _client_certificate(
+    context: ssl.SSLContext, user: dict[str, Any], base: Path, where: str
+) -> None:
+    """client-certificate(-data) and client-key(-data): OpenSSL reads files only, so
+    inline data goes through a private temporary directory, removed at once."""
+    with tempfile.TemporaryDirectory(prefix="lmproxy-kube-") as scratch:
+        paths: list[str] = []
+        for field in ("client-certificate", "client-key"):
+            if f"{field}-data" in user:
+                file = Path(scratch) / field
+                file.write_bytes(_b64(user[f"{field}-data"], where, f"{field}-data"))
+                file.chmod(0o600)
+                paths.append(str(file))
+            elif field in user:
+                paths.append(str(base / user[field]))
+        if not paths:
+            return
+        if len(paths) != 2:
+            raise ConfigError(f"{where}: a client certificate needs both its cert and its key")
+        try:
+            context.load_cert_chain(paths[0], paths[1])
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"{where}: the user's client certificate and key do not load ({exc})"
+            ) from None
+
+
+# --- pods ---------------------------------------------------------------------
+
+
+class _Condition(msgspec.Struct):
+    type: str = ""
+    status: str = ""
+
+
+class _Status(msgspec.Struct):
+    phase: str = ""
+    podIP: str | None = None
+    conditions: list[_Condition] = []
+
+
+class _Meta(msgspec.Struct):
+    name: str = ""
+    resourceVersion: str = ""
+    labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
+    deletionTimestamp: str | None = None
+
+
+class Pod(msgspec.Struct):
+    """The fields of a pod that discovery reads; the rest of the object is skipped."""
+
+    metadata: _Meta = msgspec.field(default_factory=_Meta)
+    status: _Status = msgspec.field(default_factory=_Status)
+
+
+class _PodList(msgspec.Struct):
+    metadata: _Meta = msgspec.field(default_factory=_Meta)
+    items: list[Pod] = []
+
+
+class _ListMeta(msgspec.Struct):
+    resourceVersion: str = ""
+    # "continue" is a keyword: renamed
+    next: str = msgspec.field(default="", name="continue")
+
+
+class _Page(msgspec.Struct):
+    metadata: _ListMeta = msgspec.field(default_factory=_ListMeta)
+    items: list[Pod] = []
+
+
+class _ApiStatus(msgspec.Struct):
+    """A ``kind: Status`` object: what the server says when it refuses."""
+
+    code: int = 0
+    reason: str = ""
+    message: str = ""
+
+
+class _Event(msgspec.Struct):
+    type: str
+    object: msgspec.Raw
+
+
+def why_not_routable(pod: Pod) -> str | None:
+    """None when the pod may serve; otherwise what keeps it out."""
+    if pod.metadata.deletionTimestamp:
+        return "is terminating"
+    if pod.status.phase != "Running":
+        return f"is {pod.status.phase or 'Pending'}"
+    if not pod.status.podIP:
+        return "has no IP"
+    if not any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions):
+        return "is not Ready"
+    return None
+
+
+def pod_service(pod: Pod, default_port: int, default_scheme: str) -> ServiceSpec:
+    """The service a routable pod is; ConfigError when its annotations are wrong."""
+    meta = pod.metadata
+    port_text = meta.annotations.get(ANNOTATION_PORT)
+    port = default_port
+    if port_text is not None:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ConfigError(f"annotation {ANNOTATION_PORT}={port_text!r} is not a port")
+        port = int(port_text)
+    scheme = meta.annotations.get(ANNOTATION_SCHEME, default_scheme)
+    if scheme not in ("http", "https"):
+        raise ConfigError(f"annotation {ANNOTATION_SCHEME}={scheme!r} is not http or https")
+    named = meta.labels.get(LABEL_MODEL) or meta.annotations.get(LABEL_MODEL) or ""
+    models = [m.strip() for m in named.split(",") if m.strip()]
+    ip = pod.status.podIP or ""
+    host = f"[{ip}]" if ":" in ip else ip
+    return ServiceSpec(url=f"{scheme}://{host}:{port}", name=meta.name, models=models)
+
+
+# --- the API ------------------------------------------------------------------
+
+
+async def _call(access: Access, path: str) -> tuple[int, AsyncIterator[bytes], Callable[[], None]]:
+    """GET ``path`` on a connection of its own: (status, the body as it comes, close)."""
+    try:
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            reader, writer = await asyncio.open_connection(
+                access.host,
+                access.port,
+                ssl=access.ssl,
+                server_hostname=(access.server_name or access.host) if access.ssl else None,
+            )
+    except TimeoutError:
+        raise KubeError(
+            f"the API server did not accept a connection in {CALL_TIMEOUT_S:g}s"
+        ) from None
+    except ssl.SSLError as exc:
+        raise KubeError(f"TLS handshake with the API server failed: {tls_reason(exc)}") from None
+    except OSError as exc:
+        raise KubeError(f"cannot connect to the API server: {exc.strerror or exc}") from None
+    conn = h11.Connection(h11.CLIENT)
+    headers = [
+        ("Host", f"{access.host}:{access.port}"),
+        ("User-Agent", "lmproxy-discovery"),
+        ("Accept", "application/json"),
+    ]
+    token = access.token()
+    if token:
+        headers.append(("Authorization", f"Bearer {token}"))
+    writer.write(conn.send(h11.Request(method="GET", target=path, headers=headers)))
+    writer.write(conn.send(h11.EndOfMessage()))
+
+    async def events() -> AsyncIterator[Any]:  # h11's events
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise KubeError(f"the API server's answer is not HTTP: {exc}") from None
+            if event is h11.NEED_DATA:
+                try:
+                    data = await reader.read(65536)
+                except (OSError, ssl.SSLError) as exc:
+                    raise KubeError(f"connection to the API server lost: {exc}") from None
+                if not data and conn.their_state is h11.SEND_BODY:
+                    raise KubeError("the API server closed the connection mid-answer")
+                conn.receive_data(data)
+                continue
+            yield event
+            if isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                return
+
+    stream = events()
+    response: h11.Response | None = None
+    try:
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            async for event in stream:
+                if isinstance(event, h11.Response):
+                    response = event
+                    break
+                if isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    raise KubeError("the API server closed the connection without answering")
+    except TimeoutError:
+        writer.close()
+        raise KubeError(f"the API server did not answer in {CALL_TIMEOUT_S:g}s") from None
+    except BaseException:
+        writer.close()
+        raise
+
+    async def body() -> AsyncIterator[bytes]:
+        async for event in stream:
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise KubeError("the API server closed the connection mid-answer")
+
+    assert response is not None  # the loop above returns or raises otherwise
+    return response.status_code, body(), writer.close
+
+
+async def _read_all(body: AsyncIterator[bytes], limit: int) -> bytes:
+    data = bytearray()
+    async for chunk in body:
+        data += chunk
+        if len(data) > limit:
+            raise KubeError(f"the API server's answer is over {limit} bytes")
+    return bytes(data)
+
+
+async def _refusal(status: int, body: AsyncIterator[bytes], what: str) -> Exception:
+    """The error for a non-200 answer, with the server's own message."""
+    try:
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            raw = await _read_all(body, MAX_ERROR_BODY)
+        message = msgspec.json.decode(raw, type=_ApiStatus).message
+    except (KubeError, TimeoutError, msgspec.DecodeError, msgspec.ValidationError):
+        message = ""
+    said = f": {message}" if message else ""
+    if status == 410:
+        return Gone(message)
+    if status == 401:
+        return KubeError(
+            f"the API server refused the credentials (401 Unauthorized{said}): the token "
+            "is wrong or expired; check the service account, or --kubeconfig's user",
+            refused=True,
+        )
+    if status == 403:
+        return KubeError(
+            f"the API server forbids {what} (403 Forbidden{said}): the router's "
+            "ServiceAccount needs a Role granting get, list and watch on pods "
+            "(deploy/kubernetes/rbac.yaml)",
+            refused=True,
+        )
+    if status == 404:
+        return KubeError(f"{what}: 404 Not Found{said} (is the API server's URL right?)", True)
+    return KubeError(f"{what}: the API server answered {status}{said}", refused=status < 500)
+
+
+class PodWatcher:
+    """Follows the pods of one selector and tells the fleet as they change.
+
+    ``on_pod(name, spec, why)``: a pod became (``spec``) or stopped being (None,
+    ``why``) a service. ``on_list(specs)``: a full list, after which any pod not in
+    it is gone.
+    """
+
+    def __init__(
+        self,
+        access: Access,
+        namespace: str,
+        selector: list[str],
+        port: int,
+        scheme: str,
+        on_pod: Callable[[str, ServiceSpec | None, str], None],
+        on_list: Callable[[dict[str, ServiceSpec]], None],
+    ) -> None:
+        self.access = access
+        self.namespace = namespace
+        self.selector = ",".join(selector)
+        self.port = port
+        self.scheme = scheme
+        self.on_pod = on_pod
+        self.on_list = on_list
+        self.members: set[str] = set()  # pods that are services now
+        self._bad: dict[str, str] = {}  # pod -> why its annotations were refused (logged once)
+        self.where = f"pods {self.selector!r} in namespace {namespace!r}"
+        # The resourceVersion to watch from (a list's, then each event's and
+        # bookmark's); None: list first.
+        self.version: str | None = None
+        self._backoff = BACKOFF_MIN_S
+        self._failing = ""  # the last failure logged, until the server answers again
+        self._base = f"/api/v1/namespaces/{quote(namespace, safe='')}/pods"
+
+    async def run(self) -> None:
+        """List, then watch, until cancelled; never gives up."""
+        gone_in_a_row = 0
+        while True:
+            try:
+                if self.version is None:
+                    await self.list()
+                await self.watch()
+                gone_in_a_row = 0  # the server ended it: resume at once from self.version
+                continue
+            except Gone:
+                log.info(
+                    "kubernetes: %s: watch history expired (410 Gone); listing again", self.where
+                )
+                self.version = None
+                gone_in_a_row += 1
+                if gone_in_a_row == 1:
+                    continue  # at once; a server that says 410 again and again is not spun on
+            except KubeError as exc:
+                if str(exc) != self._failing:  # once per cause, not once per retry
+                    log.log(
+                        logging.ERROR if exc.refused else logging.WARNING,
+                        "kubernetes: %s: %s; keeping the %d pod(s) known, retrying",
+                        self.where,
+                        exc,
+                        len(self.members),
+                    )
+                self._failing = str(exc)
+            await asyncio.sleep(self._backoff * random.uniform(0.8, 1.2))
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+
+    def _answered(self) -> None:
+        """The API server served a list or opened a watch: failures are over."""
+        self._backoff = BACKOFF_MIN_S
+        if self._failing:
+            log.info("kubernetes: %s: the API server answers again", self.where)
+            self._failing = ""
+
+    async def list(self) -> None:
+        """List every page, report the set, and watch from the list's resourceVersion."""
+        found: dict[str, ServiceSpec] = {}
+        version = ""
+        token = ""
+        while True:
+            query = {"labelSelector": self.selector, "limit": str(PAGE)}
+            if token:
+                query["continue"] = token
+            status, body, close = await _call(self.access, f"{self._base}?{urlencode(query)}")
+            try:
+                if status != 200:
+                    raise await _refusal(status, body, f"listing {self.where}")
+                try:
+                    async with asyncio.timeout(CALL_TIMEOUT_S):
+                        raw = await _read_all(body, MAX_LIST_PAGE)
+                except TimeoutError:
+                    raise KubeError("the pod list did not arrive in time") from None
+            finally:
+                close()
+            try:
+                page = msgspec.json.decode(raw, type=_Page)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise KubeError(f"the pod list is not a PodList: {exc}") from None
+            for pod in page.items:
+                spec = self._service(pod)
+                if spec is not None and len(found) < MAX_PODS:
+                    found[spec.name] = spec
+            version, token = page.metadata.resourceVersion, page.metadata.next
+            if not token:
+                break
+        self._answered()
+        if self.members != set(found):
+            log.info("kubernetes: %s: %d ready pod(s)", self.where, len(found))
+        self.members = set(found)
+        self.on_list(found)
+        self.version = version
+
+    async def watch(self) -> None:
+        """Follow changes from ``self.version`` until the server ends the watch,
+        moving ``self.version`` on with each event and bookmark."""
+        query = {
+            "labelSelector": self.selector,
+            "watch": "1",
+            "allowWatchBookmarks": "true",
+            "resourceVersion": self.version or "",
+            "timeoutSeconds": str(WATCH_S),
+        }
+        status, body, close = await _call(self.access, f"{self._base}?{urlencode(query)}")
+        try:
+            if status != 200:
+                raise await _refusal(status, body, f"watching {self.where}")
+            self._answered()
+            pending = bytearray()
+            # No byte for this long (bookmarks come every minute or so): the
+            # connection is dead without having said so.
+            while True:
+                try:
+                    async with asyncio.timeout(WATCH_S + 30):
+                        chunk = await anext(body, None)
+                except TimeoutError:
+                    raise KubeError("the watch went silent") from None
+                if chunk is None:
+                    return
+                pending += chunk
+                while (end := pending.find(b"\n")) >= 0:
+                    line = bytes(pending[:end])
+                    del pending[: end + 1]
+                    if line.strip():
+                        self.version = self._event(line) or self.version
+                if len(pending) > MAX_EVENT:
+                    raise KubeError(f"a watch event is over {MAX_EVENT} bytes")
+        finally:
+            close()
+
+    def _event(self, line: bytes) -> str | None:
+        """Apply one watch event; return its resourceVersion."""
+        try:
+            event = msgspec.json.decode(line, type=_Event)
+            if event.type == "ERROR":
+                status = msgspec.json.decode(event.object, type=_ApiStatus)
+                if status.code == 410:
+                    raise Gone(status.message)
+                raise KubeError(f"the watch failed: {status.code} {status.message}")
+            pod = msgspec.json.decode(event.object, type=Pod)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise KubeError(f"a watch event is not a pod event: {exc}") from None
+        name = pod.metadata.name
+        if event.type in ("ADDED", "MODIFIED"):
+            spec = self._service(pod)
+            if spec is not None and (name in self.members or len(self.members) < MAX_PODS):
+                self.members.add(name)
+                self.on_pod(name, spec, "")
+            elif name in self.members:
+                self.members.discard(name)
+                self.on_pod(name, None, why_not_routable(pod) or "has a wrong annotation")
+        elif event.type == "DELETED" and name in self.members:
+            self.members.discard(name)
+            self.on_pod(name, None, "was deleted")
+        return pod.metadata.resourceVersion or None
+
+    def _service(self, pod: Pod) -> ServiceSpec | None:
+        if why_not_routable(pod) is not None:
+            return None
+        try:
+            spec = pod_service(pod, self.port, self.scheme)
+        except ConfigError as exc:
+            name = pod.metadata.name
+            if self._bad.get(name) != str(exc):
+                log.warning("kubernetes: pod %s skipped: %s", name, exc)
+                self._bad[name] = str(exc)
+            return None
+        self._bad.pop(pod.metadata.name, None)
+        return spec
+
+
+def watcher_settings(config: Config) -> tuple[Any, ...]:
+    """What restarts the watch when a reload changes it."""
+    return (
+        tuple(config.k8s_selector),
+        config.k8s_namespace,
+        config.k8s_port,
+        config.kubeconfig,
+        config.discover_scheme,
+    )

@@ -1,0 +1,456 @@
+"""Kubernetes discovery against a stand-in API server (tests/kube_apiserver.py), run as
+a process over HTTPS with certificates made here: no cluster can run on these
+machines, so the stand-in serves the list and watch calls with real pod objects.
+
+The pods are simulators on 127.0.0.2-4 sharing one port, as pods share a
+containerPort; the router reaches the stand-in through a kubeconfig, as it would
+from outside a cluster (inside one, the service account: the unit tests below)."""
+
+from __future__ import annotations
+
+import base64
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import trustme
+from conftest import ROOT, STARTUP_TIMEOUT_S, Mock, Process, Router, request, wait_until
+
+from lmproxy.config import ConfigError
+from lmproxy.kube import (
+    Pod,
+    from_kubeconfig,
+    in_cluster,
+    pod_service,
+    resolve_access,
+    why_not_routable,
+)
+
+MODEL = "Qwen3-32B"
+PATH = "/v1/chat/completions"
+ONE_TOKEN = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+TOKEN = "eyJhbGciOiJSUzI1NiJ9.stand-in-service-account-token"
+HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+
+
+class ApiServer(Process):
+    """The stand-in API server; ``put``/``delete``/... change its pods, as the cluster
+    would, through its control port."""
+
+    def __init__(self, ca: trustme.CA, tmp: Path, *extra: str) -> None:
+        cert = ca.issue_cert("127.0.0.1")
+        cert.private_key_and_cert_chain_pem.write_to_path(str(tmp / "apiserver.pem"))
+        super().__init__(
+            ["tests/kube_apiserver.py", "--token", TOKEN,
+             "--ssl-certfile", str(tmp / "apiserver.pem"), *extra]
+        )  # fmt: skip
+        self.port = wait_until(lambda: self._port("apiserver"), STARTUP_TIMEOUT_S, "the API")
+        self.control = wait_until(lambda: self._port("control"), STARTUP_TIMEOUT_S, "control")
+
+    def _port(self, what: str) -> int | None:
+        match = re.search(rf"{what} listening on 127\.0\.0\.1:(\d+)", self.output)
+        return int(match.group(1)) if match else None
+
+    def call(self, method: str, path: str, body: object = None) -> None:
+        assert request(self.control, method, path, body).status == 200
+
+    def put(self, name: str, ip: str | None, ready: bool = True, **spec: object) -> None:
+        labels = {"app": "vllm", **spec.pop("labels", {})}  # type: ignore[dict-item]
+        self.call("PUT", f"/pods/{name}", {"ip": ip, "ready": ready, "labels": labels, **spec})
+
+    def count(self, what: str) -> int:
+        return len(re.findall(rf"^{what} ", self.output, re.M))
+
+
+def kubeconfig(path: Path, ca: trustme.CA, port: int, token: str = TOKEN) -> Path:
+    """A kubeconfig as `kubectl config view --raw` prints one."""
+    ca_data = base64.b64encode(ca.cert_pem.bytes()).decode()
+    path.write_text(
+        f"""apiVersion: v1
+kind: Config
+clusters:
+- cluster:
+    certificate-authority-data: {ca_data}
+    server: https://127.0.0.1:{port}
+  name: stand-in
+contexts:
+- context:
+    cluster: stand-in
+    namespace: default
+    user: lmproxy
+  name: stand-in
+current-context: stand-in
+preferences: {{}}
+users:
+- name: lmproxy
+  user:
+    token: {token}
+"""
+    )
+    return path
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def pods(spawn) -> list[Mock]:
+    port = free_port()
+    return [
+        spawn(Mock, f"pod{i}", [MODEL], "--host", host, port=port) for i, host in enumerate(HOSTS)
+    ]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def watching(spawn, api: ApiServer, config: Path, port: int, *extra: str) -> Router:
+    return spawn(
+        Router,
+        "--k8s-selector", "app=vllm",
+        "--kubeconfig", str(config),
+        "--k8s-port", str(port),
+        "--health-interval", "0.5",
+        "--service-removal-grace-period", "60",  # pods must not wait for it
+        *extra,
+    )  # fmt: skip
+
+
+def served_by(router: Router, requests: int) -> set[str]:
+    return {router.post(PATH, ONE_TOKEN).headers["x-mock-server"] for _ in range(requests)}
+
+
+def test_pods_come_and_go_as_the_watch_says(spawn, ca, tmp_path, pods):
+    port = pods[0].port
+    api = spawn(ApiServer, ca, tmp_path)
+    api.put("vllm-0", HOSTS[0])
+    api.put("other-0", HOSTS[1], labels={"app": "other"})  # not selected
+    api.put("vllm-pending", None, phase="Pending")  # no IP, not Running
+    router = watching(spawn, api, kubeconfig(tmp_path / "kubeconfig", ca, api.port), port)
+    router.wait_healthy(1)
+    listed = router.listed()
+    assert list(listed) == ["vllm-0"]
+    assert listed["vllm-0"]["origin"] == "k8s"
+    assert listed["vllm-0"]["url"] == f"http://{HOSTS[0]}:{port}"
+    assert listed["vllm-0"]["models"] == [MODEL]  # from /v1/models
+    assert served_by(router, 2) == {"pod0"}
+    # Scale to three.
+    api.put("vllm-1", HOSTS[1])
+    api.put("vllm-2", HOSTS[2])
+    router.wait_healthy(3)
+    assert served_by(router, 9) == {"pod0", "pod1", "pod2"}
+    # NotReady: out at once (the grace period is 60 s), back when Ready again.
+    api.put("vllm-1", HOSTS[1], ready=False)
+    wait_until(lambda: "vllm-1" not in router.listed(), 5, "the NotReady pod to leave")
+    assert "service vllm-1 removed: pod is not Ready" in router.output
+    assert served_by(router, 6) == {"pod0", "pod2"}
+    api.put("vllm-1", HOSTS[1])
+    router.wait_healthy(3)
+    # Terminating (deletionTimestamp), then deleted.
+    api.call("POST", "/pods/vllm-2/terminate")
+    wait_until(lambda: "vllm-2" not in router.listed(), 5, "the terminating pod to leave")
+    assert "service vllm-2 removed: pod is terminating" in router.output
+    api.call("DELETE", "/pods/vllm-1")
+    wait_until(lambda: "vllm-1" not in router.listed(), 5, "the deleted pod to leave")
+    assert "service vllm-1 removed: pod was deleted" in router.output
+    assert served_by(router, 4) == {"pod0"}
+    # All of it from one list and one watch: no polling.
+    assert api.count("list") == 1 and api.count("watch") == 1
+
+
+def test_requests_in_flight_finish_when_their_pod_leaves(spawn, ca, tmp_path, pods):
+    api = spawn(ApiServer, ca, tmp_path)
+    api.put("vllm-0", HOSTS[0])
+    router = watching(spawn, api, kubeconfig(tmp_path / "kubeconfig", ca, api.port), pods[0].port)
+    router.wait_healthy(1)
+    pods[0].set_timing(token_delay=0.05)
+    answers: list = []
+    slow = {**ONE_TOKEN, "max_tokens": 100, "stream": True}  # 5 s on pod0
+    thread = threading.Thread(target=lambda: answers.append(router.post(PATH, slow)))
+    thread.start()
+    wait_until(lambda: router.stats_of("vllm-0")["in_flight"] == 1, 5, "the stream on vllm-0")
+    api.put("vllm-1", HOSTS[1])
+    router.wait_healthy(2)
+    api.put("vllm-0", HOSTS[0], ready=False)
+    wait_until(lambda: "vllm-0" not in router.listed(), 5, "vllm-0 to leave")
+    assert served_by(router, 3) == {"pod1"}  # new requests go elsewhere
+    thread.join(15)
+    assert answers[0].status == 200 and answers[0].body.rstrip().endswith(b"data: [DONE]")
+    assert answers[0].headers["x-mock-server"] == "pod0"  # it finished where it began
+
+
+def test_a_dropped_watch_resumes_and_410_lists_again(spawn, ca, tmp_path, pods):
+    api = spawn(ApiServer, ca, tmp_path)
+    api.put("vllm-0", HOSTS[0])
+    router = watching(spawn, api, kubeconfig(tmp_path / "kubeconfig", ca, api.port), pods[0].port)
+    router.wait_healthy(1)
+    # The watch is cut: the services stay, and the watch resumes from where it was
+    # (no new list), so a pod added meanwhile arrives through it.
+    api.call("POST", "/drop")
+    api.put("vllm-1", HOSTS[1])
+    wait_until(lambda: api.count("watch") >= 2, 5, "the watch to resume")
+    router.wait_healthy(2)
+    assert api.count("list") == 1
+    assert router.output.count("service vllm-0 at") == 1  # kept as it was, not re-added
+    # History compacted past the router's resourceVersion: 410, then a new list.
+    api.call("POST", "/expire")
+    wait_until(lambda: api.count("list") == 2, 10, "a new list after 410 Gone")
+    assert "watch history expired (410 Gone); listing again" in router.output
+    api.put("vllm-2", HOSTS[2])
+    router.wait_healthy(3)
+    assert set(router.listed()) == {"vllm-0", "vllm-1", "vllm-2"}
+
+
+def test_a_watch_the_server_ends_is_resumed_not_polled(spawn, ca, tmp_path, pods):
+    api = spawn(ApiServer, ca, tmp_path, "--watch-cap", "0.3", "--bookmark-interval", "0.1")
+    api.put("vllm-0", HOSTS[0])
+    router = watching(spawn, api, kubeconfig(tmp_path / "kubeconfig", ca, api.port), pods[0].port)
+    router.wait_healthy(1)
+    wait_until(lambda: api.count("watch") >= 4, 10, "watches resumed after their timeout")
+    # Each resumes from the bookmark's resourceVersion; the list was made once.
+    versions = [int(v) for v in re.findall(r"^watch .* rv=(\d+)", api.output, re.M)]
+    assert versions == sorted(versions) and api.count("list") == 1
+    api.put("vllm-1", HOSTS[1])
+    router.wait_healthy(2)
+
+
+def test_a_bad_token_is_logged_once_and_services_stay(spawn, ca, tmp_path, pods):
+    api = spawn(ApiServer, ca, tmp_path)
+    api.put("vllm-0", HOSTS[0])
+    config = kubeconfig(tmp_path / "kubeconfig", ca, api.port, token="expired")
+    router = watching(spawn, api, config, pods[0].port, "--backend", pods[1].backend_arg())
+    router.wait_healthy(1)  # the configured one: the router serves on regardless
+    wait_until(lambda: api.count("refused") >= 3, 10, "retries with backoff")
+    said = "the API server refused the credentials (401 Unauthorized: Unauthorized)"
+    assert router.output.count(said) == 1
+    assert router.post(PATH, ONE_TOKEN).status == 200
+
+
+def test_model_label_and_port_annotation(spawn, ca, tmp_path, pods):
+    other = spawn(Mock, "other-port", [MODEL], "--host", HOSTS[2])
+    api = spawn(ApiServer, ca, tmp_path)
+    api.put("vllm-0", HOSTS[0], labels={"lmproxy.io/model": "alias-name"})
+    api.put(
+        "vllm-1",
+        HOSTS[2],
+        annotations={"lmproxy.io/port": str(other.port), "lmproxy.io/model": "org/model-a,b"},
+    )
+    api.put("vllm-bad", HOSTS[1], annotations={"lmproxy.io/port": "http"})
+    router = watching(spawn, api, kubeconfig(tmp_path / "kubeconfig", ca, api.port), pods[0].port)
+    wait_until(lambda: len(router.listed()) == 2, 10, "two services")
+    listed = router.listed()
+    assert listed["vllm-0"]["models"] == ["alias-name"]  # the label, not /v1/models
+    assert listed["vllm-1"]["models"] == ["org/model-a", "b"]
+    assert listed["vllm-1"]["url"] == f"http://{HOSTS[2]}:{other.port}"
+    assert "pod vllm-bad skipped: annotation lmproxy.io/port='http' is not a port" in (
+        router.output
+    )
+
+
+def test_the_rust_routers_flags_work_unchanged(spawn, ca, tmp_path, pods):
+    api = spawn(ApiServer, ca, tmp_path)
+    api.put("vllm-0", HOSTS[0], labels={"tier": "gpu"})
+    router = spawn(
+        Router,
+        "--service-discovery",
+        "--selector", "app=vllm", "tier=gpu",
+        "--service-discovery-namespace", "default",
+        "--service-discovery-port", str(pods[0].port),
+        "--kubeconfig", str(kubeconfig(tmp_path / "kubeconfig", ca, api.port)),
+        "--health-interval", "0.5",
+    )  # fmt: skip
+    router.wait_healthy(1)
+    assert "selector=app=vllm,tier=gpu" in api.output
+
+
+def test_settings_in_the_config_file(spawn, ca, tmp_path, pods):
+    api = spawn(ApiServer, ca, tmp_path)
+    api.put("vllm-0", HOSTS[0])
+    config = kubeconfig(tmp_path / "kubeconfig", ca, api.port)
+    toml = tmp_path / "lmproxy.toml"
+    toml.write_text(
+        f'k8s_selector = ["app=vllm"]\nk8s_namespace = "default"\n'
+        f'k8s_port = {pods[0].port}\nkubeconfig = "{config}"\ndiscover_scheme = "http"\n'
+        "health_interval = 0.5\n"
+    )
+    router = spawn(Router, "--config", str(toml))
+    router.wait_healthy(1)
+
+
+def test_https_pods_use_the_backend_tls_settings(spawn, ca, tmp_path):
+    pem = tmp_path / "pod.pem"
+    ca.issue_cert(HOSTS[0]).private_key_and_cert_chain_pem.write_to_path(str(pem))
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    pod = spawn(Mock, "tls-pod", [MODEL], "--host", HOSTS[0], "--ssl-certfile", str(pem))
+    api = spawn(ApiServer, ca, tmp_path)
+    api.put("vllm-0", HOSTS[0])
+    router = watching(
+        spawn,
+        api,
+        kubeconfig(tmp_path / "kubeconfig", ca, api.port),
+        pod.port,
+        "--discover-scheme", "https",
+        "--backend-ca-certs", str(ca_file),
+    )  # fmt: skip
+    router.wait_healthy(1)
+    assert router.listed()["vllm-0"]["url"] == f"https://{HOSTS[0]}:{pod.port}"
+    assert served_by(router, 2) == {"tls-pod"}
+
+
+def test_without_credentials_start_up_stops_and_says_what_to_give(tmp_path):
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "lmproxy", "--k8s-selector", "app=vllm", "--port", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "run the router in a pod" in done.stderr and "--kubeconfig" in done.stderr
+
+
+# --- credentials and pods, without processes ---------------------------------------
+
+
+def test_in_cluster_reads_the_service_account(tmp_path):
+    (tmp_path / "token").write_text("first\n")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.crt"))
+    (tmp_path / "namespace").write_text("inference\n")
+    env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    access = in_cluster(env, tmp_path)
+    assert (access.host, access.port, access.namespace) == ("10.96.0.1", 443, "inference")
+    assert access.token() == "first"
+    (tmp_path / "token").write_text("rotated\n")  # kubelet rotates it: read per call
+    assert access.token() == "rotated"
+    with pytest.raises(ConfigError, match="run the router in a pod"):
+        resolve_access(None, {"HOME": str(tmp_path), "KUBECONFIG": ""})
+
+
+def test_in_cluster_without_a_token_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="automountServiceAccountToken"):
+        in_cluster({"KUBERNETES_SERVICE_HOST": "10.96.0.1"}, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.pop("current-context"), "no current-context"),
+        (lambda d: d.update({"current-context": "nope"}), "no context named 'nope'"),
+        (lambda d: d["users"][0]["user"].update({"exec": {}}), "exec plugin"),
+        (
+            lambda d: d["clusters"][0]["cluster"].update({"certificate-authority-data": "!"}),
+            "not base64",
+        ),
+    ],
+)
+def test_kubeconfig_errors_name_the_file_and_the_fix(tmp_path, change, message):
+    import yaml
+
+    path = kubeconfig(tmp_path / "kubeconfig", trustme.CA(), 6443)
+    doc = yaml.safe_load(path.read_text())
+    change(doc)
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=message) as raised:
+        from_kubeconfig(str(path))
+    assert str(path) in str(raised.value)
+
+
+def test_kubeconfig_client_certificate_data(tmp_path):
+    ca = trustme.CA()
+    client = ca.issue_cert("lmproxy")
+    path = kubeconfig(tmp_path / "kubeconfig", ca, 6443)
+    import yaml
+
+    doc = yaml.safe_load(path.read_text())
+    doc["users"][0]["user"] = {
+        "client-certificate-data": base64.b64encode(client.cert_chain_pems[0].bytes()).decode(),
+        "client-key-data": base64.b64encode(client.private_key_pem.bytes()).decode(),
+    }
+    path.write_text(yaml.safe_dump(doc))
+    access = from_kubeconfig(str(path))
+    assert access.token() is None and access.ssl is not None
+    assert not list(tmp_path.glob("lmproxy-kube-*"))  # the scratch files are gone
+
+
+def pod(**status: object) -> Pod:
+    import msgspec
+
+    base = {
+        "metadata": {"name": "p", "labels": {}, "annotations": {}},
+        "status": {
+            "phase": "Running",
+            "podIP": "10.1.2.3",
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }
+    base["status"].update(status)  # type: ignore[union-attr]
+    return msgspec.convert(base, Pod)
+
+
+def test_which_pods_are_routable():
+    assert why_not_routable(pod()) is None
+    assert why_not_routable(pod(phase="Pending")) == "is Pending"
+    assert why_not_routable(pod(podIP=None)) == "has no IP"
+    assert why_not_routable(pod(conditions=[{"type": "Ready", "status": "False"}])) == (
+        "is not Ready"
+    )
+    terminating = pod()
+    terminating.metadata.deletionTimestamp = "2026-11-25T00:00:00Z"
+    assert why_not_routable(terminating) == "is terminating"
+    spec = pod_service(pod(podIP="fd00::5"), 8000, "http")
+    assert spec.url == "http://[fd00::5]:8000" and spec.name == "p"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--k8s-selector", "app"], "give KEY=VALUE"),
+        (["--k8s-selector", "app=has space"], "give KEY=VALUE"),
+        (["--service-discovery"], "needs a label selector"),
+        (["--k8s-selector", "app=x", "--k8s-namespace", "Bad_NS"], "not a namespace name"),
+        (["--k8s-selector", "app=x", "--k8s-port", "0"], "--k8s-port must be 1-65535"),
+    ],
+)
+def test_bad_discovery_flags_are_refused(args, message):
+    from lmproxy.cli import load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(args)
+
+
+def test_aliases_fill_the_same_settings():
+    from lmproxy.cli import load_config
+
+    config = load_config(
+        ["--selector", "app=vllm", "tier=gpu", "--service-discovery-namespace", "ml",
+         "--service-discovery-port", "8100", "--k8s-selector", "zone=a"]
+    )  # fmt: skip
+    assert config is not None
+    assert config.k8s_selector == ["app=vllm", "tier=gpu", "zone=a"]
+    assert (config.k8s_namespace, config.k8s_port) == ("ml", 8100)
+
+
+def test_help_lists_every_discovery_flag():
+    out = subprocess.run(
+        [sys.executable, "-m", "lmproxy", "--help"], capture_output=True, text=True, cwd=ROOT
+    ).stdout
+    for flag in (
+        "--k8s-selector", "--selector", "--k8s-namespace", "--service-discovery-namespace",
+        "--k8s-port", "--service-discovery-port", "--kubeconfig", "--service-discovery",
+        "--discover-scheme",
+    ):  # fmt: skip
+        assert flag in out, flag

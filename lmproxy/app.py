@@ -143,6 +143,7 @@ class Router:
             idle_timeout_s=config.pool_idle_timeout,
             connect_timeout_s=config.connect_timeout,
             ssl=service.ssl,
+            server_name=service.server_name,
         )
 
     async def start(self) -> None:

@@ -66,6 +66,9 @@ class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
     cert: str | None = None  # client certificate and key, for mTLS
     key: str | None = None
     verify: bool | None = None  # False: no certificate check (warned about)
+    # The name its certificate is checked against (and SNI), when not the URL's host:
+    # a discovered address whose certificate names the DNS name it was found by.
+    server_name: str | None = None
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -86,6 +89,8 @@ class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
             raise ConfigError(f"service {self.name or self.url!r}: max_in_flight must be >= 0")
         if not _HOST.match(parts.hostname):
             raise ConfigError(f"service url {self.url!r}: the host has characters a host has not")
+        if self.server_name is not None and not _HOST.match(self.server_name):
+            raise ConfigError(f"service {self.name or self.url!r}: server_name is not a host name")
         if parts.path and not _PATH.match(parts.path):
             raise ConfigError(f"service url {self.url!r}: its path must {PATH_RULE}")
         if not _PATH.match(self.health_path):

@@ -7,7 +7,9 @@
 
 The resolver is the system's (``/etc/resolv.conf``), or ``--dns-server
 HOST[:PORT]``. Each address becomes an ``http://ADDRESS:PORT`` service named
-``ADDRESS:PORT``, whose models come from ``/v1/models`` as for any other. The
+``ADDRESS:PORT``, whose models come from ``/v1/models`` as for any other; with
+``--discover-scheme https`` it is ``https://ADDRESS:PORT``, whose certificate must
+name the name it was found by (NAME, or the SRV record's target). The
 fleet (``fleet.py``) keeps an address that disappears for
 ``--service-removal-grace-period``; a lookup that fails removes nothing and is
 logged once, until one succeeds again. dnspython does the asking: SRV and
@@ -46,11 +48,16 @@ def make_resolver(server: str | None, timeout_s: float) -> dns.asyncresolver.Res
     return resolver
 
 
-async def lookup(target: Target, resolver: dns.asyncresolver.Resolver) -> list[tuple[str, int]]:
-    """The (address, port) pairs the name stands for now, sorted; DiscoveryError if the
-    resolver could not say (a name that exists with no records is an empty list)."""
+async def lookup(
+    target: Target, resolver: dns.asyncresolver.Resolver
+) -> list[tuple[str, int, str]]:
+    """The (address, port, host name) the name stands for now, sorted; DiscoveryError if
+    the resolver could not say (a name that exists with no records is an empty list)."""
     if target.kind == "dns":
-        pairs = [(address, target.port) for address in await _addresses(target.name, resolver)]
+        pairs = [
+            (address, target.port, target.name)
+            for address in await _addresses(target.name, resolver)
+        ]
     else:
         try:
             answer = await resolver.resolve(target.name, "SRV")
@@ -62,7 +69,7 @@ async def lookup(target: Target, resolver: dns.asyncresolver.Resolver) -> list[t
         for record in answer:
             host = record.target.to_text(omit_final_dot=True)
             for address in await _addresses(host, resolver):
-                pairs.append((address, int(record.port)))
+                pairs.append((address, int(record.port), host))
     return sorted(set(pairs))[:MAX_ADDRESSES]
 
 

@@ -585,10 +585,13 @@ class Fleet:
                 self._dns_failing.discard(text)
                 log.info("discovery %s: the name resolves again", text)
             names = set()
-            for address, port in pairs:
+            scheme = self.config.discover_scheme
+            for address, port, host_name in pairs:
                 host = f"[{address}]" if ":" in address else address
                 spec = ServiceSpec(
-                    url=f"{self.config.discover_scheme}://{host}:{port}", name=f"{address}:{port}"
+                    url=f"{scheme}://{host}:{port}",
+                    name=f"{address}:{port}",
+                    server_name=host_name if scheme == "https" else None,
                 )
                 names.add(spec.name)
                 self._claim(spec, "dns")

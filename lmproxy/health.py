@@ -99,7 +99,13 @@ class HealthChecker:
         prefix = service.path_prefix.decode()
         health_path = prefix + service.health_path
         status, _ = await http_get(
-            service.host, service.port, health_path, self.timeout_s, self.via, service.ssl
+            service.host,
+            service.port,
+            health_path,
+            self.timeout_s,
+            self.via,
+            service.ssl,
+            service.server_name,
         )
         if status == 508:
             raise ProbeError(
@@ -112,7 +118,13 @@ class HealthChecker:
             return None
         for path in (prefix + "/v1/models", prefix + "/models"):
             status, body = await http_get(
-                service.host, service.port, path, self.timeout_s, self.via, service.ssl
+                service.host,
+                service.port,
+                path,
+                self.timeout_s,
+                self.via,
+                service.ssl,
+                service.server_name,
             )
             if status == 404:
                 continue

@@ -13,7 +13,8 @@ condition True and no deletionTimestamp: it leaves the moment the watch says
 otherwise (requests in flight on it finish; new ones go elsewhere). Its service
 is named after the pod, at ``http://POD_IP:PORT`` where PORT is the pod's
 ``lmproxy.io/port`` annotation or ``--k8s-port``; the ``lmproxy.io/scheme``
-annotation or ``--discover-scheme`` says http or https. Its models are the
+annotation or ``--discover-scheme`` says http or https (an https pod's certificate
+must name its IP, or the ``lmproxy.io/server-name`` annotation's name). Its models are the
 ``lmproxy.io/model`` label (or annotation, which may hold a ``/`` and a
 comma-separated list) or, without one, what ``/v1/models`` says.
 
@@ -54,6 +55,7 @@ SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 LABEL_MODEL = "lmproxy.io/model"
 ANNOTATION_PORT = "lmproxy.io/port"
 ANNOTATION_SCHEME = "lmproxy.io/scheme"
+ANNOTATION_SERVER_NAME = "lmproxy.io/server-name"
 
 MAX_PODS = 1024  # services one selector may add: a runaway Deployment cannot flood us
 MAX_LIST_PAGE = 32 * 1024 * 1024  # bytes of one page of the list (500 pods)
@@ -342,7 +344,12 @@ def pod_service(pod: Pod, default_port: int, default_scheme: str) -> ServiceSpec
     models = [m.strip() for m in named.split(",") if m.strip()]
     ip = pod.status.podIP or ""
     host = f"[{ip}]" if ":" in ip else ip
-    return ServiceSpec(url=f"{scheme}://{host}:{port}", name=meta.name, models=models)
+    return ServiceSpec(
+        url=f"{scheme}://{host}:{port}",
+        name=meta.name,
+        models=models,
+        server_name=meta.annotations.get(ANNOTATION_SERVER_NAME) if scheme == "https" else None,
+    )
 
 
 # --- the API ------------------------------------------------------------------

@@ -126,7 +126,13 @@ class LoadScraper:
         path = service.path_prefix.decode() + "/metrics"
         try:
             status, body = await http_get(
-                service.host, service.port, path, self.timeout_s, self.via, service.ssl
+                service.host,
+                service.port,
+                path,
+                self.timeout_s,
+                self.via,
+                service.ssl,
+                service.server_name,
             )
         except (ProbeError, TimeoutError, OSError):
             return  # the health check reports it; the figure goes stale meanwhile

@@ -29,17 +29,19 @@ async def http_get(
     timeout_s: float,
     via: str = "",
     ssl: _ssl.SSLContext | None = None,
+    server_name: str | None = None,
 ) -> tuple[int, bytes]:
     """GET ``path``; return (status, body). Raises ProbeError or TimeoutError.
 
     ``via`` names the router: a probe that reaches the router itself is then
     answered 508 (a service configured at the router's own address). ``ssl``: over
-    TLS, checked as the service's requests are.
+    TLS, checked as the service's requests are, against ``server_name`` (default:
+    ``host``).
     """
     async with asyncio.timeout(timeout_s):
         try:
             reader, writer = await asyncio.open_connection(
-                host, port, ssl=ssl, server_hostname=host if ssl is not None else None
+                host, port, ssl=ssl, server_hostname=(server_name or host) if ssl else None
             )
         except _ssl.SSLError as exc:
             raise ProbeError(f"TLS handshake failed: {tls_reason(exc)}") from None

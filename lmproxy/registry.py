@@ -109,6 +109,7 @@ class Service:
         "pool",
         "port",
         "request_count",
+        "server_name",
         "spec",
         "ssl",
         "url",
@@ -122,6 +123,7 @@ class Service:
         self.name = spec.name
         self.url = spec.base_url
         self.host = spec.host
+        self.server_name = spec.server_name or spec.host  # what its certificate must name
         self.port = spec.port
         host = f"[{spec.host}]" if ":" in spec.host else spec.host  # IPv6 literal
         self.host_header = f"{host}:{spec.port}".encode()
@@ -297,7 +299,7 @@ class Registry:
             spec.cert,
             spec.key,
             spec.verify,
-        ):
+        ) or (old.server_name != spec.server_name):
             self.remove(spec.name, "its address, health path, models or TLS settings changed")
             return self.add(spec, origin)
         if old != spec:

@@ -433,8 +433,10 @@ class Pool:
         idle_timeout_s: float,
         connect_timeout_s: float,
         ssl: ssl.SSLContext | None = None,
+        server_name: str | None = None,
     ) -> None:
         self.host = host
+        self.server_name = server_name or host  # what the certificate must name
         self.port = port
         self.ssl = ssl  # https://: every connection handshakes once, then is pooled alike
         self.max_idle = max_idle
@@ -466,7 +468,7 @@ class Pool:
                     self.host,
                     self.port,
                     ssl=self.ssl,
-                    server_hostname=self.host if self.ssl is not None else None,
+                    server_hostname=self.server_name if self.ssl is not None else None,
                 )
         except TimeoutError:
             raise ConnectError(

@@ -157,3 +157,27 @@ def test_discovery_from_the_config_file(spawn, tmp_path):
     router = spawn(Router, "--config", str(config))
     router.wait_healthy(1)
     assert router.listed()[f"127.0.0.1:{backend.port}"]["origin"] == "dns"
+
+
+def test_https_services_found_in_dns_are_checked_against_the_name(spawn, tmp_path):
+    """--discover-scheme https: each address is https://, and its certificate must name
+    the DNS name it was found by (a headless Service's certificate names the Service,
+    not each pod's address)."""
+    import trustme
+
+    ca = trustme.CA()
+    pem, ca_file = tmp_path / "engine.pem", tmp_path / "ca.pem"
+    ca.issue_cert("vllm.test").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    ca.cert_pem.write_to_path(str(ca_file))
+    backend = spawn(Mock, "tls-engine", [MODEL], "--ssl-certfile", str(pem))
+    dns = spawn(DnsServer, tmp_path / "zone.json")
+    dns.set({"vllm.test.": {"A": ["127.0.0.1"]}})
+    router = discovering(
+        spawn, dns, f"dns://vllm.test:{backend.port}",
+        "--discover-scheme", "https", "--backend-ca-certs", str(ca_file),
+    )  # fmt: skip
+    router.wait_healthy(1)
+    assert router.listed()[f"127.0.0.1:{backend.port}"]["url"] == (
+        f"https://127.0.0.1:{backend.port}"
+    )
+    assert served_by(router, 2) == {"tls-engine"}

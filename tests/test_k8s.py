@@ -288,13 +288,28 @@ def test_settings_in_the_config_file(spawn, ca, tmp_path, pods):
 
 
 def test_https_pods_use_the_backend_tls_settings(spawn, ca, tmp_path):
-    pem = tmp_path / "pod.pem"
-    ca.issue_cert(HOSTS[0]).private_key_and_cert_chain_pem.write_to_path(str(pem))
+    """One pod's certificate names its IP; the other's a DNS name, which its
+    lmproxy.io/server-name annotation gives."""
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
-    pod = spawn(Mock, "tls-pod", [MODEL], "--host", HOSTS[0], "--ssl-certfile", str(pem))
+    pods = []
+    for i, name in enumerate([HOSTS[0], "vllm-1.engines.default.svc"]):
+        pem = tmp_path / f"pod{i}.pem"
+        ca.issue_cert(name).private_key_and_cert_chain_pem.write_to_path(str(pem))
+        pods.append(
+            spawn(Mock, f"tls-pod{i}", [MODEL], "--host", HOSTS[i], "--ssl-certfile", str(pem))
+        )
+    pod = pods[0]
     api = spawn(ApiServer, ca, tmp_path)
     api.put("vllm-0", HOSTS[0])
+    api.put(
+        "vllm-1",
+        HOSTS[1],
+        annotations={
+            "lmproxy.io/port": str(pods[1].port),
+            "lmproxy.io/server-name": "vllm-1.engines.default.svc",
+        },
+    )
     router = watching(
         spawn,
         api,
@@ -303,9 +318,9 @@ def test_https_pods_use_the_backend_tls_settings(spawn, ca, tmp_path):
         "--discover-scheme", "https",
         "--backend-ca-certs", str(ca_file),
     )  # fmt: skip
-    router.wait_healthy(1)
+    router.wait_healthy(2)
     assert router.listed()["vllm-0"]["url"] == f"https://{HOSTS[0]}:{pod.port}"
-    assert served_by(router, 2) == {"tls-pod"}
+    assert served_by(router, 4) == {"tls-pod0", "tls-pod1"}
 
 
 def test_without_credentials_start_up_stops_and_says_what_to_give(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -65,7 +66,9 @@ class ApiServer(Process):
         return len(re.findall(rf"^{what} ", self.output, re.M))
 
 
-def kubeconfig(path: Path, ca: trustme.CA, port: int, token: str = TOKEN) -> Path:
+def kubeconfig(
+    path: Path, ca: trustme.CA, port: int, token: str = TOKEN, namespace: str = "default"
+) -> Path:
     """A kubeconfig as `kubectl config view --raw` prints one."""
     ca_data = base64.b64encode(ca.cert_pem.bytes()).decode()
     path.write_text(
@@ -79,7 +82,7 @@ clusters:
 contexts:
 - context:
     cluster: stand-in
-    namespace: default
+    namespace: {namespace}
     user: lmproxy
   name: stand-in
 current-context: stand-in
@@ -266,11 +269,12 @@ def test_the_rust_routers_flags_work_unchanged(spawn, ca, tmp_path, pods):
         "--selector", "app=vllm", "tier=gpu",
         "--service-discovery-namespace", "default",
         "--service-discovery-port", str(pods[0].port),
-        "--kubeconfig", str(kubeconfig(tmp_path / "kubeconfig", ca, api.port)),
+        # The namespace flag wins over the kubeconfig context's.
+        "--kubeconfig", str(kubeconfig(tmp_path / "kubeconfig", ca, api.port, namespace="ml")),
         "--health-interval", "0.5",
     )  # fmt: skip
     router.wait_healthy(1)
-    assert "selector=app=vllm,tier=gpu" in api.output
+    assert "list ns=default selector=app=vllm,tier=gpu" in api.output
 
 
 def test_settings_in_the_config_file(spawn, ca, tmp_path, pods):
@@ -387,7 +391,7 @@ def test_kubeconfig_errors_name_the_file_and_the_fix(tmp_path, change, message):
 def test_kubeconfig_client_certificate_data(tmp_path):
     ca = trustme.CA()
     client = ca.issue_cert("lmproxy")
-    path = kubeconfig(tmp_path / "kubeconfig", ca, 6443)
+    path = kubeconfig(tmp_path / "kubeconfig", ca, 6443, namespace="ml")
     import yaml
 
     doc = yaml.safe_load(path.read_text())
@@ -398,6 +402,7 @@ def test_kubeconfig_client_certificate_data(tmp_path):
     path.write_text(yaml.safe_dump(doc))
     access = from_kubeconfig(str(path))
     assert access.token() is None and access.ssl is not None
+    assert access.namespace == "ml"  # the context's, when --k8s-namespace is not given
     assert not list(tmp_path.glob("lmproxy-kube-*"))  # the scratch files are gone
 
 
@@ -469,3 +474,37 @@ def test_help_lists_every_discovery_flag():
         "--discover-scheme",
     ):  # fmt: skip
         assert flag in out, flag
+
+
+def test_with_workers_the_supervisor_watches_and_workers_route(spawn, ca, tmp_path, pods):
+    api = spawn(ApiServer, ca, tmp_path)
+    api.put("vllm-0", HOSTS[0])
+    api.put("vllm-1", HOSTS[1])
+    config = kubeconfig(tmp_path / "kubeconfig", ca, api.port)
+    router = watching(spawn, api, config, pods[0].port, "--workers", "2")
+    router.wait_healthy(2)
+    assert served_by(router, 6) == {"pod0", "pod1"}
+    api.put("vllm-1", HOSTS[1], ready=False)
+    wait_until(lambda: served_by(router, 4) == {"pod0"}, 10, "every worker to drop vllm-1")
+    assert api.count("watch") == 1  # one watch for the router, not one per worker
+
+
+def test_a_reload_changes_what_is_watched(spawn, ca, tmp_path, pods):
+    api = spawn(ApiServer, ca, tmp_path)
+    api.put("vllm-0", HOSTS[0])
+    api.put("sglang-0", HOSTS[1], labels={"app": "sglang"})
+    config = kubeconfig(tmp_path / "kubeconfig", ca, api.port)
+    toml = tmp_path / "lmproxy.toml"
+    settings = f'kubeconfig = "{config}"\nk8s_port = {pods[0].port}\nhealth_interval = 0.5\n'
+    toml.write_text(settings + 'k8s_selector = ["app=vllm"]\n')
+    router = spawn(Router, "--config", str(toml))
+    router.wait_healthy(1)
+    assert set(router.listed()) == {"vllm-0"}
+    toml.write_text(settings + 'k8s_selector = ["app=sglang"]\n')
+    router.signal(signal.SIGHUP)
+    wait_until(lambda: set(router.listed()) == {"sglang-0"}, 10, "the new selector's pods")
+    # Discovery off: its pods leave after the grace period, as any source's do.
+    toml.write_text(settings + "service_removal_grace_period = 0.5\n")
+    router.signal(signal.SIGHUP)
+    wait_until(lambda: not router.listed(), 10, "the pods to go")
+    assert "came from Kubernetes discovery, no longer configured" in router.output

@@ -93,6 +93,7 @@ class Access(NamedTuple):
     token: Callable[[], str | None]
     namespace: str  # the default: the pod's own, or the kubeconfig context's
     source: str  # "in-cluster service account" or the kubeconfig path, for logs
+    prefix: str = ""  # the server URL's path (an API server behind a proxy: Rancher...)
 
 
 # --- credentials --------------------------------------------------------------
@@ -202,6 +203,7 @@ def from_kubeconfig(path: str) -> Access:
         lambda: fixed,
         str(context.get("namespace") or "default"),
         path,
+        server.path.rstrip("/"),
     )
 
 
@@ -374,8 +376,9 @@ async def _call(access: Access, path: str) -> tuple[int, AsyncIterator[bytes], C
     except OSError as exc:
         raise KubeError(f"cannot connect to the API server: {exc.strerror or exc}") from None
     conn = h11.Connection(h11.CLIENT)
+    host = f"[{access.host}]" if ":" in access.host else access.host
     headers = [
-        ("Host", f"{access.host}:{access.port}"),
+        ("Host", f"{host}:{access.port}"),
         ("User-Agent", "lmproxy-discovery"),
         ("Accept", "application/json"),
     ]
@@ -503,7 +506,7 @@ class PodWatcher:
         self.version: str | None = None
         self._backoff = BACKOFF_MIN_S
         self._failing = ""  # the last failure logged, until the server answers again
-        self._base = f"/api/v1/namespaces/{quote(namespace, safe='')}/pods"
+        self._base = f"{access.prefix}/api/v1/namespaces/{quote(namespace, safe='')}/pods"
 
     async def run(self) -> None:
         """List, then watch, until cancelled; never gives up."""

@@ -25,6 +25,8 @@ from lmproxy.errors import Fault, http_response, json_response
 from lmproxy.fleet import Fleet
 from lmproxy.logs import printable
 from lmproxy.metrics import CONTENT_TYPE, Metrics
+from lmproxy.pd import PDJourney
+from lmproxy.protocols import Waiter
 from lmproxy.proxy import Journey
 from lmproxy.registry import Registry, Service
 from lmproxy.request import MODEL_PATHS
@@ -103,6 +105,9 @@ class Router:
         if link is not None:
             self.registry.limit_share = link.workers
         self.strategy, self.model_strategies = load_strategies(config)
+        # Disaggregated models (pd.py): each side's strategy.
+        self.prefill_strategy = strategies.load(config.prefill_strategy, {})
+        self.decode_strategy = strategies.load(config.decode_strategy, {})
         self.fleet = Fleet(self.registry, config, self.instance_id) if link is None else None
         self.admission = AdmissionQueue(self.registry, config.queue_timeout)
         self.metrics = Metrics(self.registry, lambda: len(self.admission))
@@ -367,6 +372,12 @@ class Router:
         ):
             # Only then: a strategy's learnt state (prefix trees, latencies) is kept.
             self.strategy, self.model_strategies = load_strategies(config)
+        if (old.prefill_strategy, old.decode_strategy) != (
+            config.prefill_strategy,
+            config.decode_strategy,
+        ):
+            self.prefill_strategy = strategies.load(config.prefill_strategy, {})
+            self.decode_strategy = strategies.load(config.decode_strategy, {})
         if (old.ssl_certfile is None) != (config.ssl_certfile is None):
             log.warning("reload: serving HTTPS or not changed; it takes effect after a restart")
         elif self.ssl is not None and config.ssl_certfile:
@@ -385,6 +396,23 @@ class Router:
 
     def next_request_id(self) -> bytes:
         return b"%s-%d" % (self._id_prefix, next(self._ids))
+
+    def disaggregate(self, journey: Waiter) -> None:
+        """Serve a request for a disaggregated model in two steps (pd.py)."""
+        assert isinstance(journey, Journey)
+        route = journey.route
+        assert route is not None and route.model is not None
+        settings = self.config.models.get(route.model)
+        mode = (settings.pd_mode if settings else None) or self.config.pd_mode
+        PDJourney(
+            self,
+            journey.client,
+            journey.request,
+            route,
+            mode,
+            self.prefill_strategy,
+            self.decode_strategy,
+        ).start()
 
     def strategy_for(self, model: str | None) -> strategies.Strategy:
         if self.model_strategies and model is not None:

@@ -11,7 +11,15 @@ from typing import Any
 
 import strategies
 from lmproxy import __version__, logs
-from lmproxy.config import Config, ConfigError, build_config, load_toml, parse_backend
+from lmproxy.config import (
+    PD_MODES,
+    Config,
+    ConfigError,
+    build_config,
+    load_toml,
+    parse_backend,
+    parse_prefill,
+)
 
 DEFAULTS = Config()
 
@@ -129,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "a backend service; repeatable. Options after commas: weight=N, model=NAME "
             "(repeatable; otherwise models are discovered from /v1/models), health=/path, "
-            "max_in_flight=N (requests at once; more wait in the queue); for an https:// "
+            "max_in_flight=N (requests at once; more wait in the queue), role=prefill|decode "
+            "(and bootstrap_port=N; see disaggregation below); for an https:// "
             "URL, ca=FILE, cert=FILE, key=FILE and verify=false (see TLS below). "
             "e.g. service_9g8b_8100=http://10.0.0.5:8100,weight=2"
         ),
@@ -372,6 +381,64 @@ def build_parser() -> argparse.ArgumentParser:
         "--list-strategies", action="store_true", help="list the installed strategies and exit"
     )
     g = parser.add_argument_group(
+        "prefill/decode disaggregation",
+        "A model with prefill and decode services is served in two steps: a prefill "
+        "service computes the prompt's KV cache, a decode service generates from it.",
+    )
+    g.add_argument(
+        "--prefill",
+        action="append",
+        nargs="+",
+        metavar=("URL", "BOOTSTRAP_PORT"),
+        help=(
+            "a prefill service; repeatable. BOOTSTRAP_PORT: its SGLang bootstrap port "
+            "(--disaggregation-bootstrap-port; omitted or 'none': the engine's default). "
+            "The URL may carry --backend's options"
+        ),
+    )
+    g.add_argument(
+        "--decode",
+        action="append",
+        metavar="URL",
+        help="a decode service; repeatable; the URL may carry --backend's options",
+    )
+    g.add_argument(
+        "--pd-mode",
+        choices=PD_MODES,
+        help=(
+            "the disaggregation protocol: vllm (prefill first, then decode with its "
+            "kv_transfer_params; NIXL and other KV connectors) or sglang (both at once, with "
+            f"a bootstrap room; Mooncake, NIXL); per model in the config (default: {d.pd_mode})"
+        ),
+    )
+    g.add_argument(
+        "--vllm-pd-disaggregation",
+        dest="pd_mode",
+        action="store_const",
+        const="vllm",
+        help="vllm-router's name for --pd-mode vllm",
+    )
+    g.add_argument(
+        "--pd-disaggregation",
+        dest="pd_mode",
+        action="store_const",
+        const="sglang",
+        help="sglang-router's name for --pd-mode sglang",
+    )
+    g.add_argument(
+        "--prefill-strategy",
+        metavar="NAME",
+        help=(
+            "strategy that picks the prefill service, where the prompt's cached prefix "
+            f"matters (default: {d.prefill_strategy})"
+        ),
+    )
+    g.add_argument(
+        "--decode-strategy",
+        metavar="NAME",
+        help=f"strategy that picks the decode service (default: {d.decode_strategy})",
+    )
+    g = parser.add_argument_group(
         "TLS",
         "Serving HTTPS takes uvicorn's flags; SIGHUP reloads the certificate.\n"
         "An https:// service is checked against the system's CA store (SSL_CERT_FILE\n"
@@ -499,6 +566,10 @@ def load_config(argv: list[str] | None = None) -> Config | None:
     if args.get("strategy_options") is not None:
         args["strategy_options"] = dict(args["strategy_options"])
     args["services"] = args["services"] or []
+    for values in args.pop("prefill") or []:
+        args["services"].append(parse_prefill(values))
+    for url in args.pop("decode") or []:
+        args["services"].append(parse_backend(url + ",role=decode"))
     return build_config(file_values, args)
 
 

@@ -69,6 +69,10 @@ class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
     # The name its certificate is checked against (and SNI), when not the URL's host:
     # a discovered address whose certificate names the DNS name it was found by.
     server_name: str | None = None
+    # Prefill/decode disaggregation (pd.py): "prefill", "decode", or "both" (whole
+    # requests, as ever). A prefill's bootstrap_port is where SGLang decodes fetch its KV.
+    role: str = "both"
+    bootstrap_port: int | None = None
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -89,6 +93,18 @@ class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
             raise ConfigError(f"service {self.name or self.url!r}: max_in_flight must be >= 0")
         if not _HOST.match(parts.hostname):
             raise ConfigError(f"service url {self.url!r}: the host has characters a host has not")
+        if self.role not in ROLES:
+            raise ConfigError(
+                f"service {self.name or self.url!r}: role must be prefill, decode or both, "
+                f"got {self.role!r}"
+            )
+        if self.bootstrap_port is not None and (
+            self.role != "prefill" or not 0 < self.bootstrap_port < 65536
+        ):
+            raise ConfigError(
+                f"service {self.name or self.url!r}: bootstrap_port is a prefill service's "
+                "(role=prefill), 1-65535"
+            )
         if self.server_name is not None and not _HOST.match(self.server_name):
             raise ConfigError(f"service {self.name or self.url!r}: server_name is not a host name")
         if parts.path and not _PATH.match(parts.path):
@@ -137,11 +153,16 @@ class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
         return f"{parts.scheme}://{parts.netloc}{self.path_prefix}"
 
 
+ROLES = ("both", "prefill", "decode")
+PD_MODES = ("vllm", "sglang")
+
+
 class ModelSettings(msgspec.Struct, forbid_unknown_fields=True):
     """Settings for one model (the ``[models."NAME"]`` tables of the config file)."""
 
     strategy: str | None = None
     strategy_options: dict[str, Any] = {}
+    pd_mode: str | None = None  # its disaggregation protocol, if not the router's
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -190,6 +211,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     service_discovery: bool = False  # the Rust routers' switch; a selector is what counts
     discover_scheme: str = "http"  # of discovered services (DNS and Kubernetes)
     service_removal_grace_period: float = 60.0
+    # Prefill/decode disaggregation (pd.py): the protocol, and each side's strategy.
+    pd_mode: str = "vllm"
+    prefill_strategy: str = "cache-aware"
+    decode_strategy: str = "least-outstanding"
     workers: int = 1  # 0: one per core ("auto" on the command line)
     log_level: str = "info"
     access_log: str = "off"
@@ -265,6 +290,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 f"--k8s-namespace {self.k8s_namespace!r} is not a namespace name "
                 "(lower-case letters, digits and '-', at most 63)"
             )
+        for where, mode in [("--pd-mode", self.pd_mode)] + [
+            (f"models.{name!r}.pd_mode", s.pd_mode) for name, s in self.models.items()
+        ]:
+            if mode is not None and mode not in PD_MODES:
+                raise ConfigError(f"{where} must be vllm or sglang, got {mode!r}")
         if self.discover_scheme not in ("http", "https"):
             raise ConfigError(
                 f"--discover-scheme must be http or https, got {self.discover_scheme!r}"
@@ -403,10 +433,22 @@ def parse_selector(items: list[str]) -> list[str]:
 
 # --- --backend NAME=URL,weight=N,model=M,health=/path -------------------------------
 
-_BACKEND_KEYS = ("weight", "model", "health", "max_in_flight", "ca", "cert", "key", "verify")
+_BACKEND_KEYS = (
+    "weight",
+    "model",
+    "health",
+    "max_in_flight",
+    "ca",
+    "cert",
+    "key",
+    "verify",
+    "role",
+    "bootstrap_port",
+)
 _BACKEND_OPTIONS = (
-    "weight=N, model=NAME (repeatable), health=/path, max_in_flight=N, and for https:// "
-    "ca=FILE, cert=FILE, key=FILE and verify=false"
+    "weight=N, model=NAME (repeatable), health=/path, max_in_flight=N, role=prefill|decode "
+    "(bootstrap_port=N for an SGLang prefill), and for https:// ca=FILE, cert=FILE, key=FILE "
+    "and verify=false"
 )
 
 
@@ -418,7 +460,8 @@ def parse_backend(text: str) -> ServiceSpec:
     head, sep, rest = url.partition("=")
     if sep and "://" not in head:
         name, url = head, rest
-    numbers = {"weight": 1, "max_in_flight": 0}
+    numbers = {"weight": 1, "max_in_flight": 0, "bootstrap_port": 0}
+    role = "both"
     models: list[str] = []
     health = "/health"
     files: dict[str, str] = {}
@@ -443,6 +486,8 @@ def parse_backend(text: str) -> ServiceSpec:
                 raise ConfigError(f"--backend {text!r}: {key} must be an integer") from None
         elif key == "model":
             models.append(value)
+        elif key == "role":
+            role = value
         else:
             health = value
     try:
@@ -457,9 +502,24 @@ def parse_backend(text: str) -> ServiceSpec:
             cert=files.get("cert"),
             key=files.get("key"),
             verify=verify,
+            role=role,
+            bootstrap_port=numbers["bootstrap_port"] or None,
         )
     except msgspec.ValidationError as exc:
         raise ConfigError(f"--backend {text!r}: {exc}") from None
+
+
+def parse_prefill(values: list[str]) -> ServiceSpec:
+    """``--prefill URL [BOOTSTRAP_PORT]``, as the Rust routers take it (the port may be
+    ``none``); the URL may carry ``--backend``'s options."""
+    if not 1 <= len(values) <= 2:
+        raise ConfigError("--prefill takes URL [BOOTSTRAP_PORT]")
+    spec = parse_backend(values[0] + ",role=prefill")
+    if len(values) == 2 and values[1].lower() != "none":
+        if not values[1].isdigit():
+            raise ConfigError(f"--prefill {' '.join(values)}: the bootstrap port must be a number")
+        spec = msgspec.structs.replace(spec, bootstrap_port=int(values[1]))
+    return spec
 
 
 # --- the TOML file --------------------------------------------------------------

@@ -114,6 +114,9 @@ class Metrics:
         self._figures: dict[tuple[str, str], _Figures] = {}
         self._errors: dict[tuple[str, str], int] = {}
         self.added = _Histogram(ADDED_BUCKETS_S)
+        # Disaggregated requests' steps (pd.py), by role ("prefill", "decode") and
+        # outcome ("ok", "failed").
+        self._pd: dict[tuple[str, str], int] = {}
         self.prometheus = CollectorRegistry(auto_describe=False)
         self.prometheus.register(self)
 
@@ -145,6 +148,16 @@ class Metrics:
         key = (service.name, kind)
         self._errors[key] = self._errors.get(key, 0) + 1
 
+    def pd(self, role: str, outcome: str) -> None:
+        self._pd[(role, outcome)] = self._pd.get((role, outcome), 0) + 1
+
+    def pd_counts(self) -> dict[str, dict[str, int]]:
+        """{role: {outcome: count}}, for /stats."""
+        counts: dict[str, dict[str, int]] = {}
+        for (role, outcome), count in self._pd.items():
+            counts.setdefault(role, {})[outcome] = count
+        return counts
+
     def state(self) -> dict[str, Any]:
         return {
             "figures": [
@@ -163,6 +176,7 @@ class Metrics:
             ],
             "errors": [[service, kind, n] for (service, kind), n in self._errors.items()],
             "added": [self.added.counts, self.added.total],
+            "pd": [[role, outcome, n] for (role, outcome), n in self._pd.items()],
         }
 
     def absorb(self, state: dict[str, Any]) -> None:
@@ -182,6 +196,8 @@ class Metrics:
         for service, kind, count in state["errors"]:
             self._errors[(service, kind)] = self._errors.get((service, kind), 0) + count
         self.added.absorb(*state["added"])
+        for role, outcome, count in state.get("pd", []):
+            self._pd[(role, outcome)] = self._pd.get((role, outcome), 0) + count
 
     def render(self) -> bytes:
         return generate_latest(self.prometheus)
@@ -224,6 +240,13 @@ class Metrics:
         )
         for (service, kind), count in self._errors.items():
             errors.add_metric([service, kind], count)
+        pd = CounterMetricFamily(
+            "lmproxy_pd_requests",
+            "Steps of disaggregated requests, by role (prefill, decode) and outcome",
+            labels=["role", "outcome"],
+        )
+        for (role, outcome), count in self._pd.items():
+            pd.add_metric([role, outcome], count)
         added = HistogramMetricFamily(
             "lmproxy_added_latency_seconds",
             "Time the router itself adds before the backend sees a request "
@@ -272,6 +295,7 @@ class Metrics:
         yield from (
             requests,
             errors,
+            pd,
             duration,
             ttfb,
             tokens,

@@ -62,6 +62,10 @@ class ProxyHost(Protocol):
 
     def strategy_for(self, model: str | None) -> strategies.Strategy: ...
 
+    def disaggregate(self, journey: Waiter) -> None:
+        """Take over a routed request for a disaggregated model (``pd.PDJourney``)."""
+        ...
+
     def next_request_id(self) -> bytes: ...
 
 

@@ -116,6 +116,7 @@ class Outcome(enum.Enum):
     TIMEOUT = "timeout"  # no head within the request timeout: 504
     CUT = "cut"  # failed after the head reached the client
     CLIENT_GONE = "client_gone"
+    PARTNER = "partner"  # the other half of a disaggregated request failed (pd.py)
 
 
 class Retry(enum.Enum):
@@ -147,6 +148,8 @@ FAILURES: dict[Outcome, Failure] = {
         "service {service} closed the connection before answering",
     ),
     Outcome.BROKEN: Failure(Fault.BACKEND_BROKEN, Retry.NO, True, "service {service}: {reason}"),
+    # Not the service's fault: a new pair is tried (pd.py).
+    Outcome.PARTNER: Failure(Fault.BACKEND_UNREACHABLE, Retry.ANYWHERE, False, "{reason}"),
     Outcome.TIMEOUT: Failure(
         Fault.BACKEND_TIMEOUT,
         Retry.NO,
@@ -309,6 +312,12 @@ class Exchange:
         self.conn.close()
         self._settle(Outcome.CLIENT_GONE)
 
+    def partner_failed(self, reason: str) -> None:
+        """The prefill of this decode failed before the decode answered (pd.py)."""
+        self.reason = reason
+        self.conn.close()
+        self._settle(Outcome.PARTNER)
+
     def pause(self) -> None:
         self.conn.pause_reading()
 
@@ -401,7 +410,7 @@ def _candidates(router: ProxyHost, route: RouteRequest) -> list[Service]:
     registry = router.registry
     model = route.model
     if model is None:
-        found = registry.healthy()
+        found = registry.whole()
         if not found:
             raise ProxyError(Fault.NO_HEALTHY_SERVICE, registry.why_unavailable(None))
         return found
@@ -490,6 +499,10 @@ class Journey:
             self.fail(exc)
             return
         self.strategy = self.router.strategy_for(self.route.model)
+        pd_models = self.router.registry.pd_models
+        if pd_models and self.route.model in pd_models:
+            self.router.disaggregate(self)
+            return
         self.attempt()
 
     def attempt(self) -> None:
@@ -655,6 +668,10 @@ class Journey:
             self.strategy.on_end(service, route, latency_s, True)
             return
         assert outcome is not None
+        if outcome is Outcome.PARTNER:  # its prefill failed: nothing against this service
+            service.request_count += 1
+            self.strategy.on_end(service, route, latency_s, True)
+            return
         self.router.metrics.failed(service, outcome.value)
         self.strategy.on_end(service, route, latency_s, False)
         failure = FAILURES.get(outcome)

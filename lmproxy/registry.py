@@ -109,6 +109,7 @@ class Service:
         "pool",
         "port",
         "request_count",
+        "role",
         "server_name",
         "spec",
         "ssl",
@@ -125,6 +126,7 @@ class Service:
         self.host = spec.host
         self.server_name = spec.server_name or spec.host  # what its certificate must name
         self.port = spec.port
+        self.role = spec.role  # "both": whole requests; "prefill"/"decode": one step (pd.py)
         host = f"[{spec.host}]" if ":" in spec.host else spec.host  # IPv6 literal
         self.host_header = f"{host}:{spec.port}".encode()
         self.path_prefix = spec.path_prefix.encode()
@@ -217,6 +219,12 @@ class Registry:
         self.known_models: dict[str, ModelInfo] = {}
         self._candidates: dict[str, list[Service]] = {}
         self._healthy: list[Service] = []
+        # Disaggregation (pd.py): healthy services that take whole requests (all of
+        # them when no service has a role), the models that some prefill or decode
+        # service serves, and each (model, role)'s healthy services.
+        self._whole: list[Service] = []
+        self.pd_models: frozenset[str] = frozenset()
+        self._pd: dict[tuple[str, str], list[Service]] = {}
         self.started_at = int(time.time())
         # --backend-ca-certs, --backend-certfile, --backend-keyfile, and whether to verify:
         # what an https:// service that sets none of its own is connected with.
@@ -291,16 +299,16 @@ class Registry:
             return self.add(spec, origin)
         old = service.spec
         service.origin = origin
-        if (old.url, old.health_path, old.models, old.ca, old.cert, old.key, old.verify) != (
+        if (old.role, old.url, old.health_path, old.models, old.ca, old.cert, old.key) != (
+            spec.role,
             spec.url,
             spec.health_path,
             spec.models,
             spec.ca,
             spec.cert,
             spec.key,
-            spec.verify,
-        ) or (old.server_name != spec.server_name):
-            self.remove(spec.name, "its address, health path, models or TLS settings changed")
+        ) or (old.verify, old.server_name) != (spec.verify, spec.server_name):
+            self.remove(spec.name, "its address, role, health path, models or TLS settings changed")
             return self.add(spec, origin)
         if old != spec:
             service.spec = spec
@@ -337,12 +345,24 @@ class Registry:
         """Healthy services serving ``model``, in registration order."""
         found = self._candidates.get(model)
         if found is None:
-            found = [s for s in self._healthy if model in s.models]
+            found = [s for s in self._whole if model in s.models]
             self._candidates[model] = found
         return found
 
     def healthy(self) -> list[Service]:
         return self._healthy
+
+    def whole(self) -> list[Service]:
+        """Healthy services that take whole requests (not a prefill or decode service)."""
+        return self._whole
+
+    def pd_candidates(self, model: str, role: str) -> list[Service]:
+        """Healthy ``role`` ("prefill" or "decode") services serving ``model``."""
+        found = self._pd.get((model, role))
+        if found is None:
+            found = [s for s in self._healthy if s.role == role and model in s.models]
+            self._pd[(model, role)] = found
+        return found
 
     def discovery_pending(self) -> bool:
         """Some service's models are not known yet: an unknown model may still appear."""
@@ -606,6 +626,13 @@ class Registry:
     def _changed(self) -> None:
         self._healthy = [s for s in self.services.values() if s.healthy]
         self._candidates.clear()
+        self._pd.clear()
+        self.pd_models = frozenset(
+            m for s in self.services.values() if s.role != "both" for m in s.models
+        )
+        self._whole = (
+            [s for s in self._healthy if s.role == "both"] if self.pd_models else self._healthy
+        )
         for listener in self.listeners:
             listener()
 

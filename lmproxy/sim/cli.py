@@ -9,6 +9,7 @@ import ssl
 from lmproxy.sim.engine import Engine
 from lmproxy.sim.faults import FAULTS
 from lmproxy.sim.metrics import DIALECTS
+from lmproxy.sim.pd import Disaggregation
 from lmproxy.sim.server import start_mock
 from lmproxy.sim.state import MockState
 from lmproxy.system import raise_open_file_limit
@@ -74,6 +75,35 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="answer 404 on /v1/models (only /models), like older InfiniLM servers",
     )
+    g = parser.add_argument_group(
+        "disaggregation (sim/pd.py)", "play one side of a prefill/decode fleet"
+    )
+    g.add_argument(
+        "--pd-role",
+        choices=("prefill", "decode"),
+        help="serve as a prefill or a decode service (default: whole requests)",
+    )
+    g.add_argument(
+        "--pd-mode",
+        choices=("vllm", "sglang"),
+        default="vllm",
+        help="the protocol checked: vllm (kv_transfer_params) or sglang (bootstrap rooms) "
+        "(default vllm)",
+    )
+    g.add_argument(
+        "--bootstrap-port",
+        type=int,
+        metavar="PORT",
+        help="SGLang prefill: also serve the bootstrap server on this port (0 picks one); "
+        "the HTTP port serves it too",
+    )
+    g.add_argument(
+        "--bootstrap-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="decode: seconds to wait for the prefill's KV or room (default 10)",
+    )
     g = parser.add_argument_group("TLS (an https:// backend)")
     g.add_argument("--ssl-certfile", metavar="FILE", help="serve HTTPS with this certificate")
     g.add_argument("--ssl-keyfile", metavar="FILE", help="its key (default: in the certificate)")
@@ -94,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.ssl_keyfile or args.ssl_ca_certs:
         parser.error("--ssl-keyfile and --ssl-ca-certs need --ssl-certfile")
 
+    if args.bootstrap_port is not None and not (
+        args.pd_role == "prefill" and args.pd_mode == "sglang"
+    ):
+        parser.error("--bootstrap-port is an SGLang prefill's (--pd-role prefill --pd-mode sglang)")
     raise_open_file_limit()
 
     async def run() -> None:
@@ -112,14 +146,28 @@ def main(argv: list[str] | None = None) -> int:
                 args.prefill_per_token,
                 args.prefix_cache_blocks,
             ),
+            pd=Disaggregation(args.pd_role, args.pd_mode, args.bootstrap_timeout)
+            if args.pd_role
+            else None,
         )
         server = await start_mock(state, args.host, args.port, context)
         port = server.sockets[0].getsockname()[1]
         state.name = state.name or f"mock-{port}"
+        servers = [server]
+        if state.pd is not None:
+            state.pd.host, state.pd.port = args.host, port
+        if args.bootstrap_port is not None:
+            bootstrap = await start_mock(state, args.host, args.bootstrap_port)
+            servers.append(bootstrap)
+            bound = bootstrap.sockets[0].getsockname()[1]
+            print(f"bootstrap server on {args.host}:{bound}", flush=True)
         scheme = "https" if context else "http"
-        print(f"mock backend {state.name} listening on {scheme}://{args.host}:{port}", flush=True)
-        async with server:
-            await server.serve_forever()
+        role = f" ({args.pd_mode} {args.pd_role})" if args.pd_role else ""
+        print(
+            f"mock backend {state.name}{role} listening on {scheme}://{args.host}:{port}",
+            flush=True,
+        )
+        await asyncio.gather(*(s.serve_forever() for s in servers))
 
     try:
         import uvloop

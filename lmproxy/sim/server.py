@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import time
 from ssl import SSLContext
 from typing import Any
@@ -42,6 +43,11 @@ class _Body(msgspec.Struct):
     input: Any = None
     messages: msgspec.Raw = msgspec.Raw(b"")
     prompt: msgspec.Raw = msgspec.Raw(b"")
+    # Disaggregation (sim/pd.py): what a router adds for a prefill or a decode.
+    kv_transfer_params: Any = None
+    bootstrap_host: Any = None
+    bootstrap_port: Any = None
+    bootstrap_room: Any = None
 
 
 _decode_body = msgspec.json.Decoder(_Body).decode
@@ -149,6 +155,7 @@ class MockConnection(asyncio.Protocol):
                 k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()
             }
             state.last_body = body
+            state.bodies.append(body)
         if path == "/health":
             if state.fault == "unhealthy":
                 self.write(json_answer(503, {"status": "unhealthy"}))
@@ -183,6 +190,9 @@ class MockConnection(asyncio.Protocol):
             return
         if path == "/mock/stats":
             self.write(json_answer(200, state.stats()))
+            return
+        if path.startswith(("/mock/kv/", "/mock/room/")) and state.pd is not None:
+            await self._disaggregation(path, url)
             return
         if path == "/mock/settings":
             try:
@@ -241,6 +251,15 @@ class MockConnection(asyncio.Protocol):
             self.write(json_answer(404, {"error": f"model {model!r} is not served here"}))
             return
         n = request.max_completion_tokens or request.max_tokens or state.tokens
+        step = "whole"
+        if state.pd is not None and kind in ("chat", "text"):
+            step, why = await self._pd_step(request)
+            if why is not None:
+                state.pd.refused += 1
+                self.write(json_answer(400, {"error": why}))
+                return
+            if step == "prefill":
+                n = 1  # the first token; the decode generates the rest
         if kind.startswith("render"):  # no generation: the engine's batch is not involved
             self.write(json_answer(200, _render(kind, model, request, n, next(state.ids))))
             state.completed += 1
@@ -266,7 +285,23 @@ class MockConnection(asyncio.Protocol):
                 "total_tokens": prompt_tokens + n,
                 "prompt_tokens_details": {"cached_tokens": cached},
             }
-            await asyncio.sleep(ttft + prefill_s)
+            if step != "decode":  # a decode has the KV cache: the prompt's time was spent
+                await asyncio.sleep(ttft + prefill_s)
+            if step == "prefill" and state.pd is not None:
+                state.pd.prefilled += 1
+                if state.pd.mode == "sglang":
+                    for room in state.pd.rooms_of(_fields(request)) or []:
+                        state.pd.room(room).set()
+                else:
+                    payload = completion(kind, state.name, next(state.ids), model, text(n), usage)
+                    payload["kv_transfer_params"] = state.pd.hold_blocks(prompt_tokens)
+                    self.write(
+                        json_answer(200, payload, b"X-Mock-Server: %s\r\n" % state.name.encode())
+                    )
+                    state.completed += 1
+                    return
+            if step == "decode" and state.pd is not None:
+                state.pd.decoded += 1
             if request.stream:
                 await self._stream(kind, model, n, usage, delay, fault)
                 return
@@ -342,11 +377,63 @@ class MockConnection(asyncio.Protocol):
         state.streams_completed += 1
         state.completed += 1
 
+    async def _pd_step(self, request: _Body) -> tuple[str, str | None]:
+        """Which step this request is on a prefill or decode service ("prefill",
+        "decode", or "whole"), and why it is refused (None: it is not)."""
+        pd = self.state.pd
+        assert pd is not None
+        if pd.role == "decode":
+            if pd.mode == "vllm":
+                why = await pd.fetch_kv(request.kv_transfer_params)
+            else:
+                why = await pd.wait_rooms(_fields(request))
+            return "decode", why
+        if pd.mode == "vllm":
+            params = request.kv_transfer_params
+            remote = isinstance(params, dict) and params.get("do_remote_decode")
+            return ("prefill" if remote else "whole"), None
+        if pd.rooms_of(_fields(request)) is None:
+            return "prefill", (
+                "bootstrap_room is required on a prefill service (one, or one per sequence): "
+                "send through the router"
+            )
+        return "prefill", None
+
+    async def _disaggregation(self, path: str, url: bytes) -> None:
+        """A decode asking this prefill: for its KV blocks (vLLM), or whether a room
+        was prefilled (SGLang, waiting up to ``?wait=S``)."""
+        pd = self.state.pd
+        assert pd is not None
+        parts = path.split("/")
+        if parts[2] == "kv" and len(parts) == 5:
+            found = pd.take_blocks(parts[3], parts[4])
+            self.write(json_answer(200 if found else 404, {"taken": found}))
+            return
+        try:
+            room = int(parts[3])
+            query = url.partition(b"?")[2].decode("latin-1")
+            wait = float(query.partition("wait=")[2] or 0) if "wait=" in query else 0.0
+        except (IndexError, ValueError):
+            self.write(json_answer(400, {"error": "GET /mock/room/ROOM[?wait=S]"}))
+            return
+        event = pd.room(room)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), min(wait, 60.0))
+        self.write(json_answer(200 if event.is_set() else 404, {"seen": event.is_set()}))
+
     def _flush(self, pending: list[bytes]) -> None:
         if pending:
             data = b"".join(pending)
             pending.clear()
             self.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+def _fields(request: _Body) -> dict[str, Any]:
+    return {
+        "bootstrap_room": request.bootstrap_room,
+        "bootstrap_host": request.bootstrap_host,
+        "bootstrap_port": request.bootstrap_port,
+    }
 
 
 def _render(kind: str, model: str, request: _Body, n: int, number: int) -> Any:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from typing import Any
 
 from lmproxy.sim.engine import Engine
+from lmproxy.sim.pd import Disaggregation
 
 
 class MockState:
@@ -22,7 +24,9 @@ class MockState:
         v1_models: bool = True,
         engine: Engine | None = None,
         metrics: str = "vllm",
+        pd: Disaggregation | None = None,
     ) -> None:
+        self.pd = pd  # a prefill or decode service (sim/pd.py); None: whole requests
         self.name = name
         self.metrics = metrics  # /metrics under vLLM's names, SGLang's, or "none" (404)
         self.v1_models = v1_models
@@ -43,6 +47,7 @@ class MockState:
         self.total_connections = 0
         self.last_headers: dict[str, str] = {}
         self.last_body = b""
+        self.bodies: deque[bytes] = deque(maxlen=20)  # the last requests', for tests
         self.paths: list[str] = []
 
     def stats(self) -> dict[str, Any]:
@@ -59,6 +64,8 @@ class MockState:
             "total_connections": self.total_connections,
             "last_headers": self.last_headers,
             "last_body": self.last_body[:4096].decode("utf-8", "replace"),
+            "bodies": [b[:65536].decode("utf-8", "replace") for b in self.bodies],
+            "pd": self.pd.stats() if self.pd is not None else None,
             "paths": self.paths[-50:],
             "active": self.engine.active,
             "peak_active": self.engine.peak_active,

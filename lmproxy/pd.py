@@ -1,0 +1,521 @@
+"""Prefill/decode disaggregation: one request, served by a prefill and a decode service.
+
+A model served by services with the ``prefill`` and ``decode`` roles is routed
+in two steps; ``--pd-mode`` (or the model's ``pd_mode``) says which protocol
+its engines speak:
+
+- ``vllm`` (sequential; vLLM's KV connectors such as NIXL): the request goes to a
+  prefill service with ``max_tokens`` 1, ``stream`` false, no ``stream_options``
+  and ``kv_transfer_params`` asking for a remote decode. Its answer carries the
+  ``kv_transfer_params`` that locate the KV cache; the original request, with
+  those, then goes to a decode service, whose answer the client gets.
+- ``sglang`` (parallel; Mooncake, NIXL): the router adds the prefill's
+  ``bootstrap_host``, ``bootstrap_port`` and a random ``bootstrap_room`` (arrays,
+  one per sequence, for a batch or ``n`` > 1) and sends the same body to both at
+  once. The decode's answer is relayed; the prefill's is read and dropped.
+
+Each side is chosen by its own strategy (``--prefill-strategy``,
+``--decode-strategy``) among the healthy services of its role. Only these
+requests are decoded whole and encoded again (msgspec, into plain dicts, so a
+field the router does not know survives as sent); every other request's bytes
+pass untouched.
+
+Failures: a prefill that fails before answering (connect, drop, 5xx, 429) is
+counted on it and retried on another prefill; a 4xx from it is the client's
+error and is answered as such. A decode that fails before its first byte is
+retried with a new pair (and, for SGLang, a new room), within ``--retries``.
+After the decode's first byte nothing is retried (the stream gets the usual
+SSE error event). A client that hangs up cancels both sides.
+
+The decode step is an ordinary :class:`~lmproxy.proxy.Journey` send: streaming,
+flow control, timeouts and accounting are the proxy's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from lmproxy.admission import has_room
+from lmproxy.errors import Fault, ProxyError
+from lmproxy.proxy import Exchange, Journey, Outcome, _request_data
+from lmproxy.request import COMPLETION_PATHS, RouteRequest
+from lmproxy.upstream import ConnectError, UpstreamConnection
+
+if TYPE_CHECKING:
+    import strategies
+    from lmproxy.protocols import ProxyHost
+    from lmproxy.registry import Service
+    from lmproxy.server import ClientConnection, ClientRequest
+
+log = logging.getLogger("lmproxy")
+
+MAX_PREFILL_ANSWER = 1024 * 1024  # vLLM's: one token and kv_transfer_params
+KEPT_ERROR = 2048  # bytes of a failed prefill's answer quoted to the client
+REMOTE_DECODE = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+
+
+_WARNED: set[str] = set()  # prefill services that answered without kv_transfer_params
+
+
+class SideFailed(Exception):
+    """The prefill's connection failed before its answer was complete."""
+
+
+class _Collect:
+    """A :class:`~lmproxy.upstream.Sink` that gathers a prefill's answer (de-chunked),
+    keeping at most ``limit`` bytes of it."""
+
+    __slots__ = ("body", "future", "limit", "overflow", "sent_at", "status", "ttfb_s")
+
+    def __init__(self, future: asyncio.Future[bool], limit: int) -> None:
+        self.future = future
+        self.limit = limit
+        self.status = 0
+        self.body = bytearray()
+        self.overflow = False
+        self.sent_at = time.perf_counter()
+        self.ttfb_s = 0.0
+
+    def on_head(self, status: int, head: bytes, framing: int) -> None:
+        self.status = status
+        self.ttfb_s = time.perf_counter() - self.sent_at
+
+    def on_body(self, data: bytes) -> None:
+        room = self.limit - len(self.body)
+        if len(data) > room:
+            self.overflow = True
+            data = data[: max(room, 0)]
+        self.body += data
+
+    def flush(self) -> None:
+        pass
+
+    def on_complete(self, reusable: bool) -> None:
+        if not self.future.done():
+            self.future.set_result(reusable)
+
+    def on_lost(self, reason: str, broken: bool) -> None:
+        if not self.future.done():
+            self.future.set_exception(SideFailed(reason))
+
+
+class PDJourney(Journey):
+    """A request for a disaggregated model: the prefill step, then (or with) the
+    decode step, which is the journey's own send."""
+
+    __slots__ = (
+        "connecting",
+        "decode_exchange",
+        "fields",
+        "final_error",
+        "mode",
+        "pair",
+        "partner_failed",
+        "prefill",
+        "prefill_route",
+        "prefill_strategy",
+        "prefill_task",
+        "prefill_tried",
+        "whole",
+    )
+
+    def __init__(
+        self,
+        router: ProxyHost,
+        client: ClientConnection,
+        request: ClientRequest,
+        route: RouteRequest,
+        mode: str,
+        prefill: strategies.Strategy,
+        decode: strategies.Strategy,
+    ) -> None:
+        super().__init__(router, client, request)
+        self.route = route
+        self.mode = mode
+        self.strategy = decode
+        self.prefill_strategy = prefill
+        # The prefill strategy has a route object of its own: a strategy keeps
+        # scratch state on it between choose and on_start.
+        self.prefill_route = RouteRequest(
+            route.path, route.model, route.head, route.body, route.headers
+        )
+        self.prefill_tried: list[Service] = []
+        self.prefill: Service | None = None
+        self.prefill_task: asyncio.Task[None] | None = None
+        self.partner_failed: ProxyError | None = None
+        self.final_error: ProxyError | None = None  # answered instead of any retry
+        self.pair = 0  # which (prefill, decode) pair is current: one per attempt
+        self.connecting = False  # the current pair's decode is connecting
+        self.decode_exchange: Exchange | None = None
+        self.whole = False  # no prefill or decode is healthy: whole requests instead
+        self.fields: dict[str, Any] = {}
+
+    def start(self) -> None:
+        try:
+            fields = msgspec.json.decode(self.route.body)  # type: ignore[union-attr]
+        except msgspec.DecodeError:
+            fields = None
+        if not isinstance(fields, dict):
+            self.fail(ProxyError(Fault.BAD_REQUEST, "the request body must be a JSON object"))
+            return
+        self.fields = fields
+        self.attempt()
+
+    # --- choosing a pair -----------------------------------------------------------
+
+    def attempt(self) -> None:
+        if self.whole:
+            Journey.attempt(self)
+            return
+        route = self.route
+        assert route is not None and route.model is not None
+        registry = self.router.registry
+        model = route.model
+        prefills = [
+            s for s in registry.pd_candidates(model, "prefill") if s not in self.prefill_tried
+        ]
+        decodes = [s for s in registry.pd_candidates(model, "decode") if s not in self.tried]
+        if not prefills or not decodes:
+            if registry.candidates(model):
+                # Services that take whole requests are better than a 503.
+                self.whole = True
+                self.strategy = self.router.strategy_for(model)
+                route.body = self.request_body()
+                Journey.attempt(self)
+                return
+            self.fail(
+                self.last_error or self._unavailable(model, "prefill" if not prefills else "decode")
+            )
+            return
+        if self.router.admission.limited:
+            prefills = [s for s in prefills if has_room(s)]
+            decodes = [s for s in decodes if has_room(s)]
+            if not prefills or not decodes:
+                side = "prefill" if not prefills else "decode"
+                error = ProxyError(
+                    Fault.QUEUE_TIMEOUT,
+                    f"every {side} service for model {model!r} is at its max_in_flight; "
+                    "retry shortly",
+                )
+                error.retry_after = 1
+                self.fail(error)
+                return
+        self._cancel_prefill()  # a previous pair's, whose decode failed
+        self.pair += 1
+        prefill = self.prefill_strategy.choose(prefills, self.prefill_route)
+        prefill.acquire()
+        self.prefill_strategy.on_start(prefill, self.prefill_route)
+        self.prefill = prefill
+        self.partner_failed = None
+        loop = self.router.loop
+        if self.mode == "vllm":
+            self.client.task = loop.create_task(self._vllm(prefill))
+            return
+        # SGLang: both at once, the same body, a fresh room for this pair.
+        route.body = msgspec.json.encode({**self.fields, **self._bootstrap(prefill)})
+        self.prefill_task = loop.create_task(self._sglang_prefill(prefill, route.body, self.pair))
+        self._decode(decodes)
+
+    def request_body(self) -> bytes:
+        """The body as the client sent it (with the model filled in)."""
+        return self.prefill_route.body
+
+    def _bootstrap(self, prefill: Service) -> dict[str, Any]:
+        count = self._batch_size()
+        host, port = prefill.host, prefill.spec.bootstrap_port
+        if count is None:
+            return {
+                "bootstrap_host": host,
+                "bootstrap_port": port,
+                "bootstrap_room": random.getrandbits(63),
+            }
+        return {
+            "bootstrap_host": [host] * count,
+            "bootstrap_port": [port] * count,
+            "bootstrap_room": [random.getrandbits(63) for _ in range(count)],
+        }
+
+    def _batch_size(self) -> int | None:
+        """Sequences in one request, as SGLang counts them: ``n`` > 1, or a list of
+        prompts (a list of token ids is one prompt); None for one."""
+        n = self.fields.get("n")
+        if isinstance(n, int) and n > 1:
+            return n
+        assert self.route is not None
+        prompt = self.fields.get("prompt")
+        if (
+            self.route.path in COMPLETION_PATHS
+            and isinstance(prompt, list)
+            and prompt
+            and not isinstance(prompt[0], int)
+        ):
+            return len(prompt)
+        return None
+
+    def _unavailable(self, model: str, side: str) -> ProxyError:
+        registry = self.router.registry
+        among = [s for s in registry.services.values() if s.role == side and model in s.models]
+        return ProxyError(
+            Fault.NO_HEALTHY_SERVICE,
+            f"no healthy {side} service for model {model!r}: "
+            + (registry.why_unavailable(model, among) if among else "none is configured"),
+        )
+
+    def _decode(self, decodes: list[Service]) -> None:
+        """The decode step: the proxy's own send, to a decode service."""
+        route = self.route
+        assert route is not None
+        service = self.strategy.choose(decodes, route)
+        service.acquire()
+        pool = service.pool
+        assert pool is not None
+        conn = pool.take_idle()
+        if conn is not None:
+            self._send(service, conn)
+        else:
+            self.connecting = True
+            self.client.task = self.router.loop.create_task(self._connect(service))
+
+    def _send(self, service: Service, conn: UpstreamConnection) -> None:
+        self.connecting = False
+        error = self.partner_failed
+        if error is not None and not self.whole:  # the prefill failed while we connected
+            self.partner_failed = None
+            service.release()
+            service.pool.release(conn)  # type: ignore[union-attr]
+            self._retry(None, error)
+            return
+        Journey._send(self, service, conn)
+        exchange = self.client.exchange
+        self.decode_exchange = exchange if isinstance(exchange, Exchange) else None
+
+    async def _connect(self, service: Service) -> None:
+        try:
+            await Journey._connect(self, service)
+        except asyncio.CancelledError:
+            self.connecting = False
+            self._cancel_prefill()
+            raise
+        finally:
+            self.connecting = False
+
+    def _retry(self, failed: Service | None, error: ProxyError) -> None:
+        if self.final_error is not None:  # the prefill said the request itself is wrong
+            error, self.final_error = self.final_error, None
+            self.fail(error)
+            return
+        Journey._retry(self, failed, error)
+
+    # --- the prefill step ------------------------------------------------------------
+
+    async def _call(self, service: Service, body: bytes, limit: int) -> _Collect:
+        """One request to ``service`` with ``body``; its answer gathered. Raises
+        ConnectError, SideFailed or TimeoutError."""
+        pool = service.pool
+        assert pool is not None
+        conn = pool.take_idle() or await pool.connect()
+        sink = _Collect(self.router.loop.create_future(), limit)
+        router = self.router
+        data = _request_data(service, self.request, body, self.id_header + router.via_line)
+        conn.send(sink, data, False, True)
+        try:
+            async with asyncio.timeout(router.config.request_timeout):
+                reusable = await sink.future
+        except BaseException:
+            conn.close()
+            raise
+        if reusable:
+            pool.release(conn)
+        else:
+            conn.close()
+        return sink
+
+    async def _prefill_step(
+        self, prefill: Service, body: bytes, limit: int, pair: int
+    ) -> _Collect | None:
+        """Run the prefill; its figures are accounted here. None when it failed, after
+        the failure has been dealt with (a retry, or the client's error)."""
+        router = self.router
+        model = self.prefill_route.model
+        started = time.perf_counter()
+        error: ProxyError | None = None
+        sink: _Collect | None = None
+        try:
+            sink = await self._call(prefill, body, limit)
+        except ConnectError as exc:
+            error = self._prefill_failed(prefill, "connect", f"is unreachable: {exc}")
+        except SideFailed as exc:
+            error = self._prefill_failed(prefill, "dropped", f"failed before answering: {exc}")
+        except TimeoutError:
+            timeout = router.config.request_timeout
+            error = self._prefill_failed(
+                prefill, "timeout", f"sent no answer within {timeout:g}s (--request-timeout)"
+            )
+        except asyncio.CancelledError:
+            prefill.release()
+            self.prefill_strategy.on_end(prefill, self.prefill_route, 0.0, True)
+            raise
+        latency_s = time.perf_counter() - started
+        if sink is not None:
+            prefill.release()
+            prefill.request_count += 1
+            prefill.latencies.append(latency_s)
+            router.metrics.finished(prefill, model, sink.status, latency_s, sink.ttfb_s, b"")
+            ok = sink.status < 400
+            self.prefill_strategy.on_end(prefill, self.prefill_route, latency_s, sink.status < 500)
+            router.metrics.pd("prefill", "ok" if ok else "failed")
+            if ok:
+                if prefill.consecutive_errors:
+                    router.registry.request_succeeded(prefill)
+                return sink
+            error, final = self._prefill_refused(prefill, sink)
+        else:
+            final = False
+        assert error is not None
+        self.prefill_tried.append(prefill)
+        self.last_error = error
+        log.debug("request %s: %s", self.request_id.decode(), error.message)
+        if pair == self.pair:  # not a pair the journey has moved on from
+            self._cancel_decode(error, final)
+        return None
+
+    def _prefill_failed(self, prefill: Service, kind: str, what: str) -> ProxyError:
+        router = self.router
+        prefill.release()
+        prefill.request_count += 1
+        router.registry.request_failed(prefill, what)
+        router.metrics.failed(prefill, kind)
+        router.metrics.pd("prefill", "failed")
+        self.prefill_strategy.on_end(prefill, self.prefill_route, 0.0, False)
+        return ProxyError(Fault.BACKEND_UNREACHABLE, f"prefill service {prefill.name} {what}")
+
+    def _prefill_refused(self, prefill: Service, sink: _Collect) -> tuple[ProxyError, bool]:
+        """A prefill answered an error status: (the error, whether it is final). A 4xx
+        says the request is wrong, and is answered; a 5xx or 429 is retried elsewhere."""
+        said = bytes(sink.body[:KEPT_ERROR]).decode("utf-8", "replace").strip()
+        message = f"prefill service {prefill.name} answered {sink.status}: {said}"
+        if 400 <= sink.status < 500 and sink.status != 429:
+            fault = Fault.BAD_REQUEST if sink.status in (400, 413, 422) else Fault.BACKEND_BROKEN
+            return ProxyError(fault, message), True
+        prefill.error_count += 1
+        return ProxyError(Fault.BACKEND_BROKEN, message), False
+
+    def _cancel_decode(self, error: ProxyError, final: bool) -> None:
+        """The current pair's prefill failed: stop its decode (SGLang's runs meanwhile),
+        then retry with a new pair, or answer ``error`` if ``final``. A decode that
+        already answered is left to finish: nothing can be taken back."""
+        if final:
+            self.final_error = error
+        exchange = self.decode_exchange
+        if exchange is not None and exchange.outcome is None:
+            if exchange.head_sent:
+                self.final_error = None
+                return
+            exchange.partner_failed(error.message)  # not the decode's fault
+        elif self.connecting:
+            self.partner_failed = error  # _send sees it once connected
+        elif self.mode == "vllm":
+            self._retry(None, error)
+        else:
+            self.final_error = None  # the decode is over: its answer stands
+
+    def _cancel_prefill(self) -> None:
+        task = self.prefill_task
+        if task is not None and not task.done():
+            task.cancel()
+
+    async def _vllm(self, prefill: Service) -> None:
+        """vLLM's order: the prefill answers kv_transfer_params, then the decode."""
+        fields = dict(self.fields)
+        fields["max_tokens"] = 1
+        if "max_completion_tokens" in fields:
+            fields["max_completion_tokens"] = 1
+        fields["stream"] = False
+        fields.pop("stream_options", None)
+        fields["kv_transfer_params"] = REMOTE_DECODE
+        try:
+            sink = await self._prefill_step(
+                prefill, msgspec.json.encode(fields), MAX_PREFILL_ANSWER, self.pair
+            )
+        finally:
+            self.client.task = None
+        if sink is None:
+            return
+        if sink.overflow:
+            self.fail(
+                ProxyError(
+                    Fault.BACKEND_BROKEN,
+                    f"prefill service {prefill.name} answered more than "
+                    f"{MAX_PREFILL_ANSWER} bytes to a one-token request",
+                )
+            )
+            return
+        try:
+            answer = msgspec.json.decode(bytes(sink.body))
+        except msgspec.DecodeError:
+            answer = None
+        params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
+        decode_fields = dict(self.fields)
+        if params is not None:
+            decode_fields["kv_transfer_params"] = params
+        elif prefill.name not in _WARNED and len(_WARNED) < 1000:
+            _WARNED.add(prefill.name)
+            log.warning(
+                "prefill service %s answered without kv_transfer_params: its decode "
+                "computes the prompt again. Start it with a KV connector "
+                "(--kv-transfer-config)",
+                prefill.name,
+            )
+        route = self.route
+        assert route is not None and route.model is not None
+        route.body = msgspec.json.encode(decode_fields)
+        decodes = [
+            s
+            for s in self.router.registry.pd_candidates(route.model, "decode")
+            if s not in self.tried
+        ]
+        if not decodes:
+            self.fail(self.last_error or self._unavailable(route.model, "decode"))
+            return
+        self._decode(decodes)
+
+    async def _sglang_prefill(self, prefill: Service, body: bytes, pair: int) -> None:
+        """SGLang's prefill, beside its decode: read and dropped, unless it fails."""
+        await self._prefill_step(prefill, body, KEPT_ERROR, pair)
+
+    # --- the end ------------------------------------------------------------------------
+
+    def finish(self, exchange: Exchange) -> None:
+        outcome = exchange.outcome
+        if exchange is self.decode_exchange:
+            self.decode_exchange = None
+        if outcome is not None and not self.whole:
+            self.router.metrics.pd(
+                "decode", "ok" if outcome is Outcome.DONE and exchange.status < 400 else "failed"
+            )
+        Journey.finish(self, exchange)
+        if outcome is Outcome.CLIENT_GONE:
+            self._cancel_prefill()
+
+    def _log(self, service: str, status: int, bytes_out: int, ttfb_s: float) -> None:
+        prefill = self.prefill
+        if prefill is not None and not self.whole:
+            service = (
+                f"prefill={prefill.name},decode={service}"
+                if service
+                else (f"prefill={prefill.name}")
+            )
+        Journey._log(self, service, status, bytes_out, ttfb_s)

@@ -131,12 +131,34 @@ def stats(router: RouterState) -> Payload:
             "last_error": s.last_error or None,
             "last_error_at": iso_time(s.last_error_at),
             "engine": engine_figures(s),
+            "role": s.role,
         }
         for s in registry.services.values()
     ]
-    return 200, {
+    payload = {
         "total_services": len(listed),
         "healthy_services": len(registry.healthy()),
         "queue_length": router.queue_length,
         "services": listed,
     }
+    if registry.pd_models:
+        payload["disaggregation"] = disaggregation(router)
+    return 200, payload
+
+
+def disaggregation(router: RouterState) -> dict[str, Any]:
+    """Per role: services, healthy ones, requests and errors (summed from the services),
+    and the steps of disaggregated requests by outcome."""
+    roles: dict[str, dict[str, Any]] = {}
+    for s in router.registry.services.values():
+        role = roles.setdefault(
+            s.role, {"services": 0, "healthy": 0, "request_count": 0, "error_count": 0}
+        )
+        role["services"] += 1
+        role["healthy"] += s.healthy
+        role["request_count"] += s.request_count
+        role["error_count"] += s.error_count
+    steps = router.pd_counts()
+    for name, role in roles.items():
+        role["steps"] = steps.get(name, {})
+    return {"models": sorted(router.registry.pd_models), "roles": roles}

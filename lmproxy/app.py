@@ -397,6 +397,9 @@ class Router:
     def next_request_id(self) -> bytes:
         return b"%s-%d" % (self._id_prefix, next(self._ids))
 
+    def pd_counts(self) -> dict[str, dict[str, int]]:
+        return self.metrics.pd_counts()
+
     def disaggregate(self, journey: Waiter) -> None:
         """Serve a request for a disaggregated model in two steps (pd.py)."""
         assert isinstance(journey, Journey)
@@ -404,7 +407,7 @@ class Router:
         assert route is not None and route.model is not None
         settings = self.config.models.get(route.model)
         mode = (settings.pd_mode if settings else None) or self.config.pd_mode
-        PDJourney(
+        pd = PDJourney(
             self,
             journey.client,
             journey.request,
@@ -412,7 +415,9 @@ class Router:
             mode,
             self.prefill_strategy,
             self.decode_strategy,
-        ).start()
+        )
+        pd.request_id, pd.id_header = journey.request_id, journey.id_header
+        pd.start()
 
     def strategy_for(self, model: str | None) -> strategies.Strategy:
         if self.model_strategies and model is not None:

@@ -574,6 +574,8 @@ class _Metadata(msgspec.Struct):
     models: list[str] | None = None
     model: str | None = None
     models_list: list[dict[str, Any]] | None = None
+    role: str | None = None  # disaggregation: "prefill" or "decode"
+    bootstrap_port: int | None = None
 
 
 class _StaticEntry(msgspec.Struct):
@@ -586,6 +588,8 @@ class _StaticEntry(msgspec.Struct):
     health_path: str = "/health"
     models: list[str] | None = None
     max_in_flight: int = 0
+    role: str | None = None  # or in metadata
+    bootstrap_port: int | None = None
 
 
 def load_static_services(path: str) -> list[ServiceSpec]:
@@ -667,6 +671,8 @@ def spec_from_entry(item: Any) -> ServiceSpec | None:
             health_path=entry.health_path,
             max_in_flight=entry.max_in_flight,
             model_cards=cards,
+            role=entry.role or meta.role or "both",
+            bootstrap_port=entry.bootstrap_port or meta.bootstrap_port,
         )
     except msgspec.ValidationError as exc:
         raise ConfigError(str(exc)) from None

@@ -35,6 +35,10 @@ class RouterState(Protocol):
     @property
     def queue_length(self) -> int: ...
 
+    def pd_counts(self) -> dict[str, dict[str, int]]:
+        """Steps of disaggregated requests: {role: {outcome: count}}."""
+        ...
+
 
 class ProxyHost(Protocol):
     """What a proxied request (``proxy.Journey``) needs of the router."""

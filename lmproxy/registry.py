@@ -254,11 +254,12 @@ class Registry:
             service.pool = self.make_pool(service)
         self.services[service.name] = service
         self.note(
-            "service %s at %s (weight %d, health %s)",
+            "service %s at %s (weight %d, health %s%s)",
             service.name,
             masked_url(service.url),
             service.weight,
             service.health_path,
+            "" if service.role == "both" else f", {service.role}",
         )
         if service.url != spec.url.rstrip("/"):
             base = masked_url(service.url)
@@ -671,6 +672,7 @@ def service_entry(service: Service) -> dict[str, Any]:
         "origin": service.origin,
         "type": "openai-api",
         "routable": True,
+        "role": service.role,
     }
 
 

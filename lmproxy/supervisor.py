@@ -328,12 +328,19 @@ class Supervisor:
             status, payload = api.stats(self)  # type: ignore[arg-type]
             self._reply(worker, request, status, b"application/json", encode_json(payload))
         else:
-            metrics = Metrics(self.registry, lambda: self.queue_length)
-            metrics.absorb(self.retired.state())
-            for live in self.workers.values():
-                if live.snapshot is not None:
-                    metrics.absorb(live.snapshot["metrics"])
-            self._reply(worker, request, 200, CONTENT_TYPE, metrics.render())
+            self._reply(worker, request, 200, CONTENT_TYPE, self._summed_metrics().render())
+
+    def _summed_metrics(self) -> Metrics:
+        """Every worker's figures, those of workers that exited included."""
+        metrics = Metrics(self.registry, lambda: self.queue_length)
+        metrics.absorb(self.retired.state())
+        for live in self.workers.values():
+            if live.snapshot is not None:
+                metrics.absorb(live.snapshot["metrics"])
+        return metrics
+
+    def pd_counts(self) -> dict[str, dict[str, int]]:
+        return self._summed_metrics().pd_counts()
 
     async def _gather(self) -> None:
         """Fresh figures from every live worker, summed into the registry's services."""

@@ -10,7 +10,7 @@ requests at run time by ``POST /mock/fault`` with ``{"fault": MODE}`` (``none``
 clears it):
 
 ==================  =========================================================
-``500``/``503``/``429``  answer that status with a JSON error body
+``400``/``500``/``503``/``429``  answer that status with a JSON error body
 ``hang``            accept the request and never answer
 ``close``           close the connection without answering
 ``close-mid-stream``  send half the tokens, then close the connection

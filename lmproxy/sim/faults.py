@@ -24,6 +24,7 @@ class Answering(Protocol):
 
 FAULTS = (
     "none",
+    "400",
     "500",
     "503",
     "429",
@@ -53,7 +54,7 @@ FLOOD_MODELS = 5000
 
 async def answer_with_fault(conn: Answering, fault: str) -> bool:
     """Answer as ``fault`` says, if it is one that answers before any token; whether it was."""
-    if fault in ("500", "503", "429"):
+    if fault in ("400", "500", "503", "429"):
         status = int(fault)
         extra = b"Retry-After: 1\r\n" if status == 429 else b""
         conn.write(json_answer(status, {"error": f"simulated {status}"}, extra))

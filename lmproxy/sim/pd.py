@@ -127,8 +127,14 @@ class Disaggregation:
         for room, host, port in zip(rooms, hosts, ports, strict=True):
             if not isinstance(room, int) or not isinstance(port, int):
                 return "bootstrap_room and bootstrap_port must be integers"
-            wait = self.bootstrap_timeout_s
-            status = await ask(str(host), port, f"/mock/room/{room}?wait={wait}", wait + 5)
+            deadline = asyncio.get_running_loop().time() + self.bootstrap_timeout_s
+            while True:
+                # Like SGLang's decode: a bootstrap server not up yet is asked again.
+                wait = max(0.0, deadline - asyncio.get_running_loop().time())
+                status = await ask(str(host), port, f"/mock/room/{room}?wait={wait}", wait + 5)
+                if status or wait <= 0:
+                    break
+                await asyncio.sleep(0.05)
             if status != 200:
                 return f"bootstrap room {room} was never prefilled at {host}:{port}"
         return None

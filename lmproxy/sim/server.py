@@ -155,7 +155,8 @@ class MockConnection(asyncio.Protocol):
                 k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()
             }
             state.last_body = body
-            state.bodies.append(body)
+            if body:
+                state.bodies.append(body)
         if path == "/health":
             if state.fault == "unhealthy":
                 self.write(json_answer(503, {"status": "unhealthy"}))
@@ -404,6 +405,7 @@ class MockConnection(asyncio.Protocol):
         was prefilled (SGLang, waiting up to ``?wait=S``)."""
         pd = self.state.pd
         assert pd is not None
+        self.responding = False  # a peer's question, not traffic: its hang-up is not counted
         parts = path.split("/")
         if parts[2] == "kv" and len(parts) == 5:
             found = pd.take_blocks(parts[3], parts[4])

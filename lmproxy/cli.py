@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "examples:\n"
             "  lmproxy --demo                      router + two simulated backends\n"
+            "  lmproxy --demo --pd --pd-mode sglang  ... with Qwen3-32B disaggregated\n"
             "  lmproxy --backend a=http://10.0.0.5:8100 --backend http://10.0.0.6:8100,weight=2\n"
             "  lmproxy --config lmproxy.toml --port 9000\n"
             "  lmproxy --static-services services.json --router-port 8000\n"
@@ -113,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="also start two simulated backends (models Qwen3-32B and 9g_8b_thinking)",
+    )
+    g.add_argument(
+        "--pd",
+        dest="demo_pd",
+        action="store_true",
+        default=None,
+        help=(
+            "with --demo: serve Qwen3-32B disaggregated, by two prefill and two decode "
+            "simulators speaking --pd-mode's protocol"
+        ),
     )
     g.add_argument(
         "--log-level",

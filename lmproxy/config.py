@@ -219,6 +219,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_level: str = "info"
     access_log: str = "off"
     demo: bool = False
+    demo_pd: bool = False  # --demo --pd: a disaggregated demo fleet
     # Serving HTTPS (uvicorn's names); tls.py.
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
@@ -271,6 +272,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                     f"--registry-url {self.registry_url!r} must be an http:// or https:// URL "
                     "(e.g. http://127.0.0.1:8081)"
                 )
+        if self.demo_pd and not self.demo:
+            raise ConfigError("--pd is an option of --demo: give --demo --pd")
         if self.discover_interval <= 0:
             raise ConfigError(f"--discover-interval must be > 0, got {self.discover_interval}")
         for target in self.discover:

@@ -54,7 +54,7 @@ async def start_demo(config: Config) -> tuple[list[asyncio.Server], list[Service
         return [], []
     from lmproxy.sim.demo import start_demo_backends
 
-    servers, specs = await start_demo_backends()
+    servers, specs = await start_demo_backends(config.pd_mode if config.demo_pd else None)
     config.services = [*config.services, *specs]
     return servers, specs
 

@@ -322,3 +322,28 @@ def test_a_registration_may_carry_a_role(spawn):
     reply = router.post(CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
     assert reply.status == 200
     assert p.stats()["pd"]["prefilled"] == 1
+
+
+@pytest.mark.parametrize("mode", ["vllm", "sglang"])
+def test_the_demo_serves_a_disaggregated_fleet(spawn, mode):
+    router = spawn(Router, "--demo", "--pd", "--pd-mode", mode)
+    router.wait_healthy(5)
+    with sdk(router) as client:
+        stream = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in stream).split() == [
+            "The", "quick", "brown", "fox",
+        ]  # fmt: skip
+        whole = client.chat.completions.create(
+            model="9g_8b_thinking", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        assert whole.choices[0].message.content
+    roles = router.get("/stats").json()["disaggregation"]["roles"]
+    assert (roles["prefill"]["services"], roles["decode"]["services"]) == (2, 2)
+    assert roles["prefill"]["steps"] == {"ok": 1} and roles["decode"]["steps"] == {"ok": 1}
+    done = subprocess.run(
+        [sys.executable, "-m", "lmproxy", "--pd"], cwd=ROOT, capture_output=True, text=True,
+        timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2 and "give --demo --pd" in done.stderr

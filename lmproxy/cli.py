@@ -246,6 +246,26 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     g.add_argument(
+        "--k8s-prefill-selector",
+        "--prefill-selector",
+        action="extend",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help=(
+            "as --k8s-selector, for pods that are prefill services (disaggregation); the "
+            "lmproxy.io/bootstrap-port or sglang.ai/bootstrap-port annotation gives an SGLang "
+            "prefill's bootstrap port"
+        ),
+    )
+    g.add_argument(
+        "--k8s-decode-selector",
+        "--decode-selector",
+        action="extend",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="as --k8s-selector, for pods that are decode services (disaggregation)",
+    )
+    g.add_argument(
         "--k8s-namespace",
         "--service-discovery-namespace",
         metavar="NAME",

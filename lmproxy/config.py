@@ -205,6 +205,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     dns_server: str | None = None  # HOST[:PORT]; default: the system's resolver
     # Kubernetes discovery (kube.py): the pods a label selector picks, watched.
     k8s_selector: list[str] = []  # KEY=VALUE terms, all of which a pod's labels match
+    k8s_prefill_selector: list[str] = []  # pods that are prefill services (pd.py)
+    k8s_decode_selector: list[str] = []  # pods that are decode services
     k8s_namespace: str | None = None  # default: the router pod's own (or the kubeconfig's)
     k8s_port: int = 8000  # unless a pod's lmproxy.io/port annotation says otherwise
     kubeconfig: str | None = None  # outside a cluster; inside, the service account
@@ -280,8 +282,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             parse_discover(target)
         if self.dns_server is not None:
             parse_dns_server(self.dns_server)
-        parse_selector(self.k8s_selector)
-        if self.service_discovery and not self.k8s_selector:
+        for selector in (self.k8s_selector, self.k8s_prefill_selector, self.k8s_decode_selector):
+            parse_selector(selector)
+        any_selector = self.k8s_selector or self.k8s_prefill_selector or self.k8s_decode_selector
+        if self.service_discovery and not any_selector:
             raise ConfigError(
                 "--service-discovery needs a label selector: give --k8s-selector KEY=VALUE "
                 "(or --selector KEY=VALUE), which picks the engine pods"

@@ -29,6 +29,7 @@ and workers mirror its registry.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -147,11 +148,12 @@ class Fleet:
         self._discoverer: asyncio.Task[None] | None = None
         self._dns_members: dict[str, set[str]] = {}
         self._dns_failing: set[str] = set()
-        # Kubernetes discovery: the watcher's task, and the settings it runs with.
-        self._pods: asyncio.Task[None] | None = None
-        self._pods_settings: tuple[Any, ...] = ()
+        # Kubernetes discovery: each selector's watch (by the role its pods get), and
+        # the settings it runs with.
+        self._pods: dict[str, asyncio.Task[None]] = {}
+        self._pods_settings: dict[str, tuple[Any, ...]] = {}
         self._kube_access = (
-            kube.resolve_access(config.kubeconfig) if config.k8s_selector else None
+            kube.resolve_access(config.kubeconfig) if kube.selectors(config) else None
         )  # here, so that missing credentials stop start-up
         self._kube_config_used = config.kubeconfig
         for spec in config.services:
@@ -166,7 +168,7 @@ class Fleet:
         self._follow_pods()
 
     async def stop(self) -> None:
-        for task in (self._poller, self._discoverer, self._pods):
+        for task in (self._poller, self._discoverer, *self._pods.values()):
             if task is not None:
                 self._tasks.append(task)
         for task in self._tasks:
@@ -203,19 +205,19 @@ class Fleet:
             self._mark_gone("dns", set(), "came from DNS discovery, no longer configured")
 
     def _follow_pods(self) -> None:
-        """Watch the --k8s-selector pods; a reload that changes what to watch starts a
-        new watch (whose first list prunes what no longer matches)."""
-        settings = kube.watcher_settings(self.config)
-        if settings == self._pods_settings and (self._pods is not None) == bool(
-            self.config.k8s_selector
-        ):
-            return
-        if self._pods is not None:
-            self._pods.cancel()
-            self._pods = None
-        self._pods_settings = settings
-        if not self.config.k8s_selector:
-            self._mark_gone("k8s", set(), "came from Kubernetes discovery, no longer configured")
+        """Watch the pods of each selector (--k8s-selector, and the prefill and decode
+        ones); a reload that changes what one watches starts a new watch (whose
+        first list prunes what no longer matches), and drops a selector's watch."""
+        wanted = kube.selectors(self.config)
+        for role in [r for r in self._pods if r not in wanted]:
+            self._pods.pop(role).cancel()
+            self._pods_settings.pop(role, None)
+            self._mark_gone(
+                "k8s",
+                {s.name for s in self.registry.services.values() if s.role != role},
+                "came from Kubernetes discovery, no longer configured",
+            )
+        if not wanted:
             return
         try:
             if self._kube_access is None or self.config.kubeconfig != self._kube_config_used:
@@ -225,17 +227,25 @@ class Fleet:
             return
         self._kube_config_used = self.config.kubeconfig
         access = self._kube_access
-        watcher = kube.PodWatcher(
-            access,
-            self.config.k8s_namespace or access.namespace,
-            self.config.k8s_selector,
-            self.config.k8s_port,
-            self.config.discover_scheme,
-            self._pod_changed,
-            self._pods_listed,
-        )
-        log.info("kubernetes: watching %s (credentials: %s)", watcher.where, access.source)
-        self._pods = asyncio.create_task(watcher.run(), name="fleet:k8s")
+        for role, selector in wanted.items():
+            settings = (*kube.watcher_settings(self.config), tuple(selector))
+            if self._pods_settings.get(role) == settings and role in self._pods:
+                continue
+            if role in self._pods:
+                self._pods.pop(role).cancel()
+            self._pods_settings[role] = settings
+            watcher = kube.PodWatcher(
+                access,
+                self.config.k8s_namespace or access.namespace,
+                selector,
+                self.config.k8s_port,
+                self.config.discover_scheme,
+                self._pod_changed,
+                functools.partial(self._pods_listed, role),
+                role,
+            )
+            log.info("kubernetes: watching %s (credentials: %s)", watcher.where, access.source)
+            self._pods[role] = asyncio.create_task(watcher.run(), name=f"fleet:k8s:{role}")
 
     def _pod_changed(self, name: str, spec: ServiceSpec | None, why: str) -> None:
         if spec is not None:
@@ -245,11 +255,12 @@ class Fleet:
         if service is not None and service.origin == "k8s":
             self._remove(name, f"pod {why}")
 
-    def _pods_listed(self, specs: dict[str, ServiceSpec]) -> None:
+    def _pods_listed(self, role: str, specs: dict[str, ServiceSpec]) -> None:
+        """One selector's full list: its pods not in it are gone."""
         for spec in specs.values():
             self._claim(spec, "k8s")
         for service in list(self.registry.services.values()):
-            if service.origin == "k8s" and service.name not in specs:
+            if service.origin == "k8s" and service.role == role and service.name not in specs:
                 self._remove(
                     service.name, "pod no longer listed (deleted, not Ready, or relabelled)"
                 )

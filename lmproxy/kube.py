@@ -56,6 +56,8 @@ LABEL_MODEL = "lmproxy.io/model"
 ANNOTATION_PORT = "lmproxy.io/port"
 ANNOTATION_SCHEME = "lmproxy.io/scheme"
 ANNOTATION_SERVER_NAME = "lmproxy.io/server-name"
+# A prefill pod's SGLang bootstrap port: ours, or the name sglang-router reads.
+ANNOTATIONS_BOOTSTRAP = ("lmproxy.io/bootstrap-port", "sglang.ai/bootstrap-port")
 
 MAX_PODS = 1024  # services one selector may add: a runaway Deployment cannot flood us
 MAX_LIST_PAGE = 32 * 1024 * 1024  # bytes of one page of the list (500 pods)
@@ -330,7 +332,9 @@ def why_not_routable(pod: Pod) -> str | None:
     return None
 
 
-def pod_service(pod: Pod, default_port: int, default_scheme: str) -> ServiceSpec:
+def pod_service(
+    pod: Pod, default_port: int, default_scheme: str, role: str = "both"
+) -> ServiceSpec:
     """The service a routable pod is; ConfigError when its annotations are wrong."""
     meta = pod.metadata
     port_text = meta.annotations.get(ANNOTATION_PORT)
@@ -346,11 +350,22 @@ def pod_service(pod: Pod, default_port: int, default_scheme: str) -> ServiceSpec
     models = [m.strip() for m in named.split(",") if m.strip()]
     ip = pod.status.podIP or ""
     host = f"[{ip}]" if ":" in ip else ip
+    bootstrap: int | None = None
+    if role == "prefill":
+        for key in ANNOTATIONS_BOOTSTRAP:
+            text = meta.annotations.get(key)
+            if text is not None:
+                if not text.isdigit() or not 0 < int(text) < 65536:
+                    raise ConfigError(f"annotation {key}={text!r} is not a port")
+                bootstrap = int(text)
+                break
     return ServiceSpec(
         url=f"{scheme}://{host}:{port}",
         name=meta.name,
         models=models,
         server_name=meta.annotations.get(ANNOTATION_SERVER_NAME) if scheme == "https" else None,
+        role=role,
+        bootstrap_port=bootstrap,
     )
 
 
@@ -490,7 +505,9 @@ class PodWatcher:
         scheme: str,
         on_pod: Callable[[str, ServiceSpec | None, str], None],
         on_list: Callable[[dict[str, ServiceSpec]], None],
+        role: str = "both",
     ) -> None:
+        self.role = role
         self.access = access
         self.namespace = namespace
         self.selector = ",".join(selector)
@@ -500,7 +517,8 @@ class PodWatcher:
         self.on_list = on_list
         self.members: set[str] = set()  # pods that are services now
         self._bad: dict[str, str] = {}  # pod -> why its annotations were refused (logged once)
-        self.where = f"pods {self.selector!r} in namespace {namespace!r}"
+        kind = "" if role == "both" else f"{role} "
+        self.where = f"{kind}pods {self.selector!r} in namespace {namespace!r}"
         # The resourceVersion to watch from (a list's, then each event's and
         # bookmark's); None: list first.
         self.version: str | None = None
@@ -651,7 +669,7 @@ class PodWatcher:
         if why_not_routable(pod) is not None:
             return None
         try:
-            spec = pod_service(pod, self.port, self.scheme)
+            spec = pod_service(pod, self.port, self.scheme, self.role)
         except ConfigError as exc:
             name = pod.metadata.name
             if self._bad.get(name) != str(exc):
@@ -662,10 +680,19 @@ class PodWatcher:
         return spec
 
 
+def selectors(config: Config) -> dict[str, list[str]]:
+    """Each selector given, by the role its pods get."""
+    found = {
+        "both": config.k8s_selector,
+        "prefill": config.k8s_prefill_selector,
+        "decode": config.k8s_decode_selector,
+    }
+    return {role: selector for role, selector in found.items() if selector}
+
+
 def watcher_settings(config: Config) -> tuple[Any, ...]:
-    """What restarts the watch when a reload changes it."""
+    """What restarts a watch when a reload changes it (with its selector)."""
     return (
-        tuple(config.k8s_selector),
         config.k8s_namespace,
         config.k8s_port,
         config.kubeconfig,

@@ -92,7 +92,8 @@ def startup_warnings(config: Config, services: int, port: int) -> None:
             "verify=false" if config.backend_verify else "--backend-no-verify",
             ", ".join(unchecked) or "every https:// service",
         )
-    if not services and not (config.registry_url or config.discover or config.k8s_selector):
+    discovering = config.discover or config.k8s_selector or config.k8s_prefill_selector
+    if not services and not (config.registry_url or discovering or config.k8s_decode_selector):
         log.warning(
             "no backend services configured: give --backend URL, --config, --registry-url, "
             "--discover, --k8s-selector or --demo, or register them (POST /services)"

@@ -508,3 +508,52 @@ def test_a_reload_changes_what_is_watched(spawn, ca, tmp_path, pods):
     router.signal(signal.SIGHUP)
     wait_until(lambda: not router.listed(), 10, "the pods to go")
     assert "came from Kubernetes discovery, no longer configured" in router.output
+
+
+def test_prefill_and_decode_pods_by_their_own_selectors(spawn, ca, tmp_path):
+    """Disaggregation on Kubernetes: --k8s-prefill-selector and --k8s-decode-selector
+    (the Rust routers' --prefill-selector and --decode-selector), with an SGLang
+    prefill's bootstrap port from the annotation sglang-router reads."""
+    prefill = spawn(
+        Mock, "prefill-pod", [MODEL], "--host", HOSTS[0], "--pd-role", "prefill",
+        "--pd-mode", "sglang", "--bootstrap-port", "0",
+    )  # fmt: skip
+    decode = spawn(
+        Mock, "decode-pod", [MODEL], "--host", HOSTS[1], "--pd-role", "decode",
+        "--pd-mode", "sglang",
+    )  # fmt: skip
+    bootstrap = re.search(r"bootstrap server on [\d.]+:(\d+)", prefill.output).group(1)
+    api = spawn(ApiServer, ca, tmp_path)
+    api.put(
+        "sglang-prefill-0",
+        HOSTS[0],
+        labels={"app": "sglang", "role": "prefill"},
+        annotations={"lmproxy.io/port": str(prefill.port), "sglang.ai/bootstrap-port": bootstrap},
+    )
+    api.put(
+        "sglang-decode-0",
+        HOSTS[1],
+        labels={"app": "sglang", "role": "decode"},
+        annotations={"lmproxy.io/port": str(decode.port)},
+    )
+    router = spawn(
+        Router,
+        "--prefill-selector", "app=sglang", "role=prefill",
+        "--k8s-decode-selector", "app=sglang", "role=decode",
+        "--pd-disaggregation",
+        "--kubeconfig", str(kubeconfig(tmp_path / "kubeconfig", ca, api.port)),
+        "--health-interval", "0.5",
+    )  # fmt: skip
+    router.wait_healthy(2)
+    listed = router.listed()
+    assert (listed["sglang-prefill-0"]["role"], listed["sglang-decode-0"]["role"]) == (
+        "prefill",
+        "decode",
+    )
+    reply = router.post(PATH, ONE_TOKEN)
+    assert reply.status == 200 and reply.headers["x-mock-server"] == "decode-pod"
+    assert prefill.stats()["pd"]["rooms_seen"] == 1
+    # Each selector prunes only its own pods.
+    api.call("POST", "/expire")
+    wait_until(lambda: api.count("list") >= 4, 10, "both selectors to list again")
+    assert set(router.listed()) == {"sglang-prefill-0", "sglang-decode-0"}

@@ -70,24 +70,62 @@ REMOTE_DECODE = {
 _WARNED: set[str] = set()  # prefill services that answered without kv_transfer_params
 
 
-class SideFailed(Exception):
-    """The prefill's connection failed before its answer was complete."""
+class _Answer(msgspec.Struct):
+    """Of a vLLM prefill's answer, the one field the decode needs (kept as decoded)."""
+
+    kv_transfer_params: Any = None
 
 
-class _Collect:
-    """A :class:`~lmproxy.upstream.Sink` that gathers a prefill's answer (de-chunked),
-    keeping at most ``limit`` bytes of it."""
+_decode_answer = msgspec.json.Decoder(_Answer).decode
 
-    __slots__ = ("body", "future", "limit", "overflow", "sent_at", "status", "ttfb_s")
 
-    def __init__(self, future: asyncio.Future[bool], limit: int) -> None:
-        self.future = future
+class Prefill:
+    """The prefill step of one pair: the :class:`~lmproxy.upstream.Sink` of its
+    upstream connection (the answer, de-chunked, kept up to ``limit`` bytes), and
+    an :class:`~lmproxy.protocols.Exchanging` for the client side and the router's
+    sweep while it is the client's only exchange (vLLM's first step). No task and
+    no timer: its end is a ``call_soon`` to the journey, its deadline the sweep's
+    (SGLang's, beside the decode, a timer of its own)."""
+
+    __slots__ = (
+        "body",
+        "conn",
+        "done",
+        "journey",
+        "limit",
+        "overflow",
+        "pair",
+        "sent_at",
+        "sent_tick",
+        "service",
+        "status",
+        "timer",
+        "ttfb_s",
+    )
+
+    def __init__(
+        self,
+        journey: PDJourney,
+        service: Service,
+        conn: UpstreamConnection,
+        limit: int,
+        pair: int,
+    ) -> None:
+        self.journey = journey
+        self.service = service
+        self.conn = conn
         self.limit = limit
+        self.pair = pair
         self.status = 0
         self.body = bytearray()
         self.overflow = False
+        self.done = False
         self.sent_at = time.perf_counter()
+        self.sent_tick = conn.loop.time()
         self.ttfb_s = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    # --- Sink -------------------------------------------------------------------------
 
     def on_head(self, status: int, head: bytes, framing: int) -> None:
         self.status = status
@@ -104,12 +142,56 @@ class _Collect:
         pass
 
     def on_complete(self, reusable: bool) -> None:
-        if not self.future.done():
-            self.future.set_result(reusable)
+        if self._end():
+            # Not inline: this runs inside the upstream parser's callbacks.
+            self.conn.loop.call_soon(self.journey.prefill_answered, self, reusable)
 
     def on_lost(self, reason: str, broken: bool) -> None:
-        if not self.future.done():
-            self.future.set_exception(SideFailed(reason))
+        if self._end():
+            self.conn.loop.call_soon(
+                self.journey.prefill_failed, self, "dropped", f"failed before answering: {reason}"
+            )
+
+    # --- Exchanging ---------------------------------------------------------------------
+
+    def client_gone(self) -> None:
+        self.cancel()
+
+    def pause(self) -> None:
+        pass  # nothing of the prefill's answer goes to the client
+
+    def resume(self) -> None:
+        pass
+
+    def check_timeout(self, now: float) -> None:
+        timeout = self.journey.router.config.request_timeout
+        if not self.done and now - self.sent_tick >= timeout:
+            self.expire()
+
+    # ---------------------------------------------------------------------------------
+
+    def expire(self) -> None:
+        if self._end():
+            self.conn.close()
+            timeout = self.journey.router.config.request_timeout
+            self.journey.prefill_failed(
+                self, "timeout", f"sent no answer within {timeout:g}s (--request-timeout)"
+            )
+
+    def cancel(self) -> None:
+        """The client hung up, or the journey is over: stop the prefill's work."""
+        if self._end():
+            self.conn.close()
+            self.journey.prefill_cancelled(self)
+
+    def _end(self) -> bool:
+        """Mark the step over; False if it already was."""
+        if self.done:
+            return False
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+        return True
 
 
 class PDJourney(Journey):
@@ -125,9 +207,10 @@ class PDJourney(Journey):
         "pair",
         "partner_failed",
         "prefill",
+        "prefill_connect",
         "prefill_route",
+        "prefill_side",
         "prefill_strategy",
-        "prefill_task",
         "prefill_tried",
         "whole",
     )
@@ -154,7 +237,8 @@ class PDJourney(Journey):
         )
         self.prefill_tried: list[Service] = []
         self.prefill: Service | None = None
-        self.prefill_task: asyncio.Task[None] | None = None
+        self.prefill_side: Prefill | None = None  # the current pair's, while it runs
+        self.prefill_connect: asyncio.Task[None] | None = None  # SGLang: its connect
         self.partner_failed: ProxyError | None = None
         self.final_error: ProxyError | None = None  # answered instead of any retry
         self.pair = 0  # which (prefill, decode) pair is current: one per attempt
@@ -220,13 +304,19 @@ class PDJourney(Journey):
         self.prefill_strategy.on_start(prefill, self.prefill_route)
         self.prefill = prefill
         self.partner_failed = None
-        loop = self.router.loop
         if self.mode == "vllm":
-            self.client.task = loop.create_task(self._vllm(prefill))
+            fields = dict(self.fields)
+            fields["max_tokens"] = 1
+            if "max_completion_tokens" in fields:
+                fields["max_completion_tokens"] = 1
+            fields["stream"] = False
+            fields.pop("stream_options", None)
+            fields["kv_transfer_params"] = REMOTE_DECODE
+            self._prefill(prefill, msgspec.json.encode(fields), MAX_PREFILL_ANSWER)
             return
         # SGLang: both at once, the same body, a fresh room for this pair.
         route.body = msgspec.json.encode({**self.fields, **self._bootstrap(prefill)})
-        self.prefill_task = loop.create_task(self._sglang_prefill(prefill, route.body, self.pair))
+        self._prefill(prefill, route.body, KEPT_ERROR)
         self._decode(decodes)
 
     def request_body(self) -> bytes:
@@ -321,78 +411,113 @@ class PDJourney(Journey):
 
     # --- the prefill step ------------------------------------------------------------
 
-    async def _call(self, service: Service, body: bytes, limit: int) -> _Collect:
-        """One request to ``service`` with ``body``; its answer gathered. Raises
-        ConnectError, SideFailed or TimeoutError."""
-        pool = service.pool
+    def _prefill(self, prefill: Service, body: bytes, limit: int) -> None:
+        """Send the prefill step; on a pooled connection at once, else after a connect."""
+        pool = prefill.pool
         assert pool is not None
-        conn = pool.take_idle() or await pool.connect()
-        sink = _Collect(self.router.loop.create_future(), limit)
-        router = self.router
-        data = _request_data(service, self.request, body, self.id_header + router.via_line)
-        conn.send(sink, data, False, True)
-        try:
-            async with asyncio.timeout(router.config.request_timeout):
-                reusable = await sink.future
-        except BaseException:
-            conn.close()
-            raise
-        if reusable:
-            pool.release(conn)
-        else:
-            conn.close()
-        return sink
-
-    async def _prefill_step(
-        self, prefill: Service, body: bytes, limit: int, pair: int
-    ) -> _Collect | None:
-        """Run the prefill; its figures are accounted here. None when it failed, after
-        the failure has been dealt with (a retry, or the client's error)."""
-        router = self.router
-        model = self.prefill_route.model
-        started = time.perf_counter()
-        error: ProxyError | None = None
-        sink: _Collect | None = None
-        try:
-            sink = await self._call(prefill, body, limit)
-        except ConnectError as exc:
-            error = self._prefill_failed(prefill, "connect", f"is unreachable: {exc}")
-        except SideFailed as exc:
-            error = self._prefill_failed(prefill, "dropped", f"failed before answering: {exc}")
-        except TimeoutError:
-            timeout = router.config.request_timeout
-            error = self._prefill_failed(
-                prefill, "timeout", f"sent no answer within {timeout:g}s (--request-timeout)"
+        conn = pool.take_idle()
+        if conn is not None:
+            self._send_prefill(prefill, conn, body, limit, self.pair)
+        elif self.mode == "vllm":
+            self.client.task = self.router.loop.create_task(
+                self._connect_prefill(prefill, body, limit, self.pair)
             )
-        except asyncio.CancelledError:
+        else:  # beside the decode, whose connect may be the client's task
+            self.prefill_connect = self.router.loop.create_task(
+                self._connect_prefill(prefill, body, limit, self.pair)
+            )
+
+    async def _connect_prefill(self, prefill: Service, body: bytes, limit: int, pair: int) -> None:
+        pool = prefill.pool
+        assert pool is not None
+        try:
+            conn = await pool.connect()
+        except ConnectError as exc:
+            self._prefill_ended(prefill, pair)
+            self._prefill_failed(prefill, pair, "connect", f"is unreachable: {exc}")
+            return
+        except asyncio.CancelledError:  # the client hung up, or the journey moved on
+            self._prefill_ended(prefill, pair)
             prefill.release()
             self.prefill_strategy.on_end(prefill, self.prefill_route, 0.0, True)
             raise
-        latency_s = time.perf_counter() - started
-        if sink is not None:
+        self._prefill_ended(prefill, pair)
+        if self.client.closing or pair != self.pair:
             prefill.release()
-            prefill.request_count += 1
-            prefill.latencies.append(latency_s)
-            router.metrics.finished(prefill, model, sink.status, latency_s, sink.ttfb_s, b"")
-            ok = sink.status < 400
-            self.prefill_strategy.on_end(prefill, self.prefill_route, latency_s, sink.status < 500)
-            router.metrics.pd("prefill", "ok" if ok else "failed")
-            if ok:
-                if prefill.consecutive_errors:
-                    router.registry.request_succeeded(prefill)
-                return sink
-            error, final = self._prefill_refused(prefill, sink)
-        else:
-            final = False
-        assert error is not None
-        self.prefill_tried.append(prefill)
-        self.last_error = error
-        log.debug("request %s: %s", self.request_id.decode(), error.message)
-        if pair == self.pair:  # not a pair the journey has moved on from
-            self._cancel_decode(error, final)
-        return None
+            self.prefill_strategy.on_end(prefill, self.prefill_route, 0.0, True)
+            pool.release(conn)
+            return
+        self._send_prefill(prefill, conn, body, limit, pair)
 
-    def _prefill_failed(self, prefill: Service, kind: str, what: str) -> ProxyError:
+    def _prefill_ended(self, prefill: Service, pair: int) -> None:
+        """The connect task is over: it is nobody's task any more."""
+        if self.mode == "vllm":
+            self.client.task = None
+        else:
+            self.prefill_connect = None
+
+    def _send_prefill(
+        self, prefill: Service, conn: UpstreamConnection, body: bytes, limit: int, pair: int
+    ) -> None:
+        side = Prefill(self, prefill, conn, limit, pair)
+        router = self.router
+        data = _request_data(prefill, self.request, body, self.id_header + router.via_line)
+        self.prefill_side = side
+        if self.mode == "vllm":
+            self.client.exchange = side  # the client side and the sweep drive it
+        else:
+            side.timer = router.loop.call_later(router.config.request_timeout, side.expire)
+        conn.send(side, data, False, True)
+
+    def prefill_answered(self, side: Prefill, reusable: bool) -> None:
+        """The prefill answered (any status): account, then go on or deal with it."""
+        self._prefill_over(side)
+        prefill, router = side.service, self.router
+        pool = prefill.pool
+        assert pool is not None
+        if reusable:
+            pool.release(side.conn)
+        else:
+            side.conn.close()
+        latency_s = time.perf_counter() - side.sent_at
+        prefill.release()
+        prefill.request_count += 1
+        prefill.latencies.append(latency_s)
+        model = self.prefill_route.model
+        router.metrics.finished(prefill, model, side.status, latency_s, side.ttfb_s, b"")
+        self.prefill_strategy.on_end(prefill, self.prefill_route, latency_s, side.status < 500)
+        if side.status >= 400:
+            router.metrics.pd("prefill", "failed")
+            error, final = self._prefill_refused(prefill, side)
+            self._prefill_lost(prefill, side.pair, error, final)
+            return
+        router.metrics.pd("prefill", "ok")
+        if prefill.consecutive_errors:
+            router.registry.request_succeeded(prefill)
+        if self.mode == "vllm" and side.pair == self.pair and not self.client.closing:
+            self._after_prefill(side)
+
+    def prefill_failed(self, side: Prefill, kind: str, what: str) -> None:
+        """The prefill's connection failed, or it timed out, before its answer."""
+        self._prefill_over(side)
+        side.conn.close()
+        self._prefill_failed(side.service, side.pair, kind, what)
+
+    def prefill_cancelled(self, side: Prefill) -> None:
+        """The client hung up (or the journey is over) while the prefill ran."""
+        self._prefill_over(side)
+        side.service.release()
+        self.prefill_strategy.on_end(side.service, self.prefill_route, 0.0, True)
+        if self.mode == "vllm" and self.client.closing:
+            self._log(side.service.name, 499, 0, 0.0)
+
+    def _prefill_over(self, side: Prefill) -> None:
+        if self.prefill_side is side:
+            self.prefill_side = None
+        if self.client.exchange is side:
+            self.client.exchange = None
+
+    def _prefill_failed(self, prefill: Service, pair: int, kind: str, what: str) -> None:
         router = self.router
         prefill.release()
         prefill.request_count += 1
@@ -400,15 +525,25 @@ class PDJourney(Journey):
         router.metrics.failed(prefill, kind)
         router.metrics.pd("prefill", "failed")
         self.prefill_strategy.on_end(prefill, self.prefill_route, 0.0, False)
-        return ProxyError(Fault.BACKEND_UNREACHABLE, f"prefill service {prefill.name} {what}")
+        error = ProxyError(Fault.BACKEND_UNREACHABLE, f"prefill service {prefill.name} {what}")
+        self._prefill_lost(prefill, pair, error, False)
 
-    def _prefill_refused(self, prefill: Service, sink: _Collect) -> tuple[ProxyError, bool]:
+    def _prefill_lost(self, prefill: Service, pair: int, error: ProxyError, final: bool) -> None:
+        """A failed prefill: another is tried (or ``error`` answered, if ``final``), unless
+        the journey has moved on from its pair."""
+        self.prefill_tried.append(prefill)
+        self.last_error = error
+        log.debug("request %s: %s", self.request_id.decode(), error.message)
+        if pair == self.pair and not self.client.closing:
+            self._cancel_decode(error, final)
+
+    def _prefill_refused(self, prefill: Service, side: Prefill) -> tuple[ProxyError, bool]:
         """A prefill answered an error status: (the error, whether it is final). A 4xx
         says the request is wrong, and is answered; a 5xx or 429 is retried elsewhere."""
-        said = bytes(sink.body[:KEPT_ERROR]).decode("utf-8", "replace").strip()
-        message = f"prefill service {prefill.name} answered {sink.status}: {said}"
-        if 400 <= sink.status < 500 and sink.status != 429:
-            fault = Fault.BAD_REQUEST if sink.status in (400, 413, 422) else Fault.BACKEND_BROKEN
+        said = bytes(side.body[:KEPT_ERROR]).decode("utf-8", "replace").strip()
+        message = f"prefill service {prefill.name} answered {side.status}: {said}"
+        if side.status < 500 and side.status != 429:
+            fault = Fault.BAD_REQUEST if side.status in (400, 413, 422) else Fault.BACKEND_BROKEN
             return ProxyError(fault, message), True
         prefill.error_count += 1
         return ProxyError(Fault.BACKEND_BROKEN, message), False
@@ -433,28 +568,18 @@ class PDJourney(Journey):
             self.final_error = None  # the decode is over: its answer stands
 
     def _cancel_prefill(self) -> None:
-        task = self.prefill_task
+        """Stop a prefill still under way: its pair is given up, or the client is gone."""
+        side = self.prefill_side
+        if side is not None:
+            side.cancel()
+        task = self.prefill_connect
         if task is not None and not task.done():
             task.cancel()
 
-    async def _vllm(self, prefill: Service) -> None:
-        """vLLM's order: the prefill answers kv_transfer_params, then the decode."""
-        fields = dict(self.fields)
-        fields["max_tokens"] = 1
-        if "max_completion_tokens" in fields:
-            fields["max_completion_tokens"] = 1
-        fields["stream"] = False
-        fields.pop("stream_options", None)
-        fields["kv_transfer_params"] = REMOTE_DECODE
-        try:
-            sink = await self._prefill_step(
-                prefill, msgspec.json.encode(fields), MAX_PREFILL_ANSWER, self.pair
-            )
-        finally:
-            self.client.task = None
-        if sink is None:
-            return
-        if sink.overflow:
+    def _after_prefill(self, side: Prefill) -> None:
+        """vLLM: the decode step, with the kv_transfer_params the prefill answered."""
+        prefill = side.service
+        if side.overflow:
             self.fail(
                 ProxyError(
                     Fault.BACKEND_BROKEN,
@@ -464,11 +589,11 @@ class PDJourney(Journey):
             )
             return
         try:
-            answer = msgspec.json.decode(bytes(sink.body))
-        except msgspec.DecodeError:
-            answer = None
-        params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
+            answer = _decode_answer(bytes(side.body))
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            answer = _Answer()
         decode_fields = dict(self.fields)
+        params = answer.kv_transfer_params
         if params is not None:
             decode_fields["kv_transfer_params"] = params
         elif prefill.name not in _WARNED and len(_WARNED) < 1000:
@@ -491,10 +616,6 @@ class PDJourney(Journey):
             self.fail(self.last_error or self._unavailable(route.model, "decode"))
             return
         self._decode(decodes)
-
-    async def _sglang_prefill(self, prefill: Service, body: bytes, pair: int) -> None:
-        """SGLang's prefill, beside its decode: read and dropped, unless it fails."""
-        await self._prefill_step(prefill, body, KEPT_ERROR, pair)
 
     # --- the end ------------------------------------------------------------------------
 

@@ -227,9 +227,9 @@ def test_a_client_hang_up_reaches_both_sides(spawn, mode):
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
         )
-        wait_until(lambda: p.stats()["requests"] >= 1, 5, "the prefill to start")
+        wait_until(lambda: CHAT in p.stats()["paths"], 5, "the prefill to start")
         if mode == "sglang":
-            wait_until(lambda: d.stats()["requests"] >= 1, 5, "the decode to start")
+            wait_until(lambda: CHAT in d.stats()["paths"], 5, "the decode to start")
     wait_until(lambda: p.stats()["client_disconnects"] == 1, 5, "the prefill to be let go")
     if mode == "sglang":
         wait_until(lambda: d.stats()["client_disconnects"] == 1, 5, "the decode to be let go")

@@ -13,7 +13,7 @@ import logging
 
 import msgspec
 
-from lmproxy.probe import ProbeError, http_get
+from lmproxy.probe import ProbeError, probe
 from lmproxy.registry import Registry, Service
 
 log = logging.getLogger("lmproxy")
@@ -98,15 +98,7 @@ class HealthChecker:
         # Messages name the path asked, prefix included: the one to try by hand.
         prefix = service.path_prefix.decode()
         health_path = prefix + service.health_path
-        status, _ = await http_get(
-            service.host,
-            service.port,
-            health_path,
-            self.timeout_s,
-            self.via,
-            service.ssl,
-            service.server_name,
-        )
+        status, _ = await probe(service, health_path, self.timeout_s, self.via)
         if status == 508:
             raise ProbeError(
                 f"{health_path} answered 508 Loop Detected: {service.url} leads back "
@@ -117,15 +109,7 @@ class HealthChecker:
         if service.models_configured:
             return None
         for path in (prefix + "/v1/models", prefix + "/models"):
-            status, body = await http_get(
-                service.host,
-                service.port,
-                path,
-                self.timeout_s,
-                self.via,
-                service.ssl,
-                service.server_name,
-            )
+            status, body = await probe(service, path, self.timeout_s, self.via)
             if status == 404:
                 continue
             if status != 200:

@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from lmproxy.probe import ProbeError, http_get
+from lmproxy.probe import ProbeError, probe
 from lmproxy.registry import Registry, Service
 
 log = logging.getLogger("lmproxy")
@@ -125,15 +125,7 @@ class LoadScraper:
     async def scrape(self, service: Service) -> None:
         path = service.path_prefix.decode() + "/metrics"
         try:
-            status, body = await http_get(
-                service.host,
-                service.port,
-                path,
-                self.timeout_s,
-                self.via,
-                service.ssl,
-                service.server_name,
-            )
+            status, body = await probe(service, path, self.timeout_s, self.via)
         except (ProbeError, TimeoutError, OSError):
             return  # the health check reports it; the figure goes stale meanwhile
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl as _ssl
+from typing import Protocol
 
 import h11
 
@@ -20,6 +21,22 @@ MAX_PROBE_BODY = 4 * 1024 * 1024  # a /v1/models listing is far smaller
 
 class ProbeError(Exception):
     pass
+
+
+class Probed(Protocol):
+    """A service as a probe reaches it (``registry.Service``)."""
+
+    host: str
+    port: int
+    ssl: _ssl.SSLContext | None
+    server_name: str
+
+
+async def probe(service: Probed, path: str, timeout_s: float, via: str) -> tuple[int, bytes]:
+    """GET ``path`` from ``service``, over TLS as its requests go."""
+    return await http_get(
+        service.host, service.port, path, timeout_s, via, service.ssl, service.server_name
+    )
 
 
 async def http_get(

@@ -110,6 +110,7 @@ def test_services_lists_every_service(spawn, two_backends):
         "origin": "config",
         "type": "openai-api",
         "routable": True,
+        "role": "both",
     }
     assert by_name["svc-9g"]["weight"] == 3
 

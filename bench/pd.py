@@ -172,20 +172,25 @@ async def direct_ttft(fleet: Fleet, streams: int) -> list[float]:
 
 
 def measure(running: Running, args: argparse.Namespace) -> dict[str, Any]:
-    body = json.dumps(chat(False)).encode()
-    before = running.cpu_s()
-    result = run_wrk(
-        running.port, body, connections=32, duration_s=args.duration, cpus=LOAD_CPUS,
-        rate=args.rate,
-    )  # fmt: skip
-    spent = running.cpu_s() - before
+    figures: dict[str, Any] = {"rps": math.nan, "errors": 0, "cpu_us": math.nan}
+    if not args.no_wrk:
+        body = json.dumps(chat(False)).encode()
+        before = running.cpu_s()
+        result = run_wrk(
+            running.port, body, connections=32, duration_s=args.duration, cpus=LOAD_CPUS,
+            rate=args.rate,
+        )  # fmt: skip
+        spent = running.cpu_s() - before
+        figures.update(
+            rps=result.rps,
+            errors=result.errors,
+            cpu_us=spent / result.requests * 1e6 if result.requests else math.nan,
+        )
     timing = asyncio.run(
         stream_timing(running.port, json.dumps(chat(True)).encode(), args.streams, 4)
     )
     return {
-        "rps": result.rps,
-        "errors": result.errors,
-        "cpu_us": spent / result.requests * 1e6 if result.requests else math.nan,
+        **figures,
         "ttft_s": statistics.median(timing.ttft_s) if timing.ttft_s else math.nan,
         "failed": timing.failed,
     }
@@ -284,12 +289,15 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=500.0, help="requests/s for the CPU figure")
     parser.add_argument("--streams", type=int, default=200, help="streamed requests timed")
     parser.add_argument("--output", default=str(HERE / "PD.md"), help="'' to only print")
+    parser.add_argument("--figures", help="also write the rows as JSON to this file")
     args = parser.parse_args()
     reason = wrk_missing()
+    args.no_wrk = bool(reason)
     if reason:
-        print(f"bench.pd needs wrk: {reason}")
-        return 2
+        print(f"skip CPU figures: {reason}")
     rows = run(args)
+    if args.figures:
+        Path(args.figures).write_text(json.dumps(rows, default=str))
     text = markdown(rows, args)
     print(text)
     if args.output:

@@ -57,3 +57,23 @@ def test_hotpath_bench_runs_and_every_request_completes():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "us of CPU per request" in result.stdout
+
+
+def test_pd_bench_runs_both_protocols(tmp_path):
+    """bench.pd, briefly: lmproxy takes both steps of every request in both protocols
+    (the simulated decode refuses anything else), beside whichever Rust router is
+    installed."""
+    figures = tmp_path / "pd.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.pd", "--duration", "1", "--rate", "50",
+         "--streams", "5", "--output", "", "--figures", str(figures)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    rows = json.loads(figures.read_text())
+    for mode in ("vllm", "sglang"):
+        ours = next(r for r in rows[mode] if r["name"] == "lmproxy")
+        assert ours["failed"] == 0 and ours["errors"] == 0 and ours["ttft_s"] > 0, ours
+        assert rows[mode][0]["name"].startswith("direct")
+    assert "# Prefill/decode disaggregation" in out

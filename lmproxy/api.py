@@ -64,7 +64,8 @@ def liveness(router: RouterState) -> Payload:
 
 
 def _model_object(router: RouterState, model: str) -> dict[str, Any]:
-    info = router.registry.known_models.get(model)
+    """A model as /v1/models lists it; an alias with its served model's card."""
+    info = router.registry.known_models.get(router.config.aliases.get(model, model))
     created = info.created if info is not None else None
     owned_by = info.owned_by if info is not None else None
     # Told by no service: the router's start and its own name stand in.
@@ -76,13 +77,23 @@ def _model_object(router: RouterState, model: str) -> dict[str, Any]:
     }
 
 
+def listed_models(router: RouterState) -> list[str]:
+    """The healthy services' models, then each alias whose served model is among them."""
+    served = router.registry.healthy_models()
+    aliases = router.config.aliases
+    if not aliases:
+        return served
+    known = set(served)
+    return served + [a for a, target in aliases.items() if target in known and a not in known]
+
+
 def models(router: RouterState) -> Payload:
-    data = [_model_object(router, m) for m in router.registry.healthy_models()]
+    data = [_model_object(router, m) for m in listed_models(router)]
     return 200, {"object": "list", "data": data}
 
 
 def model(router: RouterState, model_id: str) -> Payload:
-    served = router.registry.healthy_models()
+    served = listed_models(router)
     if model_id not in served:
         available = name_models(served) or "none"
         return error_payload(

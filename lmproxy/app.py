@@ -105,6 +105,7 @@ class Router:
         if link is not None:
             self.registry.limit_share = link.workers
         self.strategy, self.model_strategies = load_strategies(config)
+        self.model_policies = _has_model_policies(config)
         # Disaggregated models (pd.py): each side's strategy.
         self.prefill_strategy = strategies.load(config.prefill_strategy, {})
         self.decode_strategy = strategies.load(config.decode_strategy, {})
@@ -387,6 +388,7 @@ class Router:
                 log.error("reload: keeping the certificate in use: %s", exc)
         self.registry.backend_tls = backend_tls(config)
         self.config = config
+        self.model_policies = _has_model_policies(config)
         self.registry.max_errors = config.max_errors
         self.admission.timeout_s = config.queue_timeout
         self._api_keys = [k.encode() for k in config.api_keys]
@@ -514,6 +516,10 @@ def _auto_max_connections() -> int:
     # Each client connection may hold a backend connection too, and the router
     # needs a few descriptors of its own.
     return max(16, (raise_open_file_limit() - 256) // 2)
+
+
+def _has_model_policies(config: Config) -> bool:
+    return bool(config.aliases) or any(m.fallbacks for m in config.models.values())
 
 
 def load_strategies(

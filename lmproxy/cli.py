@@ -411,6 +411,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--list-strategies", action="store_true", help="list the installed strategies and exit"
     )
+    g.add_argument(
+        "--alias",
+        action="append",
+        type=_option,
+        dest="aliases",
+        metavar="PUBLIC=SERVED",
+        help=(
+            "a model name clients may use for a served model; repeatable (the config's "
+            "[aliases] table; fallbacks are set per model there)"
+        ),
+    )
     g = parser.add_argument_group(
         "prefill/decode disaggregation",
         "A model with prefill and decode services is served in two steps: a prefill "
@@ -596,6 +607,8 @@ def load_config(argv: list[str] | None = None) -> Config | None:
     file_values = load_toml(config_path) if config_path else {}
     if args.get("strategy_options") is not None:
         args["strategy_options"] = dict(args["strategy_options"])
+    if args.get("aliases") is not None:
+        args["aliases"] = {**file_values.get("aliases", {}), **dict(args["aliases"])}
     args["services"] = args["services"] or []
     for values in args.pop("prefill") or []:
         args["services"].append(parse_prefill(values))

@@ -163,6 +163,8 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True):
     strategy: str | None = None
     strategy_options: dict[str, Any] = {}
     pd_mode: str | None = None  # its disaggregation protocol, if not the router's
+    # Models to try, in order, when none of this one's services can answer (proxy.py).
+    fallbacks: list[str] = []
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -185,6 +187,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     strategy: str = "cache-aware"
     strategy_options: dict[str, Any] = {}
     models: dict[str, ModelSettings] = {}
+    aliases: dict[str, str] = {}  # public name -> served model (the [aliases] table)
     pool_max_idle: int = 64
     pool_idle_timeout: float = 30.0
     keepalive_timeout: float = 75.0
@@ -297,6 +300,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 f"--k8s-namespace {self.k8s_namespace!r} is not a namespace name "
                 "(lower-case letters, digits and '-', at most 63)"
             )
+        check_model_policies(self.aliases, self.models)
         for where, mode in [("--pd-mode", self.pd_mode)] + [
             (f"models.{name!r}.pd_mode", s.pd_mode) for name, s in self.models.items()
         ]:
@@ -343,6 +347,46 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             return not ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return self.host != "localhost"
+
+
+def check_model_policies(aliases: dict[str, str], models: dict[str, ModelSettings]) -> None:
+    """Aliases name served models, not other aliases; no fallback chain comes back to a
+    model it started from (it would never end); ConfigError saying which."""
+    for alias, target in aliases.items():
+        if not alias or not target:
+            raise ConfigError(f"[aliases] {alias!r} = {target!r}: both names must be given")
+        if target in aliases:
+            raise ConfigError(
+                f"[aliases] {alias!r} names {target!r}, which is an alias itself; name the "
+                f"served model ({aliases[target]!r})"
+            )
+
+    def visit(path: list[str]) -> None:
+        settings = models.get(path[-1])
+        for nxt in settings.fallbacks if settings else []:
+            if nxt in path:
+                chain = " -> ".join([*path, nxt])
+                raise ConfigError(f"models.{path[0]!r}.fallbacks loops ({chain}): a chain must end")
+            visit([*path, nxt])
+
+    for model in models:
+        visit([model])
+
+
+def fallback_chain(models: dict[str, ModelSettings], model: str) -> list[str]:
+    """The models to try after ``model``, in order: its fallbacks, each followed by its
+    own (depth first), none twice."""
+    chain: list[str] = []
+
+    def visit(current: str) -> None:
+        settings = models.get(current)
+        for nxt in settings.fallbacks if settings else []:
+            if nxt != model and nxt not in chain:
+                chain.append(nxt)
+                visit(nxt)
+
+    visit(model)
+    return chain
 
 
 def points_at(spec: ServiceSpec, host: str, port: int) -> bool:

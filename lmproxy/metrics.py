@@ -117,6 +117,7 @@ class Metrics:
         # Disaggregated requests' steps (pd.py), by role ("prefill", "decode") and
         # outcome ("ok", "failed").
         self._pd: dict[tuple[str, str], int] = {}
+        self._fallbacks: dict[tuple[str, str], int] = {}  # (model, fallback taken)
         self.prometheus = CollectorRegistry(auto_describe=False)
         self.prometheus.register(self)
 
@@ -148,6 +149,9 @@ class Metrics:
         key = (service.name, kind)
         self._errors[key] = self._errors.get(key, 0) + 1
 
+    def fallback(self, model: str, to: str) -> None:
+        self._fallbacks[(model, to)] = self._fallbacks.get((model, to), 0) + 1
+
     def pd(self, role: str, outcome: str) -> None:
         self._pd[(role, outcome)] = self._pd.get((role, outcome), 0) + 1
 
@@ -177,6 +181,7 @@ class Metrics:
             "errors": [[service, kind, n] for (service, kind), n in self._errors.items()],
             "added": [self.added.counts, self.added.total],
             "pd": [[role, outcome, n] for (role, outcome), n in self._pd.items()],
+            "fallbacks": [[model, to, n] for (model, to), n in self._fallbacks.items()],
         }
 
     def absorb(self, state: dict[str, Any]) -> None:
@@ -198,6 +203,8 @@ class Metrics:
         self.added.absorb(*state["added"])
         for role, outcome, count in state.get("pd", []):
             self._pd[(role, outcome)] = self._pd.get((role, outcome), 0) + count
+        for model, to, count in state.get("fallbacks", []):
+            self._fallbacks[(model, to)] = self._fallbacks.get((model, to), 0) + count
 
     def render(self) -> bytes:
         return generate_latest(self.prometheus)
@@ -247,6 +254,13 @@ class Metrics:
         )
         for (role, outcome), count in self._pd.items():
             pd.add_metric([role, outcome], count)
+        fallbacks = CounterMetricFamily(
+            "lmproxy_fallbacks",
+            "Requests a model could not answer that went to its fallback, by model pair",
+            labels=["model", "to"],
+        )
+        for (model, to), count in self._fallbacks.items():
+            fallbacks.add_metric([model, to], count)
         added = HistogramMetricFamily(
             "lmproxy_added_latency_seconds",
             "Time the router itself adds before the backend sees a request "
@@ -296,6 +310,7 @@ class Metrics:
             requests,
             errors,
             pd,
+            fallbacks,
             duration,
             ttfb,
             tokens,
@@ -322,6 +337,7 @@ def log_access(
     bytes_out: int,
     ttfb_s: float,
     total_s: float,
+    fallback_from: str | None = None,
 ) -> None:
     if style == "json":
         access_log.info(
@@ -337,12 +353,13 @@ def log_access(
                     "bytes": bytes_out,
                     "ttfb_s": round(ttfb_s, 6),
                     "total_s": round(total_s, 6),
+                    **({"fallback_from": fallback_from} if fallback_from else {}),
                 }
             ).decode()
         )
     else:
         access_log.info(
-            '%s "%s %s" %d %d model=%s service=%s ttfb=%.4fs total=%.4fs',
+            '%s "%s %s" %d %d model=%s service=%s ttfb=%.4fs total=%.4fs%s',
             request_id.decode("latin-1"),
             method.decode("latin-1"),
             path.decode("latin-1"),
@@ -352,4 +369,5 @@ def log_access(
             service or "-",
             ttfb_s,
             total_s,
+            f" fallback_from={fallback_from}" if fallback_from else "",
         )

@@ -35,6 +35,9 @@ class RouterState(Protocol):
     @property
     def queue_length(self) -> int: ...
 
+    @property
+    def config(self) -> Config: ...
+
     def pd_counts(self) -> dict[str, dict[str, int]]:
         """Steps of disaggregated requests: {role: {outcome: count}}."""
         ...
@@ -63,6 +66,11 @@ class ProxyHost(Protocol):
 
     @property
     def via_line(self) -> bytes: ...
+
+    @property
+    def model_policies(self) -> bool:
+        """Whether any alias or fallback is configured (else the request path skips them)."""
+        ...
 
     def strategy_for(self, model: str | None) -> strategies.Strategy: ...
 

@@ -30,10 +30,18 @@ import time
 from typing import TYPE_CHECKING, NamedTuple
 
 from lmproxy.admission import has_room
+from lmproxy.config import fallback_chain
 from lmproxy.errors import Fault, ProxyError, sse_error_event
 from lmproxy.metrics import log_access
 from lmproxy.registry import LOGGED_SERVICES, name_models
-from lmproxy.request import MODEL_PATHS, RequestHead, RouteRequest, decode_head, with_model
+from lmproxy.request import (
+    MODEL_PATHS,
+    RequestHead,
+    RouteRequest,
+    decode_head,
+    replace_model,
+    with_model,
+)
 from lmproxy.upstream import LENGTH, NO_BODY, UNTIL_CLOSE, ConnectError, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -104,6 +112,24 @@ def drop_named(fields: bytes, connection: bytes) -> bytes:
     return pattern.sub(b"", fields)
 
 
+# Failures after which a model's fallback is tried (nothing has reached the client).
+FALLBACK_FAULTS = frozenset(
+    {
+        Fault.NO_HEALTHY_SERVICE,
+        Fault.NOT_FOUND,
+        Fault.BACKEND_UNREACHABLE,
+        Fault.BACKEND_BROKEN,
+    }
+)
+_NONE: list[str] = []  # no fallbacks: shared, never changed (a journey gets its own list)
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+def header_value(text: str) -> bytes:
+    """``text`` for a response header: UTF-8, no control characters."""
+    return _CONTROL.sub(b"", text.encode("utf-8", "replace"))
+
+
 LARGE_BODY = 64 * 1024  # above this the body is written beside the head, not copied onto it
 TAIL_BYTES = 4096  # of a response kept for its usage object
 
@@ -117,6 +143,7 @@ class Outcome(enum.Enum):
     CUT = "cut"  # failed after the head reached the client
     CLIENT_GONE = "client_gone"
     PARTNER = "partner"  # the other half of a disaggregated request failed (pd.py)
+    FALLBACK = "fallback"  # 429 or 503 before any byte, and the model has fallbacks
 
 
 class Retry(enum.Enum):
@@ -148,6 +175,10 @@ FAILURES: dict[Outcome, Failure] = {
         "service {service} closed the connection before answering",
     ),
     Outcome.BROKEN: Failure(Fault.BACKEND_BROKEN, Retry.NO, True, "service {service}: {reason}"),
+    # A load signal, answered before any byte: the journey's next model is tried.
+    Outcome.FALLBACK: Failure(
+        Fault.NO_HEALTHY_SERVICE, Retry.NO, False, "service {service} {reason}"
+    ),
     # Not the service's fault: a new pair is tried (pd.py).
     Outcome.PARTNER: Failure(Fault.BACKEND_UNREACHABLE, Retry.ANYWHERE, False, "{reason}"),
     Outcome.TIMEOUT: Failure(
@@ -225,6 +256,13 @@ class Exchange:
     # --- Sink: called by the upstream connection --------------------------------
 
     def on_head(self, status: int, head: bytes, framing: int) -> None:
+        if self.journey.fallbacks and (status == 429 or status == 503):
+            # Nothing has reached the client: the next model may answer instead.
+            self.status = status
+            self.reason = f"answered {status}"
+            self.conn.close()
+            self._settle(Outcome.FALLBACK)
+            return
         self.status = status
         self._framing = framing
         self.ttfb_s = time.perf_counter() - self.sent_at
@@ -261,8 +299,8 @@ class Exchange:
             out.append(b"Transfer-Encoding: chunked\r\n")
         if not keep_alive:
             out.append(b"Connection: close\r\n")
-        if self.journey.id_header:
-            out.append(self.journey.id_header)
+        if self.journey.head_extra:
+            out.append(self.journey.head_extra)
         out.append(b"\r\n")
         self._out.append(b"".join(out))
         self.head_sent = True
@@ -464,6 +502,9 @@ class Journey:
     __slots__ = (
         "client",
         "failures",
+        "fallbacks",
+        "fallen_from",
+        "head_extra",
         "id_header",
         "last_candidates",
         "last_error",
@@ -487,6 +528,11 @@ class Journey:
         self.request_id = given or router.next_request_id()
         # A made id travels as a header to the backend and back to the client.
         self.id_header = b"" if given else b"X-Request-ID: %s\r\n" % self.request_id
+        self.head_extra = self.id_header  # what the client's response head gets added
+        # Models to try next (the route's model's fallbacks), and the first model asked
+        # when one of them answers.
+        self.fallbacks: list[str] = _NONE
+        self.fallen_from: str | None = None
         self.failures = 0
         self.last_error: ProxyError | None = None
         self.queued_at = 0.0
@@ -498,10 +544,63 @@ class Journey:
         except ProxyError as exc:
             self.fail(exc)
             return
+        if self.router.model_policies:
+            self._model_policies(self.route)
         self.strategy = self.router.strategy_for(self.route.model)
         pd_models = self.router.registry.pd_models
         if pd_models and self.route.model in pd_models:
             self.router.disaggregate(self)
+            return
+        self.attempt()
+
+    def _model_policies(self, route: RouteRequest) -> None:
+        """An alias becomes its served model (the one rewrite of the body's ``model``);
+        a model with fallbacks gets its chain, and the response names who answered."""
+        model = route.model
+        if model is None:
+            return
+        config = self.router.config
+        target = config.aliases.get(model)
+        if target is not None:
+            route.model = model = target
+            route.body = replace_model(route.body, target)
+            self._name_model(model)
+        chain = fallback_chain(config.models, model)
+        if chain:
+            self.fallbacks = chain
+            self._name_model(model)
+
+    def _name_model(self, model: str) -> None:
+        self.head_extra = self.id_header + b"X-LMProxy-Model: %s\r\n" % header_value(model)
+
+    def _fall_back(self, error: ProxyError) -> None:
+        """The model could not answer before any byte reached the client: its next
+        fallback gets the request, with a fresh set of retries."""
+        route = self.route
+        assert route is not None and route.model is not None
+        previous = route.model
+        model = self.fallbacks.pop(0)
+        router = self.router
+        router.metrics.fallback(previous, model)
+        log.debug(
+            "request %s: %s; falling back from model %s to %s",
+            self.request_id.decode(),
+            error.message,
+            previous,
+            model,
+        )
+        if self.fallen_from is None:
+            self.fallen_from = previous
+        route.model = model
+        route.body = replace_model(route.body, model)
+        self._name_model(model)
+        self.tried = []
+        self.failures = 0
+        self.last_error = None
+        self.strategy = router.strategy_for(model)
+        pd_models = router.registry.pd_models
+        if pd_models and model in pd_models:
+            router.disaggregate(self)
             return
         self.attempt()
 
@@ -668,6 +767,8 @@ class Journey:
             self.strategy.on_end(service, route, latency_s, True)
             return
         assert outcome is not None
+        if outcome is Outcome.FALLBACK:  # a 429 or 503, as any is counted
+            service.error_count += 1
         if outcome is Outcome.PARTNER:  # its prefill failed: nothing against this service
             service.request_count += 1
             self.strategy.on_end(service, route, latency_s, True)
@@ -693,6 +794,9 @@ class Journey:
             self.attempt()
 
     def fail(self, error: ProxyError) -> None:
+        if self.fallbacks and error.fault in FALLBACK_FAULTS and not self.client.closing:
+            self._fall_back(error)
+            return
         self._log("", error.status, 0, 0.0)
         if not self.client.closing:
             extra = self.id_header
@@ -715,4 +819,5 @@ class Journey:
                 bytes_out,
                 ttfb_s,
                 time.perf_counter() - request.received_at,
+                self.fallen_from,
             )

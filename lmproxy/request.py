@@ -129,6 +129,31 @@ def decode_head(path: bytes, body: bytes) -> RequestHead:
     return head
 
 
+class _ModelValue(msgspec.Struct):
+    model: msgspec.Raw = msgspec.Raw(b"")
+
+
+_decode_model_value = msgspec.json.Decoder(_ModelValue).decode
+
+
+def replace_model(body: bytes, model: str) -> bytes:
+    """The body with its top-level ``"model"`` set to ``model`` (an alias resolved, a
+    fallback taken): that value is the one span rewritten, every other byte stays as
+    the client sent it. Where the span cannot be told apart from a nested ``model`` key
+    of the same value, the body is encoded again instead."""
+    raw = bytes(_decode_model_value(body).model)
+    if not raw:
+        return with_model(body, model)
+    value = msgspec.json.encode(model)
+    spans = [m.span(1) for m in re.finditer(rb'"model"\s*:\s*(%s)' % re.escape(raw), body)]
+    if len(spans) == 1:
+        start, end = spans[0]
+        return body[:start] + value + body[end:]
+    fields = msgspec.json.decode(body)
+    fields["model"] = model
+    return msgspec.json.encode(fields)
+
+
 def with_model(body: bytes, model: str) -> bytes:
     """The body with ``"model"`` set, for a request that left it out.
 

@@ -419,6 +419,8 @@ class Router:
             self.decode_strategy,
         )
         pd.request_id, pd.id_header = journey.request_id, journey.id_header
+        pd.head_extra, pd.fallbacks = journey.head_extra, journey.fallbacks
+        pd.fallen_from = journey.fallen_from
         pd.start()
 
     def strategy_for(self, model: str | None) -> strategies.Strategy:

@@ -402,6 +402,13 @@ class PDJourney(Journey):
         finally:
             self.connecting = False
 
+    def _fall_back(self, error: ProxyError) -> None:
+        # The next model is served as any other: whole, or by a journey of its own
+        # when it is disaggregated too.
+        self._cancel_prefill()
+        self.whole = True
+        Journey._fall_back(self, error)
+
     def _retry(self, failed: Service | None, error: ProxyError) -> None:
         if self.final_error is not None:  # the prefill said the request itself is wrong
             error, self.final_error = self.final_error, None

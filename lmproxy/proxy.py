@@ -767,7 +767,8 @@ class Journey:
             self.strategy.on_end(service, route, latency_s, True)
             return
         assert outcome is not None
-        if outcome is Outcome.FALLBACK:  # a 429 or 503, as any is counted
+        if outcome is Outcome.FALLBACK:  # it answered 429 or 503: counted as any such answer
+            service.request_count += 1
             service.error_count += 1
         if outcome is Outcome.PARTNER:  # its prefill failed: nothing against this service
             service.request_count += 1

@@ -14,6 +14,7 @@ from conftest import ROOT, Mock, Router, wait_until
 from lmproxy.request import replace_model
 
 CHAT = "/v1/chat/completions"
+ASK = {"messages": [{"role": "user", "content": "x"}]}
 
 
 def config_file(tmp_path, text: str) -> str:
@@ -139,3 +140,22 @@ def test_replace_model_touches_only_the_model():
     nested = b'{"model": "a", "metadata": {"model": "a"}}'
     assert json.loads(replace_model(nested, "b")) == {"model": "b", "metadata": {"model": "a"}}
     assert json.loads(replace_model(b'{"n": 1}', "b")) == {"n": 1, "model": "b"}
+
+
+def test_a_disaggregated_model_falls_back_too(spawn, tmp_path):
+    prefill = spawn(Mock, "prefill", ["Qwen3-32B"], "--pd-role", "prefill")
+    decode = spawn(Mock, "decode", ["Qwen3-32B"], "--pd-role", "decode")
+    other = spawn(Mock, "other", ["Qwen3-8B"])
+    config = config_file(tmp_path, '[models."Qwen3-32B"]\nfallbacks = ["Qwen3-8B"]\n')
+    router = spawn(
+        Router, "--config", config, "--prefill", prefill.url, "--decode", decode.url,
+        "--backend", other.backend_arg(), "--health-interval", "0.5",
+    )  # fmt: skip
+    router.wait_healthy(3)
+    ask = {"model": "Qwen3-32B", **ASK}
+    assert router.post(CHAT, ask).headers["x-mock-server"] == "decode"
+    prefill.set_fault("503")  # every prefill fails: the fallback answers, whole
+    reply = router.post(CHAT, ask)
+    assert reply.status == 200 and reply.headers["x-mock-server"] == "other"
+    assert reply.headers["x-lmproxy-model"] == "Qwen3-8B"
+    assert json.loads(other.stats()["last_body"])["model"] == "Qwen3-8B"

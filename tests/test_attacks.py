@@ -491,7 +491,7 @@ async def test_a_health_check_that_fails_oddly_is_recorded_not_lost(monkeypatch)
     async def broken(*args: object, **kwargs: object) -> tuple[int, bytes]:
         raise ValueError("something no one planned for")
 
-    monkeypatch.setattr(health, "http_get", broken)
+    monkeypatch.setattr(health, "probe", broken)
     registry = Registry()
     service = registry.add(ServiceSpec(url="http://127.0.0.1:9", name="odd"))
     checker = health.HealthChecker(registry, 0.05, 1.0)

@@ -59,7 +59,7 @@ async def test_a_page_that_does_not_parse_costs_one_scrape_not_the_loop(monkeypa
     async def fake_get(*args: object, **kwargs: object) -> tuple[int, bytes]:
         return 200, next(pages)
 
-    monkeypatch.setattr(load, "http_get", fake_get)
+    monkeypatch.setattr(load, "probe", fake_get)
     scraper = load.LoadScraper(registry, 1.0, 1.0)
     await scraper.scrape(service)  # garbage: no figure, no exception, asked again later
     assert service.engine_at is None and not service.metrics_missing

@@ -18,7 +18,7 @@ from typing import NamedTuple, Protocol
 from urllib.parse import unquote
 
 import strategies
-from lmproxy import api, tls
+from lmproxy import api, tls, tracing
 from lmproxy.admission import AdmissionQueue
 from lmproxy.config import Config, ConfigError
 from lmproxy.errors import Fault, http_response, json_response
@@ -106,6 +106,12 @@ class Router:
             self.registry.limit_share = link.workers
         self.strategy, self.model_strategies = load_strategies(config)
         self.model_policies = _has_model_policies(config)
+        # --otlp-endpoint: one span per proxied request (tracing.py); None: trace context only.
+        self.tracer = (
+            tracing.Exporter(config.otlp_endpoint, config.otel_sample_ratio)
+            if config.otlp_endpoint
+            else None
+        )
         # Disaggregated models (pd.py): each side's strategy.
         self.prefill_strategy = strategies.load(config.prefill_strategy, {})
         self.decode_strategy = strategies.load(config.decode_strategy, {})
@@ -409,19 +415,7 @@ class Router:
         assert route is not None and route.model is not None
         settings = self.config.models.get(route.model)
         mode = (settings.pd_mode if settings else None) or self.config.pd_mode
-        pd = PDJourney(
-            self,
-            journey.client,
-            journey.request,
-            route,
-            mode,
-            self.prefill_strategy,
-            self.decode_strategy,
-        )
-        pd.request_id, pd.id_header = journey.request_id, journey.id_header
-        pd.head_extra, pd.fallbacks = journey.head_extra, journey.fallbacks
-        pd.fallen_from = journey.fallen_from
-        pd.start()
+        PDJourney.take_over(journey, mode, self.prefill_strategy, self.decode_strategy).start()
 
     def strategy_for(self, model: str | None) -> strategies.Strategy:
         if self.model_strategies and model is not None:
@@ -492,6 +486,8 @@ class Router:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+        if self.tracer is not None:
+            self.tracer.shutdown()  # what is still queued is exported
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._hangup_poll is not None:

@@ -131,6 +131,24 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"log verbosity (default: {d.log_level})",
     )
     g.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help=(
+            "export one OpenTelemetry span per proxied request to this OTLP/HTTP traces "
+            "URL (e.g. http://127.0.0.1:4318/v1/traces; needs pip install 'lmproxy[otel]'). "
+            "W3C traceparent is passed to backends with or without it"
+        ),
+    )
+    g.add_argument(
+        "--otel-sample-ratio",
+        type=float,
+        metavar="R",
+        help=(
+            "share of new traces exported, 0-1; a caller's sampled traceparent is always "
+            f"followed (default: {d.otel_sample_ratio:g})"
+        ),
+    )
+    g.add_argument(
         "--access-log",
         choices=["off", "text", "json"],
         help=(

@@ -216,6 +216,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     service_discovery: bool = False  # the Rust routers' switch; a selector is what counts
     discover_scheme: str = "http"  # of discovered services (DNS and Kubernetes)
     service_removal_grace_period: float = 60.0
+    # Tracing (tracing.py): W3C trace context always; OTLP spans with an endpoint.
+    otlp_endpoint: str | None = None  # http(s)://collector:4318/v1/traces
+    otel_sample_ratio: float = 1.0
     # Prefill/decode disaggregation (pd.py): the protocol, and each side's strategy.
     pd_mode: str = "vllm"
     prefill_strategy: str = "cache-aware"
@@ -276,6 +279,17 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 raise ConfigError(
                     f"--registry-url {self.registry_url!r} must be an http:// or https:// URL "
                     "(e.g. http://127.0.0.1:8081)"
+                )
+        if not 0.0 <= self.otel_sample_ratio <= 1.0:
+            raise ConfigError(
+                f"--otel-sample-ratio must be between 0 and 1, got {self.otel_sample_ratio}"
+            )
+        if self.otlp_endpoint is not None:
+            parts = urlsplit(self.otlp_endpoint)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(
+                    f"--otlp-endpoint {self.otlp_endpoint!r} must be an http(s) URL "
+                    "(e.g. http://127.0.0.1:4318/v1/traces)"
                 )
         if self.demo_pd and not self.demo:
             raise ConfigError("--pd is an option of --demo: give --demo --pd")

@@ -338,6 +338,7 @@ def log_access(
     ttfb_s: float,
     total_s: float,
     fallback_from: str | None = None,
+    trace_id: bytes = b"",
 ) -> None:
     if style == "json":
         access_log.info(
@@ -354,12 +355,13 @@ def log_access(
                     "ttfb_s": round(ttfb_s, 6),
                     "total_s": round(total_s, 6),
                     **({"fallback_from": fallback_from} if fallback_from else {}),
+                    "trace_id": trace_id.decode("latin-1"),
                 }
             ).decode()
         )
     else:
         access_log.info(
-            '%s "%s %s" %d %d model=%s service=%s ttfb=%.4fs total=%.4fs%s',
+            '%s "%s %s" %d %d model=%s service=%s ttfb=%.4fs total=%.4fs trace=%s%s',
             request_id.decode("latin-1"),
             method.decode("latin-1"),
             path.decode("latin-1"),
@@ -369,5 +371,6 @@ def log_access(
             service or "-",
             ttfb_s,
             total_s,
+            trace_id.decode("latin-1") or "-",
             f" fallback_from={fallback_from}" if fallback_from else "",
         )

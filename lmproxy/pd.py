@@ -48,10 +48,7 @@ from lmproxy.request import COMPLETION_PATHS, RouteRequest
 from lmproxy.upstream import ConnectError, UpstreamConnection
 
 if TYPE_CHECKING:
-    import strategies
-    from lmproxy.protocols import ProxyHost
     from lmproxy.registry import Service
-    from lmproxy.server import ClientConnection, ClientRequest
 
 log = logging.getLogger("lmproxy")
 
@@ -215,18 +212,12 @@ class PDJourney(Journey):
         "whole",
     )
 
-    def __init__(
-        self,
-        router: ProxyHost,
-        client: ClientConnection,
-        request: ClientRequest,
-        route: RouteRequest,
-        mode: str,
-        prefill: strategies.Strategy,
-        decode: strategies.Strategy,
-    ) -> None:
-        super().__init__(router, client, request)
-        self.route = route
+    def setup(self, *args: Any) -> None:
+        """(mode, prefill strategy, decode strategy): ``PDJourney.take_over(journey, ...)``
+        continues a routed request, with its id, trace and fallbacks."""
+        mode, prefill, decode = args
+        route = self.route
+        assert route is not None
         self.mode = mode
         self.strategy = decode
         self.prefill_strategy = prefill
@@ -468,7 +459,7 @@ class PDJourney(Journey):
     ) -> None:
         side = Prefill(self, prefill, conn, limit, pair)
         router = self.router
-        data = _request_data(prefill, self.request, body, self.id_header + router.via_line)
+        data = _request_data(prefill, self.request, body, self.forward_extra)
         self.prefill_side = side
         if self.mode == "vllm":
             self.client.exchange = side  # the client side and the sweep drive it

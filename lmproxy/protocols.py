@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from lmproxy.errors import ProxyError
     from lmproxy.metrics import Metrics
     from lmproxy.registry import Registry, Service
+    from lmproxy.tracing import Exporter
 
 
 class RouterState(Protocol):
@@ -66,6 +67,11 @@ class ProxyHost(Protocol):
 
     @property
     def via_line(self) -> bytes: ...
+
+    @property
+    def tracer(self) -> Exporter | None:
+        """The OTLP exporter (--otlp-endpoint), or None: trace context only."""
+        ...
 
     @property
     def model_policies(self) -> bool:

@@ -27,12 +27,13 @@ import enum
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from lmproxy import tracing
 from lmproxy.admission import has_room
 from lmproxy.config import fallback_chain
 from lmproxy.errors import Fault, ProxyError, sse_error_event
-from lmproxy.metrics import log_access
+from lmproxy.metrics import log_access, usage_tokens
 from lmproxy.registry import LOGGED_SERVICES, name_models
 from lmproxy.request import (
     MODEL_PATHS,
@@ -79,7 +80,8 @@ _HOP_BY_HOP_FIELDS = _header_lines(HOP_BY_HOP)
 _HOP_BY_HOP_BUT_TE = _header_lines(HOP_BY_HOP - {b"transfer-encoding"})
 _SSE_TYPE = re.compile(rb"\r\ncontent-type[ \t]*:[ \t]*text/event-stream", re.I)
 # Request headers the router sets itself for the backend connection.
-REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+# traceparent: replaced by one naming the router's span (tracing.py).
+REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"traceparent"}
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 _named_cache: dict[bytes, frozenset[bytes]] = {}
 
@@ -504,6 +506,7 @@ class Journey:
         "failures",
         "fallbacks",
         "fallen_from",
+        "forward_extra",
         "head_extra",
         "id_header",
         "last_candidates",
@@ -513,7 +516,9 @@ class Journey:
         "request_id",
         "route",
         "router",
+        "span",
         "strategy",
+        "trace_id",
         "tried",
     )
 
@@ -529,6 +534,9 @@ class Journey:
         # A made id travels as a header to the backend and back to the client.
         self.id_header = b"" if given else b"X-Request-ID: %s\r\n" % self.request_id
         self.head_extra = self.id_header  # what the client's response head gets added
+        trace_line, self.trace_id, self.span = tracing.begin(router.tracer, request.traceparent)
+        # What the backend's request head gets added: the id, the trace, the Via.
+        self.forward_extra = self.id_header + trace_line + router.via_line
         # Models to try next (the route's model's fallbacks), and the first model asked
         # when one of them answers.
         self.fallbacks: list[str] = _NONE
@@ -537,6 +545,28 @@ class Journey:
         self.last_error: ProxyError | None = None
         self.queued_at = 0.0
         self.last_candidates: list[Service] = []
+
+    @classmethod
+    def take_over(cls, journey: Journey, *args: Any) -> Journey:
+        """A journey of this kind for ``journey``'s request, with its identity: the
+        request id, the trace and its span, the fallbacks left."""
+        new = cls.__new__(cls)
+        for name in (
+            "router", "client", "request", "route", "strategy", "tried", "request_id",
+            "id_header", "head_extra", "trace_id", "span", "forward_extra", "fallbacks",
+            "fallen_from",
+        ):  # fmt: skip
+            setattr(new, name, getattr(journey, name))
+        new.tried = []
+        new.failures = 0
+        new.last_error = None
+        new.queued_at = 0.0
+        new.last_candidates = []
+        new.setup(*args)
+        return new
+
+    def setup(self, *args: Any) -> None:
+        """What a kind of journey adds to the state ``take_over`` copied."""
 
     def start(self) -> None:
         try:
@@ -688,7 +718,7 @@ class Journey:
         exchange = Exchange(self, conn, service, router.config.request_timeout)
         self.client.exchange = exchange
         self.strategy.on_start(service, route)
-        data = _request_data(service, request, route.body, self.id_header + router.via_line)
+        data = _request_data(service, request, route.body, self.forward_extra)
         router.metrics.added.observe(time.perf_counter() - request.received_at)
         conn.send(exchange, data, request.method == b"HEAD", request.http_minor == 0)
         if self.client.flow.write_paused:
@@ -742,6 +772,8 @@ class Journey:
             self.router.metrics.finished(
                 service, route.model, status, latency_s, exchange.ttfb_s, exchange.tail
             )
+            if self.span is not None:
+                self._end_span(service.name, status, exchange)
             if self.router.config.access_log != "off":  # no call at all when it is off
                 self._log(service.name, status, exchange.bytes_out, exchange.ttfb_s)
             service.request_count += 1
@@ -805,7 +837,30 @@ class Journey:
                 extra += b"Retry-After: %d\r\n" % error.retry_after
             self.client.respond_error(error.fault, error.message, extra)
 
+    def _end_span(self, service: str, status: int, exchange: Exchange | None = None) -> None:
+        """The request's OTLP span (--otlp-endpoint): its attributes, then its end."""
+        span, self.span = self.span, None
+        route = self.route
+        span.set_attribute("lmproxy.model", route.model if route and route.model else "")
+        span.set_attribute("lmproxy.service", service)
+        span.set_attribute("http.response.status_code", status)
+        span.set_attribute("lmproxy.retries", self.failures)
+        if self.fallen_from is not None:
+            span.set_attribute("lmproxy.fallback_from", self.fallen_from)
+        if exchange is not None:
+            tokens = usage_tokens(exchange.tail)
+            if tokens is not None:
+                span.set_attribute("gen_ai.usage.input_tokens", tokens[0])
+                span.set_attribute("gen_ai.usage.output_tokens", tokens[1])
+            if exchange.head_sent:
+                # When the backend's head came, on the wall clock.
+                since = time.perf_counter() - (exchange.sent_at + exchange.ttfb_s)
+                span.add_event("first_byte", timestamp=time.time_ns() - int(since * 1e9))
+        span.end()
+
     def _log(self, service: str, status: int, bytes_out: int, ttfb_s: float) -> None:
+        if self.span is not None:
+            self._end_span(service, status)
         style = self.router.config.access_log
         if style != "off":
             request = self.request
@@ -821,4 +876,5 @@ class Journey:
                 ttfb_s,
                 time.perf_counter() - request.received_at,
                 self.fallen_from,
+                self.trace_id,
             )

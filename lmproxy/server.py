@@ -105,6 +105,7 @@ class ClientRequest:
         "received_at",
         "request_id",
         "target",
+        "traceparent",
         "upgrade",
     )
 
@@ -125,6 +126,7 @@ class ClientRequest:
         self.connection: bytes | None = None  # the Connection header: it may name hop-by-hop ones
         self.looped = False  # it carries this router's own Via: it came round a loop
         self.upgrade = False  # it offered a protocol upgrade (served as HTTP/1.1, then closed)
+        self.traceparent: bytes | None = None  # W3C trace context: the caller's span
 
     def header(self, name: bytes) -> bytes | None:
         return find_header(self.headers, name)
@@ -334,6 +336,8 @@ class ClientConnection(asyncio.Protocol):
                 request.looped = request.looped or self.router.via_token in value
             elif name == b"upgrade":
                 request.upgrade = True
+            elif name == b"traceparent":
+                request.traceparent = value
         if request.upgrade:
             self._upgrade_offered(request, body_expected)
         if request.expect_continue and self.transport is not None:
@@ -690,6 +694,7 @@ _NOTED = frozenset(
         b"connection",
         b"via",
         b"upgrade",
+        b"traceparent",
     }
 )
 

@@ -106,6 +106,7 @@ class Router:
             self.registry.limit_share = link.workers
         self.strategy, self.model_strategies = load_strategies(config)
         self.model_policies = _has_model_policies(config)
+        tracing.reset()  # this process's own trace ids (a worker is a process of its own)
         # --otlp-endpoint: one span per proxied request (tracing.py); None: trace context only.
         self.tracer = (
             tracing.Exporter(config.otlp_endpoint, config.otel_sample_ratio)

@@ -338,7 +338,7 @@ def log_access(
     ttfb_s: float,
     total_s: float,
     fallback_from: str | None = None,
-    trace_id: bytes = b"",
+    trace_id: str = "",
 ) -> None:
     if style == "json":
         access_log.info(
@@ -355,7 +355,7 @@ def log_access(
                     "ttfb_s": round(ttfb_s, 6),
                     "total_s": round(total_s, 6),
                     **({"fallback_from": fallback_from} if fallback_from else {}),
-                    "trace_id": trace_id.decode("latin-1"),
+                    "trace_id": trace_id,
                 }
             ).decode()
         )
@@ -371,6 +371,6 @@ def log_access(
             service or "-",
             ttfb_s,
             total_s,
-            trace_id.decode("latin-1") or "-",
+            trace_id or "-",
             f" fallback_from={fallback_from}" if fallback_from else "",
         )

@@ -534,7 +534,12 @@ class Journey:
         # A made id travels as a header to the backend and back to the client.
         self.id_header = b"" if given else b"X-Request-ID: %s\r\n" % self.request_id
         self.head_extra = self.id_header  # what the client's response head gets added
-        trace_line, self.trace_id, self.span = tracing.begin(router.tracer, request.traceparent)
+        tracer = router.tracer
+        if tracer is None and request.traceparent is None:
+            trace_line, self.trace_id = tracing.new_trace()
+            self.span: Any = None  # an OpenTelemetry span, with --otlp-endpoint
+        else:
+            trace_line, self.trace_id, self.span = tracing.begin(tracer, request.traceparent)
         # What the backend's request head gets added: the id, the trace, the Via.
         self.forward_extra = self.id_header + trace_line + router.via_line
         # Models to try next (the route's model's fallbacks), and the first model asked
@@ -840,6 +845,7 @@ class Journey:
     def _end_span(self, service: str, status: int, exchange: Exchange | None = None) -> None:
         """The request's OTLP span (--otlp-endpoint): its attributes, then its end."""
         span, self.span = self.span, None
+        assert span is not None
         route = self.route
         span.set_attribute("lmproxy.model", route.model if route and route.model else "")
         span.set_attribute("lmproxy.service", service)

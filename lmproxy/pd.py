@@ -431,28 +431,32 @@ class PDJourney(Journey):
         try:
             conn = await pool.connect()
         except ConnectError as exc:
-            self._prefill_ended(prefill, pair)
+            # First: what follows may start the next connect, as this journey's task.
+            self._connect_over()
             self._prefill_failed(prefill, pair, "connect", f"is unreachable: {exc}")
             return
         except asyncio.CancelledError:  # the client hung up, or the journey moved on
-            self._prefill_ended(prefill, pair)
-            prefill.release()
-            self.prefill_strategy.on_end(prefill, self.prefill_route, 0.0, True)
+            self._connect_over()
+            self._let_go(prefill)
             raise
-        self._prefill_ended(prefill, pair)
+        self._connect_over()
         if self.client.closing or pair != self.pair:
-            prefill.release()
-            self.prefill_strategy.on_end(prefill, self.prefill_route, 0.0, True)
+            self._let_go(prefill)
             pool.release(conn)
             return
         self._send_prefill(prefill, conn, body, limit, pair)
 
-    def _prefill_ended(self, prefill: Service, pair: int) -> None:
+    def _connect_over(self) -> None:
         """The connect task is over: it is nobody's task any more."""
         if self.mode == "vllm":
             self.client.task = None
         else:
             self.prefill_connect = None
+
+    def _let_go(self, prefill: Service) -> None:
+        """A prefill step given up before its answer: not the service's failure."""
+        prefill.release()
+        self.prefill_strategy.on_end(prefill, self.prefill_route, 0.0, True)
 
     def _send_prefill(
         self, prefill: Service, conn: UpstreamConnection, body: bytes, limit: int, pair: int
@@ -504,8 +508,7 @@ class PDJourney(Journey):
     def prefill_cancelled(self, side: Prefill) -> None:
         """The client hung up (or the journey is over) while the prefill ran."""
         self._prefill_over(side)
-        side.service.release()
-        self.prefill_strategy.on_end(side.service, self.prefill_route, 0.0, True)
+        self._let_go(side.service)
         if self.mode == "vllm" and self.client.closing:
             self._log(side.service.name, 499, 0, 0.0)
 

@@ -300,15 +300,7 @@ class Registry:
             return self.add(spec, origin)
         old = service.spec
         service.origin = origin
-        if (old.role, old.url, old.health_path, old.models, old.ca, old.cert, old.key) != (
-            spec.role,
-            spec.url,
-            spec.health_path,
-            spec.models,
-            spec.ca,
-            spec.cert,
-            spec.key,
-        ) or (old.verify, old.server_name) != (spec.verify, spec.server_name):
+        if any(getattr(old, field) != getattr(spec, field) for field in _IDENTITY):
             self.remove(spec.name, "its address, role, health path, models or TLS settings changed")
             return self.add(spec, origin)
         if old != spec:
@@ -636,6 +628,10 @@ class Registry:
         )
         for listener in self.listeners:
             listener()
+
+
+# What makes a service another one: a change of any is a new service, probed anew.
+_IDENTITY = ("role", "url", "health_path", "models", "ca", "cert", "key", "verify", "server_name")
 
 
 def _nothing() -> None:

@@ -42,9 +42,9 @@ def context(incoming: bytes | None) -> tuple[bytes, bytes | None, bytes, bool]:
 
 
 # A new trace's id is this process's random 64-bit prefix and a counter, its span id
-# the counter: unique without drawing 24 random bytes per request (which costs a
-# request as much as a third of its routing). ``reset`` draws the prefix, once per
-# router (each worker has its own).
+# the counter: unique without drawing 24 random bytes per request (6,400 instructions,
+# against 4,000 for this, of a request's 197,000). ``reset`` draws the prefix, once
+# per router (each worker has its own).
 _trace_prefix = ""
 _line_prefix = ""
 _counter = itertools.count(1)

@@ -588,6 +588,8 @@ RESTART_ONLY = (
     "keepalive_timeout",
     "header_timeout",
     "demo",
+    "otlp_endpoint",  # the exporter is made once, with its thread
+    "otel_sample_ratio",
 )
 LOOP_MESSAGE = (
     "routing loop: this request already passed through this router (its Via header names "

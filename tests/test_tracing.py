@@ -131,3 +131,18 @@ def test_trace_context_parsing():
     for bad in (b"", b"01-" + TRACE.encode() + b"-" + PARENT.encode() + b"-01", b"garbage"):
         trace, parent, _, sampled = context(bad)
         assert parent is None and sampled and len(trace) == 32 and trace != TRACE.encode()
+
+
+async def test_a_reload_that_changes_the_exporter_says_it_needs_a_restart(caplog):
+    """The exporter (and its thread) is made once: a reload says so, not silently."""
+    import msgspec
+    from inproc import Harness
+
+    harness = Harness()
+    changed = msgspec.structs.replace(
+        harness.router.config, otlp_endpoint="http://127.0.0.1:4318/v1/traces"
+    )
+    with caplog.at_level("WARNING", logger="lmproxy"):
+        harness.router.apply(changed)
+    assert "reload: otlp_endpoint changed; it takes effect after a restart" in caplog.text
+    assert harness.router.tracer is None

@@ -362,3 +362,20 @@ def test_a_prefill_that_never_answers_meets_the_request_timeout(spawn, mode):
     assert time.monotonic() - started < 5  # the sweep's deadline, not the decode's 30 s
     router.wait_idle()  # both sides' slots came back
     assert router.stats_of(f"127.0.0.1:{p.port}")["in_flight"] == 0
+
+
+def test_each_side_is_chosen_by_its_own_strategy(spawn):
+    """One session's four requests: affinity on both sides keeps them on one pair, where
+    the defaults (cache-aware for a short prompt, least-outstanding) spread them."""
+    prefills = [prefill(spawn, "vllm", f"prefill{i}") for i in range(2)]
+    decodes = [decode(spawn, "vllm", f"decode{i}") for i in range(2)]
+    router = pd_router(
+        spawn, "vllm", prefills, decodes,
+        "--prefill-strategy", "affinity", "--decode-strategy", "affinity",
+    )  # fmt: skip
+    session = {"X-Session-ID": "conversation-7"}
+    for _ in range(4):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+        assert router.post(CHAT, body, headers=session).status == 200
+    assert sorted(p.stats()["pd"]["prefilled"] for p in prefills) == [0, 4]
+    assert sorted(d.stats()["pd"]["decoded"] for d in decodes) == [0, 4]

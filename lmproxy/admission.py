@@ -1,12 +1,15 @@
-"""Admission control: per-service ``max_in_flight`` and the FIFO queue in front of it.
+"""Admission control: per-service ``max_in_flight`` and the queue in front of it.
 
-A request whose every eligible service is at its limit waits here, in arrival
-order, for a slot on any of them. A slot frees when a request on a limited
+A request whose every eligible service is at its limit waits here for a slot
+on any of them: higher priorities first (a ``[[keys]]`` key's, or its
+``X-Priority``), in arrival order within one priority. A slot frees when a request on a limited
 service ends, or when the fleet changes (a service comes back or is added);
 then the queue is walked from its head and each waiting request whose
 candidates include a free service goes on. One that waits ``--queue-timeout``
 seconds gets 429 with ``Retry-After``. The router's sweep enforces the timeout,
-so a waiting request costs no timer.
+so a waiting request costs no timer. With ``--max-queue`` N, a request that finds
+N waiting sheds the lowest priority among them and itself (of equals, the newest:
+itself), with 429.
 
 Services without a limit never queue a request, and while no service has one
 the request path pays a single attribute check.
@@ -18,6 +21,7 @@ import asyncio
 import contextlib
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from lmproxy.errors import Fault, ProxyError
@@ -34,10 +38,18 @@ def has_room(service: Service) -> bool:
 
 
 class AdmissionQueue:
-    def __init__(self, registry: Registry, timeout_s: float) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        timeout_s: float,
+        max_queue: int = 0,
+        on_shed: Callable[[int], None] | None = None,
+    ) -> None:
         self.loop = asyncio.get_running_loop()
         self.registry = registry
         self.timeout_s = timeout_s
+        self.max_queue = max_queue  # 0: no limit
+        self.on_shed = on_shed  # called with the shed request's priority
         self.waiting: deque[Waiter] = deque()
         # Whether any service has a limit; the request path checks only this.
         self.limited = False
@@ -57,10 +69,35 @@ class AdmissionQueue:
         if self.timeout_s <= 0:
             journey.fail(self._full_error(candidates, 0.0))
             return None
+        waiting = self.waiting
+        if self.max_queue and len(waiting) >= self.max_queue:
+            lowest = waiting[-1]  # the lowest priority, and the newest of it
+            if lowest.priority >= journey.priority:
+                self._shed(journey, candidates)
+                return None
+            self._take(lowest)
+            self._shed(lowest, lowest.last_candidates)
         journey.queued_at = self.loop.time()
         journey.client.waiting = journey
-        self.waiting.append(journey)
+        if not waiting or waiting[-1].priority >= journey.priority:
+            waiting.append(journey)  # the common case: one priority, arrival order
+        else:
+            # Behind every request of its priority or higher, before the lower ones.
+            index = next(i for i, other in enumerate(waiting) if other.priority < journey.priority)
+            waiting.insert(index, journey)
         return None
+
+    def _shed(self, journey: Waiter, candidates: list[Service]) -> None:
+        if self.on_shed is not None:
+            self.on_shed(journey.priority)
+        error = self._full_error(candidates, 0.0)
+        error.fault = Fault.QUEUE_FULL
+        error.message = (
+            f"the admission queue is full ({self.max_queue} waiting, --max-queue) and this "
+            f"request's priority ({journey.priority}) is the lowest of them; retry after the "
+            "Retry-After seconds"
+        )
+        journey.fail(error)
 
     def leave(self, client: QueuedClient) -> None:
         """The client hung up: its request, if one waits, leaves the queue."""
@@ -97,10 +134,10 @@ class AdmissionQueue:
             self._waking = False
 
     def expire(self, now: float) -> None:
-        """From the router's sweep: answer 429 to requests that waited too long."""
-        waiting = self.waiting
-        while waiting and now - waiting[0].queued_at >= self.timeout_s:
-            journey = waiting[0]
+        """From the router's sweep: answer 429 to requests that waited too long (in
+        priority order, the oldest is not always first)."""
+        late = [j for j in self.waiting if now - j.queued_at >= self.timeout_s]
+        for journey in late:
             self._take(journey)
             if not journey.client.closing:
                 journey.fail(self._full_error(journey.last_candidates, now - journey.queued_at))

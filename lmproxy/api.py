@@ -154,6 +154,9 @@ def stats(router: RouterState) -> Payload:
     }
     if registry.pd_models:
         payload["disaggregation"] = disaggregation(router)
+    if router.config.keys:
+        # By name, never the key: requests, tokens and refusals by reason.
+        payload["keys"] = router.key_counts()
     return 200, payload
 
 

@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import hmac
 import ipaddress
 import itertools
 import logging
 import os
 from collections.abc import Callable
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import unquote
 
 import strategies
 from lmproxy import api, tls, tracing
 from lmproxy.admission import AdmissionQueue
 from lmproxy.config import Config, ConfigError
+from lmproxy.control import Channel
 from lmproxy.errors import Fault, http_response, json_response
 from lmproxy.fleet import Fleet
+from lmproxy.limits import Key, Limits, LocalLimits, RemoteLimits
 from lmproxy.logs import printable
 from lmproxy.metrics import CONTENT_TYPE, Metrics
 from lmproxy.pd import PDJourney
@@ -59,6 +62,9 @@ class Link(Protocol):
 
     @property
     def workers(self) -> int: ...
+
+    @property
+    def channel(self) -> Channel: ...
 
     async def answer(self, client: ClientConnection, request: ClientRequest) -> None: ...
 
@@ -105,7 +111,7 @@ class Router:
         if link is not None:
             self.registry.limit_share = link.workers
         self.strategy, self.model_strategies = load_strategies(config)
-        self.model_policies = _has_model_policies(config)
+        self.policies = _has_policies(config)
         tracing.reset()  # this process's own trace ids (a worker is a process of its own)
         # --otlp-endpoint: one span per proxied request (tracing.py); None: trace context only.
         self.tracer = (
@@ -117,7 +123,9 @@ class Router:
         self.prefill_strategy = strategies.load(config.prefill_strategy, {})
         self.decode_strategy = strategies.load(config.decode_strategy, {})
         self.fleet = Fleet(self.registry, config, self.instance_id) if link is None else None
-        self.admission = AdmissionQueue(self.registry, config.queue_timeout)
+        self.admission = AdmissionQueue(
+            self.registry, config.queue_timeout, config.max_queue, self._shed
+        )
         self.metrics = Metrics(self.registry, lambda: len(self.admission))
         # Request ids: a random prefix per process and a counter, cheaper than uuid4.
         self._id_prefix = os.urandom(4).hex().encode()
@@ -141,7 +149,13 @@ class Router:
                 config.queue_timeout / 4 or MAX_SWEEP_S,
             ),
         )
-        self._api_keys = [k.encode() for k in config.api_keys]
+        self._keys = key_table(config)
+        # [[keys]] limits: kept by the supervisor with --workers, else here (or in Redis).
+        self.limits: Limits = (
+            RemoteLimits(link.channel)
+            if link is not None
+            else authority_limits(config, self.instance_id)
+        )
         self._admin_token = config.admin_token.encode() if config.admin_token else None
         self.max_connections = config.max_connections or _auto_max_connections()
         self._routes = self._route_table()
@@ -237,7 +251,7 @@ class Router:
             return
         access = endpoint.access
         # Checked inline for the common case, an open API (no keys): no call on the hot path.
-        if (access is Access.ADMIN or (access is Access.API and self._api_keys)) and not (
+        if (access is Access.ADMIN or (access is Access.API and self._keys)) and not (
             self._admits(client, request, endpoint)
         ):
             return
@@ -288,7 +302,7 @@ class Router:
         """API keys for the API (when set); for the admin API's changes, the admin token,
         or with none set, a loopback client. Answers the refusal itself."""
         if endpoint.access is Access.API:
-            if self._authorized(request):
+            if self._authenticate(request):
                 return True
             client.respond_error(Fault.UNAUTHORIZED, _UNAUTHORIZED)
         elif self._admin_token is not None:
@@ -395,19 +409,28 @@ class Router:
                 log.error("reload: keeping the certificate in use: %s", exc)
         self.registry.backend_tls = backend_tls(config)
         self.config = config
-        self.model_policies = _has_model_policies(config)
+        self.policies = _has_policies(config)
         self.registry.max_errors = config.max_errors
         self.admission.timeout_s = config.queue_timeout
-        self._api_keys = [k.encode() for k in config.api_keys]
+        self.admission.max_queue = config.max_queue
+        self._keys = key_table(config)
+        if isinstance(self.limits, LocalLimits):
+            self.limits.forget_others({spec.name for spec in config.keys})
         self._admin_token = config.admin_token.encode() if config.admin_token else None
         if self.fleet is not None:
             self.fleet.apply_config(config)
+
+    def _shed(self, priority: int) -> None:
+        self.metrics.shed(priority)
 
     def next_request_id(self) -> bytes:
         return b"%s-%d" % (self._id_prefix, next(self._ids))
 
     def pd_counts(self) -> dict[str, dict[str, int]]:
         return self.metrics.pd_counts()
+
+    def key_counts(self) -> dict[str, dict[str, Any]]:
+        return self.metrics.key_counts()
 
     def disaggregate(self, journey: Waiter) -> None:
         """Serve a request for a disaggregated model in two steps (pd.py)."""
@@ -423,8 +446,16 @@ class Router:
             return self.model_strategies.get(model, self.strategy)
         return self.strategy
 
-    def _authorized(self, request: ClientRequest) -> bool:
-        return not self._api_keys or _bearer_matches(request, self._api_keys)
+    def _authenticate(self, request: ClientRequest) -> bool:
+        """Whether the request carries a key; a [[keys]] key goes with it (``request.key``)."""
+        token = _bearer_token(request)
+        if token is None:
+            return False
+        found = self._keys.get(hashlib.sha256(token).digest(), _NO_KEY)
+        if found is _NO_KEY:
+            return False
+        request.key = found
+        return True
 
     def watch_paused(self, client: ClientConnection) -> None:
         """Poll a client whose reading is paused for a hang-up, until it reads again."""
@@ -489,6 +520,7 @@ class Router:
                 conn.transport.abort()
         if self.tracer is not None:
             self.tracer.shutdown()  # what is still queued is exported
+        await close_limits(self.limits)
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._hangup_poll is not None:
@@ -517,8 +549,40 @@ def _auto_max_connections() -> int:
     return max(16, (raise_open_file_limit() - 256) // 2)
 
 
-def _has_model_policies(config: Config) -> bool:
-    return bool(config.aliases) or any(m.fallbacks for m in config.models.values())
+def _has_policies(config: Config) -> bool:
+    """Whether a request may meet a policy: an alias, fallbacks, or a [[keys]] key."""
+    return bool(config.aliases or config.keys) or any(m.fallbacks for m in config.models.values())
+
+
+_NO_KEY = Key.__new__(Key)  # not found (None is a key without a name: --api-key)
+
+
+def key_table(config: Config) -> dict[bytes, Key | None]:
+    """Every key the API takes, by its SHA-256: [[keys]] entries, and the unnamed ones of
+    --api-key and LMPROXY_API_KEYS (None: no name, no limits). Empty: the API is open."""
+    table: dict[bytes, Key | None] = {
+        hashlib.sha256(k.encode()).digest(): None for k in config.api_keys
+    }
+    for spec in config.keys:
+        table[spec.digest] = Key(spec)
+    return table
+
+
+def authority_limits(config: Config, replica: str) -> Limits:
+    """The process that keeps the limits: in Redis with --redis-url, else its own."""
+    if config.redis_url and any(spec.rpm or spec.tpm or spec.max_in_flight for spec in config.keys):
+        from lmproxy.redis_limits import RedisLimits
+
+        return RedisLimits(config.redis_url, config.redis_prefix, replica)
+    return LocalLimits()
+
+
+async def close_limits(limits: Limits) -> None:
+    aclose = getattr(limits, "aclose", None)
+    if aclose is not None:
+        await aclose()
+    else:
+        limits.close()
 
 
 def load_strategies(
@@ -538,16 +602,19 @@ def load_strategies(
     return default, per_model
 
 
-def _bearer_matches(request: ClientRequest, secrets: list[bytes]) -> bool:
+def _bearer_token(request: ClientRequest) -> bytes | None:
     value = request.header(b"authorization") or b""
     scheme, _, token = value.partition(b" ")
     if scheme.lower() != b"bearer":
-        return False
-    token = token.strip()
-    # compare_digest against every secret, no short cut: the time taken tells nothing
-    # about which one, or how much of one, was guessed.
-    matches = [hmac.compare_digest(token, secret) for secret in secrets]
-    return any(matches)
+        return None
+    return token.strip()
+
+
+def _bearer_matches(request: ClientRequest, secrets: list[bytes]) -> bool:
+    token = _bearer_token(request)
+    # compare_digest, no short cut: the time taken tells nothing about how much of the
+    # secret was guessed. (API keys are looked up by their SHA-256, which tells as little.)
+    return token is not None and any([hmac.compare_digest(token, s) for s in secrets])
 
 
 def _is_loopback(client: ClientConnection) -> bool:
@@ -590,6 +657,8 @@ RESTART_ONLY = (
     "demo",
     "otlp_endpoint",  # the exporter is made once, with its thread
     "otel_sample_ratio",
+    "redis_url",  # the Redis client and its heartbeat are made once
+    "redis_prefix",
 )
 LOOP_MESSAGE = (
     "routing loop: this request already passed through this router (its Via header names "

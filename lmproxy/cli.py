@@ -412,6 +412,33 @@ def build_parser() -> argparse.ArgumentParser:
             f"(default: {d.queue_timeout:g})"
         ),
     )
+    g.add_argument(
+        "--max-queue",
+        type=int,
+        metavar="N",
+        help=(
+            "requests that may wait for a slot at once; past it the lowest priority is "
+            "shed with 429 (the newest of equals); 0 = no limit but --max-connections "
+            f"(default: {d.max_queue})"
+        ),
+    )
+    g.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help=(
+            "keep the [[keys]] limits (rpm, tpm, max_in_flight) in Redis or valkey, so "
+            "they hold across replicas (e.g. redis://127.0.0.1:6379/0; needs pip install "
+            "'lmproxy[redis]'); while it cannot be reached, each router keeps them alone"
+        ),
+    )
+    g.add_argument(
+        "--redis-prefix",
+        metavar="TEXT",
+        help=(
+            "prefix of the Redis keys, to keep routers that are not one apart in one "
+            f"Redis (default: {d.redis_prefix})"
+        ),
+    )
     g = parser.add_argument_group("routing")
     g.add_argument(
         "--strategy",

@@ -6,6 +6,7 @@ command line; the command line only overrides what it was actually given.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -22,6 +23,7 @@ _NAME = re.compile(r"(?!\.*\Z)[A-Za-z0-9._:-]{1,128}\Z")
 # A health path goes into a request line: visible ASCII, no spaces.
 PATH_RULE = "start with '/', then up to 1023 visible ASCII characters (no spaces or controls)"
 _PATH = re.compile(r"/[\x21-\x7e]{0,1023}\Z")
+_SHA256 = re.compile(r"[0-9A-Fa-f]{64}\Z")
 _HOST = re.compile(r"[A-Za-z0-9._:%-]{1,255}\Z")
 V1 = "/v1"  # dropped from the end of a service URL (see ServiceSpec.path_prefix)
 
@@ -167,6 +169,47 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True):
     fallbacks: list[str] = []
 
 
+class KeySpec(msgspec.Struct, forbid_unknown_fields=True):
+    """An API key with a name and limits (the ``[[keys]]`` tables of the config file)."""
+
+    name: str
+    key: str | None = None  # the secret itself, or
+    key_sha256: str | None = None  # its SHA-256, in hex, so the file need not hold it
+    models: list[str] = []  # the models it may ask for; empty: every model
+    rpm: int = 0  # requests per minute; 0: no limit
+    tpm: int = 0  # tokens per minute, from the responses' usage; 0: no limit
+    max_in_flight: int = 0  # its requests under way at once; 0: no limit
+    priority: int = 0  # its requests' place in the admission queue: higher goes first
+    # X-Priority may set a request's priority, up to this; None: the header is ignored.
+    max_priority: int | None = None
+
+    def check(self) -> None:
+        where = f"[[keys]] {self.name!r}"
+        if not _NAME.match(self.name):
+            raise ConfigError(f"[[keys]] name {self.name!r} must be {NAME_RULE}")
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ConfigError(f"{where}: give key or key_sha256, one of them")
+        if self.key is not None and not self.key.strip():
+            raise ConfigError(f"{where}: key is empty (was it set from an unset variable?)")
+        if self.key_sha256 is not None and not _SHA256.match(self.key_sha256):
+            raise ConfigError(
+                f"{where}: key_sha256 must be 64 hex digits (printf %s KEY | sha256sum)"
+            )
+        for limit in ("rpm", "tpm", "max_in_flight"):
+            if getattr(self, limit) < 0:
+                raise ConfigError(f"{where}: {limit} must be >= 0 (0: no limit)")
+        if self.max_priority is not None and self.max_priority < self.priority:
+            raise ConfigError(f"{where}: max_priority must be >= its priority ({self.priority})")
+
+    @property
+    def digest(self) -> bytes:
+        """The SHA-256 of the key: how a request's bearer token finds its entry."""
+        if self.key_sha256 is not None:
+            return bytes.fromhex(self.key_sha256)
+        assert self.key is not None
+        return hashlib.sha256(self.key.encode()).digest()
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Every setting; each is also a command-line flag and a key of the TOML file."""
 
@@ -198,6 +241,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections: int = 0  # 0: as many as the open-file limit allows
     queue_timeout: float = 30.0
     api_keys: list[str] = []
+    keys: list[KeySpec] = []  # named keys with models, limits and priorities (limits.py)
+    # Limits shared by every replica: counters in Redis (or valkey); None: per router.
+    redis_url: str | None = None
+    redis_prefix: str = "lmproxy"
+    max_queue: int = 0  # requests waiting for a slot at most; past it the lowest is shed
     admin_token: str | None = None
     registration_ttl: float = 0.0  # 0: registrations never expire by themselves
     registry_url: str | None = None
@@ -268,6 +316,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             "load_interval": self.load_interval,
             "service_removal_grace_period": self.service_removal_grace_period,
             "workers": self.workers,
+            "max_queue": self.max_queue,
         }.items():
             if value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
@@ -341,6 +390,19 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 "--admin-token is empty (was it set from an unset variable?); give a real "
                 "token, or none to keep the admin API to loopback clients"
             )
+        check_keys(self.keys, self.api_keys)
+        if self.redis_url is not None:
+            parts = urlsplit(self.redis_url)
+            if parts.scheme not in ("redis", "rediss", "unix", "valkey", "valkeys"):
+                raise ConfigError(
+                    f"--redis-url {self.redis_url!r} must be a redis://, rediss:// or unix:// URL "
+                    "(e.g. redis://127.0.0.1:6379/0)"
+                )
+            if not self.keys:
+                raise ConfigError(
+                    "--redis-url shares the limits of [[keys]] across replicas, and the config "
+                    "has no [[keys]]; add them, or drop --redis-url"
+                )
         names: set[str] = set()
         for spec in self.services:
             if spec.name in names:
@@ -361,6 +423,23 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             return not ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return self.host != "localhost"
+
+
+def check_keys(keys: list[KeySpec], api_keys: list[str]) -> None:
+    """Each [[keys]] entry is whole, and names and secrets are each one entry's."""
+    names: set[str] = set()
+    digests = {hashlib.sha256(k.encode()).digest() for k in api_keys}
+    for spec in keys:
+        spec.check()
+        if spec.name in names:
+            raise ConfigError(f"two [[keys]] are named {spec.name!r}; give each its own name")
+        names.add(spec.name)
+        if spec.digest in digests:
+            raise ConfigError(
+                f"[[keys]] {spec.name!r}: its key is also another entry's (or an --api-key); "
+                "one secret must name one key"
+            )
+        digests.add(spec.digest)
 
 
 def check_model_policies(aliases: dict[str, str], models: dict[str, ModelSettings]) -> None:

@@ -55,17 +55,26 @@ class Channel:
         self.send({**message, "op": "reply", "id": request["id"]})
 
     async def ask(self, message: Message, timeout_s: float) -> Message:
+        ident, future = self.request(message)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await future
+        finally:
+            self.forget(ident)
+
+    def request(self, message: Message) -> tuple[int, asyncio.Future[Message]]:
+        """Send ``message``; the future gets its reply. No task: a caller on the request
+        path adds a callback, and ``forget``s the id if it stops waiting."""
         if self.closed:
             raise ChannelClosed("the channel is closed")
         ident = next(self._ids)
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._waiting[ident] = future
         self.send({**message, "id": ident})
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await future
-        finally:
-            self._waiting.pop(ident, None)
+        return ident, future
+
+    def forget(self, ident: int) -> None:
+        self._waiting.pop(ident, None)
 
     async def run(self) -> None:
         """Read and dispatch messages until the other side closes."""
@@ -88,7 +97,7 @@ class Channel:
                     log.exception("control message %r failed", message.get("op"))
         finally:
             self.closed = True
-            for future in self._waiting.values():
+            for future in list(self._waiting.values()):
                 if not future.done():
                     future.set_exception(ChannelClosed("the other side went away"))
             self.writer.close()

@@ -30,6 +30,8 @@ class Fault(enum.Enum):
     BODY_TOO_LARGE = "body_too_large"
     TOO_MANY_PIPELINED = "too_many_pipelined"
     QUEUE_TIMEOUT = "queue_timeout"  # every eligible service stayed at its max_in_flight
+    QUEUE_FULL = "queue_full"  # --max-queue waiting, and this one's priority was the lowest
+    RATE_LIMITED = "rate_limited"  # a [[keys]] limit: rpm, tpm or max_in_flight
     HEADERS_TOO_LARGE = "headers_too_large"
     INTERNAL = "internal"  # a bug in the router
     NOT_IMPLEMENTED = "not_implemented"  # a transfer coding other than chunked
@@ -57,6 +59,8 @@ _STATUS: dict[Fault, int] = {
     Fault.BODY_TOO_LARGE: 413,
     Fault.TOO_MANY_PIPELINED: 429,
     Fault.QUEUE_TIMEOUT: 429,
+    Fault.QUEUE_FULL: 429,
+    Fault.RATE_LIMITED: 429,
     Fault.HEADERS_TOO_LARGE: 431,
     Fault.INTERNAL: 500,
     Fault.NOT_IMPLEMENTED: 501,

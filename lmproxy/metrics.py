@@ -118,6 +118,12 @@ class Metrics:
         # outcome ("ok", "failed").
         self._pd: dict[tuple[str, str], int] = {}
         self._fallbacks: dict[tuple[str, str], int] = {}  # (model, fallback taken)
+        # [[keys]] keys, by name (never the key itself): requests admitted, tokens
+        # (prompt, completion), and requests refused by reason.
+        self._key_requests: dict[str, int] = {}
+        self._key_tokens: dict[str, list[int]] = {}
+        self._key_rejected: dict[tuple[str, str], int] = {}
+        self._shed: dict[int, int] = {}  # requests shed from a full queue, by priority
         self.prometheus = CollectorRegistry(auto_describe=False)
         self.prometheus.register(self)
 
@@ -152,6 +158,38 @@ class Metrics:
     def fallback(self, model: str, to: str) -> None:
         self._fallbacks[(model, to)] = self._fallbacks.get((model, to), 0) + 1
 
+    def shed(self, priority: int) -> None:
+        self._shed[priority] = self._shed.get(priority, 0) + 1
+
+    def key_request(self, key: str) -> None:
+        self._key_requests[key] = self._key_requests.get(key, 0) + 1
+
+    def key_tokens(self, key: str, tokens: tuple[int, int]) -> None:
+        counts = self._key_tokens.get(key)
+        if counts is None:
+            counts = self._key_tokens[key] = [0, 0]
+        counts[0] += tokens[0]
+        counts[1] += tokens[1]
+
+    def key_rejected(self, key: str, reason: str) -> None:
+        self._key_rejected[(key, reason)] = self._key_rejected.get((key, reason), 0) + 1
+
+    def key_counts(self) -> dict[str, dict[str, Any]]:
+        """Per key: requests, tokens and refusals by reason, for /stats."""
+        names = {*self._key_requests, *self._key_tokens, *(k for k, _ in self._key_rejected)}
+        counts: dict[str, dict[str, Any]] = {}
+        for name in sorted(names):
+            prompt, completion = self._key_tokens.get(name, (0, 0))
+            counts[name] = {
+                "requests": self._key_requests.get(name, 0),
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "rejected": {
+                    reason: n for (key, reason), n in self._key_rejected.items() if key == name
+                },
+            }
+        return counts
+
     def pd(self, role: str, outcome: str) -> None:
         self._pd[(role, outcome)] = self._pd.get((role, outcome), 0) + 1
 
@@ -182,6 +220,12 @@ class Metrics:
             "added": [self.added.counts, self.added.total],
             "pd": [[role, outcome, n] for (role, outcome), n in self._pd.items()],
             "fallbacks": [[model, to, n] for (model, to), n in self._fallbacks.items()],
+            "keys": [
+                self._key_requests,
+                self._key_tokens,
+                [[key, reason, n] for (key, reason), n in self._key_rejected.items()],
+            ],
+            "shed": [[priority, n] for priority, n in self._shed.items()],
         }
 
     def absorb(self, state: dict[str, Any]) -> None:
@@ -205,6 +249,16 @@ class Metrics:
             self._pd[(role, outcome)] = self._pd.get((role, outcome), 0) + count
         for model, to, count in state.get("fallbacks", []):
             self._fallbacks[(model, to)] = self._fallbacks.get((model, to), 0) + count
+        for priority, count in state.get("shed", []):
+            self._shed[priority] = self._shed.get(priority, 0) + count
+        if "keys" in state:
+            requests, tokens, rejected = state["keys"]
+            for key, count in requests.items():
+                self._key_requests[key] = self._key_requests.get(key, 0) + count
+            for key, (prompt, completion) in tokens.items():
+                self.key_tokens(key, (prompt, completion))
+            for key, reason, count in rejected:
+                self._key_rejected[(key, reason)] = self._key_rejected.get((key, reason), 0) + count
 
     def render(self) -> bytes:
         return generate_latest(self.prometheus)
@@ -261,6 +315,36 @@ class Metrics:
         )
         for (model, to), count in self._fallbacks.items():
             fallbacks.add_metric([model, to], count)
+        key_requests = CounterMetricFamily(
+            "lmproxy_key_requests",
+            "Requests admitted, by API key name ([[keys]])",
+            labels=["key"],
+        )
+        for key, count in self._key_requests.items():
+            key_requests.add_metric([key], count)
+        key_tokens = CounterMetricFamily(
+            "lmproxy_key_tokens",
+            "Tokens, from the responses' usage, by API key name and kind",
+            labels=["key", "kind"],
+        )
+        for key, (prompt, completion) in self._key_tokens.items():
+            key_tokens.add_metric([key, "prompt"], prompt)
+            key_tokens.add_metric([key, "completion"], completion)
+        key_rejected = CounterMetricFamily(
+            "lmproxy_key_rejected",
+            "Requests refused, by API key name and reason: rpm, tpm, max_in_flight (429), "
+            "model, priority (403)",
+            labels=["key", "reason"],
+        )
+        for (key, reason), count in self._key_rejected.items():
+            key_rejected.add_metric([key, reason], count)
+        shed = CounterMetricFamily(
+            "lmproxy_queue_shed",
+            "Requests shed from a full admission queue (--max-queue), by priority",
+            labels=["priority"],
+        )
+        for priority, count in self._shed.items():
+            shed.add_metric([str(priority)], count)
         added = HistogramMetricFamily(
             "lmproxy_added_latency_seconds",
             "Time the router itself adds before the backend sees a request "
@@ -311,6 +395,10 @@ class Metrics:
             errors,
             pd,
             fallbacks,
+            key_requests,
+            key_tokens,
+            key_rejected,
+            shed,
             duration,
             ttfb,
             tokens,
@@ -339,6 +427,7 @@ def log_access(
     total_s: float,
     fallback_from: str | None = None,
     trace_id: str = "",
+    key: str | None = None,
 ) -> None:
     if style == "json":
         access_log.info(
@@ -355,13 +444,14 @@ def log_access(
                     "ttfb_s": round(ttfb_s, 6),
                     "total_s": round(total_s, 6),
                     **({"fallback_from": fallback_from} if fallback_from else {}),
+                    **({"key": key} if key else {}),
                     "trace_id": trace_id,
                 }
             ).decode()
         )
     else:
         access_log.info(
-            '%s "%s %s" %d %d model=%s service=%s ttfb=%.4fs total=%.4fs trace=%s%s',
+            '%s "%s %s" %d %d model=%s service=%s ttfb=%.4fs total=%.4fs trace=%s%s%s',
             request_id.decode("latin-1"),
             method.decode("latin-1"),
             path.decode("latin-1"),
@@ -373,4 +463,5 @@ def log_access(
             total_s,
             trace_id or "-",
             f" fallback_from={fallback_from}" if fallback_from else "",
+            f" key={key}" if key else "",
         )

@@ -11,7 +11,7 @@ the backend side; the client connection's view of the router is
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import asyncio
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import strategies
     from lmproxy.config import Config
     from lmproxy.errors import ProxyError
+    from lmproxy.limits import Limits
     from lmproxy.metrics import Metrics
     from lmproxy.registry import Registry, Service
     from lmproxy.tracing import Exporter
@@ -41,6 +42,10 @@ class RouterState(Protocol):
 
     def pd_counts(self) -> dict[str, dict[str, int]]:
         """Steps of disaggregated requests: {role: {outcome: count}}."""
+        ...
+
+    def key_counts(self) -> dict[str, dict[str, Any]]:
+        """Per [[keys]] name: requests, tokens, refusals by reason."""
         ...
 
 
@@ -74,8 +79,14 @@ class ProxyHost(Protocol):
         ...
 
     @property
-    def model_policies(self) -> bool:
-        """Whether any alias or fallback is configured (else the request path skips them)."""
+    def policies(self) -> bool:
+        """Whether any alias, fallback or [[keys]] key is configured (else the request
+        path skips them)."""
+        ...
+
+    @property
+    def limits(self) -> Limits:
+        """Where a [[keys]] key's limits are checked (limits.py)."""
         ...
 
     def strategy_for(self, model: str | None) -> strategies.Strategy: ...
@@ -124,6 +135,7 @@ class Waiter(Protocol):
     """A request waiting in the admission queue (``proxy.Journey``)."""
 
     queued_at: float
+    priority: int  # higher is served first, and shed last
 
     @property
     def client(self) -> QueuedClient: ...

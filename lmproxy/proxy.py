@@ -33,19 +33,24 @@ from lmproxy import tracing
 from lmproxy.admission import has_room
 from lmproxy.config import fallback_chain
 from lmproxy.errors import Fault, ProxyError, sse_error_event
+from lmproxy.limits import UNLIMITED, Refusal
 from lmproxy.metrics import log_access, usage_tokens
 from lmproxy.registry import LOGGED_SERVICES, name_models
 from lmproxy.request import (
     MODEL_PATHS,
+    USAGE_PATHS,
     RequestHead,
     RouteRequest,
     decode_head,
+    find_header,
     replace_model,
     with_model,
+    with_stream_usage,
 )
 from lmproxy.upstream import LENGTH, NO_BODY, UNTIL_CLOSE, ConnectError, UpstreamConnection
 
 if TYPE_CHECKING:
+    from lmproxy.limits import Grant, Key, Verdict
     from lmproxy.protocols import ProxyHost
     from lmproxy.registry import Service
     from lmproxy.server import ClientConnection, ClientRequest
@@ -125,6 +130,9 @@ FALLBACK_FAULTS = frozenset(
 )
 _NONE: list[str] = []  # no fallbacks: shared, never changed (a journey gets its own list)
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_BAD_PRIORITY = (
+    "X-Priority must be an integer (higher is served first; default: the key's priority)"
+)
 
 
 def header_value(text: str) -> bytes:
@@ -507,10 +515,12 @@ class Journey:
         "fallbacks",
         "fallen_from",
         "forward_extra",
+        "grant",
         "head_extra",
         "id_header",
         "last_candidates",
         "last_error",
+        "priority",
         "queued_at",
         "request",
         "request_id",
@@ -550,6 +560,8 @@ class Journey:
         self.last_error: ProxyError | None = None
         self.queued_at = 0.0
         self.last_candidates: list[Service] = []
+        self.grant: Grant | None = None  # a [[keys]] key's hold on its limits, until the end
+        self.priority = 0  # in the admission queue: its key's, or its X-Priority
 
     @classmethod
     def take_over(cls, journey: Journey, *args: Any) -> Journey:
@@ -559,7 +571,7 @@ class Journey:
         for name in (
             "router", "client", "request", "route", "strategy", "tried", "request_id",
             "id_header", "head_extra", "trace_id", "span", "forward_extra", "fallbacks",
-            "fallen_from",
+            "fallen_from", "grant", "priority",
         ):  # fmt: skip
             setattr(new, name, getattr(journey, name))
         new.tried = []
@@ -579,14 +591,130 @@ class Journey:
         except ProxyError as exc:
             self.fail(exc)
             return
-        if self.router.model_policies:
-            self._model_policies(self.route)
+        if self.router.policies and not self._policies(self.route):
+            return  # answered, or waiting for the key limits' verdict
         self.strategy = self.router.strategy_for(self.route.model)
         pd_models = self.router.registry.pd_models
         if pd_models and self.route.model in pd_models:
             self.router.disaggregate(self)
             return
         self.attempt()
+
+    def _proceed(self) -> None:
+        """``start``'s last steps, for a request that waited for its key's verdict."""
+        route = self.route
+        assert route is not None
+        self.strategy = self.router.strategy_for(route.model)
+        pd_models = self.router.registry.pd_models
+        if pd_models and route.model in pd_models:
+            self.router.disaggregate(self)
+            return
+        self.attempt()
+
+    # --- policies: keys, aliases, fallbacks --------------------------------------------
+
+    def _policies(self, route: RouteRequest) -> bool:
+        """The request's key (its models, priority and limits), then aliases and
+        fallbacks. False: answered, or waiting for the limits' verdict."""
+        key = self.request.key
+        if key is not None:
+            if not self._key_allows(key, route):
+                return False
+            if key.limited:
+                verdict = self.router.limits.check(key)
+                if isinstance(verdict, asyncio.Future):
+                    verdict.add_done_callback(self._limits_answered)
+                    return False
+                if not self._granted(key, verdict):
+                    return False
+            else:
+                self.grant = UNLIMITED
+                self.router.metrics.key_request(key.name)
+        self._model_policies(route)
+        return True
+
+    def _key_allows(self, key: Key, route: RouteRequest) -> bool:
+        """The key may ask for this model (as asked: an alias is a model of its own),
+        with this priority. Streams of a key with tpm ask for their usage."""
+        metrics = self.router.metrics
+        model = route.model
+        if key.models and model not in key.models:
+            metrics.key_rejected(key.name, "model")
+            allowed = ", ".join(sorted(key.models))
+            self.fail(
+                ProxyError(
+                    Fault.FORBIDDEN,
+                    f"API key {key.name!r} may not use model {model!r}; it may use: {allowed}"
+                    if model is not None
+                    else f"API key {key.name!r} may use only some models ({allowed}); "
+                    "name one in 'model'",
+                )
+            )
+            return False
+        self.priority = key.priority
+        if key.max_priority is not None:
+            given = find_header(self.request.headers, b"x-priority")
+            if given is not None:
+                try:
+                    priority = int(given)
+                except ValueError:
+                    self.fail(ProxyError(Fault.BAD_REQUEST, _BAD_PRIORITY))
+                    return False
+                if priority > key.max_priority:
+                    metrics.key_rejected(key.name, "priority")
+                    self.fail(
+                        ProxyError(
+                            Fault.FORBIDDEN,
+                            f"X-Priority {priority} is above API key {key.name!r}'s "
+                            f"max_priority, {key.max_priority}; send at most that",
+                        )
+                    )
+                    return False
+                self.priority = priority
+        head = route.head
+        if key.tpm and head is not None and head.stream and route.path in USAGE_PATHS:
+            # Without usage a stream's tokens go uncounted, and tpm could be dodged.
+            route.body = with_stream_usage(route.body)
+        return True
+
+    def _granted(self, key: Key, verdict: Verdict) -> bool:
+        if isinstance(verdict, Refusal):
+            self.router.metrics.key_rejected(key.name, verdict.limit)
+            error = ProxyError(Fault.RATE_LIMITED, verdict.message)
+            error.retry_after = verdict.retry_after
+            self.fail(error)
+            return False
+        self.grant = verdict
+        self.router.metrics.key_request(key.name)
+        return True
+
+    def _limits_answered(self, answer: asyncio.Future[Verdict]) -> None:
+        """The verdict of another process (the supervisor, Redis) came."""
+        try:
+            verdict = answer.result()
+            if self.client.closing:  # hung up meanwhile
+                if not isinstance(verdict, Refusal):
+                    verdict.end(0)
+                return
+            key = self.request.key
+            route = self.route
+            assert key is not None and route is not None
+            if self._granted(key, verdict):
+                self._model_policies(route)
+                self._proceed()
+        except Exception:
+            log.exception("internal error after a key's limits were checked")
+            self.client.close()
+
+    def _end_key(self, tail: bytes) -> None:
+        """The request is over: its key's grant ends, with the tokens it used."""
+        grant, self.grant = self.grant, None
+        assert grant is not None
+        tokens = usage_tokens(tail) if tail else None
+        grant.end(tokens[0] + tokens[1] if tokens else 0)
+        key = self.request.key
+        if tokens and key is not None:
+            self.router.metrics.key_tokens(key.name, tokens)
 
     def _model_policies(self, route: RouteRequest) -> None:
         """An alias becomes its served model (the one rewrite of the body's ``model``);
@@ -678,6 +806,8 @@ class Journey:
     def abandon(self) -> None:
         """The client hung up while this request waited for a slot."""
         self.router.admission.leave(self.client)
+        if self.grant is not None:
+            self._end_key(b"")
 
     def may_start(self) -> bool:
         """Whether a waiting request would now find room (or an error to report)."""
@@ -707,6 +837,8 @@ class Journey:
             return
         except asyncio.CancelledError:  # the client hung up while we connected
             service.release()
+            if self.grant is not None:
+                self._end_key(b"")
             raise
         self.client.task = None
         if self.client.closing:
@@ -777,6 +909,8 @@ class Journey:
             self.router.metrics.finished(
                 service, route.model, status, latency_s, exchange.ttfb_s, exchange.tail
             )
+            if self.grant is not None:
+                self._end_key(exchange.tail)
             if self.span is not None:
                 self._end_span(service.name, status, exchange)
             if self.router.config.access_log != "off":  # no call at all when it is off
@@ -799,6 +933,8 @@ class Journey:
                 exchange.conn.close()
             return
         if outcome is Outcome.CLIENT_GONE:
+            if self.grant is not None:
+                self._end_key(exchange.tail)
             self._log(service.name, 499, exchange.bytes_out, exchange.ttfb_s)
             service.request_count += 1
             self.strategy.on_end(service, route, latency_s, True)
@@ -818,6 +954,8 @@ class Journey:
             service.request_count += 1
             registry.request_failed(service, exchange.reason)
         if outcome is Outcome.CUT:
+            if self.grant is not None:
+                self._end_key(exchange.tail)
             self._log(service.name, exchange.status, exchange.bytes_out, exchange.ttfb_s)
 
     def _retry(self, failed: Service | None, error: ProxyError) -> None:
@@ -865,6 +1003,9 @@ class Journey:
         span.end()
 
     def _log(self, service: str, status: int, bytes_out: int, ttfb_s: float) -> None:
+        """The request's end, whatever it was: its span, its key's grant, the log line."""
+        if self.grant is not None:
+            self._end_key(b"")
         if self.span is not None:
             self._end_span(service, status)
         style = self.router.config.access_log
@@ -883,4 +1024,5 @@ class Journey:
                 time.perf_counter() - request.received_at,
                 self.fallen_from,
                 self.trace_id,
+                request.key.name if request.key is not None else None,
             )

@@ -46,6 +46,8 @@ _decode_head = msgspec.json.Decoder(RequestHead).decode
 
 CHAT_PATHS = frozenset({b"/v1/chat/completions", b"/chat/completions"})
 COMPLETION_PATHS = frozenset({b"/v1/completions", b"/completions"})
+# Paths whose streams carry a usage object when asked (stream_options.include_usage).
+USAGE_PATHS = CHAT_PATHS | COMPLETION_PATHS
 # Paths whose body must carry a model (or get the default one).
 MODEL_PATHS = CHAT_PATHS | COMPLETION_PATHS | {b"/v1/embeddings", b"/embeddings"}
 
@@ -166,3 +168,23 @@ def with_model(body: bytes, model: str) -> bytes:
     inner = body[:end].rstrip()
     separator = b"" if inner.endswith(b"{") else b","
     return inner + separator + b'"model":' + msgspec.json.encode(model) + b"}"
+
+
+def with_stream_usage(body: bytes) -> bytes:
+    """``body`` asking for the stream's usage (``stream_options.include_usage``), as
+    OpenAI's API has it: the stream then ends with one chunk holding ``usage`` and no
+    choices. Unchanged if it asks already (or is not a JSON object)."""
+    try:
+        data = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return body
+    if not isinstance(data, dict):
+        return body
+    options = data.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return body
+    data["stream_options"] = {
+        **(options if isinstance(options, dict) else {}),
+        "include_usage": True,
+    }
+    return msgspec.json.encode(data)

@@ -40,6 +40,7 @@ from lmproxy.request import find_header
 
 if TYPE_CHECKING:
     from lmproxy.config import Config
+    from lmproxy.limits import Key
     from lmproxy.protocols import Exchanging, Waiter
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -99,6 +100,7 @@ class ClientRequest:
         "http_minor",
         "is_json",
         "keep_alive",
+        "key",
         "looped",
         "method",
         "path",
@@ -127,6 +129,7 @@ class ClientRequest:
         self.looped = False  # it carries this router's own Via: it came round a loop
         self.upgrade = False  # it offered a protocol upgrade (served as HTTP/1.1, then closed)
         self.traceparent: bytes | None = None  # W3C trace context: the caller's span
+        self.key: Key | None = None  # the [[keys]] entry it was made with (limits.py)
 
     def header(self, name: bytes) -> bytes | None:
         return find_header(self.headers, name)

@@ -26,11 +26,12 @@ from typing import Any
 import msgspec
 
 from lmproxy import api, tls
-from lmproxy.app import backend_tls, new_instance_id
+from lmproxy.app import authority_limits, backend_tls, close_limits, new_instance_id
 from lmproxy.config import Config, ConfigError
 from lmproxy.control import Channel, ChannelClosed, Message
 from lmproxy.errors import encode_json
 from lmproxy.fleet import Fleet
+from lmproxy.limits import Authority, LocalLimits, keys_by_name
 from lmproxy.metrics import CONTENT_TYPE, Metrics
 from lmproxy.registry import Registry
 from lmproxy.startup import reread, start_demo, startup_warnings
@@ -72,6 +73,9 @@ class Supervisor:
             self.registry.tls_context(spec)
         self.instance_id = new_instance_id()  # the workers' shared Via name
         self.fleet = Fleet(self.registry, config, self.instance_id)
+        # [[keys]] limits for the whole router: every worker asks (limits.py).
+        self.limits = authority_limits(config, self.instance_id)
+        self.authority = Authority(self.limits, keys_by_name(config))
         self.workers: dict[int, _Worker] = {}
         self.stopping = False
         self.serving = False  # every worker started once
@@ -227,6 +231,7 @@ class Supervisor:
         worker.snapshot = None
         worker.in_flight = {}
         self._in_flight_changed()
+        self.authority.forget(worker.slot)
         if snapshot is None:
             return
         self.retired.absorb(snapshot["metrics"])
@@ -254,6 +259,7 @@ class Supervisor:
                 await asyncio.wait(late, timeout=5)
         for watcher in list(self._watchers):
             watcher.cancel()
+        await close_limits(self.limits)
         await self.fleet.stop()
 
     def hangup(self) -> None:
@@ -274,6 +280,9 @@ class Supervisor:
         self.registry.max_errors = config.max_errors
         self.registry.backend_tls = backend_tls(config)
         self.fleet.apply_config(config)
+        self.authority.keys = keys_by_name(config)
+        if isinstance(self.limits, LocalLimits):
+            self.limits.forget_others(set(self.authority.keys))
         self._flush_state()
         message = {"op": "config", "config": msgspec.to_builtins(config)}
         for worker in self._live():
@@ -291,6 +300,11 @@ class Supervisor:
         elif op == "inflight":
             worker.in_flight = message["counts"]
             self._in_flight_changed()
+        elif op == "limit":
+            assert worker.channel is not None
+            self.authority.ask(worker.slot, worker.channel, message)
+        elif op == "limit_end":
+            self.authority.end(worker.slot, message)
         elif op == "eject":
             self.registry.eject(message["name"], message["reason"])
         elif op == "learnt":
@@ -341,6 +355,9 @@ class Supervisor:
 
     def pd_counts(self) -> dict[str, dict[str, int]]:
         return self._summed_metrics().pd_counts()
+
+    def key_counts(self) -> dict[str, dict[str, Any]]:
+        return self._summed_metrics().key_counts()
 
     async def _gather(self) -> None:
         """Fresh figures from every live worker, summed into the registry's services."""

@@ -36,6 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tokens", type=int, default=16, help="tokens per answer without max_tokens (default 16)"
     )
+    parser.add_argument(
+        "--stream-usage",
+        choices=("always", "asked"),
+        default="always",
+        help=(
+            "a stream ends with a usage chunk always, or only when the request asks "
+            "(stream_options.include_usage), as vLLM and OpenAI do (default: always)"
+        ),
+    )
     parser.add_argument("--fault", choices=FAULTS, default="none", help="fault mode at start")
     g = parser.add_argument_group("engine capacity (see Engine)")
     g.add_argument(
@@ -139,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             args.tokens,
             args.fault,
             v1_models=not args.no_v1_models,
+            stream_usage=args.stream_usage,
             metrics=args.metrics,
             engine=Engine(
                 args.max_batch,

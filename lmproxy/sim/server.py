@@ -48,6 +48,7 @@ class _Body(msgspec.Struct):
     bootstrap_host: Any = None
     bootstrap_port: Any = None
     bootstrap_room: Any = None
+    stream_options: Any = None
 
 
 _decode_body = msgspec.json.Decoder(_Body).decode
@@ -304,6 +305,10 @@ class MockConnection(asyncio.Protocol):
             if step == "decode" and state.pd is not None:
                 state.pd.decoded += 1
             if request.stream:
+                options = request.stream_options
+                wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+                if state.stream_usage == "asked" and not wants_usage:
+                    usage = {}
                 await self._stream(kind, model, n, usage, delay, fault)
                 return
             if delay:
@@ -369,8 +374,9 @@ class MockConnection(asyncio.Protocol):
                     **({"delta": {}} if kind == "chat" else {"text": ""}),
                 }
             ],
-            "usage": usage,
         }
+        if usage:
+            final["usage"] = usage
         pending.append(b"data: " + encode(final) + b"\n\n")
         pending.append(b"data: [DONE]\n\n")
         self._flush(pending)

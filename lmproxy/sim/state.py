@@ -25,7 +25,9 @@ class MockState:
         engine: Engine | None = None,
         metrics: str = "vllm",
         pd: Disaggregation | None = None,
+        stream_usage: str = "always",
     ) -> None:
+        self.stream_usage = stream_usage  # "asked": only with stream_options.include_usage
         self.pd = pd  # a prefill or decode service (sim/pd.py); None: whole requests
         self.name = name
         self.metrics = metrics  # /metrics under vLLM's names, SGLang's, or "none" (404)

@@ -1,0 +1,338 @@
+"""API keys with names and limits (``[[keys]]``): who may call, how often, how much.
+
+A request made with a ``[[keys]]`` key is checked here before it is routed:
+
+- ``rpm`` and ``tpm`` are buckets that refill continuously over a minute, as
+  OpenAI's limits do. ``rpm`` lets that many requests through at once, then one
+  every 60/rpm seconds. ``tpm`` admits a request while the key's bucket still
+  holds tokens; each response's ``usage`` is taken from it when the response
+  ends, so one response may overdraw it, and the key then waits until the debt
+  is repaid.
+- ``max_in_flight`` counts the key's requests under way.
+
+A bucket is one number, the moment it would be full again (the "theoretical
+arrival time" of GCRA), so checking and taking is one step, atomic in Redis too.
+
+Who keeps the counts:
+
+- one process: the router (:class:`LocalLimits`);
+- ``--workers N``: the supervisor, asked by every worker over the control
+  channel (:class:`RemoteLimits`, answered by :class:`Authority`), so the limits
+  hold for the whole router; a worker that cannot reach it counts alone;
+- ``--redis-url``: Redis, shared by every replica (``redis_limits.py``),
+  asked by the single process or the supervisor, which keep their own counts
+  while Redis cannot be reached.
+
+A check answers a :class:`Refusal` or a :class:`Grant`, at once or (from
+another process) as a future; the request ends its grant with the tokens it
+used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+from lmproxy.control import ChannelClosed, Message
+
+if TYPE_CHECKING:
+    from lmproxy.config import Config, KeySpec
+    from lmproxy.control import Channel
+
+log = logging.getLogger("lmproxy")
+
+WINDOW_S = 60.0  # the limits are per minute
+ASK_TIMEOUT_S = 1.0  # a worker waits this long for the supervisor, then counts alone
+
+
+class Key:
+    """A ``[[keys]]`` entry as the request path uses it."""
+
+    __slots__ = (
+        "limited",
+        "max_in_flight",
+        "max_priority",
+        "models",
+        "name",
+        "priority",
+        "rpm",
+        "tpm",
+    )
+
+    def __init__(self, spec: KeySpec) -> None:
+        self.name = spec.name
+        self.models = frozenset(spec.models)  # empty: every model
+        self.rpm = spec.rpm
+        self.tpm = spec.tpm
+        self.max_in_flight = spec.max_in_flight
+        self.priority = spec.priority
+        self.max_priority = spec.max_priority
+        self.limited = bool(spec.rpm or spec.tpm or spec.max_in_flight)
+
+
+def keys_by_name(config: Config) -> dict[str, Key]:
+    return {spec.name: Key(spec) for spec in config.keys}
+
+
+class Refusal(NamedTuple):
+    """Over a limit: which one, what the client is told, and when to try again."""
+
+    limit: str  # "rpm", "tpm" or "max_in_flight"
+    message: str
+    retry_after: int  # seconds
+
+
+class Grant(Protocol):
+    """An admitted request's hold on its key's limits."""
+
+    def end(self, tokens: int) -> None:
+        """The request is over, having used ``tokens`` (0 when the answer had no usage)."""
+        ...
+
+
+Verdict = Grant | Refusal
+
+
+class _Unlimited:
+    """The grant of a key without limits: its end is only counted in its figures."""
+
+    __slots__ = ()
+
+    def end(self, tokens: int) -> None:
+        pass
+
+
+UNLIMITED: Grant = _Unlimited()
+
+
+class Limits(Protocol):
+    def check(self, key: Key) -> Verdict | asyncio.Future[Verdict]: ...
+
+    def close(self) -> None: ...
+
+
+def refusal(key: Key, limit: str, wait_s: float) -> Refusal:
+    """What a request over ``limit`` is told; ``wait_s``: until the bucket has room."""
+    retry = max(1, math.ceil(wait_s))
+    if limit == "rpm":
+        text = f"its rate limit, {key.rpm} requests per minute"
+    elif limit == "tpm":
+        text = f"its token limit, {key.tpm} tokens per minute (from the responses' usage)"
+    else:
+        text = f"its max_in_flight, {key.max_in_flight} requests under way at once"
+    return Refusal(limit, f"API key {key.name!r} is over {text}; retry after {retry} s", retry)
+
+
+class _Counts:
+    __slots__ = ("requests_full_at", "tokens_full_at", "under_way")
+
+    def __init__(self) -> None:
+        self.requests_full_at = 0.0  # the rpm bucket is full again then (clock time)
+        self.tokens_full_at = 0.0
+        self.under_way = 0  # requests admitted and not ended
+
+
+class LocalLimits:
+    """The counts of one process: the router's, the supervisor's, or a fallback's."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.counts: dict[str, _Counts] = {}
+
+    def check(self, key: Key) -> Verdict:
+        counts = self.counts.get(key.name)
+        if counts is None:
+            counts = self.counts[key.name] = _Counts()
+        now = self.clock()
+        if key.rpm:
+            full_at = max(counts.requests_full_at, now) + WINDOW_S / key.rpm
+            if full_at - now > WINDOW_S:
+                return refusal(key, "rpm", full_at - now - WINDOW_S)
+        if key.tpm and counts.tokens_full_at - now >= WINDOW_S:
+            return refusal(key, "tpm", counts.tokens_full_at - now - WINDOW_S)
+        if key.max_in_flight and counts.under_way >= key.max_in_flight:
+            return refusal(key, "max_in_flight", 1)
+        if key.rpm:
+            counts.requests_full_at = full_at
+        counts.under_way += 1
+        return _LocalGrant(self, key, counts)
+
+    def charge(self, key: Key, tokens: int) -> None:
+        """Take ``tokens`` from the key's tpm bucket."""
+        if tokens > 0 and key.tpm:
+            counts = self.counts.get(key.name)
+            if counts is None:
+                counts = self.counts[key.name] = _Counts()
+            now = self.clock()
+            counts.tokens_full_at = max(counts.tokens_full_at, now) + tokens * WINDOW_S / key.tpm
+
+    def forget_others(self, names: set[str]) -> None:
+        """After a reload: the counts of keys that are gone go too."""
+        for name in list(self.counts):
+            if name not in names:
+                del self.counts[name]
+
+    def close(self) -> None:
+        pass
+
+
+class _LocalGrant:
+    __slots__ = ("counts", "key", "limits")
+
+    def __init__(self, limits: LocalLimits, key: Key, counts: _Counts) -> None:
+        self.limits = limits
+        self.key = key
+        self.counts = counts
+
+    def end(self, tokens: int) -> None:
+        self.counts.under_way -= 1
+        self.limits.charge(self.key, tokens)
+
+
+# --- --workers N: the supervisor keeps the counts ------------------------------------
+
+
+class RemoteLimits:
+    """A worker's limits: the supervisor decides, for the whole router. A worker that
+    gets no answer within ASK_TIMEOUT_S decides alone, and says so once."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.loop = asyncio.get_running_loop()
+        self.fallback = LocalLimits()
+        self._alone = False
+
+    def check(self, key: Key) -> Verdict | asyncio.Future[Verdict]:
+        try:
+            ident, reply = self.channel.request({"op": "limit", "key": key.name})
+        except ChannelClosed:
+            return self._decide_alone(key, "the supervisor is gone")
+        verdict: asyncio.Future[Verdict] = self.loop.create_future()
+        timer = self.loop.call_later(ASK_TIMEOUT_S, self._late, ident, reply, verdict, key)
+        reply.add_done_callback(lambda done: self._answered(done, verdict, key, timer))
+        return verdict
+
+    def _answered(
+        self,
+        reply: asyncio.Future[Message],
+        verdict: asyncio.Future[Verdict],
+        key: Key,
+        timer: asyncio.TimerHandle,
+    ) -> None:
+        timer.cancel()
+        if verdict.done():
+            return
+        if reply.cancelled() or reply.exception() is not None:
+            verdict.set_result(self._decide_alone(key, "the supervisor is gone"))
+            return
+        message = reply.result()
+        if self._alone:
+            self._alone = False
+            log.info("the supervisor answers again: key limits hold for the whole router")
+        if message.get("grant") is None:
+            verdict.set_result(Refusal(message["limit"], message["message"], message["retry"]))
+        else:
+            verdict.set_result(_RemoteGrant(self.channel, message["grant"]))
+
+    def _late(
+        self,
+        ident: int,
+        reply: asyncio.Future[Message],
+        verdict: asyncio.Future[Verdict],
+        key: Key,
+    ) -> None:
+        self.channel.forget(ident)
+        if not verdict.done():
+            verdict.set_result(self._decide_alone(key, f"no answer in {ASK_TIMEOUT_S:g}s"))
+        # A grant that comes after all is ended at once: its request went on without it.
+        reply.add_done_callback(_end_late_grant(self.channel))
+
+    def _decide_alone(self, key: Key, why: str) -> Verdict:
+        if not self._alone:
+            self._alone = True
+            log.warning(
+                "key limits: the supervisor cannot be asked (%s); this worker keeps them alone",
+                why,
+            )
+        return self.fallback.check(key)
+
+    def close(self) -> None:
+        pass
+
+
+def _end_late_grant(channel: Channel) -> Callable[[asyncio.Future[Message]], None]:
+    def end(reply: asyncio.Future[Message]) -> None:
+        if not reply.cancelled() and reply.exception() is None:
+            grant = reply.result().get("grant")
+            if grant is not None:
+                channel.send({"op": "limit_end", "grant": grant, "tokens": 0})
+
+    return end
+
+
+class _RemoteGrant:
+    __slots__ = ("channel", "ident")
+
+    def __init__(self, channel: Channel, ident: int) -> None:
+        self.channel = channel
+        self.ident = ident
+
+    def end(self, tokens: int) -> None:
+        self.channel.send({"op": "limit_end", "grant": self.ident, "tokens": tokens})
+
+
+class Authority:
+    """The supervisor's side: answers the workers' checks from its own limits (local,
+    or Redis), and holds their grants until they end them or die."""
+
+    def __init__(self, limits: Limits, keys: dict[str, Key]) -> None:
+        self.limits = limits
+        self.keys = keys
+        self._grants: dict[tuple[int, int], Grant] = {}  # (worker slot, grant id)
+        self._ids = 0
+
+    def ask(self, slot: int, channel: Channel, message: Message) -> None:
+        key = self.keys.get(message["key"])
+        if key is None:  # a reload removed it while the worker asked: not ours to refuse
+            channel.reply(message, {"grant": 0})
+            return
+        verdict = self.limits.check(key)
+        if isinstance(verdict, asyncio.Future):
+            verdict.add_done_callback(
+                lambda done: self._answer(slot, channel, message, done.result())
+            )
+        else:
+            self._answer(slot, channel, message, verdict)
+
+    def _answer(self, slot: int, channel: Channel, message: Message, verdict: Verdict) -> None:
+        if isinstance(verdict, Refusal):
+            channel.reply(
+                message,
+                {
+                    "grant": None,
+                    "limit": verdict.limit,
+                    "message": verdict.message,
+                    "retry": verdict.retry_after,
+                },
+            )
+            return
+        if channel.closed:  # the worker died while Redis answered
+            verdict.end(0)
+            return
+        self._ids += 1
+        self._grants[(slot, self._ids)] = verdict
+        channel.reply(message, {"grant": self._ids})
+
+    def end(self, slot: int, message: Message) -> None:
+        grant = self._grants.pop((slot, message["grant"]), None)
+        if grant is not None:
+            grant.end(message["tokens"])
+
+    def forget(self, slot: int) -> None:
+        """A worker died: the requests it had under way are over."""
+        for held in [held for held in self._grants if held[0] == slot]:
+            self._grants.pop(held).end(0)

@@ -1,0 +1,227 @@
+"""``--redis-url``: the ``[[keys]]`` limits kept in Redis (or valkey), for every replica.
+
+Each check is one Lua script, so it is atomic whichever replica runs it: it
+reads the key's buckets (``limits.py`` explains them) with Redis's own clock,
+refuses or takes, and counts the request under way. Requests under way are a
+hash per key with one field per replica, and each replica keeps a heartbeat
+key alive; a replica that died stops counting once its heartbeat lapses.
+
+While Redis cannot be reached (refused, timed out, or any error), the process
+keeps the limits with its own counts (``LocalLimits``), says so once, and
+checks every ``PROBE_S`` whether Redis answers again. A request is ended
+where it was admitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from lmproxy.config import ConfigError
+from lmproxy.limits import Key, LocalLimits, Verdict, refusal
+
+log = logging.getLogger("lmproxy")
+
+TIMEOUT_S = 0.5  # one Redis call, connecting included; past it, local counts
+PROBE_S = 1.0  # how often a process counting alone asks whether Redis is back
+HEARTBEAT_S = 5.0
+HEARTBEAT_TTL_MS = 15_000
+
+# KEYS: the key's buckets, its requests under way. ARGV: rpm, tpm, max_in_flight,
+# this replica, the heartbeat keys' prefix. Times in milliseconds, Redis's clock.
+_CHECK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local window = 60000
+local rpm, tpm, most = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local requests_full = tonumber(redis.call('HGET', KEYS[1], 'r') or 0)
+local tokens_full = tonumber(redis.call('HGET', KEYS[1], 't') or 0)
+local full_at = math.max(requests_full, now)
+if rpm > 0 then
+  full_at = full_at + window / rpm
+  if full_at - now > window then return {'rpm', tostring(full_at - now - window)} end
+end
+if tpm > 0 and tokens_full - now >= window then
+  return {'tpm', tostring(tokens_full - now - window)}
+end
+if most > 0 then
+  local under_way = 0
+  local all = redis.call('HGETALL', KEYS[2])
+  for i = 1, #all, 2 do
+    if redis.call('EXISTS', ARGV[5] .. all[i]) == 1 then
+      under_way = under_way + tonumber(all[i + 1])
+    else
+      redis.call('HDEL', KEYS[2], all[i])
+    end
+  end
+  if under_way >= most then return {'max_in_flight', '1000'} end
+  redis.call('HINCRBY', KEYS[2], ARGV[4], 1)
+end
+if rpm > 0 then
+  redis.call('HSET', KEYS[1], 'r', tostring(full_at))
+  redis.call('PEXPIRE', KEYS[1], math.ceil(math.max(full_at, tokens_full) - now + window))
+end
+return {'', '0'}
+"""
+
+# KEYS: as above. ARGV: tokens used, tpm, this replica, 1 if counted under way.
+_END = """
+if ARGV[4] == '1' then
+  if redis.call('HINCRBY', KEYS[2], ARGV[3], -1) <= 0 then redis.call('HDEL', KEYS[2], ARGV[3]) end
+end
+local tokens, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
+if tokens > 0 and tpm > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+  local full_at = math.max(tonumber(redis.call('HGET', KEYS[1], 't') or 0), now)
+  full_at = full_at + tokens * 60000 / tpm
+  redis.call('HSET', KEYS[1], 't', tostring(full_at))
+  local requests_full = tonumber(redis.call('HGET', KEYS[1], 'r') or 0)
+  redis.call('PEXPIRE', KEYS[1], math.ceil(math.max(full_at, requests_full) - now + 60000))
+end
+return 1
+"""
+
+
+class RedisLimits:
+    """Limits kept in Redis; this process's own counts while it cannot be reached."""
+
+    def __init__(self, url: str, prefix: str, replica: str) -> None:
+        try:
+            import redis.asyncio as redis_asyncio
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+        except ImportError:
+            raise ConfigError(
+                "--redis-url needs the Redis client: pip install 'lmproxy[redis]'"
+            ) from None
+        self.url = url
+        self.loop = asyncio.get_running_loop()
+        # No retries inside the client: a call that fails is counted locally at once.
+        self.client: Any = redis_asyncio.Redis.from_url(
+            url,
+            socket_timeout=TIMEOUT_S,
+            socket_connect_timeout=TIMEOUT_S,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._check = self.client.register_script(_CHECK)
+        self._end = self.client.register_script(_END)
+        self.prefix = prefix
+        self.replica = replica
+        self.heartbeat_key = f"{prefix}:replica:{replica}"
+        self.local = LocalLimits()
+        self.reachable = True
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._heart = self.loop.create_task(self._beat())
+
+    def check(self, key: Key) -> Verdict | asyncio.Future[Verdict]:
+        if not self.reachable:
+            return self.local.check(key)
+        return self._spawn(self._ask(key))
+
+    async def _ask(self, key: Key) -> Verdict:
+        try:
+            async with asyncio.timeout(TIMEOUT_S):
+                limit, wait_ms = await self._check(
+                    keys=self._keys(key),
+                    args=[
+                        key.rpm,
+                        key.tpm,
+                        key.max_in_flight,
+                        self.replica,
+                        f"{self.prefix}:replica:",
+                    ],
+                )
+        except Exception as exc:  # any failure: count here, and say why
+            self._lost(exc)
+            return self.local.check(key)
+        if limit:
+            name = limit.decode() if isinstance(limit, bytes) else str(limit)
+            return refusal(key, name, float(wait_ms) / 1000)
+        return _RedisGrant(self, key, counted=key.max_in_flight > 0)
+
+    def end(self, key: Key, tokens: int, counted: bool) -> None:
+        if not counted and not (tokens > 0 and key.tpm):
+            return
+        self._spawn(self._finish(key, tokens, counted))
+
+    async def _finish(self, key: Key, tokens: int, counted: bool) -> None:
+        try:
+            async with asyncio.timeout(TIMEOUT_S):
+                await self._end(
+                    keys=self._keys(key),
+                    args=[tokens, key.tpm, self.replica, "1" if counted else "0"],
+                )
+        except Exception as exc:
+            self._lost(exc)
+            # Redis's count of this request lapses with the heartbeat; its tokens are
+            # at least counted here.
+            self.local.charge(key, tokens)
+
+    def _keys(self, key: Key) -> list[str]:
+        return [f"{self.prefix}:key:{key.name}", f"{self.prefix}:in_flight:{key.name}"]
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _lost(self, exc: BaseException) -> None:
+        if self.reachable:
+            self.reachable = False
+            log.warning(
+                "key limits: Redis at %s cannot be reached (%s); this router keeps the "
+                "limits with its own counts until it answers again",
+                self.url,
+                _describe(exc),
+            )
+
+    async def _beat(self) -> None:
+        """Keep this replica's heartbeat alive; while Redis is lost, look for it."""
+        while True:
+            try:
+                async with asyncio.timeout(TIMEOUT_S):
+                    await self.client.set(self.heartbeat_key, b"1", px=HEARTBEAT_TTL_MS)
+            except Exception as exc:
+                self._lost(exc)
+            else:
+                if not self.reachable:
+                    self.reachable = True
+                    log.info(
+                        "key limits: Redis at %s answers again; the limits are shared again",
+                        self.url,
+                    )
+            await asyncio.sleep(PROBE_S if not self.reachable else HEARTBEAT_S)
+
+    def close(self) -> None:
+        self._heart.cancel()
+        for task in self._tasks:
+            task.cancel()
+
+    async def aclose(self) -> None:
+        self.close()
+        with contextlib.suppress(Exception):
+            await self.client.delete(self.heartbeat_key)
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+
+
+class _RedisGrant:
+    __slots__ = ("counted", "key", "limits")
+
+    def __init__(self, limits: RedisLimits, key: Key, counted: bool) -> None:
+        self.limits = limits
+        self.key = key
+        self.counted = counted
+
+    def end(self, tokens: int) -> None:
+        self.limits.end(self.key, tokens, self.counted)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {TIMEOUT_S:g}s"
+    return str(exc) or type(exc).__name__

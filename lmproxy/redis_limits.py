@@ -99,12 +99,13 @@ class RedisLimits:
             ) from None
         self.url = url
         self.loop = asyncio.get_running_loop()
-        # No retries inside the client: a call that fails is counted locally at once.
+        # One retry, at once: a pooled connection that died with a restarted Redis is
+        # replaced by a new one. A Redis that is down fails both within TIMEOUT_S.
         self.client: Any = redis_asyncio.Redis.from_url(
             url,
             socket_timeout=TIMEOUT_S,
             socket_connect_timeout=TIMEOUT_S,
-            retry=Retry(NoBackoff(), 0),
+            retry=Retry(NoBackoff(), 1),
         )
         self._check = self.client.register_script(_CHECK)
         self._end = self.client.register_script(_END)

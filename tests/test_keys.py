@@ -1,0 +1,555 @@
+"""API keys with names and limits ([[keys]]), held by one router, by the supervisor of
+--workers, and across replicas through a real redis-server; priorities in the
+admission queue."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+from typing import Any
+
+import openai
+import pytest
+from conftest import Mock, Router, free_port, request, wait_until
+
+from lmproxy.cli import load_config
+from lmproxy.config import ConfigError, KeySpec
+from lmproxy.limits import Authority, Key, LocalLimits, Refusal
+
+CHAT = "/v1/chat/completions"
+ASK = [{"role": "user", "content": "hi"}]
+
+
+def config_file(tmp_path, text: str) -> str:
+    path = tmp_path / "lmproxy.toml"
+    path.write_text(text)
+    return str(path)
+
+
+KEYS = """
+[[keys]]
+name = "team-a"
+key = "sk-team-a"
+rpm = 2
+
+[[keys]]
+name = "tokens"
+key_sha256 = "SHA"
+tpm = 100
+
+[[keys]]
+name = "narrow"
+key = "sk-narrow"
+models = ["gpt-4o-mini"]
+max_in_flight = 1
+
+[aliases]
+"gpt-4o-mini" = "Qwen3-32B"
+""".replace("SHA", hashlib.sha256(b"sk-tokens").hexdigest())
+
+
+def client(router: Router, key: str) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"http://127.0.0.1:{router.port}/v1", api_key=key, max_retries=0, timeout=10
+    )
+
+
+def chat(router: Router, key: str, **extra: Any) -> Any:
+    with client(router, key) as sdk:
+        return sdk.chat.completions.create(model="Qwen3-32B", messages=ASK, **extra)
+
+
+def post(port: int, key: str, body: dict[str, Any] | None = None, **headers: str) -> Any:
+    return request(
+        port,
+        "POST",
+        CHAT,
+        body or {"model": "Qwen3-32B", "messages": ASK},
+        headers={"Authorization": f"Bearer {key}", **headers},
+    )
+
+
+def under_way(router: Router) -> int:
+    stats = router.get("/stats", headers={"Authorization": "Bearer sk-plain"}).json()
+    return int(stats["services"][0]["in_flight"])
+
+
+def metric(router: Router, line: str) -> bool:
+    text = router.get("/metrics", headers={"Authorization": "Bearer sk-team-a"}).body.decode()
+    return line in text
+
+
+def assert_rpm_holds(ports: list[int], key: str = "sk-team-a") -> None:
+    """rpm = 2: of eight requests on fresh connections, spread over ``ports`` (and the
+    workers behind them), the first two are served and the rest get 429."""
+    statuses = [post(ports[i % len(ports)], key).status for i in range(8)]
+    assert statuses == [200, 200] + [429] * 6, statuses
+
+
+def assert_tpm_holds(first: int, then: int, backend: Mock) -> None:
+    """tpm = 100: a stream that used 120 tokens (its client asked no usage: the router
+    asked for it), then a request on ``then`` gets 429."""
+    body = {"model": "Qwen3-32B", "messages": ASK, "stream": True, "max_tokens": 112}
+    reply = post(first, "sk-tokens", body)
+    assert reply.status == 200, reply
+    last = json.loads(backend.stats()["last_body"])
+    assert last["stream_options"] == {"include_usage": True}
+    events = [json.loads(e) for e in reply.body.decode().split("data: ")[1:-1]]
+    used = events[-1]["usage"]
+    assert used["prompt_tokens"] + used["completion_tokens"] >= 120, used
+    # Across processes the tokens reach the counts just after the response's last byte.
+    refused = wait_until(
+        lambda: (reply := post(then, "sk-tokens")).status == 429 and reply, 3, "a 429"
+    )
+    assert int(refused.headers["retry-after"]) >= 1
+    assert "100 tokens per minute" in refused.json()["error"]
+
+
+@pytest.fixture
+def keyed(spawn, tmp_path):
+    backend = spawn(Mock, "svc", ["Qwen3-32B"], "--stream-usage", "asked")
+
+    def start(*args: str, extra: str = "") -> Router:
+        router = spawn(
+            Router, "--config", config_file(tmp_path, KEYS + extra),
+            "--backend", backend.backend_arg(), "--api-key", "sk-plain",
+            "--access-log", "json", *args,
+        )  # fmt: skip
+        router.wait_healthy(1)
+        return router
+
+    return backend, start
+
+
+def test_rpm_gives_429_with_retry_after_to_the_third_request(keyed):
+    _, start = keyed
+    router = start()
+    assert chat(router, "sk-team-a").choices[0].message.content
+    assert chat(router, "sk-team-a").choices[0].message.content
+    with pytest.raises(openai.RateLimitError) as caught:
+        chat(router, "sk-team-a")
+    response = caught.value.response
+    assert response.status_code == 429 and int(response.headers["retry-after"]) == 30
+    assert response.json()["error"] == (
+        "API key 'team-a' is over its rate limit, 2 requests per minute; retry after 30 s"
+    )
+    # Keys of --api-key keep working, with no limits; an unknown key gets 401.
+    for _ in range(4):
+        assert post(router.port, "sk-plain").status == 200
+    assert post(router.port, "sk-unknown").status == 401
+    # Figures by name, never the key itself.
+    text = router.get("/metrics", headers={"Authorization": "Bearer sk-plain"}).body.decode()
+    assert 'lmproxy_key_requests_total{key="team-a"} 2.0' in text
+    assert 'lmproxy_key_rejected_total{key="team-a",reason="rpm"} 1.0' in text
+    assert 'lmproxy_key_tokens_total{key="team-a",kind="completion"}' in text
+    assert "sk-team-a" not in text
+    stats = router.get("/stats", headers={"Authorization": "Bearer sk-plain"}).json()
+    assert stats["keys"]["team-a"]["requests"] == 2
+    assert stats["keys"]["team-a"]["rejected"] == {"rpm": 1}
+    logged = [
+        json.loads(line.partition("lmproxy.access: ")[2])
+        for line in router.output.splitlines()
+        if "lmproxy.access" in line
+    ]
+    assert [entry.get("key") for entry in logged[:3]] == ["team-a"] * 3
+    assert [entry["status"] for entry in logged[:3]] == [200, 200, 429]
+
+
+def test_tpm_counts_a_streamed_response_and_refuses_the_next(keyed):
+    backend, start = keyed
+    router = start()
+    assert_tpm_holds(router.port, router.port, backend)
+    assert metric(router, 'lmproxy_key_rejected_total{key="tokens",reason="tpm"} 1.0')
+    # A client that asked for usage itself gets its body as sent.
+    other = post(router.port, "sk-team-a", {"model": "Qwen3-32B", "messages": ASK, "stream": True})
+    assert other.status == 200 and "stream_options" not in backend.stats()["last_body"]
+
+
+def test_a_key_uses_its_models_and_max_in_flight(keyed):
+    backend, start = keyed
+    router = start()
+    # Its model, by the alias it may use; the served name itself is not on its list.
+    reply = post(router.port, "sk-narrow", {"model": "gpt-4o-mini", "messages": ASK})
+    assert reply.status == 200
+    refused = post(router.port, "sk-narrow")
+    assert refused.status == 403
+    assert refused.json()["error"] == (
+        "API key 'narrow' may not use model 'Qwen3-32B'; it may use: gpt-4o-mini"
+    )
+    # max_in_flight 1: a second request while a stream is under way gets 429.
+    backend.set_timing(token_delay=0.02)
+    slow = {"model": "gpt-4o-mini", "messages": ASK, "stream": True, "max_tokens": 50}
+    first: list[Any] = []
+    worker = threading.Thread(target=lambda: first.append(post(router.port, "sk-narrow", slow)))
+    worker.start()
+    wait_until(lambda: under_way(router) == 1, 5, "the stream under way")
+    busy = post(router.port, "sk-narrow", {"model": "gpt-4o-mini", "messages": ASK})
+    assert busy.status == 429 and busy.headers["retry-after"] == "1"
+    assert "max_in_flight, 1 requests under way" in busy.json()["error"]
+    worker.join(10)
+    assert first[0].status == 200
+    assert post(router.port, "sk-narrow", {"model": "gpt-4o-mini", "messages": ASK}).status == 200
+
+
+def test_a_client_that_hangs_up_gives_its_slot_back(keyed):
+    backend, start = keyed
+    router = start()
+    backend.set_timing(token_delay=0.05)
+    slow = {"model": "gpt-4o-mini", "messages": ASK, "stream": True, "max_tokens": 200}
+    # Hang up mid-stream, three times: the key's one slot comes back each time.
+    for _ in range(3):
+        with client(router, "sk-narrow") as sdk:
+            stream = sdk.chat.completions.create(**slow)
+            next(iter(stream))
+            stream.close()
+        wait_until(
+            lambda: (
+                post(router.port, "sk-narrow", {"model": "gpt-4o-mini", "messages": ASK}).status
+                == 200
+            ),
+            5,
+            "the slot back",
+        )
+
+
+def test_limits_hold_for_the_whole_router_with_workers(keyed):
+    backend, start = keyed
+    router = start("--workers", "2")
+    assert_rpm_holds([router.port])
+    assert_tpm_holds(router.port, router.port, backend)
+    assert metric(router, 'lmproxy_key_rejected_total{key="team-a",reason="rpm"} 6.0')
+
+
+# --- across replicas: a real redis-server ------------------------------------------------
+
+
+class Redis:
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            if os.environ.get("LMPROXY_REQUIRE_REDIS"):
+                raise AssertionError("redis-server is not installed (.ci/run installs it)")
+            pytest.skip("redis-server is not installed (apt install redis-server)")
+        self.binary = binary
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        import redis
+
+        def answers() -> bool:
+            try:
+                return bool(redis.Redis(port=self.port, socket_timeout=0.5).ping())
+            except redis.RedisError:
+                return False
+
+        wait_until(answers, 10, "redis-server to answer")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(5)
+            self.proc = None
+
+
+@pytest.fixture
+def redis_server():
+    server = Redis()
+    yield server
+    server.stop()
+
+
+def test_limits_hold_across_replicas_with_redis(keyed, redis_server):
+    backend, start = keyed
+    one = start("--redis-url", redis_server.url, "--workers", "2")
+    two = start("--redis-url", redis_server.url)
+    assert_rpm_holds([one.port, two.port])
+    assert_tpm_holds(one.port, two.port, backend)
+    # max_in_flight across them: a stream under way on one refuses a request on the other.
+    backend.set_timing(token_delay=0.02)
+    slow = {"model": "gpt-4o-mini", "messages": ASK, "stream": True, "max_tokens": 50}
+    worker = threading.Thread(target=lambda: post(one.port, "sk-narrow", slow))
+    worker.start()
+    wait_until(lambda: under_way(one) == 1, 5, "the stream under way")
+    assert post(two.port, "sk-narrow", {"model": "gpt-4o-mini", "messages": ASK}).status == 429
+    worker.join(10)
+    # Its count came back in Redis: the other replica may now.
+    wait_until(
+        lambda: (
+            post(two.port, "sk-narrow", {"model": "gpt-4o-mini", "messages": ASK}).status == 200
+        ),
+        5,
+        "the slot back",
+    )
+
+
+def test_without_redis_each_router_keeps_its_own_limits(keyed, redis_server):
+    _, start = keyed
+    one = start("--redis-url", redis_server.url)
+    two = start("--redis-url", redis_server.url)
+    assert post(one.port, "sk-team-a").status == 200
+    assert post(two.port, "sk-team-a").status == 200
+    assert post(one.port, "sk-team-a").status == 429  # the two are shared
+    redis_server.stop()
+    # Redis is gone: each router serves under its own counts (rpm 2 each, fresh), and
+    # says so once.
+    assert [post(two.port, "sk-team-a").status for _ in range(3)] == [200, 200, 429]
+    assert post(one.port, "sk-team-a").status == 200
+    for router in (one, two):
+        wait_until(lambda r=router: "Redis at" in r.output and "cannot be reached" in r.output, 5)
+    assert two.output.count("cannot be reached") == 1
+    # It comes back: the routers say so, and the limits are shared again.
+    redis_server.start()
+    wait_until(lambda: "shared again" in two.output, 10, "the router to find Redis again")
+    wait_until(lambda: "shared again" in one.output, 10, "the router to find Redis again")
+    assert post(one.port, "sk-team-a").status == 200
+    second = post(two.port, "sk-team-a")
+    assert second.status == 200, second
+    assert post(one.port, "sk-team-a").status == 429
+
+
+# --- priorities ---------------------------------------------------------------------
+
+
+PRIORITY_KEYS = """
+[[keys]]
+name = "app"
+key = "sk-app"
+max_priority = 10
+
+[[keys]]
+name = "urgent"
+key = "sk-urgent"
+priority = 5
+"""
+
+
+def queued_fleet(spawn, tmp_path, *args: str) -> tuple[Mock, Router]:
+    backend = spawn(Mock, "svc", ["Qwen3-32B"], "--token-delay", "0.02", "--tokens", "30")
+    router = spawn(
+        Router, "--config", config_file(tmp_path, PRIORITY_KEYS),
+        "--backend", backend.backend_arg("max_in_flight=1"), *args,
+    )  # fmt: skip
+    router.wait_healthy(1)
+    return backend, router
+
+
+def send_in_order(
+    router: Router, requests: list[tuple[str, str, dict[str, str]]]
+) -> dict[str, Any]:
+    """Send each (label, key, headers) once the previous one holds the slot or waits;
+    return each label's status, and the order they were answered in."""
+    done: list[str] = []
+    statuses: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def send(label: str, key: str, headers: dict[str, str]) -> None:
+        status = post(router.port, key, **headers).status
+        with lock:
+            done.append(label)
+            statuses[label] = status
+
+    threads = []
+    for number, (label, key, headers) in enumerate(requests):
+        thread = threading.Thread(target=send, args=(label, key, headers))
+        thread.start()
+        threads.append(thread)
+
+        def arrived(number: int = number) -> bool:
+            stats = router.get("/stats", headers={"Authorization": "Bearer sk-app"}).json()
+            held = stats["services"][0]["in_flight"]
+            return held + stats["queue_length"] + len(done) >= number + 1
+
+        wait_until(arrived, 5, f"request {label} to arrive")
+    for thread in threads:
+        thread.join(10)
+    return {"order": done, "status": statuses}
+
+
+def test_a_higher_priority_that_arrives_later_is_served_first(spawn, tmp_path):
+    _, router = queued_fleet(spawn, tmp_path)
+    result = send_in_order(
+        router,
+        [
+            ("busy", "sk-app", {}),
+            ("low-1", "sk-app", {}),
+            ("low-2", "sk-app", {"X-Priority": "0"}),
+            ("high", "sk-app", {"X-Priority": "10"}),
+            ("key-5", "sk-urgent", {"X-Priority": "99"}),  # ignored: no max_priority
+        ],
+    )
+    assert result["order"] == ["busy", "high", "key-5", "low-1", "low-2"]
+    assert set(result["status"].values()) == {200}
+
+
+def test_a_full_queue_sheds_the_lowest_priority_first(spawn, tmp_path):
+    _, router = queued_fleet(spawn, tmp_path, "--max-queue", "2")
+    result = send_in_order(
+        router,
+        [
+            ("busy", "sk-app", {}),
+            ("low-1", "sk-app", {}),
+            ("low-2", "sk-app", {}),
+            ("high", "sk-app", {"X-Priority": "3"}),  # sheds low-2, the newest of the lowest
+            ("low-3", "sk-app", {}),  # finds high and low-1: itself the lowest, shed
+        ],
+    )
+    assert result["status"] == {"busy": 200, "low-1": 200, "low-2": 429, "high": 200, "low-3": 429}
+    assert result["order"][:2] == ["low-2", "low-3"]  # answered at once
+    assert result["order"][2:] == ["busy", "high", "low-1"]
+    text = router.get("/metrics", headers={"Authorization": "Bearer sk-app"}).body.decode()
+    assert 'lmproxy_queue_shed_total{priority="0"} 2.0' in text
+
+
+def test_x_priority_is_checked(spawn, tmp_path):
+    _, router = queued_fleet(spawn, tmp_path)
+    above = post(router.port, "sk-app", **{"X-Priority": "11"})
+    assert above.status == 403
+    assert "above API key 'app''s max_priority, 10" in above.json()["error"]
+    bad = post(router.port, "sk-app", **{"X-Priority": "high"})
+    assert bad.status == 400 and "X-Priority must be an integer" in bad.json()["error"]
+    assert post(router.port, "sk-app", **{"X-Priority": "-3"}).status == 200
+
+
+def test_keys_are_applied_on_reload(spawn, tmp_path):
+    backend = spawn(Mock, "svc", ["Qwen3-32B"])
+    path = config_file(tmp_path, '[[keys]]\nname = "a"\nkey = "sk-a"\nrpm = 1\n')
+    router = spawn(Router, "--config", path, "--backend", backend.backend_arg())
+    router.wait_healthy(1)
+    assert [post(router.port, "sk-a").status for _ in range(2)] == [200, 429]
+    config_file(tmp_path, '[[keys]]\nname = "b"\nkey = "sk-b"\n')
+    router.signal(signal.SIGHUP)
+    wait_until(lambda: post(router.port, "sk-a").status == 401, 5, "the reload")
+    assert [post(router.port, "sk-b").status for _ in range(3)] == [200] * 3
+
+
+# --- in process: the buckets' arithmetic, the supervisor's grants, the config ---------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_key(**fields: Any) -> Key:
+    return Key(KeySpec(name="k", key="sk", **fields))
+
+
+def test_rpm_refills_one_request_every_60_over_rpm_seconds():
+    clock = Clock()
+    limits = LocalLimits(clock)
+    key = make_key(rpm=3)
+    grants = [limits.check(key) for _ in range(3)]
+    assert not any(isinstance(g, Refusal) for g in grants)
+    refused = limits.check(key)
+    assert isinstance(refused, Refusal) and refused.limit == "rpm"
+    assert refused.retry_after == 20  # one request's worth: 60 / 3 s
+    clock.now += 19.9
+    assert isinstance(limits.check(key), Refusal)
+    clock.now += 0.2
+    assert not isinstance(limits.check(key), Refusal)
+    assert isinstance(limits.check(key), Refusal)
+    clock.now += 60  # a quiet minute fills the bucket again, never more
+    assert [isinstance(limits.check(key), Refusal) for _ in range(4)] == [False] * 3 + [True]
+
+
+def test_tpm_admits_while_tokens_are_left_and_charges_at_the_end():
+    clock = Clock()
+    limits = LocalLimits(clock)
+    key = make_key(tpm=100)
+    first = limits.check(key)
+    second = limits.check(key)  # both admitted: nothing used yet
+    assert not isinstance(first, Refusal) and not isinstance(second, Refusal)
+    first.end(60)
+    assert not isinstance(limits.check(key), Refusal)  # 40 left
+    second.end(60)  # 120 used: 20 in debt
+    refused = limits.check(key)
+    assert isinstance(refused, Refusal) and refused.limit == "tpm"
+    assert refused.retry_after == 12  # 20 tokens at 100 a minute
+    clock.now += 12.1
+    assert not isinstance(limits.check(key), Refusal)
+
+
+def test_max_in_flight_counts_until_the_end():
+    limits = LocalLimits(Clock())
+    key = make_key(max_in_flight=2)
+    held = [limits.check(key), limits.check(key)]
+    refused = limits.check(key)
+    assert isinstance(refused, Refusal) and refused.retry_after == 1
+    assert "max_in_flight, 2 requests under way" in refused.message
+    held[0].end(0)
+    assert not isinstance(limits.check(key), Refusal)
+
+
+class FakeChannel:
+    def __init__(self) -> None:
+        self.closed = False
+        self.replies: list[dict[str, Any]] = []
+
+    def reply(self, request: dict[str, Any], message: dict[str, Any]) -> None:
+        self.replies.append(message)
+
+
+def test_the_supervisor_ends_the_grants_of_a_worker_that_died():
+    limits = LocalLimits(Clock())
+    key = make_key(max_in_flight=1)
+    authority = Authority(limits, {"k": key})
+    channel = FakeChannel()
+    authority.ask(0, channel, {"op": "limit", "key": "k", "id": 1})  # type: ignore[arg-type]
+    authority.ask(1, channel, {"op": "limit", "key": "k", "id": 2})  # type: ignore[arg-type]
+    assert channel.replies[0]["grant"] and channel.replies[1]["grant"] is None
+    assert channel.replies[1]["limit"] == "max_in_flight"
+    authority.forget(0)  # worker 0 died with its request under way
+    authority.ask(1, channel, {"op": "limit", "key": "k", "id": 3})  # type: ignore[arg-type]
+    grant = channel.replies[2]["grant"]
+    assert grant
+    authority.end(1, {"grant": grant, "tokens": 5})
+    assert limits.counts["k"].under_way == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('[[keys]]\nname = "a"\n', ["give key or key_sha256"]),
+        ('[[keys]]\nname = "a"\nkey = "x"\nkey_sha256 = "%s"\n' % ("0" * 64), ["one of them"]),
+        ('[[keys]]\nname = "a"\nkey_sha256 = "abc"\n', ["64 hex digits"]),
+        ('[[keys]]\nname = "a"\nkey = " "\n', ["key is empty"]),
+        ('[[keys]]\nname = "a b"\nkey = "x"\n', ["name 'a b'"]),
+        ('[[keys]]\nname = "a"\nkey = "x"\nrpm = -1\n', ["rpm must be >= 0"]),
+        ('[[keys]]\nname = "a"\nkey = "x"\n[[keys]]\nname = "a"\nkey = "y"\n', ["two [[keys]]"]),
+        ('[[keys]]\nname = "a"\nkey = "x"\n[[keys]]\nname = "b"\nkey = "x"\n', ["one secret"]),
+        ('[[keys]]\nname = "a"\nkey = "x"\npriority = 5\nmax_priority = 1\n', ["max_priority"]),
+        ('[[keys]]\nname = "a"\nkey = "x"\nlimit = 5\n', ["limit"]),
+        ('redis_url = "redis://127.0.0.1:6379"\n', ["has no [[keys]]"]),
+        ('redis_url = "http://x"\n[[keys]]\nname = "a"\nkey = "x"\n', ["redis://"]),
+    ],
+)
+def test_key_settings_are_checked(tmp_path, text, words):
+    with pytest.raises(ConfigError) as caught:
+        load_config(["--config", config_file(tmp_path, text)])
+    for word in words:
+        assert word in str(caught.value)
+
+
+def test_an_api_key_that_is_also_a_named_key_is_refused(tmp_path):
+    path = config_file(tmp_path, '[[keys]]\nname = "a"\nkey = "same"\n')
+    with pytest.raises(ConfigError, match="one secret must name one key"):
+        load_config(["--config", path, "--api-key", "same"])

@@ -24,11 +24,18 @@ import asyncio
 import gc
 import time
 
+from lmproxy.config import KeySpec
 from strategies import SharesState
 from tests.inproc import Harness  # the tests' in-process layer (run from the repo root)
 
+# --keys: a [[keys]] key with every limit, each far above what a run uses, so every
+# request pays for its checks and none is refused.
+BENCH_KEY = KeySpec(
+    name="bench", key="bench-key", rpm=10**9, tpm=10**12, max_in_flight=10**6, priority=1
+)
 
-def chat_request(system_bytes: int = 0) -> bytes:
+
+def chat_request(system_bytes: int = 0, key: bool = False) -> bytes:
     """A small chat completion; with ``system_bytes``, after a system prompt that long
     (what cache-aware hashes and, with --share, hands to the other workers)."""
     system = (
@@ -42,8 +49,9 @@ def chat_request(system_bytes: int = 0) -> bytes:
         % system
     )
     return (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n%s"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (b"Authorization: Bearer bench-key\r\n" if key else b"", len(body), body)
     )
 
 
@@ -60,14 +68,14 @@ RESPONSE = (
 
 
 async def measure(
-    requests: int, strategy: str, system_bytes: int = 0, share: bool = False
+    requests: int, strategy: str, system_bytes: int = 0, share: bool = False, keys: bool = False
 ) -> float:
     """Microseconds of CPU per request."""
-    harness = Harness(strategy=strategy)
+    harness = Harness(strategy=strategy, keys=[BENCH_KEY] if keys else [])
     service = harness.service
     backend, backend_transport = harness.backend()
     client, client_transport = harness.client()
-    request = chat_request(system_bytes)
+    request = chat_request(system_bytes, keys)
     sharer = None
     if share:  # as a worker of --workers N does: keep what is learnt, hand it over in batches
         sharer = harness.router.strategy
@@ -109,6 +117,11 @@ def main() -> None:
         action="store_true",
         help="share what the strategy learns, as each worker of --workers N does",
     )
+    parser.add_argument(
+        "--keys",
+        action="store_true",
+        help="requests made with a [[keys]] key that has rpm, tpm and max_in_flight limits",
+    )
     args = parser.parse_args()
     try:
         import uvloop
@@ -116,11 +129,12 @@ def main() -> None:
         uvloop = None
     runner = uvloop.run if uvloop is not None else asyncio.run
     figures = [
-        runner(measure(args.requests, args.strategy, args.system_bytes, args.share))
+        runner(measure(args.requests, args.strategy, args.system_bytes, args.share, args.keys))
         for _ in range(args.repeat)
     ]
+    label = f"{args.strategy} with keys" if args.keys else args.strategy
     print(
-        f"{args.strategy}: {min(figures):.2f} us of CPU per request in lmproxy's Python path "
+        f"{label}: {min(figures):.2f} us of CPU per request in lmproxy's Python path "
         f"(best of {args.repeat}: {', '.join(f'{f:.2f}' for f in figures)})"
     )
 

@@ -13,6 +13,9 @@ from pathlib import Path
 
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
 
+# The API key every request carries: lmproxy-keys's [[keys]] entry (bench/peers).
+BENCH_KEY = "bench-key"
+
 
 def wrk_missing() -> str | None:
     return None if shutil.which("wrk") else "wrk is not installed (bench/setup.sh)"
@@ -52,6 +55,8 @@ def run_wrk(
         lua = [
             'wrk.method = "POST"',
             'wrk.headers["Content-Type"] = "application/json"',
+            # Every peer gets it; only lmproxy-keys checks it (the others pass or ignore it).
+            f'wrk.headers["Authorization"] = "Bearer {BENCH_KEY}"',
             f'local f = io.open("{body_file}", "rb"); wrk.body = f:read("*a"); f:close()',
         ]
         if rate:
@@ -110,7 +115,10 @@ class StreamTiming:
 def _request(body: bytes, extra: bytes = b"") -> bytes:
     return (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: "
-        b"application/json\r\n" + extra + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        b"application/json\r\nAuthorization: Bearer %s\r\n"
+        % BENCH_KEY.encode()
+        + extra
+        + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
     )
 
 

@@ -112,6 +112,7 @@ class Router:
             self.registry.limit_share = link.workers
         self.strategy, self.model_strategies = load_strategies(config)
         self.policies = _has_policies(config)
+        self.model_policies = _has_model_policies(config)
         tracing.reset()  # this process's own trace ids (a worker is a process of its own)
         # --otlp-endpoint: one span per proxied request (tracing.py); None: trace context only.
         self.tracer = (
@@ -410,6 +411,7 @@ class Router:
         self.registry.backend_tls = backend_tls(config)
         self.config = config
         self.policies = _has_policies(config)
+        self.model_policies = _has_model_policies(config)
         self.registry.max_errors = config.max_errors
         self.admission.timeout_s = config.queue_timeout
         self.admission.max_queue = config.max_queue
@@ -551,7 +553,11 @@ def _auto_max_connections() -> int:
 
 def _has_policies(config: Config) -> bool:
     """Whether a request may meet a policy: an alias, fallbacks, or a [[keys]] key."""
-    return bool(config.aliases or config.keys) or any(m.fallbacks for m in config.models.values())
+    return bool(config.keys) or _has_model_policies(config)
+
+
+def _has_model_policies(config: Config) -> bool:
+    return bool(config.aliases) or any(m.fallbacks for m in config.models.values())
 
 
 _NO_KEY = Key.__new__(Key)  # not found (None is a key without a name: --api-key)

@@ -135,7 +135,8 @@ class Metrics:
         duration_s: float,
         ttfb_s: float,
         tail: bytes,
-    ) -> None:
+    ) -> tuple[int, int] | None:
+        """Count a response; its (prompt, completion) tokens, if its tail has usage."""
         key = (service.name, model or "")
         figures = self._figures.get(key)
         if figures is None:
@@ -145,11 +146,13 @@ class Metrics:
         figures.by_status[_STATUS_CLASS.get(status // 100, "5xx")] += 1
         if status >= 500 or status == 429:
             self.failed(service, f"status_{status}")
-        if tail:
-            tokens = usage_tokens(tail)
-            if tokens:
-                figures.prompt += tokens[0]
-                figures.completion += tokens[1]
+        if not tail:
+            return None
+        tokens = usage_tokens(tail)
+        if tokens:
+            figures.prompt += tokens[0]
+            figures.completion += tokens[1]
+        return tokens
 
     def failed(self, service: Service, kind: str) -> None:
         key = (service.name, kind)

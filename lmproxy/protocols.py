@@ -85,6 +85,11 @@ class ProxyHost(Protocol):
         ...
 
     @property
+    def model_policies(self) -> bool:
+        """Whether any alias or fallback is configured."""
+        ...
+
+    @property
     def limits(self) -> Limits:
         """Where a [[keys]] key's limits are checked (limits.py)."""
         ...

@@ -630,7 +630,8 @@ class Journey:
             else:
                 self.grant = UNLIMITED
                 self.router.metrics.key_request(key.name)
-        self._model_policies(route)
+        if self.router.model_policies:
+            self._model_policies(route)
         return True
 
     def _key_allows(self, key: Key, route: RouteRequest) -> bool:
@@ -700,17 +701,18 @@ class Journey:
             route = self.route
             assert key is not None and route is not None
             if self._granted(key, verdict):
-                self._model_policies(route)
+                if self.router.model_policies:
+                    self._model_policies(route)
                 self._proceed()
         except Exception:
             log.exception("internal error after a key's limits were checked")
             self.client.close()
 
-    def _end_key(self, tail: bytes) -> None:
-        """The request is over: its key's grant ends, with the tokens it used."""
+    def _end_key(self, tokens: tuple[int, int] | None) -> None:
+        """The request is over: its key's grant ends, with the (prompt, completion)
+        tokens it used, if its answer said."""
         grant, self.grant = self.grant, None
         assert grant is not None
-        tokens = usage_tokens(tail) if tail else None
         grant.end(tokens[0] + tokens[1] if tokens else 0)
         key = self.request.key
         if tokens and key is not None:
@@ -807,7 +809,7 @@ class Journey:
         """The client hung up while this request waited for a slot."""
         self.router.admission.leave(self.client)
         if self.grant is not None:
-            self._end_key(b"")
+            self._end_key(None)
 
     def may_start(self) -> bool:
         """Whether a waiting request would now find room (or an error to report)."""
@@ -838,7 +840,7 @@ class Journey:
         except asyncio.CancelledError:  # the client hung up while we connected
             service.release()
             if self.grant is not None:
-                self._end_key(b"")
+                self._end_key(None)
             raise
         self.client.task = None
         if self.client.closing:
@@ -870,6 +872,8 @@ class Journey:
             log.exception("internal error finishing a request")
             exchange.conn.close()
             self.client.close()
+            if self.grant is not None:
+                self._end_key(None)
 
     def _finish(self, exchange: Exchange) -> None:
         self.client.exchange = None
@@ -906,11 +910,11 @@ class Journey:
         outcome = exchange.outcome
         if outcome is Outcome.DONE:
             status = exchange.status
-            self.router.metrics.finished(
+            tokens = self.router.metrics.finished(
                 service, route.model, status, latency_s, exchange.ttfb_s, exchange.tail
             )
             if self.grant is not None:
-                self._end_key(exchange.tail)
+                self._end_key(tokens)
             if self.span is not None:
                 self._end_span(service.name, status, exchange)
             if self.router.config.access_log != "off":  # no call at all when it is off
@@ -934,7 +938,7 @@ class Journey:
             return
         if outcome is Outcome.CLIENT_GONE:
             if self.grant is not None:
-                self._end_key(exchange.tail)
+                self._end_key(usage_tokens(exchange.tail))
             self._log(service.name, 499, exchange.bytes_out, exchange.ttfb_s)
             service.request_count += 1
             self.strategy.on_end(service, route, latency_s, True)
@@ -955,7 +959,7 @@ class Journey:
             registry.request_failed(service, exchange.reason)
         if outcome is Outcome.CUT:
             if self.grant is not None:
-                self._end_key(exchange.tail)
+                self._end_key(usage_tokens(exchange.tail))
             self._log(service.name, exchange.status, exchange.bytes_out, exchange.ttfb_s)
 
     def _retry(self, failed: Service | None, error: ProxyError) -> None:
@@ -1005,7 +1009,7 @@ class Journey:
     def _log(self, service: str, status: int, bytes_out: int, ttfb_s: float) -> None:
         """The request's end, whatever it was: its span, its key's grant, the log line."""
         if self.grant is not None:
-            self._end_key(b"")
+            self._end_key(None)
         if self.span is not None:
             self._end_span(service, status)
         style = self.router.config.access_log

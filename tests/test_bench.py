@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 
@@ -20,7 +21,7 @@ def test_bench_smoke_runs_every_installed_peer(tmp_path):
             "--workloads",
             "small,stream,many,tls",
             "--peers",
-            "direct,nginx,vllm-router,sglang-router,aiohttp,lmproxy",
+            "direct,nginx,vllm-router,sglang-router,aiohttp,lmproxy,lmproxy-keys",
             "--figures",
             str(figures_path),
         ],
@@ -38,6 +39,9 @@ def test_bench_smoke_runs_every_installed_peer(tmp_path):
     assert ours["many50"]["kib_per_stream"] > 0
     assert ours["stream64_ttft_s"] > 0 and ours["stream512_ttft_s"] > 0
     assert "direct" in figures
+    # With a limited [[keys]] key, every request carries the bench key and is admitted.
+    keyed = figures["lmproxy-keys"]
+    assert (keyed["many50"]["ok"], keyed["many50"]["failed"]) == (50, 0), keyed
     if "skip request-rate figures" not in out:  # wrk is installed
         assert ours["small_rps"] > 0 and ours["small_errors"] == 0, ours
         assert ours["tls_rps"] > 0 and ours["tls_errors"] == 0, ours  # served over HTTPS
@@ -47,9 +51,10 @@ def test_bench_smoke_runs_every_installed_peer(tmp_path):
     assert "# lmproxy and its peers, side by side" in out  # the report came out too
 
 
-def test_hotpath_bench_runs_and_every_request_completes():
+@pytest.mark.parametrize("keys", [[], ["--keys"]])
+def test_hotpath_bench_runs_and_every_request_completes(keys):
     result = subprocess.run(
-        [sys.executable, "-m", "bench.hotpath", "--requests", "500", "--repeat", "1"],
+        [sys.executable, "-m", "bench.hotpath", "--requests", "500", "--repeat", "1", *keys],
         capture_output=True,
         text=True,
         timeout=60,

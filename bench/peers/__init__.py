@@ -119,7 +119,8 @@ def _wait_ready(
             req = urllib.request.Request(
                 f"{scheme}://127.0.0.1:{port}/v1/chat/completions",
                 data=body,
-                headers={"Content-Type": "application/json"},
+                # The benchmark's key, as every request of the load carries (bench/load.py).
+                headers={"Content-Type": "application/json", "Authorization": "Bearer bench-key"},
             )
             with urllib.request.urlopen(req, timeout=2, context=context) as resp:
                 if resp.status == 200:
@@ -367,6 +368,9 @@ class Lmproxy(Peer):
     def start_tls(self, backends: list[int], cpus: str, tls: tuple[str, str]) -> Running:
         return self.start(backends, cpus, tls)
 
+    def argv_extra(self, workdir: str) -> list[str]:
+        return []
+
     def start(self, backends: list[int], cpus: str, tls: tuple[str, str] | None = None) -> Running:
         workdir = tempfile.mkdtemp(prefix="bench-lmproxy-")
         port = free_port()
@@ -385,11 +389,38 @@ class Lmproxy(Peer):
             argv += ["--backend", f"b{i}=http://127.0.0.1:{p},model=Qwen3-32B"]
         if tls:
             argv += ["--ssl-certfile", tls[0], "--ssl-keyfile", tls[1]]
+        argv += self.argv_extra(workdir)
         scheme = "https" if tls else "http"
         return _launch(self.name, argv, cpus, port, workdir, cwd=str(ROOT), scheme=scheme)
 
 
+class LmproxyKeys(Lmproxy):
+    """lmproxy with a [[keys]] key that has every limit, each far above what a run
+    sends: every request pays for its checks, none is refused."""
+
+    name = "lmproxy-keys"
+    about = "lmproxy with an API key limited in rpm, tpm and max_in_flight ([[keys]])"
+    serves_tls = False
+
+    def argv_extra(self, workdir: str) -> list[str]:
+        config = Path(workdir) / "keys.toml"
+        config.write_text(
+            '[[keys]]\nname = "bench"\nkey = "bench-key"\n'
+            "rpm = 1000000000\ntpm = 1000000000000\nmax_in_flight = 1000000\n"
+        )
+        return ["--config", str(config)]
+
+
 PEERS: dict[str, Peer] = {
     p.name: p
-    for p in (Direct(), Nginx(), VllmRouter(), SglangRouter(), Litellm(), AiohttpProxy(), Lmproxy())
+    for p in (
+        Direct(),
+        Nginx(),
+        VllmRouter(),
+        SglangRouter(),
+        Litellm(),
+        AiohttpProxy(),
+        Lmproxy(),
+        LmproxyKeys(),
+    )
 }

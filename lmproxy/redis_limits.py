@@ -25,6 +25,7 @@ from lmproxy.limits import Key, LocalLimits, Verdict, refusal
 log = logging.getLogger("lmproxy")
 
 TIMEOUT_S = 0.5  # one Redis call, connecting included; past it, local counts
+MAX_CONNECTIONS = 32  # to Redis, per process
 PROBE_S = 1.0  # how often a process counting alone asks whether Redis is back
 HEARTBEAT_S = 5.0
 HEARTBEAT_TTL_MS = 15_000
@@ -92,21 +93,24 @@ class RedisLimits:
         try:
             import redis.asyncio as redis_asyncio
             from redis.backoff import NoBackoff
-            from redis.retry import Retry
+            from redis.asyncio.retry import Retry
         except ImportError:
             raise ConfigError(
                 "--redis-url needs the Redis client: pip install 'lmproxy[redis]'"
             ) from None
         self.url = url
         self.loop = asyncio.get_running_loop()
-        # One retry, at once: a pooled connection that died with a restarted Redis is
-        # replaced by a new one. A Redis that is down fails both within TIMEOUT_S.
-        self.client: Any = redis_asyncio.Redis.from_url(
+        # At most MAX_CONNECTIONS to Redis, whatever the load: a check waits for a free
+        # one (within its TIMEOUT_S). One retry, at once: a pooled connection that died
+        # with a restarted Redis is replaced by a new one.
+        pool = redis_asyncio.BlockingConnectionPool.from_url(
             url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=TIMEOUT_S,
             socket_timeout=TIMEOUT_S,
             socket_connect_timeout=TIMEOUT_S,
-            retry=Retry(NoBackoff(), 1),
         )
+        self.client: Any = redis_asyncio.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 1))
         self._check = self.client.register_script(_CHECK)
         self._end = self.client.register_script(_END)
         self.prefix = prefix

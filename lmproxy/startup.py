@@ -98,7 +98,12 @@ def startup_warnings(config: Config, services: int, port: int) -> None:
             "no backend services configured: give --backend URL, --config, --registry-url, "
             "--discover, --k8s-selector or --demo, or register them (POST /services)"
         )
-    if config.binds_publicly and not config.api_keys:
+    if config.redis_url and not any(k.rpm or k.tpm or k.max_in_flight for k in config.keys):
+        log.warning(
+            "--redis-url is set, but no [[keys]] entry has a limit (rpm, tpm, "
+            "max_in_flight): Redis is not used"
+        )
+    if config.binds_publicly and not (config.api_keys or config.keys):
         log.warning(
             "listening on %s with no API keys: anyone who can reach port %d can use "
             "every backend; set --api-key or LMPROXY_API_KEYS, or bind --host 127.0.0.1",

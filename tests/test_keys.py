@@ -4,6 +4,7 @@ admission queue."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import threading
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -553,3 +555,45 @@ def test_an_api_key_that_is_also_a_named_key_is_refused(tmp_path):
     path = config_file(tmp_path, '[[keys]]\nname = "a"\nkey = "same"\n')
     with pytest.raises(ConfigError, match="one secret must name one key"):
         load_config(["--config", path, "--api-key", "same"])
+
+
+def test_a_worker_that_dies_gives_its_key_slots_back(keyed):
+    """--workers 2: a worker killed with a stream under way for a max_in_flight = 1 key;
+    the supervisor ends its grants, so the key is not locked out for good."""
+    backend, start = keyed
+    router = start("--workers", "2")
+    backend.set_timing(token_delay=0.05)
+    slow = {"model": "gpt-4o-mini", "messages": ASK, "stream": True, "max_tokens": 400}
+    small = {"model": "gpt-4o-mini", "messages": ASK}
+
+    def cut_off() -> None:
+        with contextlib.suppress(Exception):  # its worker dies mid-stream
+            post(router.port, "sk-narrow", slow)
+
+    def served() -> bool:
+        try:
+            return post(router.port, "sk-narrow", small).status == 200
+        except OSError:  # between a worker's death and its restart
+            return False
+
+    worker = threading.Thread(target=cut_off)
+    worker.start()
+    wait_until(lambda: under_way(router) == 1, 5, "the stream under way")
+    assert post(router.port, "sk-narrow", small).status == 429
+    children = [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and _parent(entry) == router.proc.pid
+    ]
+    assert len(children) == 2, children
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+    worker.join(10)
+    wait_until(served, 15, "the key's slot back, from restarted workers")
+
+
+def _parent(proc: Path) -> int:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0

@@ -593,15 +593,10 @@ class Journey:
             return
         if self.router.policies and not self._policies(self.route):
             return  # answered, or waiting for the key limits' verdict
-        self.strategy = self.router.strategy_for(self.route.model)
-        pd_models = self.router.registry.pd_models
-        if pd_models and self.route.model in pd_models:
-            self.router.disaggregate(self)
-            return
-        self.attempt()
+        self._proceed()
 
     def _proceed(self) -> None:
-        """``start``'s last steps, for a request that waited for its key's verdict."""
+        """The routed request goes on: to its model's strategy, or disaggregated."""
         route = self.route
         assert route is not None
         self.strategy = self.router.strategy_for(route.model)

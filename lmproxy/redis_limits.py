@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from typing import Any
 
 from lmproxy.config import ConfigError
@@ -92,8 +93,8 @@ class RedisLimits:
     def __init__(self, url: str, prefix: str, replica: str) -> None:
         try:
             import redis.asyncio as redis_asyncio
-            from redis.backoff import NoBackoff
             from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
         except ImportError:
             raise ConfigError(
                 "--redis-url needs the Redis client: pip install 'lmproxy[redis]'"
@@ -104,7 +105,8 @@ class RedisLimits:
         # one (within its TIMEOUT_S). One retry, at once: a pooled connection that died
         # with a restarted Redis is replaced by a new one.
         pool = redis_asyncio.BlockingConnectionPool.from_url(
-            url,
+            # valkey speaks the same protocol; the client knows only Redis's schemes.
+            re.sub(r"^valkey(s?)://", r"redis\1://", url),
             max_connections=MAX_CONNECTIONS,
             timeout=TIMEOUT_S,
             socket_timeout=TIMEOUT_S,

@@ -279,7 +279,7 @@ def redis_server():
 def test_limits_hold_across_replicas_with_redis(keyed, redis_server):
     backend, start = keyed
     one = start("--redis-url", redis_server.url, "--workers", "2")
-    two = start("--redis-url", redis_server.url)
+    two = start("--redis-url", redis_server.url.replace("redis://", "valkey://"))  # same server
     assert_rpm_holds([one.port, two.port])
     assert_tpm_holds(one.port, two.port, backend)
     # max_in_flight across them: a stream under way on one refuses a request on the other.

@@ -198,7 +198,10 @@ class _LocalGrant:
 
 class RemoteLimits:
     """A worker's limits: the supervisor decides, for the whole router. A worker that
-    gets no answer within ASK_TIMEOUT_S decides alone, and says so once."""
+    gets no answer within ASK_TIMEOUT_S decides alone, and says so once.
+
+    A grant is named by the id of the ask that got it, so a worker that stopped
+    waiting can end a grant it never saw (the supervisor ends it when it comes)."""
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
@@ -212,13 +215,14 @@ class RemoteLimits:
         except ChannelClosed:
             return self._decide_alone(key, "the supervisor is gone")
         verdict: asyncio.Future[Verdict] = self.loop.create_future()
-        timer = self.loop.call_later(ASK_TIMEOUT_S, self._late, ident, reply, verdict, key)
-        reply.add_done_callback(lambda done: self._answered(done, verdict, key, timer))
+        timer = self.loop.call_later(ASK_TIMEOUT_S, self._late, ident, verdict, key)
+        reply.add_done_callback(lambda done: self._answered(done, ident, verdict, key, timer))
         return verdict
 
     def _answered(
         self,
         reply: asyncio.Future[Message],
+        ident: int,
         verdict: asyncio.Future[Verdict],
         key: Key,
         timer: asyncio.TimerHandle,
@@ -233,23 +237,17 @@ class RemoteLimits:
         if self._alone:
             self._alone = False
             log.info("the supervisor answers again: key limits hold for the whole router")
-        if message.get("grant") is None:
-            verdict.set_result(Refusal(message["limit"], message["message"], message["retry"]))
+        if message.get("granted"):
+            verdict.set_result(_RemoteGrant(self.channel, ident))
         else:
-            verdict.set_result(_RemoteGrant(self.channel, message["grant"]))
+            verdict.set_result(Refusal(message["limit"], message["message"], message["retry"]))
 
-    def _late(
-        self,
-        ident: int,
-        reply: asyncio.Future[Message],
-        verdict: asyncio.Future[Verdict],
-        key: Key,
-    ) -> None:
-        self.channel.forget(ident)
+    def _late(self, ident: int, verdict: asyncio.Future[Verdict], key: Key) -> None:
+        """No answer in time: decide here, and have the supervisor end what it grants."""
+        self.channel.forget(ident)  # its answer, if it comes, is dropped
+        self.channel.send({"op": "limit_end", "grant": ident, "tokens": 0})
         if not verdict.done():
             verdict.set_result(self._decide_alone(key, f"no answer in {ASK_TIMEOUT_S:g}s"))
-        # A grant that comes after all is ended at once: its request went on without it.
-        reply.add_done_callback(_end_late_grant(self.channel))
 
     def _decide_alone(self, key: Key, why: str) -> Verdict:
         if not self._alone:
@@ -262,16 +260,6 @@ class RemoteLimits:
 
     def close(self) -> None:
         pass
-
-
-def _end_late_grant(channel: Channel) -> Callable[[asyncio.Future[Message]], None]:
-    def end(reply: asyncio.Future[Message]) -> None:
-        if not reply.cancelled() and reply.exception() is None:
-            grant = reply.result().get("grant")
-            if grant is not None:
-                channel.send({"op": "limit_end", "grant": grant, "tokens": 0})
-
-    return end
 
 
 class _RemoteGrant:
@@ -287,52 +275,59 @@ class _RemoteGrant:
 
 class Authority:
     """The supervisor's side: answers the workers' checks from its own limits (local,
-    or Redis), and holds their grants until they end them or die."""
+    or Redis), and holds their grants until they end them or die.
+
+    Grants are named by the worker's channel and the ask's id. An end may come before
+    its grant when the worker stopped waiting: an ask still being decided (by Redis)
+    is then marked, and its grant ended as soon as it is made."""
 
     def __init__(self, limits: Limits, keys: dict[str, Key]) -> None:
         self.limits = limits
         self.keys = keys
-        self._grants: dict[tuple[int, int], Grant] = {}  # (worker slot, grant id)
-        self._ids = 0
+        self._grants: dict[tuple[Channel, int], Grant] = {}
+        self._deciding: set[tuple[Channel, int]] = set()  # asks waiting for Redis
+        self._ended_early: set[tuple[Channel, int]] = set()  # ... whose worker ended them
 
-    def ask(self, slot: int, channel: Channel, message: Message) -> None:
+    def ask(self, channel: Channel, message: Message) -> None:
         key = self.keys.get(message["key"])
         if key is None:  # a reload removed it while the worker asked: not ours to refuse
-            channel.reply(message, {"grant": 0})
+            channel.reply(message, {"granted": True})
             return
         verdict = self.limits.check(key)
         if isinstance(verdict, asyncio.Future):
-            verdict.add_done_callback(
-                lambda done: self._answer(slot, channel, message, done.result())
-            )
+            self._deciding.add((channel, message["id"]))
+            verdict.add_done_callback(lambda done: self._answer(channel, message, done.result()))
         else:
-            self._answer(slot, channel, message, verdict)
+            self._answer(channel, message, verdict)
 
-    def _answer(self, slot: int, channel: Channel, message: Message, verdict: Verdict) -> None:
+    def _answer(self, channel: Channel, message: Message, verdict: Verdict) -> None:
+        held = (channel, message["id"])
+        self._deciding.discard(held)
         if isinstance(verdict, Refusal):
+            self._ended_early.discard(held)
             channel.reply(
                 message,
-                {
-                    "grant": None,
-                    "limit": verdict.limit,
-                    "message": verdict.message,
-                    "retry": verdict.retry_after,
-                },
+                {"limit": verdict.limit, "message": verdict.message, "retry": verdict.retry_after},
             )
             return
-        if channel.closed:  # the worker died while Redis answered
+        if channel.closed or held in self._ended_early:
+            # The worker died, or stopped waiting, while Redis answered.
+            self._ended_early.discard(held)
             verdict.end(0)
             return
-        self._ids += 1
-        self._grants[(slot, self._ids)] = verdict
-        channel.reply(message, {"grant": self._ids})
+        self._grants[held] = verdict
+        channel.reply(message, {"granted": True})
 
-    def end(self, slot: int, message: Message) -> None:
-        grant = self._grants.pop((slot, message["grant"]), None)
+    def end(self, channel: Channel, message: Message) -> None:
+        held = (channel, message["grant"])
+        grant = self._grants.pop(held, None)
         if grant is not None:
             grant.end(message["tokens"])
+        elif held in self._deciding:
+            self._ended_early.add(held)
 
-    def forget(self, slot: int) -> None:
+    def forget(self, channel: Channel) -> None:
         """A worker died: the requests it had under way are over."""
-        for held in [held for held in self._grants if held[0] == slot]:
+        for held in [held for held in self._grants if held[0] is channel]:
             self._grants.pop(held).end(0)
+        self._ended_early = {held for held in self._ended_early if held[0] is not channel}

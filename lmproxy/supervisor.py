@@ -231,7 +231,8 @@ class Supervisor:
         worker.snapshot = None
         worker.in_flight = {}
         self._in_flight_changed()
-        self.authority.forget(worker.slot)
+        if worker.channel is not None:
+            self.authority.forget(worker.channel)
         if snapshot is None:
             return
         self.retired.absorb(snapshot["metrics"])
@@ -302,9 +303,10 @@ class Supervisor:
             self._in_flight_changed()
         elif op == "limit":
             assert worker.channel is not None
-            self.authority.ask(worker.slot, worker.channel, message)
+            self.authority.ask(worker.channel, message)
         elif op == "limit_end":
-            self.authority.end(worker.slot, message)
+            assert worker.channel is not None
+            self.authority.end(worker.channel, message)
         elif op == "eject":
             self.registry.eject(message["name"], message["reason"])
         elif op == "learnt":

@@ -4,6 +4,7 @@ admission queue."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -19,9 +20,10 @@ import openai
 import pytest
 from conftest import Mock, Router, free_port, request, wait_until
 
+from lmproxy import limits as limits_module
 from lmproxy.cli import load_config
 from lmproxy.config import ConfigError, KeySpec
-from lmproxy.limits import Authority, Key, LocalLimits, Refusal
+from lmproxy.limits import Authority, Key, LocalLimits, Refusal, RemoteLimits
 
 CHAT = "/v1/chat/completions"
 ASK = [{"role": "user", "content": "hi"}]
@@ -514,17 +516,82 @@ def test_the_supervisor_ends_the_grants_of_a_worker_that_died():
     limits = LocalLimits(Clock())
     key = make_key(max_in_flight=1)
     authority = Authority(limits, {"k": key})
-    channel = FakeChannel()
-    authority.ask(0, channel, {"op": "limit", "key": "k", "id": 1})  # type: ignore[arg-type]
-    authority.ask(1, channel, {"op": "limit", "key": "k", "id": 2})  # type: ignore[arg-type]
-    assert channel.replies[0]["grant"] and channel.replies[1]["grant"] is None
-    assert channel.replies[1]["limit"] == "max_in_flight"
-    authority.forget(0)  # worker 0 died with its request under way
-    authority.ask(1, channel, {"op": "limit", "key": "k", "id": 3})  # type: ignore[arg-type]
-    grant = channel.replies[2]["grant"]
-    assert grant
-    authority.end(1, {"grant": grant, "tokens": 5})
+    dead, alive = FakeChannel(), FakeChannel()
+    authority.ask(dead, {"op": "limit", "key": "k", "id": 1})  # type: ignore[arg-type]
+    authority.ask(alive, {"op": "limit", "key": "k", "id": 1})  # type: ignore[arg-type]
+    assert dead.replies == [{"granted": True}]
+    assert alive.replies[0]["limit"] == "max_in_flight"
+    authority.forget(dead)  # the worker died with its request under way
+    authority.ask(alive, {"op": "limit", "key": "k", "id": 2})  # type: ignore[arg-type]
+    assert alive.replies[1] == {"granted": True}
+    authority.end(alive, {"grant": 2, "tokens": 5})  # type: ignore[arg-type]
     assert limits.counts["k"].under_way == 0
+
+
+async def test_a_grant_the_worker_stopped_waiting_for_is_ended_when_it_comes():
+    """Redis decides late; the worker gave up (and ended the ask) before: the grant is
+    ended as soon as it is made, and nothing of it is kept."""
+    limits = LocalLimits(Clock())
+    key = make_key(max_in_flight=1)
+    loop = asyncio.get_running_loop()
+    pending: asyncio.Future[Any] = loop.create_future()
+
+    class Slow:
+        def check(self, key: Key) -> Any:
+            return pending
+
+        def close(self) -> None:
+            pass
+
+    authority = Authority(Slow(), {"k": key})  # type: ignore[arg-type]
+    worker = FakeChannel()
+    authority.ask(worker, {"op": "limit", "key": "k", "id": 7})  # type: ignore[arg-type]
+    authority.end(worker, {"grant": 7, "tokens": 0})  # type: ignore[arg-type]
+    pending.set_result(limits.check(key))
+    await asyncio.sleep(0)
+    assert worker.replies == []  # no answer to a worker that stopped waiting
+    assert limits.counts["k"].under_way == 0
+    assert not authority._grants and not authority._deciding and not authority._ended_early
+
+
+async def test_a_worker_whose_supervisor_is_silent_decides_alone(monkeypatch, caplog):
+    """No answer within the ask's timeout: the worker counts alone (and says so once),
+    and tells the supervisor to end whatever it grants that ask later."""
+    monkeypatch.setattr(limits_module, "ASK_TIMEOUT_S", 0.05)
+    loop = asyncio.get_running_loop()
+
+    class Silent:
+        closed = False
+
+        def __init__(self) -> None:
+            self.sent: list[dict[str, Any]] = []
+            self.forgotten: list[int] = []
+
+        def request(self, message: dict[str, Any]) -> tuple[int, asyncio.Future[Any]]:
+            return 41 + len(self.sent), loop.create_future()  # never answered
+
+        def forget(self, ident: int) -> None:
+            self.forgotten.append(ident)
+
+        def send(self, message: dict[str, Any]) -> None:
+            self.sent.append(message)
+
+    channel = Silent()
+    remote = RemoteLimits(channel)  # type: ignore[arg-type]
+    key = make_key(rpm=1)
+    verdicts = []
+    for _ in range(2):
+        answer = remote.check(key)
+        assert isinstance(answer, asyncio.Future)
+        verdicts.append(await asyncio.wait_for(answer, 2))
+    assert not isinstance(verdicts[0], Refusal)  # its own counts: rpm 1
+    assert isinstance(verdicts[1], Refusal) and verdicts[1].limit == "rpm"
+    assert channel.forgotten == [41, 42]
+    assert channel.sent == [
+        {"op": "limit_end", "grant": 41, "tokens": 0},
+        {"op": "limit_end", "grant": 42, "tokens": 0},
+    ]
+    assert caplog.text.count("this worker keeps them alone") == 1
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,10 @@ Each check is one Lua script, so it is atomic whichever replica runs it: it
 reads the key's buckets (``limits.py`` explains them) with Redis's own clock,
 refuses or takes, and counts the request under way. Requests under way are a
 hash per key with one field per replica, and each replica keeps a heartbeat
-key alive; a replica that died stops counting once its heartbeat lapses.
+key alive; a replica that died stops counting once its heartbeat lapses. With
+each heartbeat a replica also writes its own count as it knows it (the grants
+it holds), so a count that drifted (a check that timed out after Redis had
+counted it) is right again within ``HEARTBEAT_S``.
 
 While Redis cannot be reached (refused, timed out, or any error), the process
 keeps the limits with its own counts (``LocalLimits``), says so once, and
@@ -119,6 +122,9 @@ class RedisLimits:
         self.replica = replica
         self.heartbeat_key = f"{prefix}:replica:{replica}"
         self.local = LocalLimits()
+        # Requests this replica has under way on Redis's count, by key name: the truth
+        # each heartbeat writes back.
+        self.under_way: dict[str, int] = {}
         self.reachable = True
         self._tasks: set[asyncio.Task[Any]] = set()
         self._heart = self.loop.create_task(self._beat())
@@ -143,14 +149,21 @@ class RedisLimits:
                 )
         except Exception as exc:  # any failure: count here, and say why
             self._lost(exc)
+            if key.max_in_flight:  # Redis may have counted it: the heartbeat says not
+                self.under_way.setdefault(key.name, 0)
             return self.local.check(key)
         if limit:
             name = limit.decode() if isinstance(limit, bytes) else str(limit)
             return refusal(key, name, float(wait_ms) / 1000)
-        return _RedisGrant(self, key, counted=key.max_in_flight > 0)
+        counted = key.max_in_flight > 0
+        if counted:
+            self.under_way[key.name] = self.under_way.get(key.name, 0) + 1
+        return _RedisGrant(self, key, counted)
 
     def end(self, key: Key, tokens: int, counted: bool) -> None:
-        if not counted and not (tokens > 0 and key.tpm):
+        if counted:
+            self.under_way[key.name] -= 1
+        elif not (tokens > 0 and key.tpm):
             return
         self._spawn(self._finish(key, tokens, counted))
 
@@ -187,11 +200,12 @@ class RedisLimits:
             )
 
     async def _beat(self) -> None:
-        """Keep this replica's heartbeat alive; while Redis is lost, look for it."""
+        """Keep this replica's heartbeat alive, and its counts right; while Redis is
+        lost, look for it."""
         while True:
             try:
                 async with asyncio.timeout(TIMEOUT_S):
-                    await self.client.set(self.heartbeat_key, b"1", px=HEARTBEAT_TTL_MS)
+                    await self._heartbeat()
             except Exception as exc:
                 self._lost(exc)
             else:
@@ -202,6 +216,19 @@ class RedisLimits:
                         self.url,
                     )
             await asyncio.sleep(PROBE_S if not self.reachable else HEARTBEAT_S)
+
+    async def _heartbeat(self) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(self.heartbeat_key, b"1", px=HEARTBEAT_TTL_MS)
+        # Every key this replica has counted, at none too: a field that drifted up
+        # while none was under way is put right as well. (As many as there are keys.)
+        for name, count in self.under_way.items():
+            where = f"{self.prefix}:in_flight:{name}"
+            if count > 0:
+                pipe.hset(where, self.replica, count)
+            else:
+                pipe.hdel(where, self.replica)
+        await pipe.execute()
 
     def close(self) -> None:
         self._heart.cancel()

@@ -664,3 +664,25 @@ def _parent(proc: Path) -> int:
         return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return 0
+
+
+def test_a_count_that_drifted_in_redis_is_right_again_with_the_heartbeat(keyed, redis_server):
+    """A check that timed out after Redis counted it leaves one request too many on the
+    replica's count; the replica writes back what it holds with its next heartbeat."""
+    import redis
+
+    _, start = keyed
+    router = start("--redis-url", redis_server.url)
+    small = {"model": "gpt-4o-mini", "messages": ASK}
+    assert post(router.port, "sk-narrow", small).status == 200  # the replica now writes it
+    store = redis.Redis(port=redis_server.port)
+    beats = store.keys("lmproxy:replica:*")
+    assert len(beats) == 1
+    # A heartbeat after the request ended, so that the drift comes while none is under
+    # way (the replica writes back its count of none too).
+    left = store.pttl(beats[0])
+    wait_until(lambda: store.pttl(beats[0]) > left, 8, "a heartbeat")
+    replica = beats[0].decode().rpartition(":")[2]
+    store.hset("lmproxy:in_flight:narrow", replica, 1)  # as a lost answer leaves it
+    assert post(router.port, "sk-narrow", small).status == 429
+    wait_until(lambda: post(router.port, "sk-narrow", small).status == 200, 12, "the heartbeat")

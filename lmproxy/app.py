@@ -453,10 +453,10 @@ class Router:
         token = _bearer_token(request)
         if token is None:
             return False
-        found = self._keys.get(hashlib.sha256(token).digest(), _NO_KEY)
-        if found is _NO_KEY:
+        digest = hashlib.sha256(token).digest()
+        if digest not in self._keys:
             return False
-        request.key = found
+        request.key = self._keys[digest]
         return True
 
     def watch_paused(self, client: ClientConnection) -> None:
@@ -522,7 +522,7 @@ class Router:
                 conn.transport.abort()
         if self.tracer is not None:
             self.tracer.shutdown()  # what is still queued is exported
-        await close_limits(self.limits)
+        await self.limits.aclose()
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._hangup_poll is not None:
@@ -560,9 +560,6 @@ def _has_model_policies(config: Config) -> bool:
     return bool(config.aliases) or any(m.fallbacks for m in config.models.values())
 
 
-_NO_KEY = Key.__new__(Key)  # not found (None is a key without a name: --api-key)
-
-
 def key_table(config: Config) -> dict[bytes, Key | None]:
     """Every key the API takes, by its SHA-256: [[keys]] entries, and the unnamed ones of
     --api-key and LMPROXY_API_KEYS (None: no name, no limits). Empty: the API is open."""
@@ -576,19 +573,11 @@ def key_table(config: Config) -> dict[bytes, Key | None]:
 
 def authority_limits(config: Config, replica: str) -> Limits:
     """The process that keeps the limits: in Redis with --redis-url, else its own."""
-    if config.redis_url and any(spec.rpm or spec.tpm or spec.max_in_flight for spec in config.keys):
+    if config.redis_url:  # even with no limit yet: a reload may set some
         from lmproxy.redis_limits import RedisLimits
 
         return RedisLimits(config.redis_url, config.redis_prefix, replica)
     return LocalLimits()
-
-
-async def close_limits(limits: Limits) -> None:
-    aclose = getattr(limits, "aclose", None)
-    if aclose is not None:
-        await aclose()
-    else:
-        limits.close()
 
 
 def load_strategies(

@@ -110,9 +110,13 @@ UNLIMITED: Grant = _Unlimited()
 
 
 class Limits(Protocol):
-    def check(self, key: Key) -> Verdict | asyncio.Future[Verdict]: ...
+    def check(self, key: Key) -> Verdict | asyncio.Future[Verdict]:
+        """A verdict now, or (from another process) a future of one."""
+        ...
 
-    def close(self) -> None: ...
+    async def aclose(self) -> None:
+        """At shutdown: stop whatever runs in the background."""
+        ...
 
 
 def refusal(key: Key, limit: str, wait_s: float) -> Refusal:
@@ -176,7 +180,7 @@ class LocalLimits:
             if name not in names:
                 del self.counts[name]
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         pass
 
 
@@ -258,7 +262,7 @@ class RemoteLimits:
             )
         return self.fallback.check(key)
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         pass
 
 

@@ -230,13 +230,10 @@ class RedisLimits:
                 pipe.hdel(where, self.replica)
         await pipe.execute()
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         self._heart.cancel()
         for task in self._tasks:
             task.cancel()
-
-    async def aclose(self) -> None:
-        self.close()
         with contextlib.suppress(Exception):
             await self.client.delete(self.heartbeat_key)
         with contextlib.suppress(Exception):

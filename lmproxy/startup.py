@@ -101,7 +101,7 @@ def startup_warnings(config: Config, services: int, port: int) -> None:
     if config.redis_url and not any(k.rpm or k.tpm or k.max_in_flight for k in config.keys):
         log.warning(
             "--redis-url is set, but no [[keys]] entry has a limit (rpm, tpm, "
-            "max_in_flight): Redis is not used"
+            "max_in_flight): Redis holds nothing until one has"
         )
     if config.binds_publicly and not (config.api_keys or config.keys):
         log.warning(

@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 
 from lmproxy import api, tls
-from lmproxy.app import authority_limits, backend_tls, close_limits, new_instance_id
+from lmproxy.app import authority_limits, backend_tls, new_instance_id
 from lmproxy.config import Config, ConfigError
 from lmproxy.control import Channel, ChannelClosed, Message
 from lmproxy.errors import encode_json
@@ -260,7 +260,7 @@ class Supervisor:
                 await asyncio.wait(late, timeout=5)
         for watcher in list(self._watchers):
             watcher.cancel()
-        await close_limits(self.limits)
+        await self.limits.aclose()
         await self.fleet.stop()
 
     def hangup(self) -> None:

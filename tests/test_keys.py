@@ -540,7 +540,7 @@ async def test_a_grant_the_worker_stopped_waiting_for_is_ended_when_it_comes():
         def check(self, key: Key) -> Any:
             return pending
 
-        def close(self) -> None:
+        async def aclose(self) -> None:
             pass
 
     authority = Authority(Slow(), {"k": key})  # type: ignore[arg-type]

@@ -399,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "require 'Authorization: Bearer KEY' on API endpoints; repeatable "
             "(also LMPROXY_API_KEYS, comma-separated). /health, /readiness and /liveness "
-            "stay open"
+            "stay open. Keys with names, models, limits and priorities are [[keys]] "
+            "in the --config file"
         ),
     )
     g.add_argument(
@@ -435,8 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis-prefix",
         metavar="TEXT",
         help=(
-            "prefix of the Redis keys, to keep routers that are not one apart in one "
-            f"Redis (default: {d.redis_prefix})"
+            "prefix of the router's Redis keys, so that separate routers (not replicas of "
+            f"one) can share a Redis (default: {d.redis_prefix})"
         ),
     )
     g = parser.add_argument_group("routing")

@@ -82,3 +82,20 @@ def test_pd_bench_runs_both_protocols(tmp_path):
         assert ours["failed"] == 0 and ours["errors"] == 0 and ours["ttft_s"] > 0, ours
         assert rows[mode][0]["name"].startswith("direct")
     assert "# Prefill/decode disaggregation" in out
+
+
+def test_keys_bench_runs_every_setting():
+    """bench.keys, briefly: each setting is measured with and without a limited key (the
+    keyed routers answer 200 to every request, or it stops)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.keys", "--requests", "50"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [
+        line for line in result.stdout.splitlines() if line.startswith("| ") and " us |" in line
+    ]
+    assert [row.split(" | ")[0] for row in rows][:2] == ["| one process", "| --workers 2"]

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import math
 from collections import deque
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from lmproxy.errors import Fault, ProxyError
@@ -43,13 +42,11 @@ class AdmissionQueue:
         registry: Registry,
         timeout_s: float,
         max_queue: int = 0,
-        on_shed: Callable[[int], None] | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.registry = registry
         self.timeout_s = timeout_s
         self.max_queue = max_queue  # 0: no limit
-        self.on_shed = on_shed  # called with the shed request's priority
         self.waiting: deque[Waiter] = deque()
         # Whether any service has a limit; the request path checks only this.
         self.limited = False
@@ -88,8 +85,6 @@ class AdmissionQueue:
         return None
 
     def _shed(self, journey: Waiter, candidates: list[Service]) -> None:
-        if self.on_shed is not None:
-            self.on_shed(journey.priority)
         error = self._full_error(candidates, 0.0)
         error.fault = Fault.QUEUE_FULL
         error.message = (
@@ -97,7 +92,7 @@ class AdmissionQueue:
             f"request's priority ({journey.priority}) is the lowest of them; retry after the "
             "Retry-After seconds"
         )
-        journey.fail(error)
+        journey.shed(error)
 
     def leave(self, client: QueuedClient) -> None:
         """The client hung up: its request, if one waits, leaves the queue."""

@@ -124,9 +124,7 @@ class Router:
         self.prefill_strategy = strategies.load(config.prefill_strategy, {})
         self.decode_strategy = strategies.load(config.decode_strategy, {})
         self.fleet = Fleet(self.registry, config, self.instance_id) if link is None else None
-        self.admission = AdmissionQueue(
-            self.registry, config.queue_timeout, config.max_queue, self._shed
-        )
+        self.admission = AdmissionQueue(self.registry, config.queue_timeout, config.max_queue)
         self.metrics = Metrics(self.registry, lambda: len(self.admission))
         # Request ids: a random prefix per process and a counter, cheaper than uuid4.
         self._id_prefix = os.urandom(4).hex().encode()
@@ -421,9 +419,6 @@ class Router:
         self._admin_token = config.admin_token.encode() if config.admin_token else None
         if self.fleet is not None:
             self.fleet.apply_config(config)
-
-    def _shed(self, priority: int) -> None:
-        self.metrics.shed(priority)
 
     def next_request_id(self) -> bytes:
         return b"%s-%d" % (self._id_prefix, next(self._ids))

@@ -123,7 +123,7 @@ class Metrics:
         self._key_requests: dict[str, int] = {}
         self._key_tokens: dict[str, list[int]] = {}
         self._key_rejected: dict[tuple[str, str], int] = {}
-        self._shed: dict[int, int] = {}  # requests shed from a full queue, by priority
+        self._shed = 0  # requests shed from a full queue (by key: _key_rejected, "shed")
         self.prometheus = CollectorRegistry(auto_describe=False)
         self.prometheus.register(self)
 
@@ -161,8 +161,10 @@ class Metrics:
     def fallback(self, model: str, to: str) -> None:
         self._fallbacks[(model, to)] = self._fallbacks.get((model, to), 0) + 1
 
-    def shed(self, priority: int) -> None:
-        self._shed[priority] = self._shed.get(priority, 0) + 1
+    def shed(self, key: str | None) -> None:
+        self._shed += 1
+        if key is not None:
+            self.key_rejected(key, "shed")
 
     def key_request(self, key: str) -> None:
         self._key_requests[key] = self._key_requests.get(key, 0) + 1
@@ -228,7 +230,7 @@ class Metrics:
                 self._key_tokens,
                 [[key, reason, n] for (key, reason), n in self._key_rejected.items()],
             ],
-            "shed": [[priority, n] for priority, n in self._shed.items()],
+            "shed": self._shed,
         }
 
     def absorb(self, state: dict[str, Any]) -> None:
@@ -252,8 +254,7 @@ class Metrics:
             self._pd[(role, outcome)] = self._pd.get((role, outcome), 0) + count
         for model, to, count in state.get("fallbacks", []):
             self._fallbacks[(model, to)] = self._fallbacks.get((model, to), 0) + count
-        for priority, count in state.get("shed", []):
-            self._shed[priority] = self._shed.get(priority, 0) + count
+        self._shed += state.get("shed", 0)
         if "keys" in state:
             requests, tokens, rejected = state["keys"]
             for key, count in requests.items():
@@ -335,19 +336,17 @@ class Metrics:
             key_tokens.add_metric([key, "completion"], completion)
         key_rejected = CounterMetricFamily(
             "lmproxy_key_rejected",
-            "Requests refused, by API key name and reason: rpm, tpm, max_in_flight (429), "
-            "model, priority (403)",
+            "Requests refused, by API key name and reason: rpm, tpm, max_in_flight, shed "
+            "(429), model, priority (403)",
             labels=["key", "reason"],
         )
         for (key, reason), count in self._key_rejected.items():
             key_rejected.add_metric([key, reason], count)
         shed = CounterMetricFamily(
             "lmproxy_queue_shed",
-            "Requests shed from a full admission queue (--max-queue), by priority",
-            labels=["priority"],
+            "Requests shed from a full admission queue (--max-queue), the lowest priority first",
+            self._shed,
         )
-        for priority, count in self._shed.items():
-            shed.add_metric([str(priority)], count)
         added = HistogramMetricFamily(
             "lmproxy_added_latency_seconds",
             "Time the router itself adds before the backend sees a request "

@@ -131,7 +131,8 @@ FALLBACK_FAULTS = frozenset(
 _NONE: list[str] = []  # no fallbacks: shared, never changed (a journey gets its own list)
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _BAD_PRIORITY = (
-    "X-Priority must be an integer (higher is served first; default: the key's priority)"
+    "X-Priority must be an integer of at most 12 characters (higher is served first; "
+    "default: the key's priority)"
 )
 
 
@@ -652,6 +653,8 @@ class Journey:
             given = find_header(self.request.headers, b"x-priority")
             if given is not None:
                 try:
+                    if len(given) > 12:  # int() of a long one costs; none needs it
+                        raise ValueError
                     priority = int(given)
                 except ValueError:
                     self.fail(ProxyError(Fault.BAD_REQUEST, _BAD_PRIORITY))
@@ -967,6 +970,11 @@ class Journey:
             self.fail(error)
         else:
             self.attempt()
+
+    def shed(self, error: ProxyError) -> None:
+        key = self.request.key
+        self.router.metrics.shed(key.name if key is not None else None)
+        self.fail(error)
 
     def fail(self, error: ProxyError) -> None:
         if self.fallbacks and error.fault in FALLBACK_FAULTS and not self.client.closing:

@@ -417,7 +417,8 @@ def test_a_full_queue_sheds_the_lowest_priority_first(spawn, tmp_path):
     assert result["order"][:2] == ["low-2", "low-3"]  # answered at once
     assert result["order"][2:] == ["busy", "high", "low-1"]
     text = router.get("/metrics", headers={"Authorization": "Bearer sk-app"}).body.decode()
-    assert 'lmproxy_queue_shed_total{priority="0"} 2.0' in text
+    assert "lmproxy_queue_shed_total 2.0" in text
+    assert 'lmproxy_key_rejected_total{key="app",reason="shed"} 2.0' in text
 
 
 def test_x_priority_is_checked(spawn, tmp_path):
@@ -425,8 +426,9 @@ def test_x_priority_is_checked(spawn, tmp_path):
     above = post(router.port, "sk-app", **{"X-Priority": "11"})
     assert above.status == 403
     assert "above API key 'app''s max_priority, 10" in above.json()["error"]
-    bad = post(router.port, "sk-app", **{"X-Priority": "high"})
-    assert bad.status == 400 and "X-Priority must be an integer" in bad.json()["error"]
+    for bad_value in ("high", "1" * 13):
+        bad = post(router.port, "sk-app", **{"X-Priority": bad_value})
+        assert bad.status == 400 and "X-Priority must be an integer" in bad.json()["error"]
     assert post(router.port, "sk-app", **{"X-Priority": "-3"}).status == 200
 
 

@@ -77,23 +77,26 @@ def _model_object(router: RouterState, model: str) -> dict[str, Any]:
     }
 
 
-def listed_models(router: RouterState) -> list[str]:
-    """The healthy services' models, then each alias whose served model is among them."""
+def listed_models(router: RouterState, allowed: frozenset[str] = frozenset()) -> list[str]:
+    """The healthy services' models, then each alias whose served model is among them;
+    with ``allowed`` (a [[keys]] key's models), only those."""
     served = router.registry.healthy_models()
     aliases = router.config.aliases
-    if not aliases:
-        return served
-    known = set(served)
-    return served + [a for a, target in aliases.items() if target in known and a not in known]
+    if aliases:
+        known = set(served)
+        served = served + [a for a, target in aliases.items() if target in known and a not in known]
+    if allowed:
+        return [m for m in served if m in allowed]
+    return served
 
 
-def models(router: RouterState) -> Payload:
-    data = [_model_object(router, m) for m in listed_models(router)]
+def models(router: RouterState, allowed: frozenset[str] = frozenset()) -> Payload:
+    data = [_model_object(router, m) for m in listed_models(router, allowed)]
     return 200, {"object": "list", "data": data}
 
 
-def model(router: RouterState, model_id: str) -> Payload:
-    served = listed_models(router)
+def model(router: RouterState, model_id: str, allowed: frozenset[str] = frozenset()) -> Payload:
+    served = listed_models(router, allowed)
     if model_id not in served:
         available = name_models(served) or "none"
         return error_payload(

@@ -264,13 +264,14 @@ class Router:
             return {b"GET": endpoint, b"HEAD": endpoint}
 
         proxied = {b"POST": Endpoint(Access.API, self._proxy)}
+        models = Endpoint(Access.API, self._models)
         metrics = Endpoint(Access.API, self._metrics)
         return {
             b"/health": local(api.health, Access.OPEN),
             b"/readiness": local(api.readiness, Access.OPEN),
             b"/liveness": local(api.liveness, Access.OPEN),
-            b"/models": local(api.models),
-            b"/v1/models": local(api.models),
+            b"/models": {b"GET": models, b"HEAD": models},
+            b"/v1/models": {b"GET": models, b"HEAD": models},
             b"/stats": local(api.stats),
             b"/metrics": {b"GET": metrics, b"HEAD": metrics},
             b"/services": {**local(api.services), b"POST": Endpoint(Access.ADMIN, self._fleet)},
@@ -331,9 +332,15 @@ class Router:
             json_response(status, payload, request.keep_alive, head_only=request.method == b"HEAD")
         )
 
+    def _models(self, client: ClientConnection, request: ClientRequest) -> None:
+        """The models list; a [[keys]] key with models sees only those."""
+        allowed = request.key.models if request.key is not None else frozenset()
+        self._answer(client, request, lambda router: api.models(router, allowed))
+
     def _model(self, client: ClientConnection, request: ClientRequest) -> None:
         model_id = unquote(request.path[len(b"/v1/models/") :].decode("utf-8", "replace"))
-        self._answer(client, request, lambda router: api.model(router, model_id))
+        allowed = request.key.models if request.key is not None else frozenset()
+        self._answer(client, request, lambda router: api.model(router, model_id, allowed))
 
     def _metrics(self, client: ClientConnection, request: ClientRequest) -> None:
         if self.link is not None:

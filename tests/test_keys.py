@@ -177,6 +177,14 @@ def test_tpm_counts_a_streamed_response_and_refuses_the_next(keyed):
 def test_a_key_uses_its_models_and_max_in_flight(keyed):
     backend, start = keyed
     router = start()
+    # It sees its models alone; other keys see every model.
+    with client(router, "sk-narrow") as sdk:
+        assert [m.id for m in sdk.models.list()] == ["gpt-4o-mini"]
+        assert sdk.models.retrieve("gpt-4o-mini").id == "gpt-4o-mini"
+        with pytest.raises(openai.NotFoundError):
+            sdk.models.retrieve("Qwen3-32B")
+    with client(router, "sk-team-a") as sdk:
+        assert {m.id for m in sdk.models.list()} == {"Qwen3-32B", "gpt-4o-mini"}
     # Its model, by the alias it may use; the served name itself is not on its list.
     reply = post(router.port, "sk-narrow", {"model": "gpt-4o-mini", "messages": ASK})
     assert reply.status == 200

@@ -434,7 +434,7 @@ class Router:
         return self.metrics.pd_counts()
 
     def key_counts(self) -> dict[str, dict[str, Any]]:
-        return self.metrics.key_counts()
+        return with_under_way(self.metrics.key_counts(), self.config, self.limits)
 
     def disaggregate(self, journey: Waiter) -> None:
         """Serve a request for a disaggregated model in two steps (pd.py)."""
@@ -571,6 +571,19 @@ def key_table(config: Config) -> dict[bytes, Key | None]:
     for spec in config.keys:
         table[spec.digest] = Key(spec)
     return table
+
+
+def with_under_way(
+    counts: dict[str, dict[str, Any]], config: Config, limits: Limits
+) -> dict[str, dict[str, Any]]:
+    """/stats' keys: every configured key's figures, with its requests under way."""
+    for spec in config.keys:
+        figures = counts.setdefault(
+            spec.name,
+            {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "rejected": {}},
+        )
+        figures["in_flight"] = limits.under_way(spec.name)
+    return counts
 
 
 def authority_limits(config: Config, replica: str) -> Limits:

@@ -114,6 +114,10 @@ class Limits(Protocol):
         """A verdict now, or (from another process) a future of one."""
         ...
 
+    def under_way(self, name: str) -> int:
+        """The key's requests under way, as far as this process counts them."""
+        ...
+
     async def aclose(self) -> None:
         """At shutdown: stop whatever runs in the background."""
         ...
@@ -173,6 +177,10 @@ class LocalLimits:
                 counts = self.counts[key.name] = _Counts()
             now = self.clock()
             counts.tokens_full_at = max(counts.tokens_full_at, now) + tokens * WINDOW_S / key.tpm
+
+    def under_way(self, name: str) -> int:
+        counts = self.counts.get(name)
+        return counts.under_way if counts is not None else 0
 
     def forget_others(self, names: set[str]) -> None:
         """After a reload: the counts of keys that are gone go too."""
@@ -261,6 +269,9 @@ class RemoteLimits:
                 why,
             )
         return self.fallback.check(key)
+
+    def under_way(self, name: str) -> int:
+        return self.fallback.under_way(name)  # the supervisor's count is the router's
 
     async def aclose(self) -> None:
         pass

@@ -124,7 +124,7 @@ class RedisLimits:
         self.local = LocalLimits()
         # Requests this replica has under way on Redis's count, by key name: the truth
         # each heartbeat writes back.
-        self.under_way: dict[str, int] = {}
+        self.under_way_here: dict[str, int] = {}
         self.reachable = True
         self._tasks: set[asyncio.Task[Any]] = set()
         self._heart = self.loop.create_task(self._beat())
@@ -150,19 +150,19 @@ class RedisLimits:
         except Exception as exc:  # any failure: count here, and say why
             self._lost(exc)
             if key.max_in_flight:  # Redis may have counted it: the heartbeat says not
-                self.under_way.setdefault(key.name, 0)
+                self.under_way_here.setdefault(key.name, 0)
             return self.local.check(key)
         if limit:
             name = limit.decode() if isinstance(limit, bytes) else str(limit)
             return refusal(key, name, float(wait_ms) / 1000)
         counted = key.max_in_flight > 0
         if counted:
-            self.under_way[key.name] = self.under_way.get(key.name, 0) + 1
+            self.under_way_here[key.name] = self.under_way_here.get(key.name, 0) + 1
         return _RedisGrant(self, key, counted)
 
     def end(self, key: Key, tokens: int, counted: bool) -> None:
         if counted:
-            self.under_way[key.name] -= 1
+            self.under_way_here[key.name] -= 1
         elif not (tokens > 0 and key.tpm):
             return
         self._spawn(self._finish(key, tokens, counted))
@@ -222,13 +222,17 @@ class RedisLimits:
         pipe.set(self.heartbeat_key, b"1", px=HEARTBEAT_TTL_MS)
         # Every key this replica has counted, at none too: a field that drifted up
         # while none was under way is put right as well. (As many as there are keys.)
-        for name, count in self.under_way.items():
+        for name, count in self.under_way_here.items():
             where = f"{self.prefix}:in_flight:{name}"
             if count > 0:
                 pipe.hset(where, self.replica, count)
             else:
                 pipe.hdel(where, self.replica)
         await pipe.execute()
+
+    def under_way(self, name: str) -> int:
+        """This replica's: on Redis's count, and on its own while Redis was lost."""
+        return self.under_way_here.get(name, 0) + self.local.under_way(name)
 
     async def aclose(self) -> None:
         self._heart.cancel()

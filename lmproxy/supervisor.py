@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 
 from lmproxy import api, tls
-from lmproxy.app import authority_limits, backend_tls, new_instance_id
+from lmproxy.app import authority_limits, backend_tls, new_instance_id, with_under_way
 from lmproxy.config import Config, ConfigError
 from lmproxy.control import Channel, ChannelClosed, Message
 from lmproxy.errors import encode_json
@@ -359,7 +359,7 @@ class Supervisor:
         return self._summed_metrics().pd_counts()
 
     def key_counts(self) -> dict[str, dict[str, Any]]:
-        return self._summed_metrics().key_counts()
+        return with_under_way(self._summed_metrics().key_counts(), self.config, self.limits)
 
     async def _gather(self) -> None:
         """Fresh figures from every live worker, summed into the registry's services."""

@@ -701,3 +701,54 @@ def test_a_count_that_drifted_in_redis_is_right_again_with_the_heartbeat(keyed, 
     store.hset("lmproxy:in_flight:narrow", replica, 1)  # as a lost answer leaves it
     assert post(router.port, "sk-narrow", small).status == 429
     wait_until(lambda: post(router.port, "sk-narrow", small).status == 200, 12, "the heartbeat")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_every_grant_ends_whatever_the_clients_do(keyed, workers):
+    """Thirty clients at once on a key with max_in_flight = 1: some are refused, some
+    hang up before, during or right after their stream, some read it whole. When they
+    are gone the key has nothing under way (/stats), and serves again."""
+    import random
+    import socket
+
+    backend, start = keyed
+    router = start("--workers", workers)
+    backend.set_timing(token_delay=0.01)
+    body = json.dumps(
+        {"model": "gpt-4o-mini", "messages": ASK, "stream": True, "max_tokens": 30}
+    ).encode()
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-narrow\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    rng = random.Random(7)
+
+    def client(read: int) -> None:
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", router.port), timeout=5) as sock,
+        ):
+            sock.sendall(head + body)
+            got = 0
+            while got < read:
+                data = sock.recv(4096)
+                if not data:
+                    break
+                got += len(data)
+
+    threads = [
+        threading.Thread(target=client, args=(rng.choice([0, 1, 300, 2000, 10**6]),))
+        for _ in range(30)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+
+    def idle() -> bool:
+        stats = router.get("/stats", headers={"Authorization": "Bearer sk-plain"}).json()
+        return stats["keys"]["narrow"]["in_flight"] == 0
+
+    wait_until(idle, 10, "the key's requests under way back to none")
+    small = {"model": "gpt-4o-mini", "messages": ASK}
+    assert post(router.port, "sk-narrow", small).status == 200

@@ -191,6 +191,9 @@ class KeySpec(msgspec.Struct, forbid_unknown_fields=True):
             raise ConfigError(f"{where}: give key or key_sha256, one of them")
         if self.key is not None and not self.key.strip():
             raise ConfigError(f"{where}: key is empty (was it set from an unset variable?)")
+        if self.key is not None and self.key != self.key.strip():
+            # A bearer token arrives stripped: this key could never match.
+            raise ConfigError(f"{where}: key has spaces around it; remove them")
         if self.key_sha256 is not None and not _SHA256.match(self.key_sha256):
             raise ConfigError(
                 f"{where}: key_sha256 must be 64 hex digits (printf %s KEY | sha256sum)"

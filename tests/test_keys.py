@@ -611,6 +611,7 @@ async def test_a_worker_whose_supervisor_is_silent_decides_alone(monkeypatch, ca
         ('[[keys]]\nname = "a"\nkey = "x"\nkey_sha256 = "%s"\n' % ("0" * 64), ["one of them"]),
         ('[[keys]]\nname = "a"\nkey_sha256 = "abc"\n', ["64 hex digits"]),
         ('[[keys]]\nname = "a"\nkey = " "\n', ["key is empty"]),
+        ('[[keys]]\nname = "a"\nkey = "sk-x "\n', ["spaces around it"]),
         ('[[keys]]\nname = "a b"\nkey = "x"\n', ["name 'a b'"]),
         ('[[keys]]\nname = "a"\nkey = "x"\nrpm = -1\n', ["rpm must be >= 0"]),
         ('[[keys]]\nname = "a"\nkey = "x"\n[[keys]]\nname = "a"\nkey = "y"\n', ["two [[keys]]"]),

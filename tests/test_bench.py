@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -36,7 +37,9 @@ def test_bench_smoke_runs_every_installed_peer(tmp_path):
     ours = figures["lmproxy"]
     # Every stream of the many-streams run completed, and each workload measured something.
     assert (ours["many50"]["ok"], ours["many50"]["failed"]) == (50, 0), ours
-    assert ours["many50"]["kib_per_stream"] > 0
+    # Measured (a number, not NaN); 50 streams may fit in memory the process already had,
+    # so the figure itself can be 0: only the full run's thousands of streams say much.
+    assert math.isfinite(ours["many50"]["kib_per_stream"])
     assert ours["stream64_ttft_s"] > 0 and ours["stream512_ttft_s"] > 0
     assert "direct" in figures
     # With a limited [[keys]] key, every request carries the bench key and is admitted.

@@ -394,3 +394,25 @@ def test_every_flag_is_documented_and_the_documented_file_loads(tmp_path):
     values = load_toml(str(example))
     assert {"k8s_selector", "discover_scheme", "kubeconfig"} <= set(values)
     msgspec.convert(values, Config, str_keys=True)  # raises on an unknown key or type
+
+
+def test_the_policy_examples_are_configs_the_router_takes(tmp_path):
+    """README's gateway example and configuration.md's [[keys]] example pass the whole
+    check (build_config, as start-up does), not only the types."""
+    from lmproxy.config import build_config, load_toml
+
+    blocks = []
+    for page, marker in (
+        (ROOT / "README.md", "## Gateway policies"),
+        (ROOT / "docs" / "configuration.md", "### API keys, limits and priorities"),
+    ):
+        text = page.read_text()
+        section = text[text.index(marker) :]
+        start = section.index("```toml") + len("```toml")
+        blocks.append(section[start : section.index("```", start)])
+    for number, block in enumerate(blocks):
+        path = tmp_path / f"example{number}.toml"
+        path.write_text(block)
+        config = build_config(load_toml(str(path)), {})
+        assert config.keys and config.keys[0].name == "team-a"
+        assert config.keys[0].digest == __import__("hashlib").sha256(b"secret").digest()

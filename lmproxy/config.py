@@ -326,23 +326,13 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.access_log not in ("off", "text", "json"):
             raise ConfigError(f"--access-log must be off, text or json, got {self.access_log!r}")
         if self.registry_url is not None:
-            parts = urlsplit(self.registry_url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ConfigError(
-                    f"--registry-url {self.registry_url!r} must be an http:// or https:// URL "
-                    "(e.g. http://127.0.0.1:8081)"
-                )
+            check_http_url("--registry-url", self.registry_url, "http://127.0.0.1:8081")
         if not 0.0 <= self.otel_sample_ratio <= 1.0:
             raise ConfigError(
                 f"--otel-sample-ratio must be between 0 and 1, got {self.otel_sample_ratio}"
             )
         if self.otlp_endpoint is not None:
-            parts = urlsplit(self.otlp_endpoint)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ConfigError(
-                    f"--otlp-endpoint {self.otlp_endpoint!r} must be an http(s) URL "
-                    "(e.g. http://127.0.0.1:4318/v1/traces)"
-                )
+            check_http_url("--otlp-endpoint", self.otlp_endpoint, "http://127.0.0.1:4318/v1/traces")
         if self.demo_pd and not self.demo:
             raise ConfigError("--pd is an option of --demo: give --demo --pd")
         if self.discover_interval <= 0:
@@ -428,6 +418,12 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             return self.host != "localhost"
 
 
+def check_http_url(flag: str, url: str, example: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{flag} {url!r} must be an http:// or https:// URL (e.g. {example})")
+
+
 def check_keys(keys: list[KeySpec], api_keys: list[str]) -> None:
     """Each [[keys]] entry is whole, and names and secrets are each one entry's."""
     names: set[str] = set()
@@ -437,12 +433,13 @@ def check_keys(keys: list[KeySpec], api_keys: list[str]) -> None:
         if spec.name in names:
             raise ConfigError(f"two [[keys]] are named {spec.name!r}; give each its own name")
         names.add(spec.name)
-        if spec.digest in digests:
+        digest = spec.digest
+        if digest in digests:
             raise ConfigError(
                 f"[[keys]] {spec.name!r}: its key is also another entry's (or an --api-key); "
                 "one secret must name one key"
             )
-        digests.add(spec.digest)
+        digests.add(digest)
 
 
 def check_model_policies(aliases: dict[str, str], models: dict[str, ModelSettings]) -> None:

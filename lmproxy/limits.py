@@ -151,10 +151,14 @@ class LocalLimits:
         self.clock = clock
         self.counts: dict[str, _Counts] = {}
 
-    def check(self, key: Key) -> Verdict:
-        counts = self.counts.get(key.name)
+    def _counts_of(self, name: str) -> _Counts:
+        counts = self.counts.get(name)
         if counts is None:
-            counts = self.counts[key.name] = _Counts()
+            counts = self.counts[name] = _Counts()
+        return counts
+
+    def check(self, key: Key) -> Verdict:
+        counts = self._counts_of(key.name)
         now = self.clock()
         if key.rpm:
             full_at = max(counts.requests_full_at, now) + WINDOW_S / key.rpm
@@ -172,9 +176,7 @@ class LocalLimits:
     def charge(self, key: Key, tokens: int) -> None:
         """Take ``tokens`` from the key's tpm bucket."""
         if tokens > 0 and key.tpm:
-            counts = self.counts.get(key.name)
-            if counts is None:
-                counts = self.counts[key.name] = _Counts()
+            counts = self._counts_of(key.name)
             now = self.clock()
             counts.tokens_full_at = max(counts.tokens_full_at, now) + tokens * WINDOW_S / key.tpm
 

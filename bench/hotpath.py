@@ -24,15 +24,15 @@ import asyncio
 import gc
 import time
 
+import msgspec
+
+from bench.peers import BENCH_KEY, BENCH_KEYS_TOML
 from lmproxy.config import KeySpec
 from strategies import SharesState
 from tests.inproc import Harness  # the tests' in-process layer (run from the repo root)
 
-# --keys: a [[keys]] key with every limit, each far above what a run uses, so every
-# request pays for its checks and none is refused.
-BENCH_KEY = KeySpec(
-    name="bench", key="bench-key", rpm=10**9, tpm=10**12, max_in_flight=10**6, priority=1
-)
+# --keys: the benchmark's own [[keys]] entry, limited in rpm, tpm and max_in_flight.
+BENCH_KEY_SPEC = msgspec.convert(msgspec.toml.decode(BENCH_KEYS_TOML)["keys"][0], KeySpec)
 
 
 def chat_request(system_bytes: int = 0, key: bool = False) -> bytes:
@@ -51,7 +51,7 @@ def chat_request(system_bytes: int = 0, key: bool = False) -> bytes:
     return (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n%s"
         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-        % (b"Authorization: Bearer bench-key\r\n" if key else b"", len(body), body)
+        % (b"Authorization: Bearer %s\r\n" % BENCH_KEY.encode() if key else b"", len(body), body)
     )
 
 
@@ -71,7 +71,7 @@ async def measure(
     requests: int, strategy: str, system_bytes: int = 0, share: bool = False, keys: bool = False
 ) -> float:
     """Microseconds of CPU per request."""
-    harness = Harness(strategy=strategy, keys=[BENCH_KEY] if keys else [])
+    harness = Harness(strategy=strategy, keys=[BENCH_KEY_SPEC] if keys else [])
     service = harness.service
     backend, backend_transport = harness.backend()
     client, client_transport = harness.client()

@@ -25,13 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.peers import free_port
+from bench.peers import BENCH_KEY, BENCH_KEYS_TOML, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-KEY = '[[keys]]\nname = "bench"\nkey = "bench-key"\nrpm = 1000000000\ntpm = 1000000000000\n'
-KEY += "max_in_flight = 1000000\n"
 BODY = json.dumps({"model": "Qwen3-32B", "messages": [{"role": "user", "content": "hi"}]})
-HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer bench-key"}
+HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {BENCH_KEY}"}
 
 
 def _post(conn: http.client.HTTPConnection) -> int:
@@ -92,7 +90,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-keys-") as tmp:
         config = Path(tmp) / "keys.toml"
-        config.write_text(KEY)
+        config.write_text(BENCH_KEYS_TOML)
         settings: list[tuple[str, list[str]]] = [
             ("one process", []),
             ("--workers 2", ["--workers", "2"]),

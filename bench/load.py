@@ -11,10 +11,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+from bench.peers import BENCH_KEY
 
-# The API key every request carries: lmproxy-keys's [[keys]] entry (bench/peers).
-BENCH_KEY = "bench-key"
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
 
 
 def wrk_missing() -> str | None:

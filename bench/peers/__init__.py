@@ -23,6 +23,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 PEERS_VENV = Path(os.environ.get("LMPROXY_PEERS_VENV", ROOT / "bench" / ".peers"))
+# The API key every benchmark request carries, and the [[keys]] entry that gives it
+# rpm, tpm and max_in_flight limits, each far above what a run sends: every request
+# pays for its checks, none is refused (lmproxy-keys, bench.keys, bench.hotpath --keys).
+BENCH_KEY = "bench-key"
+BENCH_KEYS_TOML = (
+    f'[[keys]]\nname = "bench"\nkey = "{BENCH_KEY}"\n'
+    "rpm = 1000000000\ntpm = 1000000000000\nmax_in_flight = 1000000\n"
+)
 
 
 def free_port() -> int:
@@ -120,7 +128,10 @@ def _wait_ready(
                 f"{scheme}://127.0.0.1:{port}/v1/chat/completions",
                 data=body,
                 # The benchmark's key, as every request of the load carries (bench/load.py).
-                headers={"Content-Type": "application/json", "Authorization": "Bearer bench-key"},
+                headers={
+                    "Content-Type": "application/json",
+                    "Authorization": f"Bearer {BENCH_KEY}",
+                },
             )
             with urllib.request.urlopen(req, timeout=2, context=context) as resp:
                 if resp.status == 200:
@@ -404,10 +415,7 @@ class LmproxyKeys(Lmproxy):
 
     def argv_extra(self, workdir: str) -> list[str]:
         config = Path(workdir) / "keys.toml"
-        config.write_text(
-            '[[keys]]\nname = "bench"\nkey = "bench-key"\n'
-            "rpm = 1000000000\ntpm = 1000000000000\nmax_in_flight = 1000000\n"
-        )
+        config.write_text(BENCH_KEYS_TOML)
         return ["--config", str(config)]
 
 

@@ -421,8 +421,7 @@ class Router:
         self.admission.timeout_s = config.queue_timeout
         self.admission.max_queue = config.max_queue
         self._keys = key_table(config)
-        if isinstance(self.limits, LocalLimits):
-            self.limits.forget_others({spec.name for spec in config.keys})
+        self.limits.forget_others({spec.name for spec in config.keys})
         self._admin_token = config.admin_token.encode() if config.admin_token else None
         if self.fleet is not None:
             self.fleet.apply_config(config)

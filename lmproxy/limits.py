@@ -118,6 +118,10 @@ class Limits(Protocol):
         """The key's requests under way, as far as this process counts them."""
         ...
 
+    def forget_others(self, names: set[str]) -> None:
+        """After a reload: this process's counts of keys that are gone go too."""
+        ...
+
     async def aclose(self) -> None:
         """At shutdown: stop whatever runs in the background."""
         ...
@@ -274,6 +278,9 @@ class RemoteLimits:
 
     def under_way(self, name: str) -> int:
         return self.fallback.under_way(name)  # the supervisor's count is the router's
+
+    def forget_others(self, names: set[str]) -> None:
+        self.fallback.forget_others(names)
 
     async def aclose(self) -> None:
         pass

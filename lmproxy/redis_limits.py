@@ -234,6 +234,10 @@ class RedisLimits:
         """This replica's: on Redis's count, and on its own while Redis was lost."""
         return self.under_way_here.get(name, 0) + self.local.under_way(name)
 
+    def forget_others(self, names: set[str]) -> None:
+        # Redis's counts lapse by themselves; what is under way here still ends here.
+        self.local.forget_others(names)
+
     async def aclose(self) -> None:
         self._heart.cancel()
         for task in self._tasks:

@@ -31,7 +31,7 @@ from lmproxy.config import Config, ConfigError
 from lmproxy.control import Channel, ChannelClosed, Message
 from lmproxy.errors import encode_json
 from lmproxy.fleet import Fleet
-from lmproxy.limits import Authority, LocalLimits, keys_by_name
+from lmproxy.limits import Authority, keys_by_name
 from lmproxy.metrics import CONTENT_TYPE, Metrics
 from lmproxy.registry import Registry
 from lmproxy.startup import reread, start_demo, startup_warnings
@@ -282,8 +282,7 @@ class Supervisor:
         self.registry.backend_tls = backend_tls(config)
         self.fleet.apply_config(config)
         self.authority.keys = keys_by_name(config)
-        if isinstance(self.limits, LocalLimits):
-            self.limits.forget_others(set(self.authority.keys))
+        self.limits.forget_others(set(self.authority.keys))
         self._flush_state()
         message = {"op": "config", "config": msgspec.to_builtins(config)}
         for worker in self._live():

@@ -102,3 +102,18 @@ def test_keys_bench_runs_every_setting():
         line for line in result.stdout.splitlines() if line.startswith("| ") and " us |" in line
     ]
     assert [row.split(" | ")[0] for row in rows][:2] == ["| one process", "| --workers 2"]
+
+
+def test_attacks_bench_runs_and_reports_both_phases():
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.attacks", "--seconds", "1", "--connections", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    rows = [line.split() for line in out.splitlines() if line.startswith(("/health", "chat"))]
+    assert [row[0] for row in rows] == ["/health", "chat"], out
+    assert "KiB per attacking connection" in out

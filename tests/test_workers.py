@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -191,3 +192,27 @@ def test_a_passive_ejection_in_one_worker_reaches_the_others(spawn):
         assert router.post("/v1/chat/completions", chat_body()).status == 200
     wait_until(lambda: _every_worker_says(router, "1/2"), 1.0, "every worker to eject it")
     assert "ejected by a worker" in router.output
+
+
+def test_a_stopped_worker_is_killed_and_replaced(spawn):
+    backend = spawn(Mock, "w-stuck", ["Qwen3-32B"])
+    router = router_over(spawn, [backend], "--workers", "2", "--worker-timeout", "2")
+    victim = _worker_pids(router)[0]
+    os.kill(victim, signal.SIGSTOP)  # its loop stops: no heartbeat, no accept
+    try:
+        wait_until(
+            lambda: f"(pid {victim}) sent no heartbeat" in router.output,
+            15,
+            "the supervisor to kill the stopped worker",
+        )
+        wait_until(lambda: _worker_pids(router)[0] != victim, 15, "worker 0 to be replaced")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)  # without the fix, let it go on and stop
+    assert re.search(r"worker 0 \(pid \d+\) sent no heartbeat for \d+\.\ds", router.output)
+    prefixes = set()
+    for _ in range(40):  # fresh connections: none may land in a dead worker's queue
+        resp = router.post("/v1/chat/completions", chat_body(), timeout=5)
+        assert resp.status == 200
+        prefixes.add(resp.headers["x-request-id"].split("-")[0])
+    assert len(prefixes) == 2  # the replacement serves its share

@@ -8,7 +8,9 @@ import re
 import signal
 import threading
 import time
+from typing import Any
 
+import pytest
 from conftest import Mock, Router, chat_body, router_over, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -216,3 +218,53 @@ def test_a_stopped_worker_is_killed_and_replaced(spawn):
         assert resp.status == 200
         prefixes.add(resp.headers["x-request-id"].split("-")[0])
     assert len(prefixes) == 2  # the replacement serves its share
+
+
+def _listing_with(router: Router, name: str) -> dict[str, dict[str, Any]] | None:
+    listed = router.listed()
+    return listed if name in listed else None
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])  # one process, and the workers' mirror
+def test_a_renamed_service_keeps_its_health_across_reloads(spawn, tmp_path, workers):
+    backend = spawn(Mock, "w-rename", ["Qwen3-32B"])
+    config = tmp_path / "lmproxy.toml"
+    config.write_text(f'[[services]]\nname = "a0"\nurl = "{backend.url}"\n')
+    router = spawn(
+        Router,
+        "--workers",
+        workers,
+        "--config",
+        str(config),
+        # No periodic check during the test, and the one each new name starts takes
+        # 3 s: only a health carried over can make the renamed service healthy sooner.
+        "--health-interval",
+        "60",
+        "--health-timeout",
+        "10",
+    )
+    router.wait_healthy(1)
+    backend.set_timing(health_delay=3)
+    statuses: list[int] = []
+    done = threading.Event()
+
+    def bystander() -> None:
+        while not done.is_set():
+            statuses.append(router.post("/v1/chat/completions", chat_body()).status)
+
+    chatting = [threading.Thread(target=bystander) for _ in range(2)]
+    for thread in chatting:
+        thread.start()
+    try:
+        for i in range(1, 21):
+            config.write_text(f'[[services]]\nname = "a{i}"\nurl = "{backend.url}"\n')
+            router.signal(signal.SIGHUP)
+            listed = wait_until(lambda i=i: _listing_with(router, f"a{i}"), 5, f"reload {i}")
+            assert list(listed) == [f"a{i}"]
+            assert listed[f"a{i}"]["healthy"], listed  # before any check of the new name
+    finally:
+        done.set()
+        for thread in chatting:
+            thread.join(15)
+    assert statuses and set(statuses) == {200}, sorted(set(statuses))
+    assert "service a20 is a19 renamed" in router.output

@@ -332,6 +332,10 @@ class Supervisor:
             self.config.port,
             self.config.workers,
         )
+        if config.worker_timeout != self.config.worker_timeout:
+            # The workers heartbeat at the old pace until they get the new config.
+            for worker in self.workers.values():
+                worker.heard_at = time.monotonic()
         self.config = config
         self.registry.max_errors = config.max_errors
         self.registry.backend_tls = backend_tls(config)

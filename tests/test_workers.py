@@ -268,3 +268,18 @@ def test_a_renamed_service_keeps_its_health_across_reloads(spawn, tmp_path, work
             thread.join(15)
     assert statuses and set(statuses) == {200}, sorted(set(statuses))
     assert "service a20 is a19 renamed" in router.output
+
+
+def test_a_stopped_supervisor_takes_no_worker_for_silent(spawn):
+    backend = spawn(Mock, "w-paused", ["Qwen3-32B"])
+    router = router_over(spawn, [backend], "--workers", "2", "--worker-timeout", "2")
+    pids = _worker_pids(router)
+    router.signal(signal.SIGSTOP)  # a debugger, a suspended host: the workers go on
+    try:
+        time.sleep(3)  # longer than --worker-timeout: the time is the scenario
+    finally:
+        router.signal(signal.SIGCONT)
+    # /stats is the supervisor's: once it answers, the overdue check has run.
+    assert router.get("/stats").json()["services"][0]["healthy"]
+    assert "sent no heartbeat" not in router.output
+    assert _worker_pids(router) == pids

@@ -110,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     g.add_argument(
+        "--worker-timeout",
+        type=float,
+        metavar="S",
+        help=(
+            "with --workers: a worker that sends no heartbeat for S seconds (stopped, or "
+            "its loop stuck) is killed and replaced, as one that dies is; 0 = never "
+            f"(default: {d.worker_timeout:g})"
+        ),
+    )
+    g.add_argument(
         "--demo",
         action="store_true",
         default=None,

@@ -17,6 +17,9 @@ from urllib.parse import SplitResult, urlsplit
 import msgspec
 
 MiB = 1024 * 1024
+# A worker heartbeats four times per --worker-timeout, at most once a second: a shorter
+# timeout than this would take a busy moment for a hang.
+MIN_WORKER_TIMEOUT_S = 1.0
 # A service's name is a path segment of the admin API and goes into logs and metrics.
 NAME_RULE = "1 to 128 of A-Z a-z 0-9 . _ : -, and not only dots"
 _NAME = re.compile(r"(?!\.*\Z)[A-Za-z0-9._:-]{1,128}\Z")
@@ -275,6 +278,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     prefill_strategy: str = "cache-aware"
     decode_strategy: str = "least-outstanding"
     workers: int = 1  # 0: one per core ("auto" on the command line)
+    # A worker silent this long (no heartbeat) is killed and replaced; 0: never.
+    worker_timeout: float = 10.0
     log_level: str = "info"
     access_log: str = "off"
     demo: bool = False
@@ -320,9 +325,15 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             "service_removal_grace_period": self.service_removal_grace_period,
             "workers": self.workers,
             "max_queue": self.max_queue,
+            "worker_timeout": self.worker_timeout,
         }.items():
             if value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        if 0 < self.worker_timeout < MIN_WORKER_TIMEOUT_S:
+            raise ConfigError(
+                f"--worker-timeout must be 0 (off) or at least {MIN_WORKER_TIMEOUT_S:g} "
+                f"seconds, got {self.worker_timeout:g}"
+            )
         if self.access_log not in ("off", "text", "json"):
             raise ConfigError(f"--access-log must be off, text or json, got {self.access_log!r}")
         if self.registry_url is not None:

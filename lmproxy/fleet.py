@@ -56,7 +56,7 @@ from lmproxy.health import HealthChecker
 from lmproxy.load import LoadScraper
 from lmproxy.logs import iso_time, masked_url, printable
 from lmproxy.probe import ProbeError, http_get
-from lmproxy.registry import Entry, Registry, Service, kept_entry, service_entry
+from lmproxy.registry import Entry, Registry, Service, kept_entry, same_backend, service_entry
 
 log = logging.getLogger("lmproxy")
 
@@ -293,15 +293,27 @@ class Fleet:
         self.load.timeout_s = config.health_timeout
         self.registry.max_errors = config.max_errors
         wanted = {spec.name: spec for spec in config.services}
-        for service in list(self.registry.services.values()):
-            if service.origin == "config" and service.name not in wanted:
-                self._remove(service.name, "no longer in the config")
+        leaving = [
+            s
+            for s in self.registry.services.values()
+            if s.origin == "config" and s.name not in wanted
+        ]
         for spec in wanted.values():
             current = self.registry.services.get(spec.name)
             if current is not None and current.origin != "config":
                 # The config outranks a registration or the registry for the name.
                 self._remove(spec.name, "now defined in the config")
-            self._put(spec, "config")
+            service, created = self._put(spec, "config")
+            renamed = next((s for s in leaving if same_backend(s.spec, spec)), None)
+            if created and renamed is not None:
+                # A rename: the backend's health is known; a check cannot tell it sooner.
+                leaving.remove(renamed)
+                self.registry.inherit(service, renamed)
+                self._remove(renamed.name, f"renamed to {spec.name}")
+        # Removed after the new names are in: a model moving to another name is served
+        # throughout the reload.
+        for service in leaving:
+            self._remove(service.name, "no longer in the config")
         self._follow_registry()
         self._follow_dns()
         self._follow_pods()

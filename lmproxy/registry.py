@@ -300,7 +300,7 @@ class Registry:
             return self.add(spec, origin)
         old = service.spec
         service.origin = origin
-        if any(getattr(old, field) != getattr(spec, field) for field in _IDENTITY):
+        if not same_backend(old, spec):
             self.remove(spec.name, "its address, role, health path, models or TLS settings changed")
             return self.add(spec, origin)
         if old != spec:
@@ -311,6 +311,34 @@ class Registry:
             self.note("service %s updated (weight %d)", spec.name, spec.weight)
             self._changed()
         return service
+
+    def inherit(self, service: Service, old: Service) -> None:
+        """``service`` is ``old`` under a new name (``same_backend``): it starts with what
+        was known of the backend, its health first, instead of unhealthy until its first
+        check. Counts and requests under way stay with the old name."""
+        self.note(
+            "service %s is %s renamed (the same backend): it keeps its health",
+            service.name,
+            old.name,
+        )
+        service.healthy = old.healthy
+        service.consecutive_errors = old.consecutive_errors
+        service.last_check = old.last_check
+        service.last_error = old.last_error
+        service.last_error_at = old.last_error_at
+        if not service.models_configured:  # listed by the backend: its models are known
+            service.models = old.models
+            service.models_known = old.models_known
+            service.models_capped = old.models_capped
+        service.engine_running = old.engine_running
+        service.engine_waiting = old.engine_waiting
+        service.engine_kv = old.engine_kv
+        service.engine_at = old.engine_at
+        service.engine_models = old.engine_models
+        service.engine_extra = old.engine_extra
+        service.engine_full = old.engine_full
+        service.metrics_missing = old.metrics_missing
+        self._changed()
 
     # Entries change no routing, so they notify no listener and are not mirrored
     # into workers: with --workers, the supervisor answers /services itself.
@@ -632,6 +660,12 @@ class Registry:
 
 # What makes a service another one: a change of any is a new service, probed anew.
 _IDENTITY = ("role", "url", "health_path", "models", "ca", "cert", "key", "verify", "server_name")
+
+
+def same_backend(a: ServiceSpec, b: ServiceSpec) -> bool:
+    """Whether ``a`` and ``b`` reach the same backend the same way (their names aside):
+    what its checks found of one holds for the other."""
+    return all(getattr(a, field) == getattr(b, field) for field in _IDENTITY)
 
 
 def _nothing() -> None:

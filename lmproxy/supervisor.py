@@ -7,6 +7,14 @@ polling and config reloads. Workers (``worker.py``) mirror its registry and
 ask it to answer /stats, /metrics and the admin API; it gathers every worker's
 figures for those on demand. A worker that dies is restarted (with a growing
 delay if it keeps dying), and the counters it had reported are kept.
+
+A worker that hangs is treated as one that dies, as gunicorn's arbiter does:
+every worker heartbeats from its own loop, and one silent for
+``--worker-timeout`` seconds (stopped, or its loop stuck) is killed with
+SIGKILL, so its listening socket closes and the kernel stops handing it new
+connections; its watcher then restarts it. Connections already in its accept
+queue are lost with it, as with any worker that dies (each worker binds the
+port with SO_REUSEPORT and has its own queue).
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ SNAPSHOT_TIMEOUT_S = 2.0
 RESTART_DELAY_S = 0.5
 MAX_RESTART_DELAY_S = 10.0
 STABLE_S = 10.0  # a worker that lived this long restarts without delay growth
+SILENCE_CHECK_S = 1.0  # at most; four checks per --worker-timeout when that is shorter
 
 
 class _Worker:
@@ -56,6 +65,8 @@ class _Worker:
         self.sent_others: dict[str, int] = {}
         self.snapshot: dict[str, Any] | None = None  # the last one received
         self.restart_delay_s = RESTART_DELAY_S
+        self.heard_at = self.started_at  # monotonic time of its last message
+        self.killed = False  # for its silence: killed once, then its watcher restarts it
 
 
 class Supervisor:
@@ -105,6 +116,9 @@ class Supervisor:
         finally:
             reservation.close()
         self.serving = True
+        silence = asyncio.create_task(self._watch_silence())
+        self._watchers.add(silence)
+        silence.add_done_callback(self._watchers.discard)
         log.info(
             "lmproxy listening on %s://%s:%d (%d workers, strategy %s, %d services)",
             "https" if self.https else "http",
@@ -142,7 +156,8 @@ class Supervisor:
     async def _start_worker(self, worker: _Worker) -> None:
         mine, theirs = socket.socketpair()
         worker.ready = self.loop.create_future()
-        worker.started_at = time.monotonic()
+        worker.started_at = worker.heard_at = time.monotonic()
+        worker.killed = False
         worker.in_flight = {}
         worker.sent_others = {}
         try:
@@ -225,6 +240,46 @@ class Supervisor:
                 delay = min(delay * 2, MAX_RESTART_DELAY_S)
                 log.error("cannot start worker %d: %s; retrying in %.1fs", worker.slot, exc, delay)
 
+    async def _watch_silence(self) -> None:
+        """Kill a serving worker that sent nothing for --worker-timeout; its watcher
+        restarts it (and ends its key grants), as for a worker that died."""
+        checked_at = time.monotonic()
+        while True:
+            timeout_s = self.config.worker_timeout  # a reload may change it
+            await asyncio.sleep(min(SILENCE_CHECK_S, timeout_s / 4) if timeout_s else 1.0)
+            now = time.monotonic()
+            if timeout_s and now - checked_at > timeout_s:
+                # The supervisor itself did not run (stopped, the host asleep): the
+                # workers' heartbeats wait unread in the channels, which is no silence.
+                for worker in self.workers.values():
+                    worker.heard_at = now
+            checked_at = now
+            if not timeout_s or self.stopping:
+                continue
+            for worker in self.workers.values():
+                silent_s = now - worker.heard_at
+                if silent_s > timeout_s and self._serving(worker) and not worker.killed:
+                    self._kill_silent(worker, silent_s)
+
+    def _serving(self, worker: _Worker) -> bool:
+        """Started (a worker hung in start-up is START_TIMEOUT_S's) and not exited."""
+        process = worker.process
+        return process is not None and process.returncode is None and worker.ready.done()
+
+    def _kill_silent(self, worker: _Worker, silent_s: float) -> None:
+        assert worker.process is not None
+        worker.killed = True
+        log.warning(
+            "worker %d (pid %d) sent no heartbeat for %.1fs (--worker-timeout %g): "
+            "stopped or stuck; killing it",
+            worker.slot,
+            worker.process.pid,
+            silent_s,
+            self.config.worker_timeout,
+        )
+        with contextlib.suppress(ProcessLookupError):
+            worker.process.kill()
+
     def _retire(self, worker: _Worker) -> None:
         """Keep the counters of a worker that exited; forget its load."""
         snapshot = worker.snapshot
@@ -277,6 +332,10 @@ class Supervisor:
             self.config.port,
             self.config.workers,
         )
+        if config.worker_timeout != self.config.worker_timeout:
+            # The workers heartbeat at the old pace until they get the new config.
+            for worker in self.workers.values():
+                worker.heard_at = time.monotonic()
         self.config = config
         self.registry.max_errors = config.max_errors
         self.registry.backend_tls = backend_tls(config)
@@ -292,7 +351,10 @@ class Supervisor:
     # --- from the workers ---------------------------------------------------------------
 
     def _handle(self, worker: _Worker, message: Message) -> None:
+        worker.heard_at = time.monotonic()  # any message shows its loop runs
         op = message["op"]
+        if op == "alive":
+            return
         if op == "ready":
             if not worker.ready.done():
                 worker.ready.set_result(message)

@@ -17,6 +17,11 @@ What it shares, and how fresh it is:
 - ``max_in_flight``: each worker admits its share (the limit divided by the
   workers, rounded up);
 - /stats and /metrics: gathered from every worker by the supervisor when asked.
+
+A worker heartbeats (``alive``) from a timer in its own loop, so a worker that is
+stopped or whose loop is stuck falls silent, and the supervisor replaces it after
+``--worker-timeout``. A worker whose supervisor is gone sees its channel close and
+exits.
 """
 
 from __future__ import annotations
@@ -46,7 +51,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("lmproxy")
 
 INFLIGHT_SYNC_S = 0.1
+HEARTBEAT_S = 1.0  # at most; four per --worker-timeout when that is shorter
 ASK_TIMEOUT_S = 10.0
+
+
+_ALIVE: Message = {"op": "alive"}
 
 
 class SupervisorLink:
@@ -156,6 +165,15 @@ class SupervisorLink:
                 self.channel.send({"op": "learnt", "updates": learnt})
                 log.debug("shared updates for strategies %s with the other workers", list(learnt))
 
+    async def heartbeat(self) -> None:
+        """Tell the supervisor this worker's loop runs: a timer here, not a thread, so
+        a blocked loop or a stopped process stops it."""
+        while True:
+            assert self.router is not None
+            timeout_s = self.router.config.worker_timeout
+            await asyncio.sleep(min(HEARTBEAT_S, timeout_s / 4) if timeout_s else HEARTBEAT_S)
+            self.channel.send(_ALIVE)
+
     def _sharing(self) -> list[tuple[str, SharesState]]:
         """The router's strategies that share state, by model ("" for the default one)."""
         router = self.router
@@ -231,10 +249,12 @@ async def run(fd: int) -> None:
     # The supervisor reloads; a terminal's hang-up reaches the workers too.
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
     reporting = asyncio.create_task(link.report_in_flight())
+    beating = asyncio.create_task(link.heartbeat())
     link.channel.send({"op": "ready", "pid": os.getpid(), "port": router.port})
     await link.stop.wait()
-    await router.shutdown()
+    await router.shutdown()  # heartbeats go on: a long drain is not a hang
     reporting.cancel()
+    beating.cancel()
     # Last figures, so the supervisor keeps this worker's counters.
     link.channel.send({"op": "final", "snapshot": link.snapshot()})
     with contextlib.suppress(Exception):

@@ -156,6 +156,15 @@ def test_toml_errors_name_the_key(tmp_path):
         load_config(["--config", str(path)])
 
 
+def test_worker_timeout_is_off_or_long_enough_for_heartbeats():
+    assert load_config(["--workers", "2"]).worker_timeout == 10
+    assert load_config(["--workers", "2", "--worker-timeout", "0"]).worker_timeout == 0
+    with pytest.raises(ConfigError, match=r"--worker-timeout must be 0 \(off\) or at least 1"):
+        load_config(["--workers", "2", "--worker-timeout", "0.5"])
+    with pytest.raises(ConfigError, match="--worker-timeout must be >= 0"):
+        load_config(["--workers", "2", "--worker-timeout", "-1"])
+
+
 def test_config_file_served_end_to_end(spawn, tmp_path):
     backend = spawn(Mock, "b", ["Qwen3-32B"])
     path = tmp_path / "lmproxy.toml"

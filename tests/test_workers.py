@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import threading
 import time
+from typing import Any
 
+import pytest
 from conftest import Mock, Router, chat_body, router_over, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -191,3 +194,92 @@ def test_a_passive_ejection_in_one_worker_reaches_the_others(spawn):
         assert router.post("/v1/chat/completions", chat_body()).status == 200
     wait_until(lambda: _every_worker_says(router, "1/2"), 1.0, "every worker to eject it")
     assert "ejected by a worker" in router.output
+
+
+def test_a_stopped_worker_is_killed_and_replaced(spawn):
+    backend = spawn(Mock, "w-stuck", ["Qwen3-32B"])
+    router = router_over(spawn, [backend], "--workers", "2", "--worker-timeout", "2")
+    victim = _worker_pids(router)[0]
+    os.kill(victim, signal.SIGSTOP)  # its loop stops: no heartbeat, no accept
+    try:
+        wait_until(
+            lambda: f"(pid {victim}) sent no heartbeat" in router.output,
+            15,
+            "the supervisor to kill the stopped worker",
+        )
+        wait_until(lambda: _worker_pids(router)[0] != victim, 15, "worker 0 to be replaced")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)  # without the fix, let it go on and stop
+    assert re.search(r"worker 0 \(pid \d+\) sent no heartbeat for \d+\.\ds", router.output)
+    prefixes = set()
+    for _ in range(40):  # fresh connections: none may land in a dead worker's queue
+        resp = router.post("/v1/chat/completions", chat_body(), timeout=5)
+        assert resp.status == 200
+        prefixes.add(resp.headers["x-request-id"].split("-")[0])
+    assert len(prefixes) == 2  # the replacement serves its share
+
+
+def _listing_with(router: Router, name: str) -> dict[str, dict[str, Any]] | None:
+    listed = router.listed()
+    return listed if name in listed else None
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])  # one process, and the workers' mirror
+def test_a_renamed_service_keeps_its_health_across_reloads(spawn, tmp_path, workers):
+    backend = spawn(Mock, "w-rename", ["Qwen3-32B"])
+    config = tmp_path / "lmproxy.toml"
+    config.write_text(f'[[services]]\nname = "a0"\nurl = "{backend.url}"\n')
+    router = spawn(
+        Router,
+        "--workers",
+        workers,
+        "--config",
+        str(config),
+        # No periodic check during the test, and the one each new name starts takes
+        # 3 s: only a health carried over can make the renamed service healthy sooner.
+        "--health-interval",
+        "60",
+        "--health-timeout",
+        "10",
+    )
+    router.wait_healthy(1)
+    backend.set_timing(health_delay=3)
+    statuses: list[int] = []
+    done = threading.Event()
+
+    def bystander() -> None:
+        while not done.is_set():
+            statuses.append(router.post("/v1/chat/completions", chat_body()).status)
+
+    chatting = [threading.Thread(target=bystander) for _ in range(2)]
+    for thread in chatting:
+        thread.start()
+    try:
+        for i in range(1, 21):
+            config.write_text(f'[[services]]\nname = "a{i}"\nurl = "{backend.url}"\n')
+            router.signal(signal.SIGHUP)
+            listed = wait_until(lambda i=i: _listing_with(router, f"a{i}"), 5, f"reload {i}")
+            assert list(listed) == [f"a{i}"]
+            assert listed[f"a{i}"]["healthy"], listed  # before any check of the new name
+    finally:
+        done.set()
+        for thread in chatting:
+            thread.join(15)
+    assert statuses and set(statuses) == {200}, sorted(set(statuses))
+    assert "service a20 is a19 renamed" in router.output
+
+
+def test_a_stopped_supervisor_takes_no_worker_for_silent(spawn):
+    backend = spawn(Mock, "w-paused", ["Qwen3-32B"])
+    router = router_over(spawn, [backend], "--workers", "2", "--worker-timeout", "2")
+    pids = _worker_pids(router)
+    router.signal(signal.SIGSTOP)  # a debugger, a suspended host: the workers go on
+    try:
+        time.sleep(3)  # longer than --worker-timeout: the time is the scenario
+    finally:
+        router.signal(signal.SIGCONT)
+    # /stats is the supervisor's: once it answers, the overdue check has run.
+    assert router.get("/stats").json()["services"][0]["healthy"]
+    assert "sent no heartbeat" not in router.output
+    assert _worker_pids(router) == pids

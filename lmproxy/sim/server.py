@@ -159,6 +159,8 @@ class MockConnection(asyncio.Protocol):
             if body:
                 state.bodies.append(body)
         if path == "/health":
+            if state.health_delay_s:
+                await asyncio.sleep(state.health_delay_s)
             if state.fault == "unhealthy":
                 self.write(json_answer(503, {"status": "unhealthy"}))
             else:
@@ -201,10 +203,16 @@ class MockConnection(asyncio.Protocol):
                 settings = msgspec.json.decode(body, type=dict[str, float])
                 state.ttft_s = settings.get("ttft", state.ttft_s)
                 state.token_delay_s = settings.get("token_delay", state.token_delay_s)
+                state.health_delay_s = settings.get("health_delay", state.health_delay_s)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 self.write(json_answer(400, {"error": f"settings: {exc}"}))
                 return
-            self.write(json_answer(200, {"ttft": state.ttft_s, "token_delay": state.token_delay_s}))
+            now = {
+                "ttft": state.ttft_s,
+                "token_delay": state.token_delay_s,
+                "health_delay": state.health_delay_s,
+            }
+            self.write(json_answer(200, now))
             return
         if path == "/mock/fault":
             try:

@@ -36,6 +36,7 @@ class MockState:
         self.models = models
         self.ttft_s = ttft_s
         self.token_delay_s = token_delay_s
+        self.health_delay_s = 0.0  # /health answers after this: a slow check
         self.tokens = tokens
         self.fault = fault
         self.ids = itertools.count(1)

@@ -83,7 +83,7 @@ class PageRefused(Exception):
 class PageScan:
     """The load figures of one Prometheus text page, fed as its bytes arrive."""
 
-    __slots__ = ("_counts", "_kv", "_models", "_pending", "lines", "running", "waiting")
+    __slots__ = ("_batch", "_counts", "_kv", "_models", "_pending", "_queued", "lines")
 
     def __init__(self) -> None:
         # What is not scanned yet: the last, unfinished line, after the newline before it.
@@ -91,7 +91,7 @@ class PageScan:
         self._counts = [0] * len(_FAMILIES)
         self._kv: dict[int, float] = {}
         self._models: dict[str, tuple[int, int]] = {}
-        self.running = self.waiting = 0
+        self._batch = self._queued = 0
         self.lines = 0  # sample lines handled in Python: at most MAX_SERIES per family
 
     def feed(self, data: bytes) -> None:
@@ -114,7 +114,7 @@ class PageScan:
         if not any(counts[: len(RUNNING) + len(WAITING)]):
             return None
         usage = next((self._kv[i] for i in sorted(self._kv)), None)  # vLLM's new name first
-        return Figures(self.running, self.waiting, usage, self._models)
+        return Figures(self._batch, self._queued, usage, self._models)
 
     def _scan(self, end: int) -> None:
         for match in _LINE.finditer(self._pending, 0, end):
@@ -145,9 +145,9 @@ class PageScan:
         requests = int(value)
         is_running = family < len(RUNNING)
         if is_running:
-            self.running += requests
+            self._batch += requests
         else:
-            self.waiting += requests
+            self._queued += requests
         found = _MODEL.search(labels) if labels else None
         if found is None or len(found[1]) > MAX_LABEL_VALUE:
             return

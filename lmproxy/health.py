@@ -3,7 +3,9 @@
 Each check asks the service's own health path (never a supervisor port, the
 InfiniLM router's mistake: a hung engine must fail its check), then, unless the
 models were configured, its model list: ``/v1/models``, falling back to
-``/models``. Both together must finish within ``health_timeout``.
+``/models``. Both together must finish within ``health_timeout``. A model list
+is decoded bounded in size (the probe's 4 MiB) and in depth (``decode.json``),
+so a hostile listing fails the check with a reason, never the loop.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 
 import msgspec
 
+from lmproxy import decode
 from lmproxy.probe import ProbeError, probe
 from lmproxy.registry import Registry, Service
 
@@ -34,9 +37,6 @@ class _ModelList(msgspec.Struct):
     data: list[_Model]
 
 
-_decode_models = msgspec.json.Decoder(_ModelList).decode
-
-
 class HealthChecker:
     def __init__(
         self, registry: Registry, interval_s: float, timeout_s: float, via: str = ""
@@ -46,6 +46,7 @@ class HealthChecker:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._unexpected: dict[str, str] = {}  # service -> the unexpected failure last logged
 
     def start(self) -> None:
         for service in self.registry.services.values():
@@ -60,6 +61,7 @@ class HealthChecker:
 
     def unwatch(self, name: str) -> None:
         task = self._tasks.pop(name, None)
+        self._unexpected.pop(name, None)
         if task is not None:
             task.cancel()
 
@@ -88,10 +90,15 @@ class HealthChecker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            # Whatever went wrong, the service shows it; the loop goes on.
-            log.exception("health check of %s failed unexpectedly", service.name)
-            self.registry.probe_failed(service, f"health check failed: {type(exc).__name__}: {exc}")
+            # Whatever went wrong, the service shows it; the loop goes on. The traceback
+            # is logged once per cause, not at every check.
+            reason = f"{type(exc).__name__}: {exc}"
+            if self._unexpected.get(service.name) != reason:
+                self._unexpected[service.name] = reason
+                log.exception("health check of %s failed unexpectedly", service.name)
+            self.registry.probe_failed(service, f"health check failed: {reason}")
         else:
+            self._unexpected.pop(service.name, None)
             self.registry.probe_passed(service, models)
 
     async def _probe(self, service: Service) -> list[tuple[str, int | None, str | None]] | None:
@@ -115,7 +122,7 @@ class HealthChecker:
             if status != 200:
                 raise ProbeError(f"{path} answered {status}")
             try:
-                listing = _decode_models(body)
+                listing = decode.json(body, into=_ModelList)
             except msgspec.DecodeError as exc:
                 raise ProbeError(f"{path} is not an OpenAI model list: {exc}") from None
             return [(m.id, m.created, m.owned_by) for m in listing.data]

@@ -4,12 +4,20 @@ Probes are rare and must be strict about what counts as an answer, so they use
 h11's pure-Python state machine on a fresh connection each time: a probe then
 never shares fate with the request pool, and a half-broken backend cannot fool
 it with bytes the pool's fast path would accept.
+
+An answer is bounded in bytes (``MAX_PROBE_BODY``) and in pieces
+(``MAX_PROBE_PIECES``: h11 costs a few microseconds per chunk, so a body of
+one-byte chunks would be seconds of Python), and the event loop gets a turn
+every ``PIECES_PER_TURN`` pieces: one read of tiny chunks cannot hold it. A
+caller that reads the body as it comes (the load scrape) passes a ``sink``,
+which then gets each piece and may raise to stop reading.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl as _ssl
+from collections.abc import Callable
 from typing import Protocol
 
 import h11
@@ -17,6 +25,8 @@ import h11
 from lmproxy.tls import tls_reason
 
 MAX_PROBE_BODY = 4 * 1024 * 1024  # a /v1/models listing is far smaller
+MAX_PROBE_PIECES = 16384  # body pieces (chunks, reads) per answer: 256 bytes each on average
+PIECES_PER_TURN = 64  # a few hundred microseconds of h11 between turns of the loop
 
 
 class ProbeError(Exception):
@@ -32,10 +42,17 @@ class Probed(Protocol):
     server_name: str
 
 
-async def probe(service: Probed, path: str, timeout_s: float, via: str) -> tuple[int, bytes]:
-    """GET ``path`` from ``service``, over TLS as its requests go."""
+async def probe(
+    service: Probed,
+    path: str,
+    timeout_s: float,
+    via: str,
+    sink: Callable[[bytes], None] | None = None,
+) -> tuple[int, bytes]:
+    """GET ``path`` from ``service``, over TLS as its requests go; with ``sink``, the
+    body goes to it piece by piece (and the returned body is empty)."""
     return await http_get(
-        service.host, service.port, path, timeout_s, via, service.ssl, service.server_name
+        service.host, service.port, path, timeout_s, via, service.ssl, service.server_name, sink
     )
 
 
@@ -47,6 +64,7 @@ async def http_get(
     via: str = "",
     ssl: _ssl.SSLContext | None = None,
     server_name: str | None = None,
+    sink: Callable[[bytes], None] | None = None,
 ) -> tuple[int, bytes]:
     """GET ``path``; return (status, body). Raises ProbeError or TimeoutError.
 
@@ -65,7 +83,7 @@ async def http_get(
         except OSError as exc:
             raise ProbeError(f"cannot connect: {exc.strerror or exc}") from None
         try:
-            return await _exchange(reader, writer, host, port, path, via)
+            return await _exchange(reader, writer, host, port, path, via, sink)
         finally:
             writer.close()
 
@@ -77,6 +95,7 @@ async def _exchange(
     port: int,
     path: str,
     via: str,
+    sink: Callable[[bytes], None] | None,
 ) -> tuple[int, bytes]:
     conn = h11.Connection(h11.CLIENT)
     headers = [
@@ -90,6 +109,7 @@ async def _exchange(
     writer.write(conn.send(request) + conn.send(h11.EndOfMessage()))
     status = 0
     body = bytearray()
+    size = pieces = 0
     while True:
         try:
             event = conn.next_event()
@@ -114,9 +134,18 @@ async def _exchange(
         elif isinstance(event, h11.Response):
             status = event.status_code
         elif isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > MAX_PROBE_BODY:
-                raise ProbeError("response body too large")
+            size += len(event.data)
+            pieces += 1
+            if size > MAX_PROBE_BODY:
+                raise ProbeError(f"response body over {MAX_PROBE_BODY // 1024 // 1024} MiB")
+            if pieces > MAX_PROBE_PIECES:
+                raise ProbeError(f"response body in over {MAX_PROBE_PIECES} pieces")
+            if sink is None:
+                body += event.data
+            else:
+                sink(event.data)
+            if pieces % PIECES_PER_TURN == 0:
+                await asyncio.sleep(0)
         elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
             if not status:
                 raise ProbeError("connection closed before a response")

@@ -507,8 +507,13 @@ class Registry:
             service.engine_extra, service.engine_full = extra, full
             self._notify()
 
-    def engine_stale(self, service: Service) -> None:
-        """The last scrape is too old to trust: the router's own count decides alone."""
+    def engine_stale(self, service: Service, forget: bool = False) -> None:
+        """The last scrape is too old to trust: the router's own count decides alone.
+        ``forget``: the figures are gone too (a page refused), and /stats shows none."""
+        if forget:
+            service.engine_running = service.engine_waiting = service.engine_kv = None
+            service.engine_at = None
+            service.engine_models = {}
         if service.engine_extra or service.engine_full:
             service.engine_extra = 0
             service.engine_full = False

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
+import logging
 import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
 
+import pytest
 from conftest import Mock, Router, request, router_over, wait_until
 
 from lmproxy.config import ServiceSpec
-from lmproxy.load import parse
+from lmproxy.load import LoadScraper, PageRefused, PageScan, parse
 from lmproxy.registry import Registry
 from strategies.least_outstanding import LeastOutstanding
 
@@ -41,26 +48,41 @@ def test_parse_reads_vllm_sglang_and_the_deprecated_name():
         'sglang:token_usage{model_name="m"} 0.25\n'
     )
     assert parse(sglang) == (2, 11, 0.25, {"m": (2, 11)})
-    # A page cannot grow the registry without bound: at most MAX_MODELS models are kept.
-    flood = "".join(f'vllm:num_requests_running{{model_name="m{i}"}} 1\n' for i in range(500))
-    figures = parse(flood)
-    assert figures is not None and figures.running == 500 and len(figures.models) == 64
+
+    # A page cannot grow the registry without bound: MAX_SERIES series per family, then
+    # the page is refused (summing 500 would take a flood for the engine's load).
+    def flood(count: int) -> str:
+        return "".join(f'vllm:num_requests_running{{model_name="m{i}"}} 1\n' for i in range(count))
+
+    figures = parse(flood(64))
+    assert figures is not None and figures.running == 64 and len(figures.models) == 64
+    with pytest.raises(PageRefused, match="vllm:num_requests_running has over 64 series"):
+        parse(flood(500))
     assert parse("# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 3\n") is None
     assert parse("") is None
+    # Longer names are other families; escaped label values and a last line without its
+    # newline are read as Prometheus writes them.
+    page = (
+        'sglang:num_running_reqs_offline_batch{model_name="m"} 9\n'
+        'vllm:num_requests_running{model_name="a\\"b",engine="0"} 2 1712345678\n'
+        "vllm:num_requests_waiting 5"
+    )
+    assert parse(page) == (2, 5, None, {'a"b': (2, 0)})
+    for bad in ("NaN", "-1", "+Inf", "x"):
+        with pytest.raises(PageRefused, match="is not a count"):
+            parse(f"vllm:num_requests_waiting {bad}\n")
 
 
-async def test_a_page_that_does_not_parse_costs_one_scrape_not_the_loop(monkeypatch):
-    from lmproxy import load
-
+async def test_a_page_that_does_not_parse_costs_one_scrape_not_the_loop():
     registry = Registry()
     service = registry.add(ServiceSpec(url="http://127.0.0.1:1", name="odd"))
     pages = iter([b'vllm:num_requests_running{model_name="a" 3\n', VLLM.encode()])
 
-    async def fake_get(*args: object, **kwargs: object) -> tuple[int, bytes]:
-        return 200, next(pages)
+    async def fetch(*args: object, sink: Callable[[bytes], None]) -> tuple[int, bytes]:
+        sink(next(pages))
+        return 200, b""
 
-    monkeypatch.setattr(load, "probe", fake_get)
-    scraper = load.LoadScraper(registry, 1.0, 1.0)
+    scraper = LoadScraper(registry, 1.0, 1.0, fetch=fetch)
     await scraper.scrape(service)  # garbage: no figure, no exception, asked again later
     assert service.engine_at is None and not service.metrics_missing
     await scraper.scrape(service)
@@ -164,3 +186,136 @@ def test_a_service_without_load_metrics_is_asked_once(spawn):
     assert plain.stats()["paths"].count("/metrics") == asked == 1
     assert router.stats_of("plain")["engine"] is None
     assert request(router.port, "GET", "/health").status == 200
+
+
+def _python_calls(work: Callable[[], Any]) -> int:
+    """How many Python and builtin function calls ``work`` makes (its own included)."""
+    calls = 0
+
+    def count(frame: object, event: str, arg: object) -> None:
+        nonlocal calls
+        if event in ("call", "c_call"):
+            calls += 1
+
+    sys.setprofile(count)
+    try:
+        work()
+    except PageRefused:
+        pass
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def test_a_page_costs_python_work_for_the_wanted_lines_only_not_for_the_page():
+    from lmproxy.sim.metrics import flood_metrics
+
+    flood = flood_metrics()  # what the metrics-flood fault serves: 4 MiB, 200,000 lines
+    assert len(flood) > 4_000_000 and flood.count(b"\n") == 200_000
+    with pytest.raises(PageRefused, match="over 64 series"):
+        parse(flood.decode())
+    # Parsing the whole page makes a bounded number of calls: MAX_SERIES lines, not
+    # 70,000 (nor 200,000).
+    assert _python_calls(lambda: parse(flood.decode())) < 2_000
+    # An honest page as large: histograms, and its figures at the end, read in the
+    # 64 KiB pieces a probe hands over.
+    honest = "".join(f'h_bucket{{le="{i}"}} 5\n' for i in range(200_000)) + VLLM
+    scan = PageScan()
+
+    def feed() -> None:
+        page = honest.encode()
+        for at in range(0, len(page), 65536):
+            scan.feed(page[at : at + 65536])
+
+    assert _python_calls(feed) < 2_000
+    assert scan.figures() == (4, 7, 0.42, {"a": (3, 7), "b": (1, 0)})
+    assert scan.lines == 4  # the four sample lines of the wanted families
+
+
+def test_a_metrics_flood_is_refused_once_and_bystanders_are_served(spawn):
+    # 4 MiB of /metrics, 70,000 vllm:num_requests_running series, every 0.1 s: the
+    # supervisor (which scrapes for its workers) and the workers go on serving another
+    # service's clients.
+    flood = spawn(Mock, "flood", ["other"], "--fault", "metrics-flood")
+    calm = spawn(Mock, "calm", ["Qwen3-32B"])
+    router = router_over(spawn, [flood, calm], "--load-interval", "0.1", "--workers", "2")
+    refusal = "/metrics refused: vllm:num_requests_running has over 64 series"
+    wait_until(lambda: refusal in router.output, 10, "the refusal")
+    asked = flood.stats()["requests"]  # its scrapes, and a health check now and then
+    deadline = time.monotonic() + 20
+    while flood.stats()["requests"] < asked + 10:
+        assert router.get("/health").status == 200
+        resp = router.post(
+            "/v1/chat/completions",
+            {"model": "Qwen3-32B", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]},
+        )
+        assert resp.status == 200, resp
+        assert time.monotonic() < deadline, "the scrapes stopped"
+    # The flood is not taken for the engine's load: it has none the router knows.
+    assert router.stats_of("flood")["engine"] is None
+    assert router.stats_of("calm")["engine"]["running"] == 0
+    assert router.output.count(refusal) == 1
+
+
+async def test_a_scrape_that_raises_costs_its_service_a_back_off_not_the_loop(caplog):
+    registry = Registry()
+    good = registry.add(ServiceSpec(url="http://127.0.0.1:1", name="good"))
+    bad = registry.add(ServiceSpec(url="http://127.0.0.1:2", name="bad"))
+    for service in (good, bad):
+        registry.probe_passed(service, None)
+    asked = collections.Counter()
+    failure: list[Exception | None] = [RuntimeError("the scrape broke")]
+
+    async def fetch(
+        service: Any, *args: object, sink: Callable[[bytes], None]
+    ) -> tuple[int, bytes]:
+        asked[service.name] += 1
+        if service is bad and failure[0] is not None:
+            raise failure[0]
+        sink(VLLM.encode())
+        return 200, b""
+
+    async def until(what: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not what():
+                await asyncio.sleep(0.01)
+
+    def logged(text: str) -> int:
+        return sum(text in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+
+    caplog.set_level(logging.INFO, "lmproxy")
+    scraper = LoadScraper(registry, 0.02, 1.0, fetch=fetch)
+    scraper.start()
+    try:
+        await until(lambda: asked["good"] >= 30)
+        # The other service is scraped on; the failing one less and less often (0.02 s,
+        # then twice as long each time), and its failure is logged once.
+        assert good.engine_running == 4
+        assert 2 <= asked["bad"] < 10 and bad.engine_at is None
+        assert logged("the scrape broke") == 1
+        failure[0] = ValueError("something else")  # another cause: logged too
+        await until(lambda: logged("something else") == 1)
+        failure[0] = None  # it answers again: retried, read
+        await until(lambda: bad.engine_running == 4)
+        assert logged("the scrape broke") == 1 and logged("something else") == 1
+    finally:
+        await scraper.stop()
+
+
+def test_a_model_list_nested_too_deep_fails_the_check_with_a_reason(spawn):
+    deep = spawn(Mock, "deep", ["Qwen3-32B"], "--fault", "models-deep")
+    router = spawn(
+        Router, "--backend", deep.backend_arg(), "--health-interval", "0.1", "--load-interval", "0"
+    )
+
+    def reason() -> str:
+        return router.stats_of("deep")["last_error"] or ""
+
+    wait_until(lambda: "nested more than 64 levels deep" in reason(), 10, "the failed check")
+    assert "/v1/models is not an OpenAI model list" in reason()
+    # The checks go on (the discovery retry), and pass once the listing is sane.
+    asked = deep.stats()["paths"].count("/v1/models")
+    wait_until(lambda: deep.stats()["paths"].count("/v1/models") >= asked + 2, 10, "more checks")
+    deep.set_fault("none")
+    router.wait_healthy(1)
+    assert "failed unexpectedly" not in router.output and "RecursionError" not in router.output

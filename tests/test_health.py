@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 
+import pytest
 from conftest import Mock, Router, chat_body, router_over, wait_until
 
 
@@ -177,3 +180,26 @@ def test_timeout_is_not_retried(spawn):
     results = [router.post("/v1/chat/completions", chat_body()).status for _ in range(2)]
     assert sorted(results) == [200, 504]
     assert time.monotonic() - started < 5
+
+
+async def test_a_probe_answer_in_tiny_chunks_is_refused_past_its_pieces():
+    # h11 costs microseconds per chunk: 20,000 one-byte chunks would be a long stretch
+    # of Python, so an answer is bounded in pieces too (and yields to the loop meanwhile).
+    from lmproxy.probe import MAX_PROBE_PIECES, ProbeError, http_get
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"1\r\nx\r\n" * (MAX_PROBE_PIECES + 10) + b"0\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(ProbeError, match=f"in over {MAX_PROBE_PIECES} pieces"):
+            await http_get("127.0.0.1", port, "/health", 30.0)
+    finally:
+        server.close()
+        await server.wait_closed()

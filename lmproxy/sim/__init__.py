@@ -33,6 +33,10 @@ clears it):
 ``unhealthy``       ``/health`` answers 503 (set at run time)
 ``model-flood``     every ``/v1/models`` lists 5,000 models never listed before
                     (set at run time)
+``models-deep``     ``/v1/models`` lists its models beside a field nested 1,000
+                    levels deep (set at run time)
+``metrics-flood``   ``/metrics`` is 4 MiB of 200,000 lines, 70,000 of them
+                    ``vllm:num_requests_running`` series (set at run time)
 ==================  =========================================================
 
 ``X-Mock-Raw: BASE64`` on a request makes the answer exactly those bytes (and

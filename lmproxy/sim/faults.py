@@ -3,7 +3,8 @@
 ``FAULTS`` names them (the package docstring says what each does). The ones
 that answer before any token are played by :func:`answer_with_fault`; the
 mid-stream ones (``close-mid-stream``, ``stall-mid-stream``) by the server's
-stream, ``unhealthy`` and ``model-flood`` by its /health and model listing.
+stream, ``unhealthy``, ``model-flood`` and ``models-deep`` by its /health and
+model listing, ``metrics-flood`` by its /metrics.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ FAULTS = (
     "connection-named",
     "unhealthy",
     "model-flood",
+    "models-deep",
+    "metrics-flood",
 )
 SECOND_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nX-Second: yes\r\n\r\nSECOND"
 FLOOD_MODELS = 5000

@@ -15,7 +15,7 @@ import msgspec
 
 from lmproxy.sim.engine import Engine
 from lmproxy.sim.faults import FAULTS, FLOOD_MODELS, answer_with_fault
-from lmproxy.sim.metrics import engine_metrics
+from lmproxy.sim.metrics import engine_metrics, flood_metrics
 from lmproxy.sim.shapes import (
     CREATED,
     WORDS,
@@ -31,6 +31,7 @@ from lmproxy.sim.state import MockState
 
 HIGH_WATER = 64 * 1024
 BATCH_EVENTS = 64  # events per write when there is no delay between tokens
+DEEP_LEVELS = 1000  # the models-deep fault's nesting: past Python's recursion limit
 
 
 class _Body(msgspec.Struct):
@@ -179,14 +180,23 @@ class MockConnection(asyncio.Protocol):
                 {"id": m, "object": "model", "created": CREATED, "owned_by": state.name}
                 for m in models
             ]
-            self.write(json_answer(200, {"object": "list", "data": data}))
+            listing = {"object": "list", "data": data}
+            if state.fault == "models-deep":  # spliced in: an encoder refuses such depth
+                deep = b"[" * DEEP_LEVELS + b"]" * DEEP_LEVELS
+                body = msgspec.json.encode(listing)[:-1] + b',"extra":' + deep + b"}"
+                self.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+            else:
+                self.write(json_answer(200, listing))
             state.completed += 1
             return
         if path == "/metrics":
             if state.metrics == "none":
                 self.write(json_answer(404, {"detail": "Not Found"}))
             else:
-                body = engine_metrics(state)
+                body = flood_metrics() if state.fault == "metrics-flood" else engine_metrics(state)
                 self.write(
                     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body)

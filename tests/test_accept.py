@@ -11,6 +11,9 @@ import pytest
 from conftest import Mock, Router, wait_until
 from test_tls import Certs, serving
 
+from lmproxy.accept import Gate, connection_budget, connection_limit, source_of
+from lmproxy.config import Config, ConfigError
+
 MODEL = "Qwen3-32B"
 # The first 11 bytes of a TLS ClientHello: a handshake begun and never finished.
 PARTIAL_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
@@ -195,3 +198,63 @@ def test_clients_cannot_take_the_descriptors_health_checks_need(spawn, certs, sc
     stats = router.stats_of("b")
     assert stats["healthy"] and stats["last_error"] is None, stats
     assert "unhealthy" not in router.output and "Too many open files" not in router.output
+
+
+# --- the gate's counts, without sockets -------------------------------------------------
+
+
+def test_the_gate_counts_every_connection_once_and_each_source_its_share():
+    gate = Gate(limit=64)  # defaults: 16 per source (an eighth, at least 16), 16 handshakes
+    assert (gate.per_source, gate.handshake_limit, gate.handshakes_per_source) == (16, 16, 4)
+    assert all(gate.admit("10.0.0.1") is None for _ in range(16))
+    refusal = gate.admit("10.0.0.1")
+    assert refusal is not None and b"503" in refusal and b"--max-connections-per-ip" in refusal
+    assert gate.admit("10.0.0.2") is None  # another source is not held up
+    gate.release("10.0.0.1")
+    assert gate.admit("10.0.0.1") is None  # a slot that came back is its own again
+    for _ in range(16):
+        gate.release("10.0.0.1")
+    gate.release("10.0.0.2")
+    assert gate.figures()["open"] == 0 and gate.figures()["sources"] == 0
+    assert gate.figures()["refused"] == {"at_limit": 0, "per_ip": 1, "handshakes": 0}
+
+
+def test_a_handshake_counts_as_a_connection_and_a_failed_one_is_released():
+    gate = Gate(limit=8, per_source=8, handshakes=2)
+    assert gate.admit_handshake("a") and gate.admit_handshake("b")
+    assert not gate.admit_handshake("c")  # the handshake cap
+    assert gate.figures()["open"] == 2 and gate.handshaking == 2
+    gate.handshake_ended("a", completed=True)  # now a connection: still counted
+    gate.handshake_ended("b", completed=False)  # failed: released at once
+    assert gate.figures()["open"] == 1 and gate.handshaking == 0
+    assert all(gate.admit(f"s{i}") is None for i in range(7))
+    assert gate.admit("t") is not None and not gate.admit_handshake("t")  # at the limit
+    assert gate.figures()["refused"] == {"at_limit": 2, "per_ip": 0, "handshakes": 1}
+
+
+def test_an_ipv6_source_is_its_64_and_an_ipv4_one_its_address():
+    assert source_of(("192.0.2.7", 5000)) == "192.0.2.7"
+    assert source_of(("::ffff:192.0.2.7", 5000, 0, 0)) == "::ffff:192.0.2.7"
+    assert source_of(("2001:db8:1:2:aaaa::1", 5000, 0, 0)) == "2001:db8:1:2::/64"
+    assert source_of(("2001:db8:1:2:bbbb::9", 5000, 0, 0)) == "2001:db8:1:2::/64"
+    assert source_of(None) == ""
+
+
+def test_the_limit_leaves_descriptors_for_the_router_and_caps_a_larger_one():
+    assert connection_budget(1024) == 384
+    assert connection_limit(0, 1024) == 384
+    assert connection_limit(100, 1024) == 100
+    assert connection_limit(5000, 1024) == 384
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"max_connections_per_ip": -1}, "--max-connections-per-ip must be >= 0"),
+        ({"max_handshakes": -1}, "--max-handshakes must be >= 0"),
+        ({"handshake_timeout": 0}, "--handshake-timeout must be > 0"),
+    ],
+)
+def test_the_connection_settings_are_checked(setting, message):
+    with pytest.raises(ConfigError, match=message):
+        Config(**setting).validate()

@@ -153,6 +153,7 @@ def stats(router: RouterState) -> Payload:
         "total_services": len(listed),
         "healthy_services": len(registry.healthy()),
         "queue_length": router.queue_length,
+        "connections": router.connection_figures(),
         "services": listed,
     }
     if registry.pd_models:

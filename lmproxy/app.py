@@ -20,6 +20,7 @@ from urllib.parse import unquote
 
 import strategies
 from lmproxy import api, tls, tracing
+from lmproxy.accept import Gate, Handshake, connection_limit, tls_protocol_for
 from lmproxy.admission import AdmissionQueue
 from lmproxy.config import Config, ConfigError
 from lmproxy.control import Channel
@@ -130,6 +131,7 @@ class Router:
         self._id_prefix = os.urandom(4).hex().encode()
         self._ids = itertools.count(1)
         self.connections: set[ClientConnection] = set()
+        self.handshakes: set[Handshake] = set()  # TLS connections still in their handshake
         self.paused: set[ClientConnection] = set()  # reading paused: polled for hang-ups
         self._hangup_poll: asyncio.TimerHandle | None = None
         self.server: asyncio.Server | None = None
@@ -156,7 +158,10 @@ class Router:
             else authority_limits(config, self.instance_id)
         )
         self._admin_token = config.admin_token.encode() if config.admin_token else None
-        self.max_connections = config.max_connections or _auto_max_connections()
+        self.max_connections = connection_limit(config.max_connections, raise_open_file_limit())
+        self.gate = Gate(self.max_connections, config.max_connections_per_ip, config.max_handshakes)
+        self.handshake_timeout = config.handshake_timeout
+        self.tls_protocol = tls_protocol_for(self.loop)
         self._routes = self._route_table()
         self._prefixes = self._prefix_table()
 
@@ -172,20 +177,25 @@ class Router:
             server_name=service.server_name,
         )
 
+    def tls_client(self, source: str) -> ClientConnection:
+        """The HTTP side of a TLS connection, admitted at its accept (accept.Handshake)."""
+        return ClientConnection(self, source)
+
     async def start(self) -> None:
+        # Over TLS the listener is a plain one too: a Handshake drives the handshake, so
+        # that the connection counts from its accept, not from its handshake's end.
+        factory: Callable[[], asyncio.Protocol] = (
+            (lambda: ClientConnection(self)) if self.ssl is None else (lambda: Handshake(self))
+        )
         try:
             self.server = await self.loop.create_server(
-                lambda: ClientConnection(self),
+                factory,
                 self.config.host,
                 self.config.port,
                 reuse_address=True,
                 # Workers share the port: the kernel spreads connections among them.
                 reuse_port=self.link is not None,
                 backlog=4096,
-                ssl=self.ssl,
-                # The handshake comes before the first request, and the protocol (with its
-                # deadlines) only sees the connection after it: give it the same deadline.
-                ssl_handshake_timeout=self.config.header_timeout if self.ssl else None,
             )
         except OSError as exc:
             raise ConfigError(
@@ -198,15 +208,18 @@ class Router:
         self._sweeper = self.loop.call_later(self.sweep_interval_s, self._sweep)
         if self.link is not None:
             return  # the supervisor reports the router as a whole
+        gate = self.gate
         log.info(
             "lmproxy listening on %s://%s:%d (strategy %s, %d services, "
-            "at most %d client connections)",
+            "at most %d client connections, %d per address%s)",
             "https" if self.ssl is not None else "http",
             self.config.host,
             self.port,
             self.config.strategy,
             len(self.registry.services),
-            self.max_connections,
+            gate.limit,
+            gate.per_source,
+            f", {gate.handshake_limit} in TLS handshakes" if self.ssl is not None else "",
         )
 
     # --- per request -------------------------------------------------------------
@@ -435,6 +448,9 @@ class Router:
     def key_counts(self) -> dict[str, dict[str, Any]]:
         return with_under_way(self.metrics.key_counts(), self.config, self.limits)
 
+    def connection_figures(self) -> dict[str, Any]:
+        return self.gate.figures()
+
     def disaggregate(self, journey: Waiter) -> None:
         """Serve a request for a disaggregated model in two steps (pd.py)."""
         assert isinstance(journey, Journey)
@@ -521,6 +537,8 @@ class Router:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+        for handshake in list(self.handshakes):
+            handshake.abort()
         if self.tracer is not None:
             self.tracer.shutdown()  # what is still queued is exported
         await self.limits.aclose()
@@ -544,12 +562,6 @@ def _has_dot_segment(path: bytes) -> bool:
     """Whether ``path`` has a ``.`` or ``..`` segment, also percent-encoded."""
     decoded = unquote(path.decode("latin-1")) if b"%" in path else path.decode("latin-1")
     return any(segment in (".", "..") for segment in decoded.split("/"))
-
-
-def _auto_max_connections() -> int:
-    # Each client connection may hold a backend connection too, and the router
-    # needs a few descriptors of its own.
-    return max(16, (raise_open_file_limit() - 256) // 2)
 
 
 def _has_policies(config: Config) -> bool:
@@ -658,6 +670,9 @@ RESTART_ONLY = (
     "ssl_ca_certs",
     "ssl_cert_reqs",
     "max_connections",
+    "max_connections_per_ip",
+    "max_handshakes",
+    "handshake_timeout",
     "pool_max_idle",
     "pool_idle_timeout",
     "connect_timeout",

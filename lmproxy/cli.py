@@ -635,8 +635,41 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help=(
-            "client connections at once; past it new ones get 503 and are closed at once "
-            "(default: 0 = as many as the open-file limit allows)"
+            "client connections at once, counted from their accept (TLS handshakes "
+            "included); past it new ones get 503 and are closed at once (default: 0 = "
+            "as many as the open-file limit allows, leaving descriptors for backend "
+            "connections and health checks; a larger N is capped at that)"
+        ),
+    )
+    g.add_argument(
+        "--max-connections-per-ip",
+        type=int,
+        metavar="N",
+        help=(
+            "connections one client address (an IPv6 /64) may hold at once, so that one "
+            "client cannot take every slot; past it 503 (default: 0 = an eighth of "
+            "--max-connections, at least 16; behind a load balancer that connects from "
+            "a few addresses, set it to --max-connections)"
+        ),
+    )
+    g.add_argument(
+        "--max-handshakes",
+        type=int,
+        metavar="N",
+        help=(
+            "HTTPS: TLS handshakes in progress at once (each address its share of them, "
+            "as of --max-connections); past it new connections are closed at once "
+            "(default: 0 = a quarter of --max-connections, at most 1024)"
+        ),
+    )
+    g.add_argument(
+        "--handshake-timeout",
+        type=float,
+        metavar="S",
+        help=(
+            "HTTPS: seconds a new connection may take to finish its TLS handshake; then "
+            "it is closed. --header-timeout counts from the handshake's end "
+            f"(default: {d.handshake_timeout:g})"
         ),
     )
     g.add_argument(

@@ -245,6 +245,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     send_timeout: float = 60.0
     shutdown_timeout: float = 30.0
     max_connections: int = 0  # 0: as many as the open-file limit allows
+    # A source address's share of max_connections (accept.py); 0: 1/8, at least 16.
+    max_connections_per_ip: int = 0
+    max_handshakes: int = 0  # TLS handshakes in progress at once; 0: 1/4 of the limit
+    handshake_timeout: float = 5.0
     queue_timeout: float = 30.0
     api_keys: list[str] = []
     keys: list[KeySpec] = []  # named keys with models, limits and priorities (limits.py)
@@ -305,6 +309,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             "max_body_size": self.max_body_size,
             "keepalive_timeout": self.keepalive_timeout,
             "header_timeout": self.header_timeout,
+            "handshake_timeout": self.handshake_timeout,
             "body_timeout": self.body_timeout,
             "send_timeout": self.send_timeout,
             "pool_idle_timeout": self.pool_idle_timeout,
@@ -319,6 +324,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             "pool_max_idle": self.pool_max_idle,
             "shutdown_timeout": self.shutdown_timeout,
             "max_connections": self.max_connections,
+            "max_connections_per_ip": self.max_connections_per_ip,
+            "max_handshakes": self.max_handshakes,
             "queue_timeout": self.queue_timeout,
             "registration_ttl": self.registration_ttl,
             "load_interval": self.load_interval,

@@ -48,6 +48,10 @@ class RouterState(Protocol):
         """Per [[keys]] name: requests, tokens, refusals by reason."""
         ...
 
+    def connection_figures(self) -> dict[str, Any]:
+        """Client connections held, TLS handshakes among them, the limits, refusals."""
+        ...
+
 
 class ProxyHost(Protocol):
     """What a proxied request (``proxy.Journey``) needs of the router."""

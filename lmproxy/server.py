@@ -35,10 +35,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
+from lmproxy.accept import source_of
 from lmproxy.errors import Fault, error_response
 from lmproxy.request import find_header
 
 if TYPE_CHECKING:
+    from lmproxy.accept import Gate
     from lmproxy.config import Config
     from lmproxy.limits import Key
     from lmproxy.protocols import Exchanging, Waiter
@@ -51,11 +53,6 @@ MAX_QUEUED = 64  # past this (one read may hold many small requests) the rest is
 QUEUED_BODY_BYTES = 1024 * 1024  # request bodies waiting behind the one being answered
 CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
 INFINITY = float("inf")
-TOO_MANY_CONNECTIONS = error_response(
-    Fault.AT_CONNECTION_LIMIT,
-    "the router is at its connection limit (--max-connections); retry shortly",
-    False,
-)
 LINGER_S = 2.0  # how long a rejected client may go on sending before the close
 _HANGUP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
 
@@ -76,7 +73,7 @@ class ClientHost(Protocol):
     def paused(self) -> set[ClientConnection]: ...  # reading paused: polled for hang-ups
 
     @property
-    def max_connections(self) -> int: ...
+    def gate(self) -> Gate: ...  # the connections admitted, counted from accept
 
     @property
     def via_token(self) -> bytes: ...
@@ -163,13 +160,17 @@ class ClientConnection(asyncio.Protocol):
         "loop",
         "parser",
         "router",
+        "source",
         "task",
         "transport",
         "waiting",
     )
 
-    def __init__(self, router: ClientHost) -> None:
+    def __init__(self, router: ClientHost, source: str | None = None) -> None:
         self.router = router
+        # What the gate counts it against; None until admitted. A TLS connection was
+        # admitted at its accept (accept.Handshake), a plain one is in connection_made.
+        self.source = source
         self.loop = router.loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -196,12 +197,16 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.flow.transport = transport  # type: ignore[assignment]
         router = self.router
-        if len(router.connections) >= router.max_connections:
-            # Refuse fast: serving one more would slow every connection already here.
-            self.closing = True
-            transport.write(TOO_MANY_CONNECTIONS)  # type: ignore[attr-defined]
-            transport.close()
-            return
+        if self.source is None:
+            source = source_of(transport.get_extra_info("peername"))
+            refusal = router.gate.admit(source)
+            if refusal is not None:
+                # Refuse fast: serving one more would slow every connection already here.
+                self.closing = True
+                transport.write(refusal)  # type: ignore[attr-defined]
+                transport.close()
+                return
+            self.source = source
         router.connections.add(self)
         # A fresh connection has until the header timeout to send a request.
         self._arm(router.config.header_timeout)
@@ -240,6 +245,9 @@ class ClientConnection(asyncio.Protocol):
         self.closing = True
         router = self.router
         router.connections.discard(self)
+        if self.source is not None and self.transport is not None:
+            router.gate.release(self.source)
+            self.source = None
         self.flow.stop_watching()
         self._queue.clear()
         if self.exchange is not None:

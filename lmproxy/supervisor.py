@@ -422,6 +422,13 @@ class Supervisor:
     def key_counts(self) -> dict[str, dict[str, Any]]:
         return with_under_way(self._summed_metrics().key_counts(), self.config, self.limits)
 
+    def connection_figures(self) -> dict[str, Any]:
+        """Every live worker's, summed: each worker admits its own (accept.Gate), limits
+        and a source's share included, so the sums are the whole router's."""
+        return sum_figures(
+            [w.snapshot["connections"] for w in self._live() if w.snapshot is not None]
+        )
+
     async def _gather(self) -> None:
         """Fresh figures from every live worker, summed into the registry's services."""
 
@@ -516,3 +523,15 @@ async def supervise(config: Config, reload: Callable[[], Config] | None = None) 
         for server in demo_servers:
             server.close()
     log.info("stopped (pid %d)", os.getpid())
+
+
+def sum_figures(figures: list[dict[str, Any]]) -> dict[str, Any]:
+    """Nested dicts of counts, summed key by key."""
+    total: dict[str, Any] = {}
+    for one in figures:
+        for name, value in one.items():
+            if isinstance(value, dict):
+                total[name] = sum_figures([total.get(name, {}), value])
+            else:
+                total[name] = total.get(name, 0) + value
+    return total

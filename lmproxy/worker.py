@@ -141,6 +141,7 @@ class SupervisorLink:
             },
             "metrics": router.metrics.state(),
             "queue_length": len(router.admission),
+            "connections": router.gate.figures(),
         }
 
     def ejected(self, service: Any, reason: str) -> None:

@@ -93,7 +93,9 @@ def chat_body(model: str | None = "Qwen3-32B", **extra: Any) -> dict[str, Any]:
 class Process:
     """A real child process whose output goes to a file we can read at any time."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, nofile: int | None = None
+    ) -> None:
         # Closed in stop(): the file outlives this constructor on purpose.
         self.log_file = tempfile.NamedTemporaryFile(prefix="lmproxy-test-", suffix=".log")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -103,6 +105,9 @@ class Process:
             stdin=subprocess.DEVNULL,
             cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            # An open-file limit (soft and hard, as `ulimit -n N` sets it) the process
+            # cannot raise.
+            preexec_fn=(lambda: _limit_open_files(nofile)) if nofile else None,
         )
         self.port = 0
 
@@ -138,6 +143,12 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.kill()
         self.log_file.close()
+
+
+def _limit_open_files(count: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
 
 
 class Mock(Process):
@@ -183,8 +194,11 @@ class Router(Process):
         *args: str,
         env: dict[str, str] | None = None,
         context: ssl.SSLContext | None = None,
+        nofile: int | None = None,
     ) -> None:
-        super().__init__(["-m", "lmproxy", "--host", "127.0.0.1", "--port", "0", *args], env)
+        super().__init__(
+            ["-m", "lmproxy", "--host", "127.0.0.1", "--port", "0", *args], env, nofile
+        )
         self.context = context  # an HTTPS router: the client side's TLS
         self.wait_for_port()
 

@@ -56,7 +56,13 @@ async def _one_stream(port: int, index: int) -> str:
 async def test_thousands_of_concurrent_streams_all_accounted_for(spawn):
     raise_open_file_limit()
     backends = [spawn(Mock, f"load-{i}", ["Qwen3-32B"], "--token-delay", "0.01") for i in range(2)]
-    router = spawn(Router, *[a for b in backends for a in ("--backend", b.backend_arg())])
+    router = spawn(
+        Router,
+        *[a for b in backends for a in ("--backend", b.backend_arg())],
+        # Every stream comes from 127.0.0.1: one address, past its default share.
+        "--max-connections-per-ip",
+        str(STREAMS),
+    )
     router.wait_healthy(2)
     started = time.monotonic()
     results = await asyncio.wait_for(

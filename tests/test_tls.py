@@ -371,12 +371,14 @@ def test_an_https_infinilm_registry(spawn, certs):
     assert router.listed()["listed"]["origin"] == "registry"
 
 
-def test_a_client_that_never_finishes_its_handshake_is_closed_at_the_header_timeout(spawn, certs):
-    """Before its handshake a TLS client is not yet the server's: it gets the deadline of
-    a connection that has not sent its request, not the event loop's default minute."""
+def test_a_client_that_never_finishes_its_handshake_is_closed_at_the_handshake_timeout(
+    spawn, certs
+):
+    """Before its handshake a TLS client is not yet the server's: it gets its own deadline,
+    --handshake-timeout, not the event loop's default minute."""
     backend = spawn(Mock, "plain", [MODEL])
     router = spawn(
-        Router, *serving(certs), "--header-timeout", "1", "--backend", backend.backend_arg(),
+        Router, *serving(certs), "--handshake-timeout", "1", "--backend", backend.backend_arg(),
         context=certs.client_context(),
     )  # fmt: skip
     router.wait_healthy(1)

@@ -395,6 +395,10 @@ class Lmproxy(Peer):
             str(port),
             "--log-level",
             "warning",
+            # The load comes from 127.0.0.1 alone: no share per address, as behind a
+            # load balancer (capped at --max-connections).
+            "--max-connections-per-ip",
+            "1000000",
         ]
         for i, p in enumerate(backends):
             argv += ["--backend", f"b{i}=http://127.0.0.1:{p},model=Qwen3-32B"]

@@ -952,30 +952,37 @@ class Journey:
         client = self.client
         try:
             reason = f"the router failed: {type(exc).__name__}"
+            # Still the client's current request? A late step of one already answered
+            # (SGLang's prefill after its decode) must not touch the next request's state.
+            mine = client.current is self.request
             answered = False  # the client has this request's response head
-            current = client.exchange
-            client.exchange = None
+            current = client.exchange if mine else None
+            if mine:
+                client.exchange = None
             for held in (exchange, current) if current is not exchange else (exchange,):
                 if held is not None and held.stop(reason):
                     answered = True
-            task = client.task
-            if task is not None and not task.done() and task is not asyncio.current_task():
-                task.cancel()  # a connect under way: it returns its slot as it stops
-            client.task = None
-            if client.waiting is self:
-                self.router.admission.leave(client)
+            if mine:
+                task = client.task
+                if task is not None and not task.done() and task is not asyncio.current_task():
+                    task.cancel()  # a connect under way: it returns its slot as it stops
+                client.task = None
+                if client.waiting is self:
+                    self.router.admission.leave(client)
             self._release_held()
-            if isinstance(exchange, Exchange) and exchange.outcome is Outcome.DONE:
-                # Answered and logged; its accounting failed after that.
+            if not mine or (isinstance(exchange, Exchange) and exchange.outcome is Outcome.DONE):
+                # Answered and logged; what failed came after that.
                 if self.grant is not None:
                     self._end_key(None)
                 if self.span is not None:
-                    self._end_span(exchange.service.name, exchange.status)
-            else:
-                self._log("", Fault.ROUTING_FAILED.status, 0, 0.0)  # ends the key's grant
+                    self._end_span("", Fault.ROUTING_FAILED.status)
+                if mine:
+                    client.close()
+                return
+            self._log("", Fault.ROUTING_FAILED.status, 0, 0.0)  # ends the key's grant
             if answered or client.closing:
                 client.close()
-            elif client.current is self.request:
+            else:
                 self.request.keep_alive = False
                 client.respond_error(
                     Fault.ROUTING_FAILED,

@@ -124,7 +124,10 @@ class AdmissionQueue:
                     self._take(journey)
                 elif journey.may_start():
                     self._take(journey)
-                    journey.attempt()
+                    try:
+                        journey.attempt()
+                    except Exception as exc:  # its strategy raised: that request ends
+                        journey.crash(exc)
         finally:
             self._waking = False
 
@@ -135,7 +138,10 @@ class AdmissionQueue:
         for journey in late:
             self._take(journey)
             if not journey.client.closing:
-                journey.fail(self._full_error(journey.last_candidates, now - journey.queued_at))
+                try:  # a fallback model may be tried, and its strategy raise
+                    journey.fail(self._full_error(journey.last_candidates, now - journey.queued_at))
+                except Exception as exc:
+                    journey.crash(exc)
 
     def _take(self, journey: Waiter) -> None:
         """Out of the queue; only here (and in ``admit``, ``leave``) is ``client.waiting``

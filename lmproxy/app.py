@@ -31,7 +31,7 @@ from lmproxy.logs import printable
 from lmproxy.metrics import CONTENT_TYPE, Metrics
 from lmproxy.pd import PDJourney
 from lmproxy.protocols import Waiter
-from lmproxy.proxy import Journey
+from lmproxy.proxy import Journey, log_crash
 from lmproxy.registry import Registry, Service
 from lmproxy.request import MODEL_PATHS
 from lmproxy.server import ClientConnection, ClientRequest
@@ -227,9 +227,11 @@ class Router:
     def dispatch(self, client: ClientConnection, request: ClientRequest) -> None:
         try:
             self._dispatch(client, request)
-        except Exception:
+        except Exception as exc:
             # A bug must cost one request, never the connection's order or the router.
-            log.exception("internal error on %s %r", request.method, request.target)
+            log_crash(
+                exc, f"internal error on {printable(request.method)} {printable(request.path)}"
+            )
             if client.current is request and not client.closing:
                 client.respond_error(Fault.INTERNAL, "internal router error; see the router's log")
 
@@ -495,24 +497,31 @@ class Router:
         """Enforce every connection's timeouts: one timer for the router, none per request."""
         now = self.loop.time()
         send_timeout = self.config.send_timeout
-        for conn in list(self.connections):
-            if conn.deadline <= now:
-                conn.on_deadline()
-            flow = conn.flow
-            if flow.write_paused and now - flow.write_paused_at >= send_timeout:
-                # The client has read nothing of its answers for that long: it holds a
-                # connection (and maybe a backend's) for nothing.
-                log.info(
-                    "closing a client that read nothing for %gs (--send-timeout)", send_timeout
-                )
-                conn.abort()
-                continue
-            exchange = conn.exchange
-            if exchange is not None:
-                exchange.check_timeout(now)
-        if self.admission.waiting:
-            self.admission.expire(now)
-        self._sweeper = self.loop.call_later(self.sweep_interval_s, self._sweep)
+        try:
+            for conn in list(self.connections):
+                try:
+                    self._sweep_one(conn, now, send_timeout)
+                except Exception as exc:  # a bug: it costs that connection, not every deadline
+                    log_crash(exc, "the sweep failed on a client connection, which is closed")
+                    conn.abort()
+            if self.admission.waiting:
+                self.admission.expire(now)
+        finally:
+            self._sweeper = self.loop.call_later(self.sweep_interval_s, self._sweep)
+
+    def _sweep_one(self, conn: ClientConnection, now: float, send_timeout: float) -> None:
+        if conn.deadline <= now:
+            conn.on_deadline()
+        flow = conn.flow
+        if flow.write_paused and now - flow.write_paused_at >= send_timeout:
+            # The client has read nothing of its answers for that long: it holds a
+            # connection (and maybe a backend's) for nothing.
+            log.info("closing a client that read nothing for %gs (--send-timeout)", send_timeout)
+            conn.abort()
+            return
+        exchange = conn.exchange
+        if exchange is not None:
+            exchange.check_timeout(now)
 
     # --- shutdown ----------------------------------------------------------------
 

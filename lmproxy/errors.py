@@ -34,6 +34,8 @@ class Fault(enum.Enum):
     RATE_LIMITED = "rate_limited"  # a [[keys]] limit: rpm, tpm or max_in_flight
     HEADERS_TOO_LARGE = "headers_too_large"
     INTERNAL = "internal"  # a bug in the router
+    # Code run for a proxied request raised (a strategy plugin, a bug): that request ends.
+    ROUTING_FAILED = "routing_failed"
     NOT_IMPLEMENTED = "not_implemented"  # a transfer coding other than chunked
     BACKEND_UNREACHABLE = "backend_unreachable"
     BACKEND_BROKEN = "backend_broken"
@@ -64,6 +66,7 @@ _STATUS: dict[Fault, int] = {
     Fault.HEADERS_TOO_LARGE: 431,
     Fault.INTERNAL: 500,
     Fault.NOT_IMPLEMENTED: 501,
+    Fault.ROUTING_FAILED: 502,
     Fault.BACKEND_UNREACHABLE: 502,
     Fault.BACKEND_BROKEN: 502,
     Fault.NO_HEALTHY_SERVICE: 503,

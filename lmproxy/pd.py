@@ -20,12 +20,16 @@ requests are decoded whole and encoded again (msgspec, into plain dicts, so a
 field the router does not know survives as sent); every other request's bytes
 pass untouched.
 
-Failures: a prefill that fails before answering (connect, drop, 5xx, 429) is
-counted on it and retried on another prefill; a 4xx from it is the client's
-error and is answered as such. A decode that fails before its first byte is
-retried with a new pair (and, for SGLang, a new room), within ``--retries``.
+Failures: a prefill that fails before answering (connect, drop, 5xx, 429), or
+whose answer is not the JSON object vLLM sends (garbage, or nested past
+``lmproxy.decode``'s depth), is counted on it and retried on another prefill; a
+4xx from it is the client's error and is answered as such. A decode that fails
+before its first byte is retried with a new pair (and, for SGLang, a new room),
+within ``--retries``.
 After the decode's first byte nothing is retried (the stream gets the usual
-SSE error event). A client that hangs up cancels both sides.
+SSE error event). A client that hangs up cancels both sides. An exception in
+either step (a strategy's, a bug) ends the request as ``Journey.crash`` does,
+and the prefill slots the journey holds (``prefills_held``) come back with it.
 
 The decode step is an ordinary :class:`~lmproxy.proxy.Journey` send: streaming,
 flow control, timeouts and accounting are the proxy's own.
@@ -41,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from lmproxy import decode
 from lmproxy.admission import has_room
 from lmproxy.errors import Fault, ProxyError
 from lmproxy.proxy import Exchange, Journey, Outcome, _request_data
@@ -71,9 +76,6 @@ class _Answer(msgspec.Struct):
     """Of a vLLM prefill's answer, the one field the decode needs (kept as decoded)."""
 
     kv_transfer_params: Any = None
-
-
-_decode_answer = msgspec.json.Decoder(_Answer).decode
 
 
 class Prefill:
@@ -149,10 +151,23 @@ class Prefill:
                 self.journey.prefill_failed, self, "dropped", f"failed before answering: {reason}"
             )
 
+    def on_error(self, exc: Exception) -> None:
+        self.journey.crash(exc)
+
     # --- Exchanging ---------------------------------------------------------------------
 
     def client_gone(self) -> None:
-        self.cancel()
+        try:
+            self.cancel()
+        except Exception as exc:  # its strategy's on_end, or a bug
+            self.journey.crash(exc)
+
+    def stop(self, reason: str) -> bool:
+        """The journey crashed: the step is over; its slot comes back with the journey's
+        (``PDJourney._release_held``)."""
+        if self._end():
+            self.conn.close()
+        return False
 
     def pause(self) -> None:
         pass  # nothing of the prefill's answer goes to the client
@@ -209,6 +224,7 @@ class PDJourney(Journey):
         "prefill_side",
         "prefill_strategy",
         "prefill_tried",
+        "prefills_held",
         "whole",
     )
 
@@ -227,6 +243,9 @@ class PDJourney(Journey):
             route.path, route.model, route.head, route.body, route.headers
         )
         self.prefill_tried: list[Service] = []
+        # Prefill services whose slot this journey holds (SGLang: a cancelled pair's
+        # may be returned after the next pair's is taken): a crash returns them all.
+        self.prefills_held: list[Service] = []
         self.prefill: Service | None = None
         self.prefill_side: Prefill | None = None  # the current pair's, while it runs
         self.prefill_connect: asyncio.Task[None] | None = None  # SGLang: its connect
@@ -240,14 +259,23 @@ class PDJourney(Journey):
 
     def start(self) -> None:
         try:
-            fields = msgspec.json.decode(self.route.body)  # type: ignore[union-attr]
-        except msgspec.DecodeError:
-            fields = None
-        if not isinstance(fields, dict):
-            self.fail(ProxyError(Fault.BAD_REQUEST, "the request body must be a JSON object"))
-            return
-        self.fields = fields
-        self.attempt()
+            try:
+                fields = decode.json(self.route.body)  # type: ignore[union-attr]
+            except msgspec.DecodeError:
+                fields = None
+            if not isinstance(fields, dict):
+                self.fail(
+                    ProxyError(
+                        Fault.BAD_REQUEST,
+                        "the request body must be a JSON object, nested at most "
+                        f"{decode.MAX_DEPTH} levels deep",
+                    )
+                )
+                return
+            self.fields = fields
+            self.attempt()
+        except Exception as exc:
+            self.crash(exc)
 
     # --- choosing a pair -----------------------------------------------------------
 
@@ -292,6 +320,7 @@ class PDJourney(Journey):
         self.pair += 1
         prefill = self.prefill_strategy.choose(prefills, self.prefill_route)
         prefill.acquire()
+        self.prefills_held.append(prefill)
         self.prefill_strategy.on_start(prefill, self.prefill_route)
         self.prefill = prefill
         self.partner_failed = None
@@ -429,22 +458,26 @@ class PDJourney(Journey):
         pool = prefill.pool
         assert pool is not None
         try:
-            conn = await pool.connect()
-        except ConnectError as exc:
-            # First: what follows may start the next connect, as this journey's task.
+            try:
+                conn = await pool.connect()
+            except ConnectError as exc:
+                # First: what follows may start the next connect, as this journey's task.
+                self._connect_over()
+                self._prefill_failed(prefill, pair, "connect", f"is unreachable: {exc}")
+                return
+            except asyncio.CancelledError:  # the client hung up, or the journey moved on
+                self._connect_over()
+                self._let_go(prefill)
+                raise
             self._connect_over()
-            self._prefill_failed(prefill, pair, "connect", f"is unreachable: {exc}")
-            return
-        except asyncio.CancelledError:  # the client hung up, or the journey moved on
+            if self.client.closing or pair != self.pair:
+                self._let_go(prefill)
+                pool.release(conn)
+                return
+            self._send_prefill(prefill, conn, body, limit, pair)
+        except Exception as exc:
             self._connect_over()
-            self._let_go(prefill)
-            raise
-        self._connect_over()
-        if self.client.closing or pair != self.pair:
-            self._let_go(prefill)
-            pool.release(conn)
-            return
-        self._send_prefill(prefill, conn, body, limit, pair)
+            self.crash(exc)
 
     def _connect_over(self) -> None:
         """The connect task is over: it is nobody's task any more."""
@@ -455,24 +488,51 @@ class PDJourney(Journey):
 
     def _let_go(self, prefill: Service) -> None:
         """A prefill step given up before its answer: not the service's failure."""
+        if self._free_prefill(prefill):
+            self.prefill_strategy.on_end(prefill, self.prefill_route, 0.0, True)
+
+    def _free_prefill(self, prefill: Service) -> bool:
+        """Return a prefill's slot, unless a crash returned it already."""
+        try:
+            self.prefills_held.remove(prefill)
+        except ValueError:
+            return False
         prefill.release()
-        self.prefill_strategy.on_end(prefill, self.prefill_route, 0.0, True)
+        return True
+
+    def _release_held(self) -> None:
+        """A crash: the prefill slots still held come back, a prefill under way stops."""
+        side, self.prefill_side = self.prefill_side, None
+        if side is not None:
+            side.stop("")
+        task = self.prefill_connect
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+        held, self.prefills_held = self.prefills_held, []
+        for prefill in held:
+            prefill.release()
 
     def _send_prefill(
         self, prefill: Service, conn: UpstreamConnection, body: bytes, limit: int, pair: int
     ) -> None:
         side = Prefill(self, prefill, conn, limit, pair)
         router = self.router
-        data = _request_data(prefill, self.request, body, self.forward_extra)
         self.prefill_side = side
         if self.mode == "vllm":
             self.client.exchange = side  # the client side and the sweep drive it
         else:
             side.timer = router.loop.call_later(router.config.request_timeout, side.expire)
+        data = _request_data(prefill, self.request, body, self.forward_extra)
         conn.send(side, data, False, True)
 
     def prefill_answered(self, side: Prefill, reusable: bool) -> None:
         """The prefill answered (any status): account, then go on or deal with it."""
+        try:
+            self._prefill_answered(side, reusable)
+        except Exception as exc:
+            self.crash(exc)
+
+    def _prefill_answered(self, side: Prefill, reusable: bool) -> None:
         self._prefill_over(side)
         prefill, router = side.service, self.router
         pool = prefill.pool
@@ -482,28 +542,48 @@ class PDJourney(Journey):
         else:
             side.conn.close()
         latency_s = time.perf_counter() - side.sent_at
-        prefill.release()
+        if not self._free_prefill(prefill):
+            return  # a crash ended the journey, and returned the slot
         prefill.request_count += 1
         prefill.latencies.append(latency_s)
         model = self.prefill_route.model
         router.metrics.finished(prefill, model, side.status, latency_s, side.ttfb_s, b"")
-        self.prefill_strategy.on_end(prefill, self.prefill_route, latency_s, side.status < 500)
+        answer: _Answer | None = None
+        broken = ""  # what is wrong with a 2xx answer the decode needs
+        if side.status < 400 and self.mode == "vllm" and not side.overflow:
+            try:
+                answer = decode.json(side.body, into=_Answer)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                broken = f"answered what is not the JSON object vLLM sends ({exc})"
+        ok = side.status < 500 and not broken
+        self.prefill_strategy.on_end(prefill, self.prefill_route, latency_s, ok)
         if side.status >= 400:
             router.metrics.pd("prefill", "failed")
             error, final = self._prefill_refused(prefill, side)
             self._prefill_lost(prefill, side.pair, error, final)
             return
+        if broken:
+            # Counted on it as broken HTTP would be; another prefill may answer well.
+            router.metrics.pd("prefill", "failed")
+            router.metrics.failed(prefill, "broken")
+            router.registry.request_failed(prefill, broken)
+            error = ProxyError(Fault.BACKEND_BROKEN, f"prefill service {prefill.name} {broken}")
+            self._prefill_lost(prefill, side.pair, error, False)
+            return
         router.metrics.pd("prefill", "ok")
         if prefill.consecutive_errors:
             router.registry.request_succeeded(prefill)
         if self.mode == "vllm" and side.pair == self.pair and not self.client.closing:
-            self._after_prefill(side)
+            self._after_prefill(side, answer)
 
     def prefill_failed(self, side: Prefill, kind: str, what: str) -> None:
         """The prefill's connection failed, or it timed out, before its answer."""
-        self._prefill_over(side)
-        side.conn.close()
-        self._prefill_failed(side.service, side.pair, kind, what)
+        try:
+            self._prefill_over(side)
+            side.conn.close()
+            self._prefill_failed(side.service, side.pair, kind, what)
+        except Exception as exc:
+            self.crash(exc)
 
     def prefill_cancelled(self, side: Prefill) -> None:
         """The client hung up (or the journey is over) while the prefill ran."""
@@ -520,7 +600,8 @@ class PDJourney(Journey):
 
     def _prefill_failed(self, prefill: Service, pair: int, kind: str, what: str) -> None:
         router = self.router
-        prefill.release()
+        if not self._free_prefill(prefill):
+            return  # a crash ended the journey, and returned the slot
         prefill.request_count += 1
         router.registry.request_failed(prefill, what)
         router.metrics.failed(prefill, kind)
@@ -577,10 +658,10 @@ class PDJourney(Journey):
         if task is not None and not task.done():
             task.cancel()
 
-    def _after_prefill(self, side: Prefill) -> None:
+    def _after_prefill(self, side: Prefill, answer: _Answer | None) -> None:
         """vLLM: the decode step, with the kv_transfer_params the prefill answered."""
         prefill = side.service
-        if side.overflow:
+        if side.overflow or answer is None:
             self.fail(
                 ProxyError(
                     Fault.BACKEND_BROKEN,
@@ -589,10 +670,6 @@ class PDJourney(Journey):
                 )
             )
             return
-        try:
-            answer = _decode_answer(bytes(side.body))
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            answer = _Answer()
         decode_fields = dict(self.fields)
         params = answer.kv_transfer_params
         if params is not None:
@@ -630,7 +707,10 @@ class PDJourney(Journey):
             )
         Journey.finish(self, exchange)
         if outcome is Outcome.CLIENT_GONE:
-            self._cancel_prefill()
+            try:
+                self._cancel_prefill()
+            except Exception as exc:
+                self.crash(exc)
 
     def _log(self, service: str, status: int, bytes_out: int, ttfb_s: float) -> None:
         prefill = self.prefill

@@ -130,6 +130,10 @@ class Exchanging(Protocol):
 
     def check_timeout(self, now: float) -> None: ...
 
+    def stop(self, reason: str) -> bool:
+        """The request crashed: stop, return the slot; whether the client has the head."""
+        ...
+
 
 class QueuedClient(Protocol):
     """A client connection as admission control sees it."""
@@ -163,3 +167,7 @@ class Waiter(Protocol):
         ...
 
     def abandon(self) -> None: ...
+
+    def crash(self, exc: Exception) -> None:
+        """Code run for it raised: it ends (502), its slots returned."""
+        ...

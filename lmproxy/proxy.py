@@ -18,6 +18,14 @@ connection, for a body that cannot carry one).
 
 Timeouts are checked by the router's sweep (``check_timeout``), not by a timer
 per request.
+
+Every way into a journey from outside it (the dispatch, a parser callback, a
+``call_soon``, a connect task, the admission queue, a key's verdict) is
+supervised: an exception there, from a strategy plugin or a bug, ends that one
+request in :meth:`Journey.crash` (502, or the error event once the head is out),
+returns every slot it held and is logged once per cause (:func:`log_crash`).
+The guards are ``try`` blocks around code that runs anyway: free in CPython 3.11
+until something raises.
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ from lmproxy.upstream import LENGTH, NO_BODY, UNTIL_CLOSE, ConnectError, Upstrea
 
 if TYPE_CHECKING:
     from lmproxy.limits import Grant, Key, Verdict
-    from lmproxy.protocols import ProxyHost
+    from lmproxy.protocols import Exchanging, ProxyHost
     from lmproxy.registry import Service
     from lmproxy.server import ClientConnection, ClientRequest
 
@@ -145,6 +153,34 @@ LARGE_BODY = 64 * 1024  # above this the body is written beside the head, not co
 TAIL_BYTES = 4096  # of a response kept for its usage object
 
 
+# Causes of crashed requests already logged with their traceback (see log_crash).
+_CRASHES: set[tuple[str, str]] = set()
+MAX_CRASH_CAUSES = 256
+
+
+def log_crash(exc: BaseException, what: str) -> None:
+    """Log an exception that ended a request, with its traceback, once per cause: its
+    type and the line that raised it. A strategy that raises on every request would
+    otherwise write a traceback per request; the repeats go to the debug log."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
+    cause = (type(exc).__qualname__, where)
+    if cause in _CRASHES or len(_CRASHES) >= MAX_CRASH_CAUSES:
+        log.debug("%s: %s: %s (logged before)", what, type(exc).__qualname__, exc)
+        return
+    _CRASHES.add(cause)
+    log.error(
+        "%s: %s: %s (raised at %s; logged once per cause)",
+        what,
+        type(exc).__qualname__,
+        exc,
+        where,
+        exc_info=exc,
+    )
+
+
 class Outcome(enum.Enum):
     DONE = "done"  # the response completed
     STALE = "stale"  # a reused connection was closed before any byte: retry anywhere
@@ -155,6 +191,7 @@ class Outcome(enum.Enum):
     CLIENT_GONE = "client_gone"
     PARTNER = "partner"  # the other half of a disaggregated request failed (pd.py)
     FALLBACK = "fallback"  # 429 or 503 before any byte, and the model has fallbacks
+    CRASHED = "crashed"  # ended by Journey.crash: accounted there, never finished
 
 
 class Retry(enum.Enum):
@@ -343,6 +380,11 @@ class Exchange:
             self.outcome = Outcome.DONE
             self.journey.finish(self)
 
+    def on_error(self, exc: Exception) -> None:
+        """A callback of this exchange (or the connection's own code) raised while the
+        backend's bytes were parsed: not the backend's fault, and the end of the request."""
+        self.journey.crash(exc, self)
+
     def on_lost(self, reason: str, broken: bool) -> None:
         self.reason = reason
         if self.head_sent:
@@ -366,6 +408,21 @@ class Exchange:
         self.reason = reason
         self.conn.close()
         self._settle(Outcome.PARTNER)
+
+    def stop(self, reason: str) -> bool:
+        """The journey crashed (``Journey.crash``): close the backend's connection and
+        return the service's slot here, since no finish follows; a stream whose head
+        the client has ends as a cut one does. Whether the client has the head (an
+        exchange already settled is left to its pending finish)."""
+        if self.outcome is None:
+            self.outcome = Outcome.CRASHED
+            self.conn.close()
+            self.service.release()
+            if self.head_sent:
+                self._end_stream(reason)
+        elif self.head_sent:
+            self.client.close()  # complete, or already cut: nothing may follow it
+        return self.head_sent
 
     def pause(self) -> None:
         self.conn.pause_reading()
@@ -402,6 +459,11 @@ class Exchange:
     def _cut(self, reason: str) -> None:
         """End a response the backend broke off after its head reached the client."""
         self.reason = reason
+        self._end_stream(reason)
+        self._settle(Outcome.CUT)
+
+    def _end_stream(self, reason: str) -> None:
+        """The error event, where the stream can carry one; then the close."""
         # A chunk of our own can follow only a complete chunk of the backend's.
         if (
             self._sse
@@ -417,7 +479,6 @@ class Exchange:
         self.flush()
         # The body is incomplete or was patched: this connection carries nothing more.
         self.client.close()
-        self._settle(Outcome.CUT)
 
     def _settle(self, outcome: Outcome) -> None:
         if self.outcome is None:
@@ -588,13 +649,16 @@ class Journey:
 
     def start(self) -> None:
         try:
-            self.route = _route(self.router, self.request)
-        except ProxyError as exc:
-            self.fail(exc)
-            return
-        if self.router.policies and not self._policies(self.route):
-            return  # answered, or waiting for the key limits' verdict
-        self._proceed()
+            try:
+                self.route = _route(self.router, self.request)
+            except ProxyError as exc:
+                self.fail(exc)
+                return
+            if self.router.policies and not self._policies(self.route):
+                return  # answered, or waiting for the key limits' verdict
+            self._proceed()
+        except Exception as exc:
+            self.crash(exc)
 
     def _proceed(self) -> None:
         """The routed request goes on: to its model's strategy, or disaggregated."""
@@ -702,9 +766,8 @@ class Journey:
                 if self.router.model_policies:
                     self._model_policies(route)
                 self._proceed()
-        except Exception:
-            log.exception("internal error after a key's limits were checked")
-            self.client.close()
+        except Exception as exc:
+            self.crash(exc)
 
     def _end_key(self, tokens: tuple[int, int] | None) -> None:
         """The request is over: its key's grant ends, with the (prompt, completion)
@@ -840,12 +903,20 @@ class Journey:
             if self.grant is not None:
                 self._end_key(None)
             raise
+        except Exception as exc:  # a bug: the slot comes back here, the rest in crash
+            self.client.task = None
+            service.release()
+            self.crash(exc)
+            return
         self.client.task = None
         if self.client.closing:
             service.release()
             pool.release(conn)
             return
-        self._send(service, conn)
+        try:
+            self._send(service, conn)
+        except Exception as exc:
+            self.crash(exc)
 
     def _send(self, service: Service, conn: UpstreamConnection) -> None:
         route = self.route
@@ -865,13 +936,66 @@ class Journey:
         """The exchange has an outcome: account for it, then answer, retry or stop."""
         try:
             self._finish(exchange)
-        except Exception:
-            # A bug must cost this one request, not leave its client waiting forever.
-            log.exception("internal error finishing a request")
-            exchange.conn.close()
-            self.client.close()
-            if self.grant is not None:
-                self._end_key(None)
+        except Exception as exc:
+            # A bug, or a strategy's on_end: it costs this one request, not its slots.
+            self.crash(exc, exchange)
+
+    def crash(self, exc: Exception, exchange: Exchanging | None = None) -> None:
+        """The supervised end: code run for this request raised (a strategy plugin, a
+        sink, a bug). The request ends here, whatever it was doing: every slot it holds
+        comes back (the service's, the key's grant, its place in the queue), the client
+        gets a 502 (or, when it has the response head, the stream's error event) and the
+        connection closes, so nothing the journey left scheduled can answer after it.
+        ``exchange``: the one that was being finished, if any (it knows whether the
+        client has its head)."""
+        log_crash(exc, f"request {self.request_id.decode()} failed inside the router")
+        client = self.client
+        try:
+            reason = f"the router failed: {type(exc).__name__}"
+            # Still the client's current request? A late step of one already answered
+            # (SGLang's prefill after its decode) must not touch the next request's state.
+            mine = client.current is self.request
+            answered = False  # the client has this request's response head
+            current = client.exchange if mine else None
+            if mine:
+                client.exchange = None
+            for held in (exchange, current) if current is not exchange else (exchange,):
+                if held is not None and held.stop(reason):
+                    answered = True
+            if mine:
+                task = client.task
+                if task is not None and not task.done() and task is not asyncio.current_task():
+                    task.cancel()  # a connect under way: it returns its slot as it stops
+                client.task = None
+                if client.waiting is self:
+                    self.router.admission.leave(client)
+            self._release_held()
+            if not mine or (isinstance(exchange, Exchange) and exchange.outcome is Outcome.DONE):
+                # Answered and logged; what failed came after that.
+                if self.grant is not None:
+                    self._end_key(None)
+                if self.span is not None:
+                    self._end_span("", Fault.ROUTING_FAILED.status)
+                if mine:
+                    client.close()
+                return
+            self._log("", Fault.ROUTING_FAILED.status, 0, 0.0)  # ends the key's grant
+            if answered or client.closing:
+                client.close()
+            else:
+                self.request.keep_alive = False
+                client.respond_error(
+                    Fault.ROUTING_FAILED,
+                    f"the router failed routing this request ({type(exc).__name__}); retry, "
+                    "and if it persists see the router's log (a strategy plugin or a bug)",
+                    self.id_header,
+                )
+        except Exception:  # crash must end the request even when its own steps fail
+            log.exception("request %s: ending it after a failure failed", self.request_id.decode())
+            client.abort()
+
+    def _release_held(self) -> None:
+        """What a kind of journey holds besides its exchange and its connect (pd.py)."""
 
     def _finish(self, exchange: Exchange) -> None:
         self.client.exchange = None

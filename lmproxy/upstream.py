@@ -93,6 +93,12 @@ class Sink(Protocol):
         """
         ...
 
+    def on_error(self, exc: Exception) -> None:
+        """One of the sink's own methods (or this connection's code) raised while a
+        read was handled: the connection is closed already, and it is not the
+        backend's fault. The sink ends its request."""
+        ...
+
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
@@ -164,42 +170,50 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes from a backend nobody asked: it is broken; never reuse it.
             self.close()
             return
-        if self._head_seen:
-            self._body = data
-        else:
-            self._head = self._head + data if self._head else data
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            if not self._done:
-                # Where in this read the garbage starts is unknown: none of it is relayed.
-                self._fail(f"backend sent broken HTTP: {exc}", broken=True)
+        try:  # free until something raises (CPython 3.11): no cost per read
+            if self._head_seen:
+                self._body = data
+            else:
+                self._head = self._head + data if self._head else data
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError as exc:
+                cause = exc.__context__
+                if cause is not None and not isinstance(cause, _SecondResponse):
+                    # A callback raised (httptools chains it): not the backend's bytes.
+                    raise cause from None
+                if not self._done:
+                    # Where in this read the garbage starts is unknown: none of it is relayed.
+                    self._fail(f"backend sent broken HTTP: {exc}", broken=True)
+                    return
+                self._extra = True  # a complete response, then garbage
+            if self.sink is not sink:  # the response ended inside a callback (HEAD)
                 return
-            self._extra = True  # a complete response, then garbage
-        if self.sink is not sink:  # the response ended inside a callback (HEAD)
-            return
-        if len(self._head) > MAX_HEAD_BYTES:  # still no end of the head
-            self._fail(f"backend sent a response head over {MAX_HEAD_BYTES} bytes", broken=True)
-            return
-        body = self._body
-        if body:
-            self._body = b""
-            if self._remaining >= 0:
-                if len(body) > self._remaining:
-                    body = body[: self._remaining]
+            if len(self._head) > MAX_HEAD_BYTES:  # still no end of the head
+                self._fail(f"backend sent a response head over {MAX_HEAD_BYTES} bytes", broken=True)
+                return
+            body = self._body
+            if body:
+                self._body = b""
+                if self._remaining >= 0:
+                    if len(body) > self._remaining:
+                        body = body[: self._remaining]
+                        self._extra = True
+                    self._remaining -= len(body)
+                elif self._done and self._framing == CHUNKED and not body.endswith(CHUNKED_END[2:]):
+                    # Trailers, or bytes after the last chunk (or they followed the response
+                    # from llhttp's view): relay through the last chunk, never reuse.
+                    body = _through_last_chunk(body)
                     self._extra = True
-                self._remaining -= len(body)
-            elif self._done and self._framing == CHUNKED and not body.endswith(CHUNKED_END[2:]):
-                # Trailers, or bytes after the last chunk (or they followed the response
-                # from llhttp's view): relay through the last chunk, never reuse.
-                body = _through_last_chunk(body)
-                self._extra = True
-            if self.parser is self._raw_parser:
-                sink.on_body(body)
-        if self._done:
-            self._complete(self._keep_alive and not self._extra)
-        else:
-            sink.flush()
+                if self.parser is self._raw_parser:
+                    sink.on_body(body)
+            if self._done:
+                self._complete(self._keep_alive and not self._extra)
+            else:
+                sink.flush()
+        except Exception as exc:  # the sink's own code (a strategy's), or a bug
+            self.close()
+            sink.on_error(exc)
 
     def eof_received(self) -> bool | None:
         return None  # let the transport close; connection_lost decides what it meant

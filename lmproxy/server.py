@@ -13,6 +13,8 @@ connection has a deadline:
   them as they arrive (``_stalled``: bytes since the parser last made
   progress), so a header, a chunk-size line or a trailer that never ends is
   refused within one read of its limit, whatever httptools has completed;
+- objects, not only bytes: a request has at most ``MAX_HEADERS`` headers
+  (trailers included), and a body that comes in many reads grows one buffer;
 - queued requests: reading stops while ``MAX_PIPELINED`` wait, while they hold
   more than ``QUEUED_BODY_BYTES``, while an error waits to be answered, and
   while the transport is over its high-water mark, so the router's own answers
@@ -44,6 +46,9 @@ if TYPE_CHECKING:
     from lmproxy.protocols import Exchanging, Waiter
 
 MAX_HEADER_BYTES = 64 * 1024
+# Each header is held as three objects (about 150 bytes for a tiny one), so a 64 KiB head
+# of tiny headers would cost over a MiB: the count is bounded too (trailers included).
+MAX_HEADERS = 100
 # A chunk-size line with its extensions, the trailers, or blank lines between requests.
 MAX_LINE_BYTES = 4 * 1024
 MAX_PIPELINED = 8  # complete requests waiting behind the one being answered: stop reading
@@ -287,7 +292,13 @@ class ClientConnection(asyncio.Protocol):
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > MAX_HEADER_BYTES:
             raise _headers_too_large()
-        self._parsing.headers.append((name.lower(), value))  # type: ignore[union-attr]
+        headers = self._parsing.headers  # type: ignore[union-attr]
+        if len(headers) >= MAX_HEADERS:
+            raise _Reject(
+                Fault.HEADERS_TOO_LARGE,
+                f"more than {MAX_HEADERS} request headers (trailers included); send fewer",
+            )
+        headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         self._stalled = 0

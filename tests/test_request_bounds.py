@@ -1,0 +1,130 @@
+"""What a client's request head and body cost the router, in objects as well as bytes,
+and when it sends ``100 Continue``.
+
+The byte bounds alone let a 63 KB head of 9,000 tiny headers cost a MiB and a half (each
+header is a tuple of two objects), and a body sent a few bytes per read cost 25 times
+its size (one ``bytes`` per read). The in-process cases (``inproc.py``) check each
+request by its bytes; one case runs a real router and reads its RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Mock, Router, wait_until
+from inproc import BODY, Harness
+from test_inproc import statuses
+
+MAX_HEADERS = 100  # lmproxy.server.MAX_HEADERS, as a client sees it
+
+
+def head_with(count: int, request_line: bytes = b"GET /health HTTP/1.1") -> bytes:
+    """A complete head of ``count`` headers, Host included."""
+    extra = b"".join(b"X-H%d: v\r\n" % n for n in range(count - 1))
+    return request_line + b"\r\nHost: x\r\n" + extra + b"\r\n"
+
+
+# --- the number of headers ----------------------------------------------------------
+
+
+async def test_a_hundred_headers_are_served():
+    h = Harness()
+    client, downstream = h.client()
+    client.data_received(head_with(MAX_HEADERS))
+    await h.turn()
+    answer = downstream.take()
+    assert statuses(answer) == [200] and not downstream.closing
+
+
+async def test_a_hundred_and_one_headers_get_431_with_what_to_change():
+    h = Harness()
+    client, downstream = h.client()
+    client.data_received(head_with(MAX_HEADERS + 1))
+    answer = downstream.take()
+    assert statuses(answer) == [431]
+    error = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert error == {"error": "more than 100 request headers (trailers included); send fewer"}
+    assert downstream.eof_written  # the lingering close
+
+
+async def test_trailers_count_against_the_header_limit():
+    h = Harness()
+    client, downstream = h.client()
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    trailers = b"".join(b"X-T%d: v\r\n" % n for n in range(MAX_HEADERS))
+    client.data_received(head + b"%x\r\n%s\r\n0\r\n%s\r\n" % (len(BODY), BODY, trailers))
+    assert statuses(downstream.take()) == [431]
+
+
+@pytest.fixture(scope="module")
+def router() -> Iterator[Router]:
+    backend = Mock("bounded", ["Qwen3-32B"])
+    proc = Router("--backend", backend.backend_arg())
+    try:
+        proc.wait_healthy(1)
+        yield proc
+    finally:
+        proc.stop()
+        backend.stop()
+
+
+def rss_kib(proc: Router) -> int:
+    status = Path(f"/proc/{proc.proc.pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+
+
+def tcp_queues(port: int) -> tuple[int, int, int]:
+    """Of the loopback connections to ``port``: how many the router still has open, the
+    bytes it has not read yet, and the bytes clients sent that it has not acknowledged."""
+    open_, unread, unsent = 0, 0, 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, state = int(fields[1].split(":")[1], 16), fields[2], fields[3]
+        tx, rx = (int(q, 16) for q in fields[4].split(":"))
+        if local == port and state != "0A":  # the router's side, not its listener
+            open_ += 1
+            unread += rx
+        elif int(remote.split(":")[1], 16) == port:
+            unsent += tx
+    return open_, unread, unsent
+
+
+def test_heads_of_tiny_headers_cost_little_memory_and_it_comes_back(router):
+    """200 connections each send a 63 KB head of 9,000 tiny headers, never ending it,
+    three rounds over: the router holds far less than the MiB and a half a head of
+    9,000 header objects costs, and what it held comes back when they close."""
+    connections = 200
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + b"ab:cd\r\n" * 9000
+    assert len(head) < 64 * 1024  # under the byte bound: only the count refuses it
+
+    def read_all() -> bool:
+        _, unread, unsent = tcp_queues(router.port)
+        return unread == 0 and unsent == 0
+
+    before = rss_kib(router)
+    held = []
+    for _ in range(3):
+        socks = [socket.create_connection(("127.0.0.1", router.port)) for _ in range(connections)]
+        try:
+            for sock in socks:
+                sock.sendall(head)
+            # Everything sent has been read (and so parsed) by the router.
+            wait_until(read_all, 30, "the router to read every head")
+            held.append(rss_kib(router))
+        finally:
+            for sock in socks:
+                sock.close()
+        wait_until(lambda: tcp_queues(router.port)[0] == 0, 10, "the connections to close")
+    per_connection = (held[0] - before) / connections
+    assert per_connection < 100, f"{per_connection:.0f} KiB per connection; RSS {before} {held}"
+    # The next rounds reuse what the first one took: no growth from round to round.
+    assert held[2] <= held[0] + 4 * 1024, f"RSS {before} KiB, then {held} KiB"
+    assert router.get("/health").status == 200

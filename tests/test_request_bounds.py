@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import re
 import socket
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import Mock, Router, wait_until
 from inproc import BODY, Harness
-from test_inproc import statuses
+from test_inproc import ok_response, statuses
 
 MAX_HEADERS = 100  # lmproxy.server.MAX_HEADERS, as a client sees it
 
@@ -128,3 +129,35 @@ def test_heads_of_tiny_headers_cost_little_memory_and_it_comes_back(router):
     # The next rounds reuse what the first one took: no growth from round to round.
     assert held[2] <= held[0] + 4 * 1024, f"RSS {before} KiB, then {held} KiB"
     assert router.get("/health").status == 200
+
+
+# --- the body, in one buffer ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_body_sent_two_bytes_a_read_costs_about_its_size(chunked):
+    h = Harness()
+    backend, upstream = h.backend()
+    client, downstream = h.client()
+    body = BODY[:-1] + b',"user":"%s"}' % (b"u" * (64 * 1024))
+    framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % len(body)
+    client.data_received(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"%s\r\n\r\n" % framing
+    )
+    pieces = [body[i : i + 2] for i in range(0, len(body), 2)]
+    tracemalloc.start()
+    try:
+        for piece in pieces[:-1]:
+            client.data_received(b"2\r\n%s\r\n" % piece if chunked else piece)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # One growing buffer, not one object per read (which cost 25 times the body).
+    assert held < 2 * len(body), f"{held} bytes held for a body of {len(body)}"
+    last = pieces[-1]
+    client.data_received(b"%x\r\n%s\r\n0\r\n\r\n" % (len(last), last) if chunked else last)
+    assert upstream.take().endswith(b"\r\n\r\n" + body)  # forwarded as sent, byte for byte
+    backend.data_received(ok_response())
+    await h.turn()
+    assert statuses(downstream.take()) == [200]

@@ -129,7 +129,7 @@ class ClientRequest:
         self.keep_alive = True
         self.http_minor = 1
         self.is_json = False
-        self.expect_continue = False
+        self.expect_continue = False  # a 100 Continue is owed it, when its turn comes
         self.received_at = 0.0
         self.request_id: bytes | None = None  # the client's X-Request-ID
         self.connection: bytes | None = None  # the Connection header: it may name hop-by-hop ones
@@ -356,8 +356,8 @@ class ClientConnection(asyncio.Protocol):
                 request.traceparent = value
         if request.upgrade:
             self._upgrade_offered(request, body_expected)
-        if request.expect_continue and self.transport is not None:
-            self.transport.write(CONTINUE_RESPONSE)
+        if request.expect_continue:
+            self._expect_continue(request, body_expected)
 
     def on_body(self, body: bytes) -> None:
         self._stalled = 0
@@ -446,6 +446,8 @@ class ClientConnection(asyncio.Protocol):
             self._arm(self.router.config.keepalive_timeout)
         elif self._parsing.method:
             self._arm(self.router.config.body_timeout)
+            if self._parsing.expect_continue:
+                self._send_continue(self._parsing)  # its turn came: its body may follow
         else:
             self._arm(self.router.config.header_timeout)
         if self.flow.read_paused:
@@ -600,6 +602,22 @@ class ClientConnection(asyncio.Protocol):
                 self.loop.call_soon(self._drain)
             else:
                 self.close()  # its answer is written already
+
+    def _expect_continue(self, request: ClientRequest, body_expected: bool) -> None:
+        """``Expect: 100-continue``: the client may wait for a 100 before it sends the
+        body (RFC 9110 10.1.1). It gets one only if it speaks HTTP/1.1 (no 1xx may go
+        to an HTTP/1.0 client, RFC 9110 15.2) and a body is expected, and only once its
+        request is the next to be answered: sent earlier, the 100 would land inside
+        the answer before it. A request behind others gets it from ``response_done``
+        when its turn comes, if its body is still being read by then."""
+        if not body_expected or request.http_minor == 0:
+            request.expect_continue = False
+        elif self.current is None and not self._queue:
+            self._send_continue(request)
+
+    def _send_continue(self, request: ClientRequest) -> None:
+        request.expect_continue = False
+        self.write(CONTINUE_RESPONSE)
 
     def _arm(self, delay_s: float) -> None:
         self.deadline = self.loop.time() + delay_s

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 from conftest import Mock, Router, wait_until
-from inproc import BODY, Harness
-from test_inproc import ok_response, statuses
+from inproc import BODY, Harness, chat_request
+from test_inproc import EVENT, WHOLE, ok_response, statuses
 
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 MAX_HEADERS = 100  # lmproxy.server.MAX_HEADERS, as a client sees it
 
 
@@ -161,3 +162,81 @@ async def test_a_body_sent_two_bytes_a_read_costs_about_its_size(chunked):
     backend.data_received(ok_response())
     await h.turn()
     assert statuses(downstream.take()) == [200]
+
+
+# --- 100 Continue ----------------------------------------------------------------------
+
+
+def expecting(body: bytes = BODY, version: bytes = b"1.1", method: bytes = b"POST") -> bytes:
+    """A head with ``Expect: 100-continue``; the body is the client's to send after."""
+    return (
+        b"%s /v1/chat/completions HTTP/%s\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % (method, version, len(body))
+    )
+
+
+async def test_100_continue_goes_to_an_http11_request_with_a_body():
+    h = Harness()
+    backend, upstream = h.backend()
+    client, downstream = h.client()
+    client.data_received(expecting())
+    assert downstream.take() == CONTINUE
+    client.data_received(BODY)
+    assert upstream.take().endswith(BODY)
+    backend.data_received(ok_response())
+    await h.turn()
+    assert statuses(downstream.take()) == [200]
+
+
+async def test_no_100_continue_to_http10():
+    h = Harness()
+    backend, upstream = h.backend()
+    client, downstream = h.client()
+    client.data_received(expecting(version=b"1.0"))
+    assert downstream.take() == b""  # RFC 9110 15.2: no 1xx to an HTTP/1.0 client
+    client.data_received(BODY)
+    assert upstream.take().endswith(BODY)
+    backend.data_received(ok_response())
+    await h.turn()
+    answer = downstream.take()
+    assert statuses(answer) == [200] and b"100 Continue" not in answer
+
+
+@pytest.mark.parametrize("method", [b"GET", b"POST"])
+async def test_no_100_continue_when_no_body_is_expected(method):
+    h = Harness()
+    client, downstream = h.client()
+    client.data_received(
+        b"%s /health HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n%s\r\n"
+        % (method, b"Content-Length: 0\r\n" if method == b"POST" else b"")
+    )
+    await h.turn()
+    answer = downstream.take()
+    # One final answer (a POST to /health gets its 405), and no interim one.
+    assert b"100 Continue" not in answer and statuses(answer) == [200 if method == b"GET" else 405]
+
+
+async def test_100_continue_behind_a_stream_comes_after_the_stream():
+    """Pipelined: a stream is under way when the next request's head, with Expect,
+    arrives; its 100 must not land inside the stream's chunked body, but after it."""
+    h = Harness()
+    backend, _ = h.backend()
+    client, downstream = h.client()
+    client.data_received(chat_request(BODY.replace(b"}", b',"stream":true}')))
+    backend.data_received(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + WHOLE
+    )
+    client.data_received(expecting())
+    backend.data_received(WHOLE + b"0\r\n\r\n")
+    await h.turn()
+    answer = downstream.take()
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert statuses(head) == [200]
+    # The stream's body is the backend's, byte for byte, and the 100 comes after it.
+    assert rest == WHOLE * 2 + b"0\r\n\r\n" + CONTINUE, rest
+    client.data_received(BODY)
+    backend.data_received(ok_response())
+    await h.turn()
+    assert statuses(downstream.take()) == [200]
+    assert EVENT in answer

@@ -255,6 +255,14 @@ class ClientConnection(asyncio.Protocol):
             self.task.cancel()
         elif self.waiting is not None:
             self.waiting.abandon()
+        # This object lives on in reference cycles (its parser's callbacks, its
+        # FlowControl) until the garbage collector runs, and that counts objects, not
+        # bytes: what its requests hold (a head, a body of up to --max-body-size) is let
+        # go now, so it is freed as the connection closes, not some rounds later. The
+        # journey under way keeps its own reference to its request while it ends.
+        self._parsing = None
+        self.current = None
+        self.waiting = None
 
     def pause_writing(self) -> None:
         self.flow.writing_paused(self.loop.time())

@@ -259,10 +259,10 @@ class ClientConnection(asyncio.Protocol):
         # FlowControl) until the garbage collector runs, and that counts objects, not
         # bytes: what its requests hold (a head, a body of up to --max-body-size) is let
         # go now, so it is freed as the connection closes, not some rounds later. The
-        # journey under way keeps its own reference to its request while it ends.
+        # journey under way keeps its own reference to its request while it ends (one
+        # that waited for a slot has left the admission queue, and ``waiting``, above).
         self._parsing = None
         self.current = None
-        self.waiting = None
 
     def pause_writing(self) -> None:
         self.flow.writing_paused(self.loop.time())

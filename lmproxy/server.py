@@ -13,6 +13,8 @@ connection has a deadline:
   them as they arrive (``_stalled``: bytes since the parser last made
   progress), so a header, a chunk-size line or a trailer that never ends is
   refused within one read of its limit, whatever httptools has completed;
+- objects, not only bytes: a request has at most ``MAX_HEADERS`` headers
+  (trailers included), and a body that comes in many reads grows one buffer;
 - queued requests: reading stops while ``MAX_PIPELINED`` wait, while they hold
   more than ``QUEUED_BODY_BYTES``, while an error waits to be answered, and
   while the transport is over its high-water mark, so the router's own answers
@@ -46,6 +48,9 @@ if TYPE_CHECKING:
     from lmproxy.protocols import Exchanging, Waiter
 
 MAX_HEADER_BYTES = 64 * 1024
+# Each header is held as three objects (about 150 bytes for a tiny one), so a 64 KiB head
+# of tiny headers would cost over a MiB: the count is bounded too (trailers included).
+MAX_HEADERS = 100
 # A chunk-size line with its extensions, the trailers, or blank lines between requests.
 MAX_LINE_BYTES = 4 * 1024
 MAX_PIPELINED = 8  # complete requests waiting behind the one being answered: stop reading
@@ -89,7 +94,7 @@ class ClientHost(Protocol):
 class ClientRequest:
     __slots__ = (
         "body",
-        "body_parts",
+        "body_buffer",
         "body_size",
         "connection",
         "expect_continue",
@@ -114,12 +119,14 @@ class ClientRequest:
         self.path = b""
         self.headers: list[tuple[bytes, bytes]] = []  # names lower-cased
         self.body = b""
-        self.body_parts: list[bytes] = []
+        # A body in more than one read grows here: one buffer, about the body's size,
+        # where a list of the reads' bytes would cost ~40 bytes more per read.
+        self.body_buffer: bytearray | None = None
         self.body_size = 0
         self.keep_alive = True
         self.http_minor = 1
         self.is_json = False
-        self.expect_continue = False
+        self.expect_continue = False  # a 100 Continue is owed it, when its turn comes
         self.received_at = 0.0
         self.request_id: bytes | None = None  # the client's X-Request-ID
         self.connection: bytes | None = None  # the Connection header: it may name hop-by-hop ones
@@ -256,6 +263,14 @@ class ClientConnection(asyncio.Protocol):
             self.task.cancel()
         elif self.waiting is not None:
             self.waiting.abandon()
+        # This object lives on in reference cycles (its parser's callbacks, its
+        # FlowControl) until the garbage collector runs, and that counts objects, not
+        # bytes: what its requests hold (a head, a body of up to --max-body-size) is let
+        # go now, so it is freed as the connection closes, not some rounds later. The
+        # journey under way keeps its own reference to its request while it ends (one
+        # that waited for a slot has left the admission queue, and ``waiting``, above).
+        self._parsing = None
+        self.current = None
 
     def pause_writing(self) -> None:
         self.flow.writing_paused(self.loop.time())
@@ -295,7 +310,13 @@ class ClientConnection(asyncio.Protocol):
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > MAX_HEADER_BYTES:
             raise _headers_too_large()
-        self._parsing.headers.append((name.lower(), value))  # type: ignore[union-attr]
+        headers = self._parsing.headers  # type: ignore[union-attr]
+        if len(headers) >= MAX_HEADERS:
+            raise _Reject(
+                Fault.HEADERS_TOO_LARGE,
+                f"more than {MAX_HEADERS} request headers (trailers included); send fewer",
+            )
+        headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         self._stalled = 0
@@ -351,8 +372,8 @@ class ClientConnection(asyncio.Protocol):
                 request.traceparent = value
         if request.upgrade:
             self._upgrade_offered(request, body_expected)
-        if request.expect_continue and self.transport is not None:
-            self.transport.write(CONTINUE_RESPONSE)
+        if request.expect_continue:
+            self._expect_continue(request, body_expected)
 
     def on_body(self, body: bytes) -> None:
         self._stalled = 0
@@ -365,7 +386,13 @@ class ClientConnection(asyncio.Protocol):
                 f"request body is over the limit of {self.router.config.max_body_size} bytes "
                 "(--max-body-size)",
             )
-        request.body_parts.append(body)
+        if not request.body:
+            request.body = body  # most bodies come in one read: kept as they came
+            return
+        buffer = request.body_buffer
+        if buffer is None:
+            buffer = request.body_buffer = bytearray(request.body)
+        buffer += body
 
     def on_chunk_header(self) -> None:
         self._stalled = 0
@@ -377,9 +404,10 @@ class ClientConnection(asyncio.Protocol):
         if request.upgrade:
             return  # httptools skips the body of an upgrade offer; _on_upgrade reads it
         self._parsing = None
-        parts = request.body_parts
-        request.body = parts[0] if len(parts) == 1 else b"".join(parts)
-        request.body_parts = []
+        buffer = request.body_buffer
+        if buffer is not None:
+            request.body = bytes(buffer)
+            request.body_buffer = None
         request.received_at = time.perf_counter()
         queue = self._queue
         if len(queue) >= MAX_QUEUED:
@@ -434,6 +462,8 @@ class ClientConnection(asyncio.Protocol):
             self._arm(self.router.config.keepalive_timeout)
         elif self._parsing.method:
             self._arm(self.router.config.body_timeout)
+            if self._parsing.expect_continue:
+                self._send_continue(self._parsing)  # its turn came: its body may follow
         else:
             self._arm(self.router.config.header_timeout)
         if self.flow.read_paused:
@@ -588,6 +618,22 @@ class ClientConnection(asyncio.Protocol):
                 self.loop.call_soon(self._drain)
             else:
                 self.close()  # its answer is written already
+
+    def _expect_continue(self, request: ClientRequest, body_expected: bool) -> None:
+        """``Expect: 100-continue``: the client may wait for a 100 before it sends the
+        body (RFC 9110 10.1.1). It gets one only if it speaks HTTP/1.1 (no 1xx may go
+        to an HTTP/1.0 client, RFC 9110 15.2) and a body is expected, and only once its
+        request is the next to be answered: sent earlier, the 100 would land inside
+        the answer before it. A request behind others gets it from ``response_done``
+        when its turn comes, if its body is still being read by then."""
+        if not body_expected or request.http_minor == 0:
+            request.expect_continue = False
+        elif self.current is None and not self._queue:
+            self._send_continue(request)
+
+    def _send_continue(self, request: ClientRequest) -> None:
+        request.expect_continue = False
+        self.write(CONTINUE_RESPONSE)
 
     def _arm(self, delay_s: float) -> None:
         self.deadline = self.loop.time() + delay_s

@@ -57,6 +57,19 @@ ATTACKS: dict[str, tuple[bytes, bytes]] = {
     "silent": (b"", b""),
     "stream-never-read": (CHAT, b""),
     "oversized-then-no-read": (b"GET /health HTTP/1.1\r\nX-Big: " + b"f" * 70000, b"g" * 65536),
+    # Under the 64 KiB head bound, but 9,000 headers: refused by count (431), not held.
+    "many-headers": (b"GET /health HTTP/1.1\r\n" + b"a:b\r\n" * 9000 + b"\r\n", b""),
+    # A body two bytes a read: it must cost about its size, one buffer, not a read's object.
+    "trickled-body": (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n{",
+        b"  ",
+    ),
+    # A request waiting for 100 Continue behind a stream: no 100 inside the stream's body.
+    "expect-behind-stream": (
+        CHAT + b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 10\r\n\r\n",
+        b"",
+    ),
 }
 
 

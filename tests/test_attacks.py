@@ -676,6 +676,9 @@ ALL_ATTACKS = [
     "silent",
     "stream-never-read",
     "oversized-then-no-read",
+    "many-headers",
+    "trickled-body",
+    "expect-behind-stream",
 ]
 CONNECTIONS_PER_ATTACK = 2
 
@@ -723,6 +726,8 @@ def test_under_every_attack_at_once_memory_health_and_counters_hold(router, back
     # Every attack that waits for an answer was answered or cut off, not kept.
     for kind in ("endless-header-value", "endless-chunk-extension", "slow-body", "slow-headers"):
         assert report[kind]["ended"] >= 1, (kind, report[kind])
+    # Too many headers is refused by their count, at once, whatever their bytes.
+    assert report["many-headers"]["statuses"].get("431", 0) >= 1, report["many-headers"]
     assert "unhealthy" not in router.output
     assert_settled(router)
     # Attacks on the client side never count against a service; what it served adds up.

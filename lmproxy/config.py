@@ -16,6 +16,8 @@ from urllib.parse import SplitResult, urlsplit
 
 import msgspec
 
+from lmproxy import decode
+
 MiB = 1024 * 1024
 # A service's name is a path segment of the admin API and goes into logs and metrics.
 NAME_RULE = "1 to 128 of A-Z a-z 0-9 . _ : -, and not only dots"
@@ -745,7 +747,7 @@ def load_static_services(path: str) -> list[ServiceSpec]:
     the seed's registry does.
     """
     try:
-        data = msgspec.json.decode(Path(path).read_bytes())
+        data = decode.json(Path(path).read_bytes())
     except OSError as exc:
         raise ConfigError(f"cannot read static services file {path!r}: {exc.strerror}") from None
     except msgspec.DecodeError as exc:

@@ -24,8 +24,9 @@ and cuts the watches: the next watch gets 410). Every API call is printed
 (``list ...``, ``watch ...``, ``refused ...``) for the tests to count.
 
 Faults, as a broken or hostile API server (or a proxy in front of one) would
-send them: ``POST /trickle`` {"bytes": N} writes each later watch event in
-chunks of N bytes (0: one chunk, as the real one does); ``POST /deep``
+send them: ``POST /trickle`` {"bytes": N, "after": M} writes each later watch
+event's first M bytes in one chunk and the rest in chunks of N bytes (N 0: one
+chunk, as the real one does); ``POST /deep``
 {"name", "depth"} sends a MODIFIED event of a pod with a field nested ``depth``
 levels deep; ``POST /flood`` {"count", "rounds", "annotations", "delete"} adds
 ``count`` Ready pods named ``flood-I`` with those annotations, changes each
@@ -58,6 +59,7 @@ class Cluster:
         self.oldest = 0  # watches from before this resourceVersion get 410
         self.watchers: set[asyncio.Queue[tuple[str, dict[str, Any]] | None]] = set()
         self.chunk_bytes = 0  # /trickle: the size of a watch event's chunks (0: whole)
+        self.chunk_after = 0  # /trickle: the bytes of an event sent whole first
 
     def bump(self) -> int:
         self.version += 1
@@ -306,13 +308,10 @@ async def watch(
     def send(kind: str, obj: dict[str, Any]) -> None:
         text = obj["raw"] if "raw" in obj else json.dumps(obj)
         line = b'{"type": "%s", "object": %s}\n' % (kind.encode(), text.encode())
-        size = cluster.chunk_bytes or len(line)
-        writer.write(
-            b"".join(
-                b"%x\r\n%s\r\n" % (len(piece), piece)
-                for piece in (line[i : i + size] for i in range(0, len(line), size))
-            )
-        )
+        size, first = cluster.chunk_bytes or len(line), cluster.chunk_after
+        pieces = [line[:first]] if first else []
+        pieces += [line[i : i + size] for i in range(first, len(line), size)]
+        writer.write(b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces))
 
     if since < cluster.oldest:
         send("ERROR", status_object(410, "Expired", f"too old resource version: {since}"))
@@ -378,6 +377,7 @@ async def control(
             cluster.expire()
         elif method == "POST" and segments == ["trickle"]:
             cluster.chunk_bytes = int(spec["bytes"])
+            cluster.chunk_after = int(spec.get("after", 0))
         elif method == "POST" and segments == ["deep"]:
             cluster.deep(spec["name"], int(spec["depth"]))
         elif method == "POST" and segments == ["flood"]:

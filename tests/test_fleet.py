@@ -101,6 +101,22 @@ def test_a_registry_answering_too_deep_is_logged_once_and_its_services_kept(spaw
     wait_until(lambda: "is readable again" in router.output, 5, "the registry readable again")
 
 
+def test_a_wrong_registry_entry_is_logged_once_not_per_poll(spawn):
+    a = spawn(Mock, "wrong-reg-a", ["Qwen3-32B"])
+    registry = spawn(Registry)
+    registry.register("service_a", a)
+    registry.register("service_ftp", a, url="ftp://127.0.0.1:21")
+    router = spawn(
+        Router, "--registry-url", f"http://127.0.0.1:{registry.port}",
+        "--registry-sync-interval", "0.1",
+    )  # fmt: skip
+    router.wait_healthy(1)
+    polls = registry.output.count("listed")
+    wait_until(lambda: registry.output.count("listed") >= polls + 10, 10, "more polls")
+    assert router.output.count("registry entry 1 skipped: ") == 1
+    assert list(router.listed()) == ["service_a"]
+
+
 def _write_config(path: Path, backends: list[Mock], strategy: str) -> None:
     lines = [f'strategy = "{strategy}"', "health_interval = 0.5", ""]
     for backend in backends:

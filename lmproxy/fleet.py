@@ -19,6 +19,10 @@ Five sources add services, and each manages only its own:
   leaves at once (the API server says so for certain), and a lost watch
   removes nothing.
 
+The polled sources and the clock of TTLs and grace periods run as ``repeat``
+loops: whatever a step raises, it is logged once and retried with backoff, so no
+exception ends a source (``kube.PodWatcher.run`` does the same for the watch).
+
 A name belongs to the first source that claims it, in that order of rank: a
 registration cannot take over a configured service, and the registry cannot
 take over either. The router's own health checks stay the authority on health

@@ -6,7 +6,12 @@ lists them, then watches from the list's resourceVersion with bookmarks, as
 client-go's informers do: it never polls. A watch the server ends is resumed
 from the last resourceVersion seen; ``410 Gone`` (history compacted past it)
 means listing again; a lost connection or a refusal is retried with backoff,
-keeping the pods last known.
+keeping the pods last known, and so is any other exception (logged once with
+its traceback, then a new list). What the server sends is bounded: JSON nests at
+most 64 levels (``decode.json``; an event the router cannot read is skipped and
+logged once), the watch is read a piece per read and searched once per byte
+(``Lines``) whatever its chunking, and pods with wrong annotations are
+remembered and logged per cause, not per pod or per event.
 
 A pod is a service only while it is Running, has an IP, has its ``Ready``
 condition True and no deletionTimestamp: it leaves the moment the watch says

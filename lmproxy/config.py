@@ -16,6 +16,8 @@ from urllib.parse import SplitResult, urlsplit
 
 import msgspec
 
+from lmproxy import decode
+
 MiB = 1024 * 1024
 # A worker heartbeats four times per --worker-timeout, at most once a second: a shorter
 # timeout than this would take a busy moment for a hang.
@@ -763,7 +765,7 @@ def load_static_services(path: str) -> list[ServiceSpec]:
     the seed's registry does.
     """
     try:
-        data = msgspec.json.decode(Path(path).read_bytes())
+        data = decode.json(Path(path).read_bytes())
     except OSError as exc:
         raise ConfigError(f"cannot read static services file {path!r}: {exc.strerror}") from None
     except msgspec.DecodeError as exc:

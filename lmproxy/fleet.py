@@ -19,6 +19,10 @@ Five sources add services, and each manages only its own:
   leaves at once (the API server says so for certain), and a lost watch
   removes nothing.
 
+The polled sources and the clock of TTLs and grace periods run as ``repeat``
+loops: whatever a step raises, it is logged once and retried with backoff, so no
+exception ends a source (``kube.PodWatcher.run`` does the same for the watch).
+
 A name belongs to the first source that claims it, in that order of rank: a
 registration cannot take over a configured service, and the registry cannot
 take over either. The router's own health checks stay the authority on health
@@ -38,7 +42,7 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 
-from lmproxy import kube, tls
+from lmproxy import decode, kube, tls
 from lmproxy.config import (
     Config,
     ConfigError,
@@ -64,6 +68,16 @@ Payload = tuple[int, Any]
 RANK = {"config": 0, "admin": 1, "registry": 2}
 SOURCES = {"registry": "the registry", "dns": "DNS", "k8s": "Kubernetes discovery"}
 TICK_S = 0.5  # how often TTLs and grace periods are checked
+# After an unexpected failure, a loop waits its interval or this backoff, whichever
+# is longer: it doubles per failure in a row, from the first to the last.
+BACKOFF_MIN_S = 0.5
+BACKOFF_MAX_S = 30.0
+MAX_CAUSE_TEXT = 300
+# A registry entry skipped is logged once while it stays wrong: the causes of one
+# poll are remembered for the next (at most this many), and at most this many
+# new ones are logged per poll.
+MAX_SKIPPED_CAUSES = 1000
+MAX_SKIPPED_LOGGED = 10
 
 
 # What one registration that is never routed to may make the router hold.
@@ -143,6 +157,7 @@ class Fleet:
         self._tasks: list[asyncio.Task[None]] = []
         self._poller: asyncio.Task[None] | None = None
         self._registry_ok = True
+        self._registry_skipped: set[str] = set()  # causes of the last poll's skipped entries
         # DNS discovery: each --discover target's services at its last good lookup, and
         # the targets whose lookups fail now (logged once until they answer again).
         self._discoverer: asyncio.Task[None] | None = None
@@ -162,7 +177,11 @@ class Fleet:
     def start(self) -> None:
         self.checker.start()
         self.load.start()
-        self._tasks.append(asyncio.create_task(self._tick(), name="fleet:tick"))
+        self._tasks.append(
+            asyncio.create_task(
+                repeat(self._expire, lambda: TICK_S, "expiring registrations"), name="fleet:tick"
+            )
+        )
         self._follow_registry()
         self._follow_dns()
         self._follow_pods()
@@ -181,7 +200,7 @@ class Fleet:
         """Poll the configured registry (or stop polling one no longer configured)."""
         if self.config.registry_url and self._poller is None:
             self._poller = asyncio.create_task(
-                self._repeat(
+                repeat(
                     self.sync_registry, lambda: self.config.registry_sync_interval, "registry poll"
                 ),
                 name="fleet:registry",
@@ -195,7 +214,7 @@ class Fleet:
         """Resolve the --discover names (or stop, and let their services go)."""
         if self.config.discover and self._discoverer is None:
             self._discoverer = asyncio.create_task(
-                self._repeat(self.sync_dns, lambda: self.config.discover_interval, "DNS discovery"),
+                repeat(self.sync_dns, lambda: self.config.discover_interval, "DNS discovery"),
                 name="fleet:dns",
             )
         elif not self.config.discover and self._discoverer is not None:
@@ -359,7 +378,7 @@ class Fleet:
 
     def register(self, body: bytes) -> Payload:
         try:
-            data = msgspec.json.decode(body)
+            data = decode.json(body)
             if not isinstance(data, dict):
                 raise ConfigError("expected a JSON object")
             options = msgspec.convert(data, _Registration)
@@ -437,7 +456,7 @@ class Fleet:
         status = None
         if body.strip():
             try:
-                status = msgspec.json.decode(body, type=_Heartbeat).status
+                status = decode.json(body, into=_Heartbeat).status
                 if status is not None:
                     _check_text("status", status)
             except (msgspec.DecodeError, msgspec.ValidationError, ConfigError) as exc:
@@ -492,31 +511,18 @@ class Fleet:
 
     # --- clocks -------------------------------------------------------------------
 
-    async def _tick(self) -> None:
-        while True:
-            await asyncio.sleep(TICK_S)
-            now = time.monotonic()
-            for name, (ttl, deadline) in list(self._expires.items()):
-                if now >= deadline:
-                    self._remove(name, f"no heartbeat for {ttl:g}s (its ttl)")
-            grace = self.config.service_removal_grace_period
-            for name, since in list(self._gone_since.items()):
-                if now - since >= grace:
-                    service = self.registry.services.get(name)
-                    source = SOURCES.get(service.origin if service else "", "its source")
-                    self._remove(name, f"gone from {source} for {grace:g}s")
-
-    async def _repeat(
-        self, step: Callable[[], Awaitable[None]], interval: Callable[[], float], what: str
-    ) -> None:
-        """Run ``step``, then wait ``interval()`` seconds (asked each time: a reload may
-        change it), until cancelled."""
-        while True:
-            try:
-                await step()
-            except Exception:  # a bug here must not end the polling
-                log.exception("%s failed", what)
-            await asyncio.sleep(interval())
+    async def _expire(self) -> None:
+        """Take out registrations whose TTL passed, and services whose grace is over."""
+        now = time.monotonic()
+        for name, (ttl, deadline) in list(self._expires.items()):
+            if now >= deadline:
+                self._remove(name, f"no heartbeat for {ttl:g}s (its ttl)")
+        grace = self.config.service_removal_grace_period
+        for name, since in list(self._gone_since.items()):
+            if now - since >= grace:
+                service = self.registry.services.get(name)
+                source = SOURCES.get(service.origin if service else "", "its source")
+                self._remove(name, f"gone from {source} for {grace:g}s")
 
     async def sync_registry(self) -> None:
         """One poll of the InfiniLM-SVC registry: it decides membership, never health."""
@@ -538,7 +544,7 @@ class Fleet:
             )
             if status != 200:
                 raise ProbeError(f"{path} answered {status}")
-            listing = msgspec.json.decode(body, type=_RegistryListing)
+            listing = decode.json(body, into=_RegistryListing)
         except (ProbeError, TimeoutError, msgspec.DecodeError, msgspec.ValidationError) as exc:
             if self._registry_ok:
                 log.warning(
@@ -552,16 +558,27 @@ class Fleet:
             log.info("registry %s is readable again", masked_url(url))
         self._registry_ok = True
         listed: set[str] = set()
+        causes: set[str] = set()  # why entries were skipped this time
+        new = 0
         for index, entry in enumerate(listing.services):
             try:
                 spec = spec_from_entry(entry)
             except ConfigError as exc:
-                log.warning("registry entry %d skipped: %s", index, exc)
+                cause = str(exc)[:MAX_CAUSE_TEXT]
+                if len(causes) < MAX_SKIPPED_CAUSES:
+                    causes.add(cause)
+                if cause not in self._registry_skipped:
+                    new += 1
+                    if new <= MAX_SKIPPED_LOGGED:
+                        log.warning("registry entry %d skipped: %s", index, cause)
                 continue
             if spec is None:
                 continue
             listed.add(spec.name)
             self._claim(spec, "registry")
+        if new > MAX_SKIPPED_LOGGED:
+            log.warning("registry: %d more entries skipped", new - MAX_SKIPPED_LOGGED)
+        self._registry_skipped = causes  # logged again only if one returns after a poll without it
         self._mark_gone("registry", listed, "left the registry")
 
     def _claim(self, spec: ServiceSpec, origin: str) -> None:
@@ -623,6 +640,35 @@ class Fleet:
             self._dns_members[text] = names
             listed |= names
         self._mark_gone("dns", listed, "is no longer in DNS")
+
+
+async def repeat(
+    step: Callable[[], Awaitable[None]],
+    interval: Callable[[], float],
+    what: str,
+    backoff_min_s: float = BACKOFF_MIN_S,
+) -> None:
+    """Run ``step``, then wait ``interval()`` seconds (asked each time: a reload may
+    change it), until cancelled. A step's failure, whatever it is, does not end the
+    loop: it is logged once with its traceback (again only when its cause changes),
+    and the loop backs off, doubling up to BACKOFF_MAX_S, until a step succeeds."""
+    failing = ""
+    backoff = 0.0
+    while True:
+        try:
+            await step()
+        except Exception as exc:  # a bug here must not end the loop
+            cause = f"{type(exc).__name__}: {exc}"[:MAX_CAUSE_TEXT]
+            if cause != failing:
+                log.error("%s failed (%s); retrying with backoff", what, cause, exc_info=exc)
+                failing = cause
+            backoff = min(max(backoff * 2, backoff_min_s), BACKOFF_MAX_S)
+            await asyncio.sleep(max(interval(), backoff))
+            continue
+        if failing:
+            log.info("%s works again", what)
+            failing, backoff = "", 0.0
+        await asyncio.sleep(interval())
 
 
 REGISTRATION_SHAPE = (

@@ -6,7 +6,12 @@ lists them, then watches from the list's resourceVersion with bookmarks, as
 client-go's informers do: it never polls. A watch the server ends is resumed
 from the last resourceVersion seen; ``410 Gone`` (history compacted past it)
 means listing again; a lost connection or a refusal is retried with backoff,
-keeping the pods last known.
+keeping the pods last known, and so is any other exception (logged once with
+its traceback, then a new list). What the server sends is bounded: JSON nests at
+most 64 levels (``decode.json``; an event the router cannot read is skipped and
+logged once), the watch is read a piece per read and searched once per byte
+(``Lines``) whatever its chunking, and pods with wrong annotations are
+remembered and logged per cause, not per pod or per event.
 
 A pod is a service only while it is Running, has an IP, has its ``Ready``
 condition True and no deletionTimestamp: it leaves the moment the watch says
@@ -46,6 +51,7 @@ from urllib.parse import quote, urlencode, urlsplit
 import h11
 import msgspec
 
+from lmproxy import decode
 from lmproxy.config import Config, ConfigError, ServiceSpec
 from lmproxy.tls import tls_reason
 
@@ -63,8 +69,17 @@ MAX_PODS = 1024  # services one selector may add: a runaway Deployment cannot fl
 MAX_LIST_PAGE = 32 * 1024 * 1024  # bytes of one page of the list (500 pods)
 MAX_EVENT = 4 * 1024 * 1024  # bytes of one watch event (etcd keeps objects under 1.5 MiB)
 MAX_ERROR_BODY = 64 * 1024
+# Why pods were refused, remembered to log each cause a few times, not once per pod:
+# distinct causes kept (an annotation's value is in its cause), and their length.
+MAX_CAUSES = 32
+MAX_CAUSE_TEXT = 300
+OTHER_CAUSES = "other wrong annotations (more kinds than the router counts apart)"
 PAGE = 500
 WATCH_S = 240  # the server ends each watch after this; the router resumes it
+READ_BYTES = 65536
+# h11 events handled before the loop's other work gets a turn (a chunk of one byte is
+# one event: a read of them could otherwise hold the loop for tens of milliseconds).
+EVENTS_PER_TURN = 512
 CALL_TIMEOUT_S = 15.0  # connect, send, and the response's head (and a list page)
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
@@ -403,21 +418,29 @@ async def _call(access: Access, path: str) -> tuple[int, AsyncIterator[bytes], C
     writer.write(conn.send(h11.Request(method="GET", target=path, headers=headers)))
     writer.write(conn.send(h11.EndOfMessage()))
 
-    async def events() -> AsyncIterator[Any]:  # h11's events
+    async def events() -> AsyncIterator[Any]:  # h11's events, and NEED_DATA before a read
+        handled = 0
         while True:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
                 raise KubeError(f"the API server's answer is not HTTP: {exc}") from None
             if event is h11.NEED_DATA:
+                yield event  # all that came is handled: body() hands on what it gathered
                 try:
-                    data = await reader.read(65536)
+                    data = await reader.read(READ_BYTES)
                 except (OSError, ssl.SSLError) as exc:
                     raise KubeError(f"connection to the API server lost: {exc}") from None
                 if not data and conn.their_state is h11.SEND_BODY:
                     raise KubeError("the API server closed the connection mid-answer")
                 conn.receive_data(data)
                 continue
+            handled += 1
+            if handled % EVENTS_PER_TURN == 0:
+                # A read of what is already buffered returns without waiting: a body
+                # of tiny chunks would hold the loop for as long as the server keeps
+                # up, so the router's other work gets a turn.
+                await asyncio.sleep(0)
             yield event
             if isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
                 return
@@ -440,9 +463,16 @@ async def _call(access: Access, path: str) -> tuple[int, AsyncIterator[bytes], C
         raise
 
     async def body() -> AsyncIterator[bytes]:
+        """The body as it comes, one piece per read however the server chunks it (a
+        chunk per byte is as many h11 events, not as many pieces for the reader)."""
+        parts: list[bytes] = []
         async for event in stream:
             if isinstance(event, h11.Data):
-                yield bytes(event.data)
+                parts.append(bytes(event.data))
+            elif event is h11.NEED_DATA or isinstance(event, h11.EndOfMessage):
+                if parts:
+                    yield b"".join(parts)
+                    parts.clear()
             elif isinstance(event, h11.ConnectionClosed):
                 raise KubeError("the API server closed the connection mid-answer")
 
@@ -464,7 +494,7 @@ async def _refusal(status: int, body: AsyncIterator[bytes], what: str) -> Except
     try:
         async with asyncio.timeout(CALL_TIMEOUT_S):
             raw = await _read_all(body, MAX_ERROR_BODY)
-        message = msgspec.json.decode(raw, type=_ApiStatus).message
+        message = decode.json(raw, into=_ApiStatus).message
     except (KubeError, TimeoutError, msgspec.DecodeError, msgspec.ValidationError):
         message = ""
     said = f": {message}" if message else ""
@@ -486,6 +516,43 @@ async def _refusal(status: int, body: AsyncIterator[bytes], what: str) -> Except
     if status == 404:
         return KubeError(f"{what}: 404 Not Found{said} (is the API server's URL right?)", True)
     return KubeError(f"{what}: the API server answered {status}{said}", refused=status < 500)
+
+
+class Lines:
+    """The newline-ended lines of a stream, from its pieces as they come.
+
+    A watch sends one JSON event per line, in pieces of any size. The search for
+    the next newline starts where the last one stopped, so each byte is looked at
+    once however small the pieces (``examined`` counts them), and the bytes of
+    the lines handed out are dropped once per piece, not once per line."""
+
+    __slots__ = ("_buffer", "_searched", "examined")
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._searched = 0  # bytes of the buffer known to hold no newline
+        self.examined = 0
+
+    def feed(self, piece: bytes) -> list[bytes]:
+        """The lines ``piece`` completes, without their newlines."""
+        buffer = self._buffer
+        buffer += piece
+        lines: list[bytes] = []
+        start = 0
+        search = self._searched
+        while (end := buffer.find(b"\n", search)) >= 0:
+            self.examined += end + 1 - search
+            lines.append(bytes(buffer[start:end]))
+            start = search = end + 1
+        self.examined += len(buffer) - search
+        if start:
+            del buffer[:start]
+        self._searched = len(buffer)
+        return lines
+
+    def __len__(self) -> int:
+        """Bytes of a line not yet complete."""
+        return len(self._buffer)
 
 
 class PodWatcher:
@@ -516,7 +583,15 @@ class PodWatcher:
         self.on_pod = on_pod
         self.on_list = on_list
         self.members: set[str] = set()  # pods that are services now
-        self._bad: dict[str, str] = {}  # pod -> why its annotations were refused (logged once)
+        # Pods whose annotations were refused, and why: a pod's every status change
+        # is an event, and its refusal is counted once, not per event. At most
+        # MAX_PODS are remembered; a deleted pod is forgotten.
+        self._bad: dict[str, str] = {}
+        # Pods refused, by cause (at most MAX_CAUSES; the rest together): logged at
+        # the first, the 10th, the 100th... so that thousands of pods with wrong
+        # annotations make a few lines, not one each.
+        self._causes: dict[str, int] = {}
+        self._unreadable = ""  # why the last watch event skipped was (logged once)
         kind = "" if role == "both" else f"{role} "
         self.where = f"{kind}pods {self.selector!r} in namespace {namespace!r}"
         # The resourceVersion to watch from (a list's, then each event's and
@@ -524,6 +599,11 @@ class PodWatcher:
         self.version: str | None = None
         self._backoff = BACKOFF_MIN_S
         self._failing = ""  # the last failure logged, until the server answers again
+        # An exception nothing expected (a bug, or input no check foresaw): logged
+        # once with its traceback, and retried with its own backoff, which an
+        # answering server does not reset, until a watch runs to its end.
+        self._broken = ""
+        self._broken_backoff = 0.0
         self._base = f"{access.prefix}/api/v1/namespaces/{quote(namespace, safe='')}/pods"
 
     async def run(self) -> None:
@@ -535,6 +615,9 @@ class PodWatcher:
                     await self.list()
                 await self.watch()
                 gone_in_a_row = 0  # the server ended it: resume at once from self.version
+                if self._broken:
+                    log.info("kubernetes: %s: discovery works again", self.where)
+                    self._broken, self._broken_backoff = "", 0.0
                 continue
             except Gone:
                 log.info(
@@ -554,7 +637,24 @@ class PodWatcher:
                         len(self.members),
                     )
                 self._failing = str(exc)
-            await asyncio.sleep(self._backoff * random.uniform(0.8, 1.2))
+            except Exception as exc:  # whatever it is, discovery must go on
+                cause = f"{type(exc).__name__}: {exc}"[:MAX_CAUSE_TEXT]
+                if cause != self._broken:
+                    log.error(
+                        "kubernetes: %s: unexpected error (%s); keeping the %d pod(s) "
+                        "known, listing again with backoff",
+                        self.where,
+                        cause,
+                        len(self.members),
+                        exc_info=exc,
+                    )
+                self._broken = cause
+                self._broken_backoff = min(
+                    max(self._broken_backoff * 2, BACKOFF_MIN_S), BACKOFF_MAX_S
+                )
+                self.version = None  # whatever it broke, a list sets it right
+            delay = max(self._backoff, self._broken_backoff)
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
 
     def _answered(self) -> None:
@@ -567,6 +667,7 @@ class PodWatcher:
     async def list(self) -> None:
         """List every page, report the set, and watch from the list's resourceVersion."""
         found: dict[str, ServiceSpec] = {}
+        listed: set[str] = set()
         version = ""
         token = ""
         while True:
@@ -585,16 +686,19 @@ class PodWatcher:
             finally:
                 close()
             try:
-                page = msgspec.json.decode(raw, type=_Page)
+                page = decode.json(raw, into=_Page)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 raise KubeError(f"the pod list is not a PodList: {exc}") from None
             for pod in page.items:
+                listed.add(pod.metadata.name)
                 spec = self._service(pod)
                 if spec is not None and len(found) < MAX_PODS:
                     found[spec.name] = spec
             version, token = page.metadata.resourceVersion, page.metadata.next
             if not token:
                 break
+        for name in [name for name in self._bad if name not in listed]:
+            del self._bad[name]  # gone while no watch said so
         self._answered()
         if self.members != set(found):
             log.info("kubernetes: %s: %d ready pod(s)", self.where, len(found))
@@ -617,7 +721,7 @@ class PodWatcher:
             if status != 200:
                 raise await _refusal(status, body, f"watching {self.where}")
             self._answered()
-            pending = bytearray()
+            lines = Lines()
             # No byte for this long (bookmarks come every minute or so): the
             # connection is dead without having said so.
             while True:
@@ -628,29 +732,36 @@ class PodWatcher:
                     raise KubeError("the watch went silent") from None
                 if chunk is None:
                     return
-                pending += chunk
-                while (end := pending.find(b"\n")) >= 0:
-                    line = bytes(pending[:end])
-                    del pending[: end + 1]
+                for line in lines.feed(chunk):
                     if line.strip():
                         self.version = self._event(line) or self.version
-                if len(pending) > MAX_EVENT:
+                if len(lines) > MAX_EVENT:
                     raise KubeError(f"a watch event is over {MAX_EVENT} bytes")
         finally:
             close()
 
     def _event(self, line: bytes) -> str | None:
-        """Apply one watch event; return its resourceVersion."""
+        """Apply one watch event; return its resourceVersion (None: none, or skipped)."""
         try:
-            event = msgspec.json.decode(line, type=_Event)
+            event = decode.json(line, into=_Event)
             if event.type == "ERROR":
-                status = msgspec.json.decode(event.object, type=_ApiStatus)
+                status = decode.json(bytes(event.object), into=_ApiStatus)
                 if status.code == 410:
                     raise Gone(status.message)
                 raise KubeError(f"the watch failed: {status.code} {status.message}")
-            pod = msgspec.json.decode(event.object, type=Pod)
+            pod = decode.json(bytes(event.object), into=Pod)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise KubeError(f"a watch event is not a pod event: {exc}") from None
+            # One event the router cannot read does not end the watch: the next
+            # ones still apply, and the next list corrects what this one changed.
+            cause = str(exc)[:MAX_CAUSE_TEXT]
+            if cause != self._unreadable:
+                log.warning(
+                    "kubernetes: %s: a watch event skipped, not a pod event: %s",
+                    self.where,
+                    cause,
+                )
+                self._unreadable = cause
+            return None
         name = pod.metadata.name
         if event.type in ("ADDED", "MODIFIED"):
             spec = self._service(pod)
@@ -660,24 +771,53 @@ class PodWatcher:
             elif name in self.members:
                 self.members.discard(name)
                 self.on_pod(name, None, why_not_routable(pod) or "has a wrong annotation")
-        elif event.type == "DELETED" and name in self.members:
-            self.members.discard(name)
-            self.on_pod(name, None, "was deleted")
+        elif event.type == "DELETED":
+            self._bad.pop(name, None)
+            if name in self.members:
+                self.members.discard(name)
+                self.on_pod(name, None, "was deleted")
         return pod.metadata.resourceVersion or None
 
     def _service(self, pod: Pod) -> ServiceSpec | None:
         if why_not_routable(pod) is not None:
             return None
+        name = pod.metadata.name
         try:
             spec = pod_service(pod, self.port, self.scheme, self.role)
         except ConfigError as exc:
-            name = pod.metadata.name
-            if self._bad.get(name) != str(exc):
-                log.warning("kubernetes: pod %s skipped: %s", name, exc)
-                self._bad[name] = str(exc)
+            self._refused(name, str(exc)[:MAX_CAUSE_TEXT])
             return None
-        self._bad.pop(pod.metadata.name, None)
+        if self._bad:
+            self._bad.pop(name, None)
         return spec
+
+    def _refused(self, name: str, cause: str) -> None:
+        """Count a pod refused for ``cause``, once until its cause changes; log the
+        1st, 10th, 100th... pod of each cause."""
+        if self._bad.get(name) == cause:
+            return
+        if name in self._bad or len(self._bad) < MAX_PODS:
+            self._bad[name] = cause
+        if cause not in self._causes and len(self._causes) >= MAX_CAUSES:
+            cause = OTHER_CAUSES
+        count = self._causes.get(cause, 0) + 1
+        self._causes[cause] = count
+        if count == 1:
+            log.warning("kubernetes: pod %s skipped: %s", name[:MAX_CAUSE_TEXT], cause)
+        elif _power_of_ten(count):
+            log.warning(
+                "kubernetes: %s: %d pods skipped so far: %s (the latest: %s)",
+                self.where,
+                count,
+                cause,
+                name[:MAX_CAUSE_TEXT],
+            )
+
+
+def _power_of_ten(n: int) -> bool:
+    while n % 10 == 0:
+        n //= 10
+    return n == 1
 
 
 def selectors(config: Config) -> dict[str, list[str]]:

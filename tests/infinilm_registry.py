@@ -4,6 +4,10 @@
 POST /services registers, GET /services?healthy=true lists the entries whose
 status is "running" and whose last heartbeat is under 120 s old, DELETE
 /services/{name} removes, POST /services/{name}/heartbeat refreshes.
+
+A fault for the tests, as a broken registry: ``POST /fault`` {"deep": N} answers
+GET /services with an entry nested N levels deep (0: the list again). Each GET
+/services is printed (``listed``) for the tests to count.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 
 HEALTHY_FOR_S = 120
 entries: dict[str, dict] = {}
+fault = {"deep": 0}
 lock = threading.Lock()
 
 
@@ -47,11 +52,25 @@ class Handler(BaseHTTPRequestHandler):
                 if not healthy_only
                 or (e["status"] == "running" and now - e["last_heartbeat"] < HEALTHY_FOR_S)
             ]
+        print("listed", flush=True)
+        depth = fault["deep"]
+        if depth:
+            nested = b"[" * depth + b"]" * depth
+            body = b'{"services": [{"name": "deep", "metadata": %s}]}' % nested
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         self._send(200, {"services": listed})
 
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
-        if path == "/services":
+        if path == "/fault":
+            fault.update(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self._send(200, fault)
+        elif path == "/services":
             data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             data.setdefault("status", "running")
             data["last_heartbeat"] = time.time()

@@ -22,6 +22,15 @@ The control port (plain HTTP, JSON bodies) is how a test changes the cluster:
 ``POST /drop`` (cuts every open watch), ``POST /expire`` (compacts the history
 and cuts the watches: the next watch gets 410). Every API call is printed
 (``list ...``, ``watch ...``, ``refused ...``) for the tests to count.
+
+Faults, as a broken or hostile API server (or a proxy in front of one) would
+send them: ``POST /trickle`` {"bytes": N, "after": M} writes each later watch
+event's first M bytes in one chunk and the rest in chunks of N bytes (N 0: one
+chunk, as the real one does); ``POST /deep``
+{"name", "depth"} sends a MODIFIED event of a pod with a field nested ``depth``
+levels deep; ``POST /flood`` {"count", "rounds", "annotations", "delete"} adds
+``count`` Ready pods named ``flood-I`` with those annotations, changes each
+``rounds - 1`` more times, then deletes them if asked (all one answer).
 """
 
 from __future__ import annotations
@@ -49,6 +58,8 @@ class Cluster:
         self.history: list[tuple[int, str, dict[str, Any]]] = []
         self.oldest = 0  # watches from before this resourceVersion get 410
         self.watchers: set[asyncio.Queue[tuple[str, dict[str, Any]] | None]] = set()
+        self.chunk_bytes = 0  # /trickle: the size of a watch event's chunks (0: whole)
+        self.chunk_after = 0  # /trickle: the bytes of an event sent whole first
 
     def bump(self) -> int:
         self.version += 1
@@ -82,6 +93,26 @@ class Cluster:
     def drop(self) -> None:
         for queue in self.watchers:
             queue.put_nowait(None)
+
+    def deep(self, name: str, depth: int) -> None:
+        """A pod event too deep for a recursive decoder: json.dumps could not write it."""
+        pod = pod_object(name, {"ip": "10.9.9.9", "labels": {"app": "vllm"}}, self.bump(), None)
+        pod["spec"]["nested"] = "@"
+        text = json.dumps(pod).replace('"@"', "[" * depth + "]" * depth)
+        # Kept as its text, which watch() sends as it is.
+        self.emit("MODIFIED", {"metadata": pod["metadata"], "raw": text})
+
+    def flood(self, count: int, rounds: int, annotations: dict[str, str], delete: bool) -> None:
+        for turn in range(rounds):
+            for i in range(count):
+                ip = f"10.200.{i // 250}.{i % 250 + 1}"
+                changed = {**annotations, "turn": str(turn)}
+                self.put(
+                    f"flood-{i}", {"ip": ip, "labels": {"app": "vllm"}, "annotations": changed}
+                )
+        if delete:
+            for i in range(count):
+                self.delete(f"flood-{i}")
 
     def expire(self) -> None:
         self.oldest = self.bump()
@@ -275,8 +306,12 @@ async def watch(
     )
 
     def send(kind: str, obj: dict[str, Any]) -> None:
-        line = json.dumps({"type": kind, "object": obj}).encode() + b"\n"
-        writer.write(b"%x\r\n%s\r\n" % (len(line), line))
+        text = obj["raw"] if "raw" in obj else json.dumps(obj)
+        line = b'{"type": "%s", "object": %s}\n' % (kind.encode(), text.encode())
+        size, first = cluster.chunk_bytes or len(line), cluster.chunk_after
+        pieces = [line[:first]] if first else []
+        pieces += [line[i : i + size] for i in range(first, len(line), size)]
+        writer.write(b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces))
 
     if since < cluster.oldest:
         send("ERROR", status_object(410, "Expired", f"too old resource version: {since}"))
@@ -340,6 +375,18 @@ async def control(
             cluster.drop()
         elif method == "POST" and segments == ["expire"]:
             cluster.expire()
+        elif method == "POST" and segments == ["trickle"]:
+            cluster.chunk_bytes = int(spec["bytes"])
+            cluster.chunk_after = int(spec.get("after", 0))
+        elif method == "POST" and segments == ["deep"]:
+            cluster.deep(spec["name"], int(spec["depth"]))
+        elif method == "POST" and segments == ["flood"]:
+            cluster.flood(
+                int(spec["count"]),
+                int(spec.get("rounds", 1)),
+                spec.get("annotations", {}),
+                bool(spec.get("delete")),
+            )
         else:
             respond(writer, 404, {"error": "unknown control call"})
             return
@@ -356,6 +403,7 @@ async def main() -> None:
     parser.add_argument("--ssl-keyfile")
     parser.add_argument("--bookmark-interval", type=float, default=60.0)
     parser.add_argument("--watch-cap", type=float, default=1800.0)
+    parser.add_argument("--port", type=int, default=0, help="the API's (to restart on it)")
     args = parser.parse_args()
     cluster = Cluster(args.token, args.bookmark_interval, args.watch_cap)
     context = None
@@ -363,7 +411,7 @@ async def main() -> None:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(args.ssl_certfile, args.ssl_keyfile)
     server = await asyncio.start_server(
-        lambda r, w: api(cluster, r, w), "127.0.0.1", 0, ssl=context
+        lambda r, w: api(cluster, r, w), "127.0.0.1", args.port, ssl=context
     )
     admin = await asyncio.start_server(lambda r, w: control(cluster, r, w), "127.0.0.1", 0)
     print(f"apiserver listening on 127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True)

@@ -144,6 +144,20 @@ def test_bad_registrations_say_what_to_change(spawn):
     assert router.get("/services/nope").status == 404
 
 
+def test_deeply_nested_bodies_are_refused_not_a_500(spawn):
+    """JSON nested 1,000 levels deep raised RecursionError: a 500 and a traceback."""
+    backend = spawn(Mock, "deep-a", ["Qwen3-32B"])
+    router = spawn(Router)
+    assert router.post("/services", {"name": "deep-a", "url": backend.url}).status == 201
+    deep = b'{"name": "x", "url": "http://a:1", "metadata": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    for path in ("/services", "/services/deep-a/heartbeat"):
+        resp = router.post(path, deep)
+        assert resp.status == 400, (path, resp)
+        assert "nested more than 64 levels deep" in resp.json()["error"]
+    assert "Traceback" not in router.output
+    assert router.post("/services/deep-a/heartbeat").status == 200
+
+
 def test_admin_token(spawn):
     backend = spawn(Mock, "tok-a", ["Qwen3-32B"])
     router = spawn(Router, "--admin-token", "s3cret", "--api-key", "user-key")

@@ -271,6 +271,8 @@ def test_static_services_skip_other_types(tmp_path):
         ('{"nothing": 1}', "expected a list"),
         ('[{"name": "x"}]', "needs host and port"),
         ('[{"name": "x", "host": "h", "port": "eighty"}]', "entry 0"),
+        # RecursionError, not a ConfigError, before the depth was bounded.
+        ('[{"metadata": ' + "[" * 1000 + "]" * 1000 + "}]", "nested more than 64 levels"),
     ],
 )
 def test_static_services_errors(tmp_path, content, names):

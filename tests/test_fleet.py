@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
+import itertools
 import json
+import logging
 import signal
 import threading
 import time
 from pathlib import Path
 
-from conftest import Mock, Registry, Router, chat_body, wait_until
+from conftest import Mock, Registry, Router, chat_body, request, wait_until
 
 
 def test_registry_decides_membership_and_the_router_decides_health(spawn):
@@ -72,6 +75,46 @@ def test_a_service_back_in_the_registry_within_the_grace_is_kept(spawn):
     registry.register("flap", a)
     time.sleep(2.5)  # past the grace period it would have had
     assert router.listed()["flap"]["healthy"] is True
+
+
+def test_a_registry_answering_too_deep_is_logged_once_and_its_services_kept(spawn):
+    """A listing nested 1,000 levels deep raised RecursionError in every poll: a
+    traceback each time. It is an unreadable answer, logged once; services stay."""
+    a = spawn(Mock, "deep-reg-a", ["Qwen3-32B"])
+    registry = spawn(Registry)
+    registry.register("service_a", a)
+    router = spawn(
+        Router,
+        "--registry-url", f"http://127.0.0.1:{registry.port}",
+        "--registry-sync-interval", "0.1",
+        "--service-removal-grace-period", "0.5",
+    )  # fmt: skip
+    router.wait_healthy(1)
+    assert request(registry.port, "POST", "/fault", {"deep": 1000}).status == 200
+    polls = registry.output.count("listed")
+    wait_until(lambda: registry.output.count("listed") >= polls + 10, 10, "polls, past the grace")
+    assert "service_a" in router.listed()
+    said = "unreachable or unreadable (JSON nested more than 64 levels deep)"
+    assert router.output.count(said) == 1
+    assert "Traceback" not in router.output
+    assert request(registry.port, "POST", "/fault", {"deep": 0}).status == 200
+    wait_until(lambda: "is readable again" in router.output, 5, "the registry readable again")
+
+
+def test_a_wrong_registry_entry_is_logged_once_not_per_poll(spawn):
+    a = spawn(Mock, "wrong-reg-a", ["Qwen3-32B"])
+    registry = spawn(Registry)
+    registry.register("service_a", a)
+    registry.register("service_ftp", a, url="ftp://127.0.0.1:21")
+    router = spawn(
+        Router, "--registry-url", f"http://127.0.0.1:{registry.port}",
+        "--registry-sync-interval", "0.1",
+    )  # fmt: skip
+    router.wait_healthy(1)
+    polls = registry.output.count("listed")
+    wait_until(lambda: registry.output.count("listed") >= polls + 10, 10, "more polls")
+    assert router.output.count("registry entry 1 skipped: ") == 1
+    assert list(router.listed()) == ["service_a"]
 
 
 def _write_config(path: Path, backends: list[Mock], strategy: str) -> None:
@@ -141,3 +184,38 @@ def test_sighup_reload_under_load_fails_no_request(spawn, tmp_path):
     assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
     assert [len(seen) for seen in sockets] == [1] * 4  # no connection was dropped
     assert "hup-b" in router.listed()
+
+
+async def test_a_loop_whose_step_fails_logs_once_backs_off_and_goes_on(caplog):
+    """The registry poll, DNS discovery and the expiry of registrations each run as
+    ``repeat``: whatever a step raises, the loop logs it once with its traceback,
+    waits twice as long after each failure in a row, and goes on."""
+    from lmproxy.fleet import repeat
+
+    caplog.set_level(logging.INFO, "lmproxy")
+    loop = asyncio.get_running_loop()
+    calls: list[float] = []
+    done = asyncio.Event()
+
+    async def step() -> None:
+        calls.append(loop.time())
+        if len(calls) <= 4:
+            raise KeyError("injected by the test")
+        if len(calls) == 6:
+            done.set()
+
+    task = asyncio.create_task(repeat(step, lambda: 0.0, "the test's loop", backoff_min_s=0.02))
+    try:
+        await asyncio.wait_for(done.wait(), 10)
+    finally:
+        task.cancel()
+    waits = [later - earlier for earlier, later in itertools.pairwise(calls)]
+    for waited, backoff in zip(waits, [0.02, 0.04, 0.08, 0.16], strict=False):
+        assert waited >= backoff * 0.99  # asyncio's sleeps never end early
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert messages == [
+        (logging.ERROR, "the test's loop failed (KeyError: 'injected by the test'); retrying "
+         "with backoff"),
+        (logging.INFO, "the test's loop works again"),
+    ]  # fmt: skip
+    assert caplog.records[0].exc_info is not None

@@ -8,7 +8,9 @@ from outside a cluster (inside one, the service account: the unit tests below)."
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import logging
 import re
 import signal
 import subprocess
@@ -20,9 +22,12 @@ import pytest
 import trustme
 from conftest import ROOT, STARTUP_TIMEOUT_S, Mock, Process, Router, request, wait_until
 
+from lmproxy import kube
 from lmproxy.config import ConfigError
 from lmproxy.kube import (
+    Access,
     Pod,
+    PodWatcher,
     from_kubeconfig,
     in_cluster,
     pod_service,
@@ -41,13 +46,14 @@ class ApiServer(Process):
     """The stand-in API server; ``put``/``delete``/... change its pods, as the cluster
     would, through its control port."""
 
-    def __init__(self, ca: trustme.CA, tmp: Path, *extra: str) -> None:
-        cert = ca.issue_cert("127.0.0.1")
-        cert.private_key_and_cert_chain_pem.write_to_path(str(tmp / "apiserver.pem"))
-        super().__init__(
-            ["tests/kube_apiserver.py", "--token", TOKEN,
-             "--ssl-certfile", str(tmp / "apiserver.pem"), *extra]
-        )  # fmt: skip
+    def __init__(self, ca: trustme.CA | None, tmp: Path, *extra: str) -> None:
+        """Over HTTPS with a certificate from ``ca``; without one, plain HTTP."""
+        tls: list[str] = []
+        if ca is not None:
+            cert = ca.issue_cert("127.0.0.1")
+            cert.private_key_and_cert_chain_pem.write_to_path(str(tmp / "apiserver.pem"))
+            tls = ["--ssl-certfile", str(tmp / "apiserver.pem")]
+        super().__init__(["tests/kube_apiserver.py", "--token", TOKEN, *tls, *extra])
         self.port = wait_until(lambda: self._port("apiserver"), STARTUP_TIMEOUT_S, "the API")
         self.control = wait_until(lambda: self._port("control"), STARTUP_TIMEOUT_S, "control")
 
@@ -557,3 +563,179 @@ def test_prefill_and_decode_pods_by_their_own_selectors(spawn, ca, tmp_path):
     api.call("POST", "/expire")
     wait_until(lambda: api.count("list") >= 4, 10, "both selectors to list again")
     assert set(router.listed()) == {"sglang-prefill-0", "sglang-decode-0"}
+
+
+# --- a broken or hostile API server --------------------------------------------------
+# The stand-in's faults (tests/kube_apiserver.py) send what a broken server, or a proxy
+# in front of one, could: the router must go on serving and discovering.
+
+# One watch event of 3.5 MiB (under the 4 MiB bound), its last 128 KiB a byte per chunk.
+EVENT_BYTES = 3584 * 1024
+TRICKLED_BYTES = 128 * 1024
+BYSTANDER_TIMEOUT_S = 1.0  # the fixed reader gives others a turn every few ms
+
+
+def test_a_watch_sent_a_byte_per_chunk_does_not_hold_the_router(spawn, ca, tmp_path, pods):
+    """Each chunk of one byte is an event of the HTTP parser. Handled while more are
+    buffered, they held the loop as long as the server kept sending; and the line so
+    far was searched again for each, so the tail of a big event cost a scan of
+    megabytes per byte (seconds per read). Bystanders are answered meanwhile, each
+    within its client's timeout, and the pod is discovered."""
+    api = spawn(ApiServer, ca, tmp_path)
+    api.put("vllm-0", HOSTS[0])
+    router = watching(spawn, api, kubeconfig(tmp_path / "kubeconfig", ca, api.port), pods[0].port)
+    router.wait_healthy(1)
+    api.call("POST", "/trickle", {"bytes": 1, "after": EVENT_BYTES - TRICKLED_BYTES})
+    padding = "x" * (EVENT_BYTES - 4096)  # the rest of the pod's object, about 3 KiB
+    thread = threading.Thread(
+        target=api.put, args=("vllm-1", HOSTS[1]), kwargs={"annotations": {"x/pad": padding}}
+    )
+    thread.start()
+    answers = []
+
+    def listed() -> list[str]:
+        reply = router.get("/services", timeout=BYSTANDER_TIMEOUT_S).json()
+        return [service["name"] for service in reply["services"]]
+
+    while "vllm-1" not in listed():
+        answers.append(router.get("/health", timeout=BYSTANDER_TIMEOUT_S).status)
+        assert len(answers) < 100_000, "the trickled pod never arrived"
+    thread.join(10)
+    assert answers and set(answers) == {200}
+    router.wait_healthy(2)
+    assert api.count("watch") == 1  # read whole, not cut and resumed
+
+
+def test_lines_look_at_each_byte_once():
+    """However small the pieces, each byte is searched for a newline once."""
+    from lmproxy.kube import Lines
+
+    lines = Lines()
+    event = b'{"type": "ADDED", "object": {"padding": "' + b"x" * 100_000 + b'"}}'
+    stream = event + b"\n" + b"\n".join([b"{}"] * 1000) + b"\n"
+    found = []
+    for i in range(len(stream)):
+        found += lines.feed(stream[i : i + 1])
+    assert found == [event] + [b"{}"] * 1000
+    assert lines.examined == len(stream) and len(lines) == 0
+    # And whole, with the last line not ended yet.
+    lines = Lines()
+    assert lines.feed(b"a\nbb\ncc") == [b"a", b"bb"] and len(lines) == 2
+    assert lines.feed(b"c\n") == [b"ccc"] and lines.examined == 9
+
+
+def test_a_deeply_nested_watch_event_is_skipped_and_logged_once(spawn, ca, tmp_path, pods):
+    """An event nested 1,000 levels deep raised RecursionError, which ended discovery
+    silently: nothing logged, no call to the API server again. It is skipped, once
+    logged; later events apply, and the watch resumes after a restart."""
+    api = spawn(ApiServer, ca, tmp_path)
+    api.put("vllm-0", HOSTS[0])
+    config = kubeconfig(tmp_path / "kubeconfig", ca, api.port)
+    router = watching(spawn, api, config, pods[0].port)
+    router.wait_healthy(1)
+    api.call("POST", "/deep", {"name": "vllm-deep", "depth": 1000})
+    api.put("vllm-1", HOSTS[1])
+    router.wait_healthy(2)
+    # Resumed after a cut, the watch meets the event again: skipped, not logged again.
+    api.call("POST", "/drop")
+    wait_until(lambda: api.count("watch") >= 2, 5, "the watch to resume")
+    api.put("vllm-2", HOSTS[2])
+    router.wait_healthy(3)
+    said = "a watch event skipped, not a pod event: JSON nested more than 64 levels deep"
+    assert router.output.count(said) == 1
+    assert "Traceback" not in router.output and "vllm-deep" not in router.listed()
+    # The API server restarts (empty): the router calls it again.
+    api.kill()
+    again = spawn(ApiServer, ca, tmp_path, "--port", str(api.port))
+    wait_until(lambda: again.count("watch") >= 1, 10, "a watch on the restarted server")
+    again.put("vllm-3", HOSTS[0], annotations={"lmproxy.io/port": str(pods[0].port)})
+    wait_until(lambda: "vllm-3" in router.listed(), 5, "a pod of the restarted server")
+
+
+# In process: the watcher itself against the stand-in over plain HTTP, so that its
+# callbacks can fail and its memory can be looked at.
+
+
+def _watcher(api: ApiServer, on_pod, on_list) -> PodWatcher:
+    access = Access("127.0.0.1", api.port, None, None, lambda: TOKEN, "default", "test")
+    return PodWatcher(access, "default", ["app=vllm"], 8000, "http", on_pod, on_list)
+
+
+async def _until(predicate, what: str, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def test_an_unexpected_error_in_the_watch_is_logged_once_and_discovery_goes_on(
+    spawn, tmp_path, caplog
+):
+    """Whatever raises in the loop (here the fleet's callback, twice), the watcher
+    logs it once with its traceback, backs off, lists again and goes on."""
+    caplog.set_level(logging.INFO, "lmproxy")
+    api = spawn(ApiServer, None, tmp_path)
+    api.put("vllm-0", HOSTS[0])
+    lists: list[list[str]] = []
+    added: list[str] = []
+    failures = 2
+
+    def on_pod(name: str, spec: object, why: str) -> None:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise RuntimeError("injected by the test")
+        added.append(name)
+
+    watcher = _watcher(api, on_pod, lambda found: lists.append(sorted(found)))
+    task = asyncio.create_task(watcher.run())
+    try:
+        await _until(lambda: lists == [["vllm-0"]], "the first list")
+        api.put("vllm-1", HOSTS[1])  # its callback raises: listed again instead
+        await _until(lambda: len(lists) == 2, "a list after the failure")
+        assert lists[1] == ["vllm-0", "vllm-1"]
+        api.put("vllm-2", HOSTS[2])  # raises again, for the same cause
+        await _until(lambda: len(lists) == 3, "a list after the second failure")
+        api.put("vllm-3", HOSTS[0])
+        await _until(lambda: added == ["vllm-3"], "the watch to go on")
+    finally:
+        task.cancel()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert "unexpected error (RuntimeError: injected by the test)" in errors[0].getMessage()
+    assert errors[0].exc_info is not None  # the traceback, once
+    assert api.count("list") == 3
+
+
+async def test_thousands_of_misannotated_pods_make_few_lines_and_bounded_memory(
+    spawn, tmp_path, caplog
+):
+    """Pods with a wrong annotation, more than the router remembers, each changed
+    three times: a few lines for their one cause (not one per pod or per event),
+    at most MAX_PODS remembered, and none once they are deleted."""
+    caplog.set_level(logging.INFO, "lmproxy")
+    api = spawn(ApiServer, None, tmp_path)
+    added: list[str] = []
+    watcher = _watcher(api, lambda name, spec, why: added.append(name), lambda found: None)
+    task = asyncio.create_task(watcher.run())
+    count = kube.MAX_PODS + 100
+    bad = {"lmproxy.io/port": "http"}
+    try:
+        await _until(lambda: api.count("watch") == 1, "the watch")
+        api.call("POST", "/flood", {"count": count, "rounds": 3, "annotations": bad})
+        api.put("vllm-0", HOSTS[0])  # after the flood: once it is here, all of it was read
+        await _until(lambda: "vllm-0" in added, "the pod after the flood", 60)
+        assert len(watcher._bad) <= kube.MAX_PODS
+        lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert lines[0] == "kubernetes: pod flood-0 skipped: " + (
+            "annotation lmproxy.io/port='http' is not a port"
+        )
+        assert 2 <= len(lines) <= 5, lines  # the 1st, 10th, 100th, 1000th
+        assert "1000 pods skipped so far" in lines[-1]
+        api.call("POST", "/flood", {"count": count, "rounds": 0, "delete": True})
+        api.put("vllm-1", HOSTS[1])
+        await _until(lambda: "vllm-1" in added, "the pod after the deletions", 60)
+        assert not watcher._bad  # the deleted are forgotten
+    finally:
+        task.cancel()

@@ -753,3 +753,84 @@ def test_every_grant_ends_whatever_the_clients_do(keyed, workers):
     wait_until(idle, 10, "the key's requests under way back to none")
     small = {"model": "gpt-4o-mini", "messages": ASK}
     assert post(router.port, "sk-narrow", small).status == 200
+
+
+# --- a tpm key is charged when its answer ends without usage -----------------------------
+
+
+CONTENT_DELTA = b'"delta":{"content":'  # the simulator's content events (not its role event)
+KNOWN_REASONS = {"rpm", "tpm", "max_in_flight", "shed", "model", "priority"}
+
+
+def hang_up_after(port: int, key: str, body: dict[str, Any], deltas: int) -> tuple[int, int]:
+    """Send a stream on a raw socket and close it as soon as ``deltas`` content events
+    have come (or at once, on any status but 200): (status, content events seen)."""
+    import socket
+
+    data = json.dumps(body).encode()
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+        b"Content-Type: application/json\r\nX-Mock-Fault: stall-mid-stream\r\n"
+        b"Content-Length: %d\r\n\r\n" % (key.encode(), len(data))
+    )
+    got = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head + data)
+        while got.count(CONTENT_DELTA) < deltas:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            got += piece
+            if len(got) >= 12 and not got.startswith(b"HTTP/1.1 200"):
+                break
+    return int(got[9:12]), got.count(CONTENT_DELTA)
+
+
+def key_figures(router: Router, name: str) -> dict[str, Any]:
+    stats = router.get("/stats", headers={"Authorization": "Bearer sk-plain"}).json()
+    return stats["keys"][name]
+
+
+BUDGET_KEY = """
+[[keys]]
+name = "budget"
+key = "sk-budget"
+tpm = 2000
+"""
+
+
+@pytest.mark.parametrize("keeper", ["one process", "workers", "redis"])
+def test_streams_whose_clients_hang_up_before_their_usage_are_charged(keyed, keeper, request):
+    """tpm = 2000: twenty streams of 200 content events each, whose clients hang up
+    right after the last one (the backend then stalls: its usage chunk never comes).
+    Each is charged what was relayed (an event a token, and its prompt), so the key
+    runs out of tokens and the later ones get 429, whoever keeps the counts."""
+    _, start = keyed
+    args = {
+        "one process": [],
+        "workers": ["--workers", "2"],
+        "redis": ["--redis-url", request.getfixturevalue("redis_server").url],
+    }[keeper]
+    router = start(*args, extra=BUDGET_KEY)
+    body = {"model": "Qwen3-32B", "messages": ASK, "stream": True, "max_tokens": 400}
+    results = [hang_up_after(router.port, "sk-budget", body, 200) for _ in range(20)]
+    served = [seen for status, seen in results if status == 200]
+    assert all(seen == 200 for seen in served), results  # the stall: 400 // 2 events
+    refused = [status for status, _ in results if status == 429]
+    assert results[0][0] == 200 and refused and len(served) + len(refused) == 20, results
+    assert len(served) <= 10, results  # about 230 tokens each, against 2000 a minute
+    over = post(router.port, "sk-budget")
+    assert over.status == 429 and "2000 tokens per minute" in over.json()["error"]
+    # Charged one token per event relayed (the role's and 200 content events) and the
+    # prompt's estimate, for every stream that was served.
+    figures = wait_until(
+        lambda: (
+            (f := key_figures(router, "budget"))["completion_tokens"] >= 200 * len(served) and f
+        ),
+        5,
+        "the charges in /stats",
+    )
+    assert figures["completion_tokens"] <= 202 * len(served), figures
+    assert figures["prompt_tokens"] >= 20 * len(served), figures
+    assert figures["prompt_tokens"] + figures["completion_tokens"] >= 2000, figures
+    assert metric(router, 'lmproxy_key_rejected_total{key="budget",reason="tpm"}')

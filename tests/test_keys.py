@@ -834,3 +834,86 @@ def test_streams_whose_clients_hang_up_before_their_usage_are_charged(keyed, kee
     assert figures["prompt_tokens"] >= 20 * len(served), figures
     assert figures["prompt_tokens"] + figures["completion_tokens"] >= 2000, figures
     assert metric(router, 'lmproxy_key_rejected_total{key="budget",reason="tpm"}')
+
+
+def _sse_event(payload: dict[str, Any]) -> bytes:
+    event = b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(event), event)
+
+
+_STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+_ROLE = _sse_event({"choices": [{"delta": {"role": "assistant", "content": ""}}]})
+_WORDS = b"".join(_sse_event({"choices": [{"delta": {"content": "w "}}]}) for _ in range(5))
+_USAGE = _sse_event(
+    {"choices": [], "usage": {"prompt_tokens": 1234, "completion_tokens": 5, "total_tokens": 1239}}
+)
+_ANSWER = json.dumps({"choices": [{"message": {"content": "x" * 400}}]}).encode()
+_WHOLE = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(
+    _ANSWER
+)
+
+
+_CUT_USAGE = _USAGE[: _USAGE.index(b"1234") + 1]  # its prompt count arrived as "1"
+# Where the client hangs up: what of the answer was relayed, and the events in it.
+CUTS = {
+    "before the answer": (b"", 0),
+    "after the head": (_STREAM_HEAD, 0),
+    "mid-stream": (_STREAM_HEAD + _ROLE + _WORDS[: len(_WORDS) // 2], 4),  # 3rd word cut
+    "after the last content event": (_STREAM_HEAD + _ROLE + _WORDS, 6),
+    "in the usage chunk": (_STREAM_HEAD + _ROLE + _WORDS + _CUT_USAGE, 7),
+    "in an answer that is not a stream": (_WHOLE + _ANSWER[:200], 0),
+}
+
+
+@pytest.mark.parametrize("cut", list(CUTS))
+async def test_a_tpm_key_is_charged_wherever_its_client_hangs_up(cut):
+    """In process, byte by byte: the client of a tpm key hangs up with ``relayed`` of
+    the answer sent; the key is charged its prompt's estimate (the body's bytes / 4)
+    and one token per event relayed (a body that is not a stream: its bytes / 4)."""
+    from inproc import Harness, chat_request
+
+    relayed, events = CUTS[cut]
+    h = Harness(keys=[KeySpec(name="k", key="sk-k", tpm=2000)])
+    backend, upstream = h.backend()
+    client, _ = h.client()
+    body = json.dumps({"model": "Qwen3-32B", "messages": ASK, "stream": True}).encode()
+    client.data_received(chat_request(body, extra=b"Authorization: Bearer sk-k\r\n"))
+    await h.turn()
+    forwarded = upstream.take()
+    sent = forwarded[forwarded.index(b"\r\n\r\n") + 4 :]  # with stream_options added
+    if relayed:
+        backend.data_received(relayed)
+    client.connection_lost(None)
+    await h.turn()
+    figures = h.router.metrics.key_counts()["k"]
+    completion = (len(relayed) - len(_WHOLE)) // 4 if relayed.startswith(_WHOLE) else events
+    assert (figures["prompt_tokens"], figures["completion_tokens"]) == (len(sent) // 4, completion)
+    assert h.router.limits.under_way("k") == 0
+    assert h.router.limits.counts["k"].tokens_full_at > 0  # taken from the bucket
+
+
+async def test_a_tpm_key_is_charged_its_usage_when_it_came_whole():
+    """The usage chunk arrived, then the client hung up before [DONE]: its usage is
+    the charge, not the estimate. Requests without a tpm key count nothing relayed."""
+    from inproc import Harness, chat_request
+
+    from lmproxy.proxy import Exchange, MeteredExchange
+
+    h = Harness(
+        keys=[KeySpec(name="k", key="sk-k", tpm=2000), KeySpec(name="r", key="sk-r", rpm=9)],
+        api_keys=["sk-plain"],
+    )
+    body = json.dumps({"model": "Qwen3-32B", "messages": ASK, "stream": True}).encode()
+    for key, kind in ((b"sk-r", Exchange), (b"sk-plain", Exchange), (b"sk-k", MeteredExchange)):
+        backend, _ = h.backend()
+        client, _ = h.client()
+        client.data_received(chat_request(body, extra=b"Authorization: Bearer %s\r\n" % key))
+        await h.turn()
+        assert type(client.exchange) is kind
+        backend.data_received(_STREAM_HEAD + _ROLE + _WORDS + _USAGE)
+        client.connection_lost(None)
+        await h.turn()
+    figures = h.router.metrics.key_counts()["k"]
+    assert (figures["prompt_tokens"], figures["completion_tokens"]) == (1234, 5)

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -917,3 +918,119 @@ async def test_a_tpm_key_is_charged_its_usage_when_it_came_whole():
         await h.turn()
     figures = h.router.metrics.key_counts()["k"]
     assert (figures["prompt_tokens"], figures["completion_tokens"]) == (1234, 5)
+
+
+# --- a "Redis" that answers the wrong type is not believed -----------------------------
+
+
+class AnswersOK:
+    """A server on loopback that reads Redis commands (RESP arrays) and answers each
+    with +OK, whatever it asked: the type every script reply and count is not."""
+
+    def __init__(self) -> None:
+        import socketserver
+
+        self.commands: list[bytes] = []
+        server = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                pending = b""
+                while True:
+                    data = self.request.recv(65536)
+                    if not data:
+                        return
+                    pending += data
+                    while (end := _resp_command_end(pending)) is not None:
+                        command, pending = pending[:end], pending[end:]
+                        server.commands.append(command.split(b"\r\n")[2].upper())
+                        self.request.sendall(b"+OK\r\n")
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _resp_command_end(data: bytes) -> int | None:
+    """Where the first whole command (``*N`` bulk strings) in ``data`` ends, if any."""
+    line_end = data.find(b"\r\n")
+    if line_end < 0:
+        return None
+    count, at = int(data[1:line_end]), line_end + 2
+    for _ in range(count):
+        line_end = data.find(b"\r\n", at)
+        if line_end < 0:
+            return None
+        at = line_end + 2 + int(data[at + 1 : line_end]) + 2
+        if at > len(data):
+            return None
+    return at
+
+
+def test_a_redis_that_answers_ok_to_everything_is_not_believed(keyed):
+    """Every keyed request used to get 429 "over its max_in_flight", counted under the
+    reason '79' (the byte O). Now the answers are checked: the router says once that
+    the server's answers are wrong, keeps the limits with its own counts (rpm 2: two
+    served, then 429 for rpm), and keeps probing without saying it again."""
+    _, start = keyed
+    fake = AnswersOK()
+    try:
+        # RESP2: a RESP3 client's HELLO, answered +OK, fails already as a handshake.
+        router = start("--redis-url", f"redis://127.0.0.1:{fake.port}/0?protocol=2")
+        assert [post(router.port, "sk-team-a").status for _ in range(3)] == [200, 200, 429]
+        small = {"model": "gpt-4o-mini", "messages": ASK}
+        assert post(router.port, "sk-narrow", small).status == 200
+        # Three heartbeats later (each runs a script, to which +OK is no answer) it has
+        # still said it once.
+        wait_until(lambda: fake.commands.count(b"SET") >= 3, 10, "three heartbeats")
+        assert router.output.count("answers as Redis does not") == 1, router.output
+        assert "shared again" not in router.output
+        text = router.get("/metrics", headers={"Authorization": "Bearer sk-plain"}).body.decode()
+        reasons = re.findall(r'lmproxy_key_rejected_total\{key="[^"]*",reason="([^"]*)"\}', text)
+        assert reasons == ["rpm"], reasons
+        assert set(reasons) <= KNOWN_REASONS
+    finally:
+        fake.stop()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"OK",
+        True,
+        79,
+        [b"rpm"],
+        [b"rpm", b"1", b"2"],
+        [b"79", b"0"],  # a limit no key has
+        [b"max_in_flight", b"1000"],  # one this key does not have
+        [b"rpm", b"-1"],
+        [b"rpm", b"nan"],
+        [b"rpm", b"inf"],
+        [b"rpm", b"soon"],
+        [b"rpm", b"1" * 33],
+        [b"rpm", 5],
+        [None, b"0"],
+    ],
+)
+def test_a_limit_check_reply_of_the_wrong_type_or_range_is_refused(reply):
+    from lmproxy.redis_limits import WrongAnswer, check_reply
+
+    with pytest.raises(WrongAnswer):
+        check_reply(reply, make_key(rpm=5, tpm=100))
+
+
+def test_a_limit_check_reply_as_the_script_makes_it_is_taken():
+    from lmproxy.redis_limits import check_ended, check_heartbeat, check_reply
+
+    key = make_key(rpm=5, tpm=100)
+    assert check_reply([b"", b"0"], key) == ("", 0.0)
+    assert check_reply([b"tpm", b"1500.5"], key) == ("tpm", 1500.5)
+    assert check_reply(["rpm", "12"], key) == ("rpm", 12.0)  # decode_responses in the URL
+    check_ended(1)
+    check_heartbeat([True, 1, 0, 1], 2)

@@ -1019,8 +1019,8 @@ class Journey:
         used: its usage if it came whole; else, for a tpm key, the estimate of what the
         backend was sent and what was relayed, wherever the cut came."""
         tokens = whole_usage_tokens(exchange.tail)
-        if tokens is None and isinstance(exchange, MeteredExchange):
-            tokens = exchange.estimate(route.body)
+        if tokens is None and exchange.status < 400 and isinstance(exchange, MeteredExchange):
+            tokens = exchange.estimate(route.body)  # an error answer costs nothing
         return tokens
 
     def _retry(self, failed: Service | None, error: ProxyError) -> None:

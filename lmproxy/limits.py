@@ -7,7 +7,9 @@ A request made with a ``[[keys]]`` key is checked here before it is routed:
   every 60/rpm seconds. ``tpm`` admits a request while the key's bucket still
   holds tokens; each response's ``usage`` is taken from it when the response
   ends, so one response may overdraw it, and the key then waits until the debt
-  is repaid.
+  is repaid. An answer that ends without its usage (the client hung up before
+  the usage chunk) is charged the router's estimate of it (``proxy.py``,
+  ``MeteredExchange``).
 - ``max_in_flight`` counts the key's requests under way.
 
 A bucket is one number, the moment it would be full again (the "theoretical
@@ -90,7 +92,8 @@ class Grant(Protocol):
     """An admitted request's hold on its key's limits."""
 
     def end(self, tokens: int) -> None:
-        """The request is over, having used ``tokens`` (0 when the answer had no usage)."""
+        """The request is over, having used ``tokens`` (its usage, or the router's
+        estimate of it; 0 when no backend had the request)."""
         ...
 
 

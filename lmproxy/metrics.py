@@ -56,6 +56,26 @@ def usage_tokens(tail: bytes) -> tuple[int, int] | None:
     )
 
 
+# A number followed by what ends it: not one the end of a cut read made shorter.
+_WHOLE_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)\s*[,}]')
+_WHOLE_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)\s*[,}]')
+
+
+def whole_usage_tokens(tail: bytes) -> tuple[int, int] | None:
+    """``usage_tokens`` of an answer cut short: only a usage object that came with both
+    its counts whole, not one whose bytes stop in it (a cut that falls in the usage
+    chunk would charge a prompt count cut to its first digits, and no completion)."""
+    start = tail.rfind(b'"usage"')
+    if start < 0:
+        return None
+    window = tail[start : start + 512]
+    prompt = _WHOLE_PROMPT.search(window)
+    completion = _WHOLE_COMPLETION.search(window)
+    if prompt is None or completion is None:
+        return None
+    return int(prompt.group(1)), int(completion.group(1))
+
+
 class _Histogram:
     """Bucket counts kept as plain ints: one bisect per observation (a prometheus_client
     Histogram takes a lock and walks its buckets in Python, several microseconds)."""

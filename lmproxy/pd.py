@@ -48,7 +48,7 @@ import msgspec
 from lmproxy import decode
 from lmproxy.admission import has_room
 from lmproxy.errors import Fault, ProxyError
-from lmproxy.proxy import Exchange, Journey, Outcome, _request_data
+from lmproxy.proxy import Exchange, Journey, Outcome, _request_data, prompt_estimate
 from lmproxy.request import COMPLETION_PATHS, RouteRequest
 from lmproxy.upstream import ConnectError, UpstreamConnection
 
@@ -590,6 +590,11 @@ class PDJourney(Journey):
         self._prefill_over(side)
         self._let_go(side.service)
         if self.mode == "vllm" and self.client.closing:
+            key = self.request.key
+            if self.grant is not None and key is not None and key.tpm:
+                route = self.route
+                assert route is not None
+                self._end_key(prompt_estimate(route.body))  # the prefill had the prompt
             self._log(side.service.name, 499, 0, 0.0)
 
     def _prefill_over(self, side: Prefill) -> None:

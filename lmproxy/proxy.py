@@ -42,7 +42,7 @@ from lmproxy.admission import has_room
 from lmproxy.config import fallback_chain
 from lmproxy.errors import Fault, ProxyError, sse_error_event
 from lmproxy.limits import UNLIMITED, Refusal
-from lmproxy.metrics import log_access, usage_tokens
+from lmproxy.metrics import log_access, usage_tokens, whole_usage_tokens
 from lmproxy.registry import LOGGED_SERVICES, name_models
 from lmproxy.request import (
     MODEL_PATHS,
@@ -151,6 +151,11 @@ def header_value(text: str) -> bytes:
 
 LARGE_BODY = 64 * 1024  # above this the body is written beside the head, not copied onto it
 TAIL_BYTES = 4096  # of a response kept for its usage object
+# A tpm key's answer that ends without usage is charged an estimate: its prompt at one
+# token per BYTES_PER_TOKEN of the request body (as sent), and one token per SSE event
+# relayed (an engine sends about one token per event), or for a body that is not a
+# stream, one per BYTES_PER_TOKEN of it.
+BYTES_PER_TOKEN = 4
 
 
 # Causes of crashed requests already logged with their traceback (see log_crash).
@@ -485,6 +490,45 @@ class Exchange:
             self.outcome = outcome
             # Not inline: this may run inside the backend parser's callbacks.
             self.loop.call_soon(self.journey.finish, self)
+
+
+class MeteredExchange(Exchange):
+    """The exchange of a request whose key has a ``tpm``: it also counts what it relays,
+    so that an answer that ends without its usage (the client hung up before the usage
+    chunk, the backend broke off, or never sends usage) is still charged. Only such
+    requests pay for the count: two C-speed scans of each read, never a parse."""
+
+    __slots__ = ("body_bytes", "events")
+
+    def __init__(
+        self,
+        journey: Journey,
+        conn: UpstreamConnection,
+        service: Service,
+        timeout_s: float,
+    ) -> None:
+        super().__init__(journey, conn, service, timeout_s)
+        self.body_bytes = 0
+        self.events = 0  # SSE events relayed: each starts a line with "data:"
+
+    def on_body(self, data: bytes) -> None:
+        self.body_bytes += len(data)
+        # A raw newline is never inside an event's JSON, so "\ndata:" starts an event
+        # (after the blank line before it, or a chunk-size line); a read may begin with one.
+        self.events += data.count(b"\ndata:") + data.startswith(b"data:")
+        Exchange.on_body(self, data)
+
+    def estimate(self, body: bytes) -> tuple[int, int]:
+        """(prompt, completion) tokens this answer to ``body`` cost, as far as can be
+        told without its usage."""
+        completion = self.events if self._sse else self.body_bytes // BYTES_PER_TOKEN
+        return prompt_estimate(body)[0], completion
+
+
+def prompt_estimate(body: bytes) -> tuple[int, int]:
+    """The tokens of a request whose backend had its prompt and relayed nothing: at
+    least one."""
+    return max(1, len(body) // BYTES_PER_TOKEN), 0
 
 
 def _route(router: ProxyHost, request: ClientRequest) -> RouteRequest:
@@ -923,7 +967,10 @@ class Journey:
         assert route is not None
         request = self.request
         router = self.router
-        exchange = Exchange(self, conn, service, router.config.request_timeout)
+        kind = Exchange
+        if self.grant is not None and request.key is not None and request.key.tpm:
+            kind = MeteredExchange  # only a key with a tpm pays for counting what it gets
+        exchange = kind(self, conn, service, router.config.request_timeout)
         self.client.exchange = exchange
         self.strategy.on_start(service, route)
         data = _request_data(service, request, route.body, self.forward_extra)
@@ -1036,6 +1083,13 @@ class Journey:
                 service, route.model, status, latency_s, exchange.ttfb_s, exchange.tail
             )
             if self.grant is not None:
+                # An answer without usage (or OpenAI's "usage": null alone) is estimated.
+                if (
+                    (tokens is None or tokens == (0, 0))
+                    and status < 400
+                    and isinstance(exchange, MeteredExchange)
+                ):
+                    tokens = exchange.estimate(route.body)
                 self._end_key(tokens)
             if self.span is not None:
                 self._end_span(service.name, status, exchange)
@@ -1060,7 +1114,7 @@ class Journey:
             return
         if outcome is Outcome.CLIENT_GONE:
             if self.grant is not None:
-                self._end_key(usage_tokens(exchange.tail))
+                self._end_key(self._cut_short(exchange, route))
             self._log(service.name, 499, exchange.bytes_out, exchange.ttfb_s)
             service.request_count += 1
             self.strategy.on_end(service, route, latency_s, True)
@@ -1081,8 +1135,17 @@ class Journey:
             registry.request_failed(service, exchange.reason)
         if outcome is Outcome.CUT:
             if self.grant is not None:
-                self._end_key(usage_tokens(exchange.tail))
+                self._end_key(self._cut_short(exchange, route))
             self._log(service.name, exchange.status, exchange.bytes_out, exchange.ttfb_s)
+
+    def _cut_short(self, exchange: Exchange, route: RouteRequest) -> tuple[int, int] | None:
+        """The tokens an answer cut short (the client hung up, the backend broke off)
+        used: its usage if it came whole; else, for a tpm key, the estimate of what the
+        backend was sent and what was relayed, wherever the cut came."""
+        tokens = whole_usage_tokens(exchange.tail)
+        if tokens is None and exchange.status < 400 and isinstance(exchange, MeteredExchange):
+            tokens = exchange.estimate(route.body)  # an error answer costs nothing
+        return tokens
 
     def _retry(self, failed: Service | None, error: ProxyError) -> None:
         """Try another service (any service, if ``failed`` is None), within --retries."""

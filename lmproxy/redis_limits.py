@@ -13,6 +13,13 @@ While Redis cannot be reached (refused, timed out, or any error), the process
 keeps the limits with its own counts (``LocalLimits``), says so once, and
 checks every ``PROBE_S`` whether Redis answers again. A request is ended
 where it was admitted.
+
+Every reply is checked for the type and range the command or script promises
+(:class:`WrongAnswer` otherwise): a server that answers something else (not
+Redis, a proxy in the way, a script that changed under us) is treated as one
+that cannot be reached, and nothing it said becomes a verdict, a wait or a
+metric's label. The heartbeat runs the end script as a no-op too, so that the
+probe succeeds only when the scripts answer as they should.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 from typing import Any
 
@@ -90,6 +98,75 @@ return 1
 """
 
 
+# What the check script answers as its first element: no limit, or the limit hit.
+_LIMITS = {b"": "", b"rpm": "rpm", b"tpm": "tpm", b"max_in_flight": "max_in_flight"}
+MAX_WAIT_BYTES = 32  # a wait is a Lua number's text; longer is not one
+SHOWN_BYTES = 80  # of a wrong answer, in the log line
+
+
+class WrongAnswer(Exception):
+    """Redis answered, but not what the command or script promises."""
+
+
+def _text(value: Any) -> bytes | None:
+    """A bulk string as bytes (``decode_responses`` in the URL makes it a str)."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    return None
+
+
+def _shown(reply: Any) -> str:
+    shown = repr(reply)
+    return shown if len(shown) <= SHOWN_BYTES else shown[:SHOWN_BYTES] + "..."
+
+
+def check_reply(reply: Any, key: Key) -> tuple[str, float]:
+    """The check script's ``[limit, wait_ms]``: the limit hit (one of the key's own, or
+    "" for none) and the wait, a finite number of milliseconds >= 0; anything else
+    raises :class:`WrongAnswer`."""
+    if not isinstance(reply, list) or len(reply) != 2:
+        raise WrongAnswer(f"the limit check answered {_shown(reply)}, not [limit, wait]")
+    name, wait = _text(reply[0]), _text(reply[1])
+    limit = _LIMITS.get(name) if name is not None else None
+    if limit is None or (limit and not getattr(key, limit)):
+        raise WrongAnswer(
+            f"the limit check answered the limit {_shown(reply[0])}, which key "
+            f"{key.name!r} does not have"
+        )
+    try:
+        if wait is None or len(wait) > MAX_WAIT_BYTES:
+            raise ValueError
+        wait_ms = float(wait)
+    except ValueError:
+        wait_ms = math.nan
+    if not (math.isfinite(wait_ms) and wait_ms >= 0):
+        raise WrongAnswer(
+            f"the limit check answered the wait {_shown(reply[1])}, not milliseconds >= 0"
+        )
+    return limit, wait_ms
+
+
+def check_ended(reply: Any) -> None:
+    """The end script answers 1."""
+    if type(reply) is not int or reply != 1:
+        raise WrongAnswer(f"the end of a request answered {_shown(reply)}, not 1")
+
+
+def check_heartbeat(replies: Any, counts: int) -> None:
+    """The heartbeat's pipeline: SET (True), ``counts`` HSET or HDEL (integers >= 0),
+    then the end script as a no-op (1)."""
+    if not isinstance(replies, list) or len(replies) != counts + 2:
+        raise WrongAnswer(f"the heartbeat answered {_shown(replies)}")
+    if replies[0] is not True:
+        raise WrongAnswer(f"the heartbeat's SET answered {_shown(replies[0])}, not OK")
+    for reply in replies[1:-1]:
+        if type(reply) is not int or reply < 0:
+            raise WrongAnswer(f"the heartbeat's count answered {_shown(reply)}, not a count")
+    check_ended(replies[-1])
+
+
 class RedisLimits:
     """Limits kept in Redis; this process's own counts while it cannot be reached."""
 
@@ -137,7 +214,7 @@ class RedisLimits:
     async def _ask(self, key: Key) -> Verdict:
         try:
             async with asyncio.timeout(TIMEOUT_S):
-                limit, wait_ms = await self._check(
+                reply = await self._check(
                     keys=self._keys(key),
                     args=[
                         key.rpm,
@@ -147,14 +224,14 @@ class RedisLimits:
                         f"{self.prefix}:replica:",
                     ],
                 )
-        except Exception as exc:  # any failure: count here, and say why
+            limit, wait_ms = check_reply(reply, key)
+        except Exception as exc:  # any failure, a wrong answer too: count here, say why
             self._lost(exc)
             if key.max_in_flight:  # Redis may have counted it: the heartbeat says not
                 self.under_way_here.setdefault(key.name, 0)
             return self.local.check(key)
         if limit:
-            name = limit.decode() if isinstance(limit, bytes) else str(limit)
-            return refusal(key, name, float(wait_ms) / 1000)
+            return refusal(key, limit, wait_ms / 1000)
         counted = key.max_in_flight > 0
         if counted:
             self.under_way_here[key.name] = self.under_way_here.get(key.name, 0) + 1
@@ -170,10 +247,11 @@ class RedisLimits:
     async def _finish(self, key: Key, tokens: int, counted: bool) -> None:
         try:
             async with asyncio.timeout(TIMEOUT_S):
-                await self._end(
+                reply = await self._end(
                     keys=self._keys(key),
                     args=[tokens, key.tpm, self.replica, "1" if counted else "0"],
                 )
+            check_ended(reply)
         except Exception as exc:
             self._lost(exc)
             # Redis's count of this request lapses with the heartbeat; its tokens are
@@ -192,6 +270,15 @@ class RedisLimits:
     def _lost(self, exc: BaseException) -> None:
         if self.reachable:
             self.reachable = False
+            if isinstance(exc, WrongAnswer):
+                log.warning(
+                    "key limits: the server at %s answers as Redis does not (%s); this "
+                    "router keeps the limits with its own counts until it answers right "
+                    "(is --redis-url a Redis or valkey?)",
+                    self.url,
+                    exc,
+                )
+                return
             log.warning(
                 "key limits: Redis at %s cannot be reached (%s); this router keeps the "
                 "limits with its own counts until it answers again",
@@ -222,13 +309,20 @@ class RedisLimits:
         pipe.set(self.heartbeat_key, b"1", px=HEARTBEAT_TTL_MS)
         # Every key this replica has counted, at none too: a field that drifted up
         # while none was under way is put right as well. (As many as there are keys.)
-        for name, count in self.under_way_here.items():
+        counts = list(self.under_way_here.items())
+        for name, count in counts:
             where = f"{self.prefix}:in_flight:{name}"
             if count > 0:
                 pipe.hset(where, self.replica, count)
             else:
                 pipe.hdel(where, self.replica)
-        await pipe.execute()
+        # The end script, ending nothing: Redis is back only when its scripts answer.
+        await self._end(
+            keys=[self.heartbeat_key, self.heartbeat_key],
+            args=[0, 0, self.replica, "0"],
+            client=pipe,
+        )
+        check_heartbeat(await pipe.execute(), len(counts))
 
     def under_way(self, name: str) -> int:
         """This replica's: on Redis's count, and on its own while Redis was lost."""

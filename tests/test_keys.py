@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -753,3 +754,283 @@ def test_every_grant_ends_whatever_the_clients_do(keyed, workers):
     wait_until(idle, 10, "the key's requests under way back to none")
     small = {"model": "gpt-4o-mini", "messages": ASK}
     assert post(router.port, "sk-narrow", small).status == 200
+
+
+# --- a tpm key is charged when its answer ends without usage -----------------------------
+
+
+CONTENT_DELTA = b'"delta":{"content":'  # the simulator's content events (not its role event)
+KNOWN_REASONS = {"rpm", "tpm", "max_in_flight", "shed", "model", "priority"}
+
+
+def hang_up_after(port: int, key: str, body: dict[str, Any], deltas: int) -> tuple[int, int]:
+    """Send a stream on a raw socket and close it as soon as ``deltas`` content events
+    have come (or at once, on any status but 200): (status, content events seen)."""
+    import socket
+
+    data = json.dumps(body).encode()
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+        b"Content-Type: application/json\r\nX-Mock-Fault: stall-mid-stream\r\n"
+        b"Content-Length: %d\r\n\r\n" % (key.encode(), len(data))
+    )
+    got = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head + data)
+        while got.count(CONTENT_DELTA) < deltas:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            got += piece
+            if len(got) >= 12 and not got.startswith(b"HTTP/1.1 200"):
+                break
+    return int(got[9:12]), got.count(CONTENT_DELTA)
+
+
+def key_figures(router: Router, name: str) -> dict[str, Any]:
+    stats = router.get("/stats", headers={"Authorization": "Bearer sk-plain"}).json()
+    return stats["keys"][name]
+
+
+BUDGET_KEY = """
+[[keys]]
+name = "budget"
+key = "sk-budget"
+tpm = 2000
+"""
+
+
+@pytest.mark.parametrize("keeper", ["one process", "workers", "redis"])
+def test_streams_whose_clients_hang_up_before_their_usage_are_charged(keyed, keeper, request):
+    """tpm = 2000: twenty streams of 200 content events each, whose clients hang up
+    right after the last one (the backend then stalls: its usage chunk never comes).
+    Each is charged what was relayed (an event a token, and its prompt), so the key
+    runs out of tokens and the later ones get 429, whoever keeps the counts."""
+    _, start = keyed
+    args = {
+        "one process": [],
+        "workers": ["--workers", "2"],
+        "redis": ["--redis-url", request.getfixturevalue("redis_server").url],
+    }[keeper]
+    router = start(*args, extra=BUDGET_KEY)
+    body = {"model": "Qwen3-32B", "messages": ASK, "stream": True, "max_tokens": 400}
+    results = [hang_up_after(router.port, "sk-budget", body, 200) for _ in range(20)]
+    served = [seen for status, seen in results if status == 200]
+    assert all(seen == 200 for seen in served), results  # the stall: 400 // 2 events
+    refused = [status for status, _ in results if status == 429]
+    assert results[0][0] == 200 and refused and len(served) + len(refused) == 20, results
+    assert len(served) <= 10, results  # about 230 tokens each, against 2000 a minute
+    over = post(router.port, "sk-budget")
+    assert over.status == 429 and "2000 tokens per minute" in over.json()["error"]
+    # Charged one token per event relayed (the role's and 200 content events) and the
+    # prompt's estimate, for every stream that was served.
+    figures = wait_until(
+        lambda: (
+            (f := key_figures(router, "budget"))["completion_tokens"] >= 200 * len(served) and f
+        ),
+        5,
+        "the charges in /stats",
+    )
+    assert figures["completion_tokens"] <= 202 * len(served), figures
+    assert figures["prompt_tokens"] >= 20 * len(served), figures
+    assert figures["prompt_tokens"] + figures["completion_tokens"] >= 2000, figures
+    assert metric(router, 'lmproxy_key_rejected_total{key="budget",reason="tpm"}')
+
+
+def _sse_event(payload: dict[str, Any]) -> bytes:
+    event = b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(event), event)
+
+
+_STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+_ROLE = _sse_event({"choices": [{"delta": {"role": "assistant", "content": ""}}]})
+_WORDS = b"".join(_sse_event({"choices": [{"delta": {"content": "w "}}]}) for _ in range(5))
+_USAGE = _sse_event(
+    {"choices": [], "usage": {"prompt_tokens": 1234, "completion_tokens": 5, "total_tokens": 1239}}
+)
+_ANSWER = json.dumps({"choices": [{"message": {"content": "x" * 400}}]}).encode()
+_WHOLE = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(
+    _ANSWER
+)
+
+
+_CUT_USAGE = _USAGE[: _USAGE.index(b"1234") + 1]  # its prompt count arrived as "1"
+# Where the client hangs up: what of the answer was relayed, and the events in it.
+CUTS = {
+    "before the answer": (b"", 0),
+    "after the head": (_STREAM_HEAD, 0),
+    "mid-stream": (_STREAM_HEAD + _ROLE + _WORDS[: len(_WORDS) // 2], 4),  # 3rd word cut
+    "after the last content event": (_STREAM_HEAD + _ROLE + _WORDS, 6),
+    "in the usage chunk": (_STREAM_HEAD + _ROLE + _WORDS + _CUT_USAGE, 7),
+    "in an answer that is not a stream": (_WHOLE + _ANSWER[:200], 0),
+}
+
+
+@pytest.mark.parametrize("cut", list(CUTS))
+async def test_a_tpm_key_is_charged_wherever_its_client_hangs_up(cut):
+    """In process, byte by byte: the client of a tpm key hangs up with ``relayed`` of
+    the answer sent; the key is charged its prompt's estimate (the body's bytes / 4)
+    and one token per event relayed (a body that is not a stream: its bytes / 4)."""
+    from inproc import Harness, chat_request
+
+    relayed, events = CUTS[cut]
+    h = Harness(keys=[KeySpec(name="k", key="sk-k", tpm=2000)])
+    backend, upstream = h.backend()
+    client, _ = h.client()
+    body = json.dumps({"model": "Qwen3-32B", "messages": ASK, "stream": True}).encode()
+    client.data_received(chat_request(body, extra=b"Authorization: Bearer sk-k\r\n"))
+    await h.turn()
+    forwarded = upstream.take()
+    sent = forwarded[forwarded.index(b"\r\n\r\n") + 4 :]  # with stream_options added
+    if relayed:
+        backend.data_received(relayed)
+    client.connection_lost(None)
+    await h.turn()
+    figures = h.router.metrics.key_counts()["k"]
+    completion = (len(relayed) - len(_WHOLE)) // 4 if relayed.startswith(_WHOLE) else events
+    assert (figures["prompt_tokens"], figures["completion_tokens"]) == (len(sent) // 4, completion)
+    assert h.router.limits.under_way("k") == 0
+    assert h.router.limits.counts["k"].tokens_full_at > 0  # taken from the bucket
+
+
+async def test_a_tpm_key_is_charged_its_usage_when_it_came_whole():
+    """The usage chunk arrived, then the client hung up before [DONE]: its usage is
+    the charge, not the estimate. Requests without a tpm key count nothing relayed."""
+    from inproc import Harness, chat_request
+
+    from lmproxy.proxy import Exchange, MeteredExchange
+
+    h = Harness(
+        keys=[KeySpec(name="k", key="sk-k", tpm=2000), KeySpec(name="r", key="sk-r", rpm=9)],
+        api_keys=["sk-plain"],
+    )
+    body = json.dumps({"model": "Qwen3-32B", "messages": ASK, "stream": True}).encode()
+    for key, kind in ((b"sk-r", Exchange), (b"sk-plain", Exchange), (b"sk-k", MeteredExchange)):
+        backend, _ = h.backend()
+        client, _ = h.client()
+        client.data_received(chat_request(body, extra=b"Authorization: Bearer %s\r\n" % key))
+        await h.turn()
+        assert type(client.exchange) is kind
+        backend.data_received(_STREAM_HEAD + _ROLE + _WORDS + _USAGE)
+        client.connection_lost(None)
+        await h.turn()
+    figures = h.router.metrics.key_counts()["k"]
+    assert (figures["prompt_tokens"], figures["completion_tokens"]) == (1234, 5)
+
+
+# --- a "Redis" that answers the wrong type is not believed -----------------------------
+
+
+class AnswersOK:
+    """A server on loopback that reads Redis commands (RESP arrays) and answers each
+    with +OK, whatever it asked: the type every script reply and count is not."""
+
+    def __init__(self) -> None:
+        import socketserver
+
+        self.commands: list[bytes] = []
+        server = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                pending = b""
+                while True:
+                    data = self.request.recv(65536)
+                    if not data:
+                        return
+                    pending += data
+                    while (end := _resp_command_end(pending)) is not None:
+                        command, pending = pending[:end], pending[end:]
+                        server.commands.append(command.split(b"\r\n")[2].upper())
+                        self.request.sendall(b"+OK\r\n")
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _resp_command_end(data: bytes) -> int | None:
+    """Where the first whole command (``*N`` bulk strings) in ``data`` ends, if any."""
+    line_end = data.find(b"\r\n")
+    if line_end < 0:
+        return None
+    count, at = int(data[1:line_end]), line_end + 2
+    for _ in range(count):
+        line_end = data.find(b"\r\n", at)
+        if line_end < 0:
+            return None
+        at = line_end + 2 + int(data[at + 1 : line_end]) + 2
+        if at > len(data):
+            return None
+    return at
+
+
+def test_a_redis_that_answers_ok_to_everything_is_not_believed(keyed):
+    """Every keyed request used to get 429 "over its max_in_flight", counted under the
+    reason '79' (the byte O). Now the answers are checked: the router says once that
+    the server's answers are wrong, keeps the limits with its own counts (rpm 2: two
+    served, then 429 for rpm), and keeps probing without saying it again."""
+    _, start = keyed
+    fake = AnswersOK()
+    try:
+        # RESP2: a RESP3 client's HELLO, answered +OK, fails already as a handshake.
+        router = start("--redis-url", f"redis://127.0.0.1:{fake.port}/0?protocol=2")
+        assert [post(router.port, "sk-team-a").status for _ in range(3)] == [200, 200, 429]
+        small = {"model": "gpt-4o-mini", "messages": ASK}
+        assert post(router.port, "sk-narrow", small).status == 200
+        # Three heartbeats later (each runs a script, to which +OK is no answer) it has
+        # still said it once.
+        wait_until(lambda: fake.commands.count(b"SET") >= 3, 10, "three heartbeats")
+        assert router.output.count("answers as Redis does not") == 1, router.output
+        assert "shared again" not in router.output
+        text = router.get("/metrics", headers={"Authorization": "Bearer sk-plain"}).body.decode()
+        reasons = re.findall(r'lmproxy_key_rejected_total\{key="[^"]*",reason="([^"]*)"\}', text)
+        assert reasons == ["rpm"], reasons
+        assert set(reasons) <= KNOWN_REASONS
+    finally:
+        fake.stop()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"OK",
+        True,
+        79,
+        [b"rpm"],
+        [b"rpm", b"1", b"2"],
+        [b"79", b"0"],  # a limit no key has
+        [b"max_in_flight", b"1000"],  # one this key does not have
+        [b"rpm", b"-1"],
+        [b"rpm", b"nan"],
+        [b"rpm", b"inf"],
+        [b"rpm", b"soon"],
+        [b"rpm", b"1" * 33],
+        [b"rpm", 5],
+        [None, b"0"],
+    ],
+)
+def test_a_limit_check_reply_of_the_wrong_type_or_range_is_refused(reply):
+    from lmproxy.redis_limits import WrongAnswer, check_reply
+
+    with pytest.raises(WrongAnswer):
+        check_reply(reply, make_key(rpm=5, tpm=100))
+
+
+def test_a_limit_check_reply_as_the_script_makes_it_is_taken():
+    from lmproxy.redis_limits import check_ended, check_heartbeat, check_reply
+
+    key = make_key(rpm=5, tpm=100)
+    assert check_reply([b"", b"0"], key) == ("", 0.0)
+    assert check_reply([b"tpm", b"1500.5"], key) == ("tpm", 1500.5)
+    assert check_reply(["rpm", "12"], key) == ("rpm", 12.0)  # decode_responses in the URL
+    check_ended(1)
+    check_heartbeat([True, 1, 0, 1], 2)

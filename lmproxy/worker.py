@@ -75,6 +75,7 @@ class SupervisorLink:
         self.stop = asyncio.Event()
         self._others: dict[str, int] = {}
         self._reported: dict[str, int] = {}
+        self._share_failed: set[str] = set()  # strategies whose share() raised (logged once)
         self._early: list[Message] = []  # arrived before the router existed
 
     # --- from the supervisor ---------------------------------------------------------
@@ -159,7 +160,13 @@ class SupervisorLink:
                 self.channel.send({"op": "inflight", "counts": counts})
             learnt = {}
             for name, strategy in self._sharing():
-                updates = strategy.share()
+                try:
+                    updates = strategy.share()
+                except Exception:  # a plugin's bug must not end the sharing of the others
+                    if name not in self._share_failed:
+                        self._share_failed.add(name)
+                        log.exception("strategy of model %r failed sharing its state", name)
+                    continue
                 if updates:
                     learnt[name] = updates
             if learnt:

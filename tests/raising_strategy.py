@@ -5,7 +5,7 @@ use to inject an exception at each point where the router calls a strategy (load
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from strategies import BaseStrategy, Option
 
@@ -19,8 +19,11 @@ class PluginBug(Exception):
 
 
 class Raising(BaseStrategy):
-    """First candidate; ``raise_in`` (choose, on_start, on_first_byte, on_end) raises
-    for the first ``times`` calls of that method, then behaves."""
+    """First candidate; ``raise_in`` (choose, on_start, on_first_byte, on_end, share)
+    raises for the first ``times`` calls of that method, then behaves. It shares its
+    (empty) state with the other workers, so ``--workers`` calls ``share``."""
+
+    sharing = False
 
     OPTIONS: ClassVar[dict[str, Option]] = {
         "raise_in": Option(str, "", "the method that raises"),
@@ -48,3 +51,10 @@ class Raising(BaseStrategy):
 
     def on_end(self, service: Service, request: RouteRequest, latency_s: float, ok: bool) -> None:
         self._maybe_raise("on_end")
+
+    def share(self) -> list[Any]:
+        self._maybe_raise("share")
+        return []
+
+    def absorb(self, updates: list[Any]) -> None:
+        pass

@@ -10,8 +10,10 @@ from __future__ import annotations
 import http.server
 import json
 import logging
+import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -168,6 +170,7 @@ async def test_a_strategy_raising_after_a_complete_answer_leaves_the_answer_whol
 
 # --- a vLLM prefill answering kv_transfer_params 1,000 levels deep -------------------------
 
+HERE = Path(__file__).resolve().parent  # the plugin's module, for a process
 MODEL = "Qwen3-32B"
 DEEP = 1000
 KEYS = '[[keys]]\nname = "k"\nkey = "sk-k"\nmax_in_flight = 2\n'
@@ -274,3 +277,25 @@ def test_a_prefill_nesting_its_answer_too_deep_alone_gets_the_client_a_502(
         assert "nested more than 64 levels" in error, error
     assert_idle(router)
     assert "RecursionError" not in router.output and "Traceback" not in router.output
+
+
+def test_a_strategy_whose_share_raises_is_logged_once_and_the_worker_goes_on(spawn):
+    """With --workers, each worker asks its strategies what they learnt every 0.1 s;
+    a plugin raising there ended that loop silently (and with it the worker's in-flight
+    reports). It is logged once, and the loop, and the worker, go on."""
+    backend = spawn(Mock, "a", [MODEL])
+    router = spawn(
+        Router, "--backend", backend.backend_arg(), "--workers", "2",
+        "--strategy", "raising_strategy:Raising",
+        "--strategy-opt", "raise_in=share", "--strategy-opt", "times=3",
+        env={"PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])},
+    )  # fmt: skip
+    router.wait_healthy(1)
+    wait_until(
+        lambda: router.output.count("failed sharing its state") >= 2, 10, "each worker's line"
+    )
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    for _ in range(10):
+        assert request(router.port, "POST", "/v1/chat/completions", body, timeout=10).status == 200
+    # Three raises in each worker, one line each: logged once per cause, not per raise.
+    assert router.output.count("failed sharing its state") == 2, router.output

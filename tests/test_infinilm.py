@@ -410,3 +410,95 @@ def test_docs_give_each_babysitter_its_own_registry_flag():
     assert "`--registry-url http://router:8000` for its Rust babysitter" in text
     config = (ROOT / "docs" / "configuration.md").read_text()
     assert "`enhanced_babysitter.py` takes the registry as\n  `--registry URL`" in config
+
+
+def _services(*kinds: str) -> list:
+    from lmproxy.config import ServiceSpec
+    from lmproxy.registry import Service
+
+    return [
+        Service(ServiceSpec(url=f"http://127.0.0.1:{9000 + i}", metadata={"cache_type": kind}))
+        for i, kind in enumerate(kinds)
+    ]
+
+
+def _route(body: dict):
+    from lmproxy.request import RouteRequest, decode_head
+
+    raw = json.dumps(body).encode()
+    return RouteRequest(b"/v1/chat/completions", "m", decode_head(b"/v1/x", raw), raw, [])
+
+
+def test_size_rule_edges_as_infini_router_draws_them():
+    """Over the threshold, not at it (its `message_size > threshold`); the side with no
+    service falls back to all; a body it cannot measure, and a fleet with no static
+    service, are left to the strategy."""
+    from strategies.size import by_cache_type
+
+    paged, static, plain = _services("paged", "static", "")
+    both = [paged, static, plain]
+    at = _route({"messages": [{"role": "user", "content": "é" * 50}]})  # 100 bytes of UTF-8
+    assert by_cache_type(both, at, 100) == [paged, plain]
+    assert by_cache_type(both, at, 99) == [static]
+    assert by_cache_type([paged, plain], at, 99) == [paged, plain]  # no static: unchanged
+    assert by_cache_type([static], _route({"messages": HELLO}), 99) == [static]  # fallback
+    ids = _route({"prompt": list(range(100))})  # token ids: infini-router cannot read them
+    assert by_cache_type(both, ids, 10) == both
+    listed = _route({"prompt": ["ab" * 30, "c" * 50]})  # 110 bytes over two prompts
+    assert by_cache_type(both, listed, 100) == [static]
+    assert by_cache_type(both, _route({"input": "x" * 500}), 100) == [paged, plain]  # counts 0
+
+
+def test_threshold_from_infini_routers_environment_variable(monkeypatch):
+    import pytest
+
+    from lmproxy.config import ConfigError, build_config
+
+    monkeypatch.setenv("CACHE_TYPE_ROUTING_THRESHOLD", "1000")
+    assert build_config({}, {}).cache_type_routing_threshold == 1000
+    flag = build_config({}, {"cache_type_routing_threshold": 5})
+    assert flag.cache_type_routing_threshold == 5  # the flag wins
+    monkeypatch.setenv("CACHE_TYPE_ROUTING_THRESHOLD", "50KB")
+    with pytest.raises(ConfigError, match="CACHE_TYPE_ROUTING_THRESHOLD"):
+        build_config({}, {})
+    monkeypatch.delenv("CACHE_TYPE_ROUTING_THRESHOLD")
+    assert build_config({}, {}).cache_type_routing_threshold == 51200
+
+
+def test_error_settings_reach_prebuilt_answers_and_stream_events():
+    """configure() runs before the gate builds its answers once; the stream's error
+    event takes the shape too; the statuses are InfiniLM's only under --compat."""
+    from lmproxy import errors
+    from lmproxy.accept import Gate
+    from lmproxy.errors import Fault
+
+    try:
+        errors.configure("infinilm", "openai")
+        assert (Fault.BACKEND_UNREACHABLE.status, Fault.MODEL_NOT_FOUND.status) == (503, 503)
+        assert Fault.BACKEND_CLOSED.status == 502 and Fault.BACKEND_TIMEOUT.status == 504
+        refusal = Gate(4, 0, 0).at_limit
+        head, _, body = refusal.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503")
+        error = json.loads(body)["error"]
+        assert (error["code"], error["type"]) == ("at_connection_limit", "server_error")
+        event = json.loads(errors.sse_error_event("cut")[len(b"data: ") :])
+        assert event["error"]["message"] == "cut" and event["error"]["code"] == "backend_broken"
+    finally:
+        errors.configure()
+    assert (Fault.BACKEND_UNREACHABLE.status, Fault.MODEL_NOT_FOUND.status) == (502, 404)
+    assert json.loads(errors.sse_error_event("cut")[len(b"data: ") :]) == {"error": "cut"}
+
+
+def test_metadata_kept_is_bounded():
+    from lmproxy.config import MAX_METADATA, spec_from_entry
+    from lmproxy.errors import encode_json
+
+    small = {"type": "openai-api", "models": ["m"], "cache_type": "static"}
+    entry = {"name": "a", "host": "127.0.0.1", "port": 9, "metadata": small}
+    assert spec_from_entry(entry).metadata == small
+    cards = [{"id": f"m{i}", "object": "model", "owned_by": "x" * 100} for i in range(500)]
+    big = {**small, "models_list": cards, "note": "n" * 300}
+    spec = spec_from_entry({**entry, "metadata": big})
+    assert len(spec.models) == 501  # the models are all taken
+    assert spec.metadata == {"type": "openai-api", "cache_type": "static"}
+    assert len(encode_json(spec.metadata)) <= MAX_METADATA

@@ -502,3 +502,15 @@ def test_metadata_kept_is_bounded():
     assert len(spec.models) == 501  # the models are all taken
     assert spec.metadata == {"type": "openai-api", "cache_type": "static"}
     assert len(encode_json(spec.metadata)) <= MAX_METADATA
+
+
+def test_services_counts_are_the_whole_routers_with_workers(spawn):
+    """With --workers the supervisor answers /services: its counts are gathered from the
+    workers first, as for /stats (InfiniLM's /services carries them)."""
+    server = spawn(Mock, "srv", ["m"])
+    router = router_over(spawn, [server], "--workers", "2")
+    for _ in range(4):
+        assert router.post("/v1/chat/completions", {"model": "m", "messages": HELLO}).status == 200
+    (entry,) = router.get("/services").json()["services"]
+    assert entry["request_count"] == 4 and entry["error_count"] == 0
+    assert entry["response_time"] > 0

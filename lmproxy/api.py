@@ -1,11 +1,13 @@
 """The router's own endpoints: /health, /readiness, /liveness, /models, /services, /stats.
 
 Each handler returns (status, JSON-able payload) from the registry's state; the
-shapes are those of the InfiniLM-SVC router's API document, with additions
-(``in_flight``, ``last_check``) that only add keys. ``/health`` answers 200 while
-the router runs, as the InfiniLM routers' does (their launch scripts wait on it
-before any service exists); ``/readiness`` and ``/liveness`` are the Rust routers'
-probes for load balancers and Kubernetes.
+shapes are those of the InfiniLM-SVC router's API document, with the fields its
+routers' code adds (``registry_url``, ``message``; per service ``host``, ``port``,
+``babysitter_url``, ``metadata``; ``last_check`` in epoch seconds, as both give it)
+and lmproxy's own (``in_flight``, ``last_error``...), which only add keys.
+``/health`` answers 200 while the router runs, as the InfiniLM routers' does (their
+launch scripts wait on it before any service exists); ``/readiness`` and
+``/liveness`` are the Rust routers' probes for load balancers and Kubernetes.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from lmproxy.errors import Fault, error_payload
-from lmproxy.logs import iso_time
-from lmproxy.registry import kept_entry, name_models, service_entry
+from lmproxy.logs import iso_time, masked_url
+from lmproxy.registry import babysitter_url, kept_entry, name_models, service_entry
 
 if TYPE_CHECKING:
     from lmproxy.protocols import RouterState
@@ -33,9 +35,17 @@ def health(router: RouterState) -> Payload:
         "status": "healthy" if healthy else "unhealthy",
         "router": "stopping" if router.draining else "running",
         "healthy_services": f"{healthy}/{total}",
+        "registry_url": registry_url(router),
+        "message": None if healthy else "No healthy services available",
         "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     return 200, body
+
+
+def registry_url(router: RouterState) -> str | None:
+    """The registry followed (--registry-url), as the InfiniLM routers list it."""
+    url = router.config.registry_url
+    return masked_url(url) if url else None
 
 
 def readiness(router: RouterState) -> Payload:
@@ -109,7 +119,7 @@ def services(router: RouterState) -> Payload:
     registry = router.registry
     listed = [service_entry(s) for s in registry.services.values()]
     listed += [kept_entry(e) for e in registry.entries.values()]
-    return 200, {"services": listed, "total": len(listed)}
+    return 200, {"services": listed, "total": len(listed), "registry_url": registry_url(router)}
 
 
 def engine_figures(service: Service) -> dict[str, Any] | None:
@@ -135,13 +145,20 @@ def stats(router: RouterState) -> Payload:
     listed = [
         {
             "name": s.name,
+            "host": s.host,
+            "port": s.port,
+            "url": masked_url(s.url),
+            "babysitter_url": babysitter_url(s),
             "healthy": s.healthy,
             "request_count": s.request_count,
             "error_count": s.error_count,
             "response_time": round(s.mean_latency_s, 6),
+            "weight": s.weight,
+            "metadata": s.spec.metadata,
             "in_flight": s.in_flight,
             "max_in_flight": s.spec.max_in_flight,
-            "last_check": iso_time(s.last_check),
+            # Epoch seconds, 0 before the first check: what both InfiniLM routers give.
+            "last_check": round(s.last_check, 3) if s.last_check is not None else 0,
             "last_error": s.last_error or None,
             "last_error_at": iso_time(s.last_error_at),
             "engine": engine_figures(s),
@@ -152,6 +169,7 @@ def stats(router: RouterState) -> Payload:
     payload = {
         "total_services": len(listed),
         "healthy_services": len(registry.healthy()),
+        "registry_url": registry_url(router),
         "queue_length": router.queue_length,
         "connections": router.connection_figures(),
         "services": listed,

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Protocol
 from urllib.parse import unquote
 
 import strategies
-from lmproxy import api, tls, tracing
+from lmproxy import api, errors, tls, tracing
 from lmproxy.accept import Gate, Handshake, connection_limit, tls_protocol_for
 from lmproxy.admission import AdmissionQueue
 from lmproxy.config import Config, ConfigError
@@ -94,6 +94,8 @@ class Router:
     """
 
     def __init__(self, config: Config, link: Link | None = None) -> None:
+        # First: some error answers are built once, here and in the gate.
+        errors.configure(config.compat, config.error_format)
         self.config = config
         self.loop = asyncio.get_running_loop()
         self.link = link
@@ -692,6 +694,8 @@ RESTART_ONLY = (
     "otel_sample_ratio",
     "redis_url",  # the Redis client and its heartbeat are made once
     "redis_prefix",
+    "compat",  # statuses and error bodies some answers have prebuilt
+    "error_format",
 )
 LOOP_MESSAGE = (
     "routing loop: this request already passed through this router (its Via header names "

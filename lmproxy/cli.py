@@ -20,6 +20,7 @@ from lmproxy.config import (
     parse_backend,
     parse_prefill,
 )
+from lmproxy.errors import COMPAT, ERROR_FORMATS
 
 DEFAULTS = Config()
 
@@ -231,6 +232,37 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="S",
         help=f"seconds between registry polls (default: {d.registry_sync_interval:g})",
+    )
+    g = parser.add_argument_group("InfiniLM-SVC compatibility")
+    g.add_argument(
+        "--compat",
+        choices=COMPAT,
+        help=(
+            "infinilm: answer with the InfiniLM routers' statuses where lmproxy's differ: "
+            "503, not 502, for a backend that refuses connections, and 503, not 404, for a "
+            "model no service lists (InfiniLM's clients retry on 503) (default: none)"
+        ),
+    )
+    g.add_argument(
+        "--error-format",
+        choices=ERROR_FORMATS,
+        help=(
+            'shape of the router\'s own errors: plain {"error": "message"}, as the InfiniLM '
+            'API document gives it, or openai {"error": {"message", "type", "param", "code"}}, '
+            "whose message and code the OpenAI SDKs and litellm show (default: plain)"
+        ),
+    )
+    g.add_argument(
+        "--cache-type-routing-threshold",
+        type=parse_size,
+        metavar="SIZE",
+        help=(
+            "infini-router's size-based routing: a request whose prompt text is over SIZE "
+            "bytes goes to the model's services whose metadata.cache_type is static, the "
+            "rest to its other services; on only while some service is static. Also the "
+            "CACHE_TYPE_ROUTING_THRESHOLD environment variable, as infini-router reads it "
+            f"(default: {d.cache_type_routing_threshold} = 50 KiB)"
+        ),
     )
     g.add_argument(
         "--discover",

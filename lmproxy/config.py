@@ -17,6 +17,7 @@ from urllib.parse import SplitResult, urlsplit
 import msgspec
 
 from lmproxy import decode
+from lmproxy.errors import COMPAT, ERROR_FORMATS, encode_json
 
 MiB = 1024 * 1024
 # A worker heartbeats four times per --worker-timeout, at most once a second: a shorter
@@ -31,6 +32,11 @@ _PATH = re.compile(r"/[\x21-\x7e]{0,1023}\Z")
 _SHA256 = re.compile(r"[0-9A-Fa-f]{64}\Z")
 _HOST = re.compile(r"[A-Za-z0-9._:%-]{1,255}\Z")
 V1 = "/v1"  # dropped from the end of a service URL (see ServiceSpec.path_prefix)
+# infini-router's default for size-based routing (its CACHE_TYPE_ROUTING_THRESHOLD).
+CACHE_TYPE_ROUTING_THRESHOLD = 51200
+THRESHOLD_ENV = "CACHE_TYPE_ROUTING_THRESHOLD"
+# A registration's metadata the router keeps (and lists) at most, in bytes of JSON.
+MAX_METADATA = 16 * 1024
 
 
 class ConfigError(Exception):
@@ -80,6 +86,9 @@ class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
     # requests, as ever). A prefill's bootstrap_port is where SGLang decodes fetch its KV.
     role: str = "both"
     bootstrap_port: int | None = None
+    # An InfiniLM registration's metadata, listed as it came (within MAX_METADATA);
+    # its cache_type ("static" or "paged") takes part in routing (strategies/size.py).
+    metadata: dict[str, Any] = {}
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -262,6 +271,13 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     registration_ttl: float = 0.0  # 0: registrations never expire by themselves
     registry_url: str | None = None
     registry_sync_interval: float = 10.0
+    # InfiniLM-SVC: its routers' statuses ("infinilm") or lmproxy's ("none"); the shape
+    # of the router's own errors ("plain": {"error": "text"}; "openai": OpenAI's object).
+    compat: str = "none"
+    error_format: str = "plain"
+    # infini-router's size-based routing: a prompt of more bytes goes to a service whose
+    # metadata.cache_type is "static", if the model has one; also CACHE_TYPE_ROUTING_THRESHOLD.
+    cache_type_routing_threshold: int = CACHE_TYPE_ROUTING_THRESHOLD
     # DNS discovery (discovery.py): dns://NAME:PORT and srv://_service._proto.NAME.
     discover: list[str] = []
     discover_interval: float = 10.0
@@ -342,6 +358,15 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ConfigError(
                 f"--worker-timeout must be 0 (off) or at least {MIN_WORKER_TIMEOUT_S:g} "
                 f"seconds, got {self.worker_timeout:g}"
+            )
+        if self.compat not in COMPAT:
+            raise ConfigError(f"--compat must be none or infinilm, got {self.compat!r}")
+        if self.error_format not in ERROR_FORMATS:
+            raise ConfigError(f"--error-format must be plain or openai, got {self.error_format!r}")
+        if self.cache_type_routing_threshold < 0:
+            raise ConfigError(
+                "--cache-type-routing-threshold must be >= 0 bytes, got "
+                f"{self.cache_type_routing_threshold}"
             )
         if self.access_log not in ("off", "text", "json"):
             raise ConfigError(f"--access-log must be off, text or json, got {self.access_log!r}")
@@ -716,6 +741,14 @@ def build_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> Con
     config.services = [*config.services, *cli_services]
     if config.static_services:
         config.services.extend(load_static_services(config.static_services))
+    threshold = os.environ.get(THRESHOLD_ENV)
+    if threshold is not None and "cache_type_routing_threshold" not in merged:
+        # infini-router's setting, read as it reads it; the flag or the file wins.
+        if not threshold.strip().isdigit():
+            raise ConfigError(
+                f"{THRESHOLD_ENV}={threshold!r} must be a number of bytes (e.g. 51200)"
+            )
+        config.cache_type_routing_threshold = int(threshold)
     env_keys = os.environ.get("LMPROXY_API_KEYS", "")
     config.api_keys = [*config.api_keys, *(k.strip() for k in env_keys.split(",") if k.strip())]
     if config.admin_token is None and os.environ.get("LMPROXY_ADMIN_TOKEN"):
@@ -801,6 +834,27 @@ def entry_url(url: str | None, host: str | None, port: int | None) -> str:
     raise ConfigError("needs host and port, or url")
 
 
+def kept_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """What the router keeps of a registration's metadata: all of it within MAX_METADATA
+    bytes of JSON; past that, its scalar fields (type, cache_type, ...), which routing
+    and listings read. The bulk of a large one is ``models_list``, taken as models."""
+    if len(encode_json(metadata)) <= MAX_METADATA:
+        return metadata
+    scalars = {
+        k: v
+        for k, v in metadata.items()
+        if isinstance(v, bool | int | float | None) or (isinstance(v, str) and len(v) <= 256)
+    }
+    kept: dict[str, Any] = {}
+    size = 2
+    for key, value in scalars.items():
+        size += len(encode_json({key: value}))
+        if size > MAX_METADATA:
+            break
+        kept[key] = value
+    return kept
+
+
 def spec_from_entry(item: Any) -> ServiceSpec | None:
     """One service in the InfiniLM-SVC format (static files, its registry, registrations);
     None for an entry of another ``metadata.type``, which the InfiniLM router skips too."""
@@ -826,6 +880,7 @@ def spec_from_entry(item: Any) -> ServiceSpec | None:
     ]
     models.extend(card.id for card in cards)
     models.extend(entry.models or [])
+    raw = item.get("metadata") if isinstance(item, dict) else None
     try:
         return ServiceSpec(
             url=url,
@@ -837,6 +892,7 @@ def spec_from_entry(item: Any) -> ServiceSpec | None:
             model_cards=cards,
             role=entry.role or meta.role or "both",
             bootstrap_port=entry.bootstrap_port or meta.bootstrap_port,
+            metadata=kept_metadata(raw) if isinstance(raw, dict) else {},
         )
     except msgspec.ValidationError as exc:
         raise ConfigError(str(exc)) from None

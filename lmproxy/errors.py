@@ -4,12 +4,21 @@ Every error the router answers itself names a :class:`Fault`, whose status is
 decided here and nowhere else, in the spirit of h11's ``error_status_hint``.
 Whether a failure counts against a backend service is the proxy's decision
 (``proxy.py``): it depends on what happened, not on the status.
+
+Two start-up settings change what a client sees, never what the router does
+(:func:`configure`, once per process, before any answer is prebuilt):
+``--compat infinilm`` gives the InfiniLM routers' statuses where they differ
+(503 for a backend that refuses connections and for an unknown model, which
+InfiniLM's clients retry), and ``--error-format openai`` gives OpenAI's error
+object, ``{"error": {"message", "type", "param", "code"}}``, whose ``code`` is the
+fault's name, instead of the InfiniLM API's ``{"error": "message"}``.
 """
 
 from __future__ import annotations
 
 import enum
 from http import HTTPStatus
+from typing import Any
 
 import msgspec
 
@@ -24,6 +33,7 @@ class Fault(enum.Enum):
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"
     NOT_FOUND = "not_found"
+    MODEL_NOT_FOUND = "model_not_found"  # a model no service lists (OpenAI's code for it)
     METHOD_NOT_ALLOWED = "method_not_allowed"
     REQUEST_TIMEOUT = "request_timeout"  # headers or a body too slow
     CONFLICT = "conflict"  # a registration for a configured name
@@ -37,7 +47,8 @@ class Fault(enum.Enum):
     # Code run for a proxied request raised (a strategy plugin, a bug): that request ends.
     ROUTING_FAILED = "routing_failed"
     NOT_IMPLEMENTED = "not_implemented"  # a transfer coding other than chunked
-    BACKEND_UNREACHABLE = "backend_unreachable"
+    BACKEND_UNREACHABLE = "backend_unreachable"  # no connection could be made
+    BACKEND_CLOSED = "backend_closed"  # it closed the connection before answering
     BACKEND_BROKEN = "backend_broken"
     NO_HEALTHY_SERVICE = "no_healthy_service"
     AT_CONNECTION_LIMIT = "at_connection_limit"
@@ -50,11 +61,12 @@ class Fault(enum.Enum):
         return _STATUS[self]
 
 
-_STATUS: dict[Fault, int] = {
+DEFAULT_STATUS: dict[Fault, int] = {
     Fault.BAD_REQUEST: 400,
     Fault.UNAUTHORIZED: 401,
     Fault.FORBIDDEN: 403,
     Fault.NOT_FOUND: 404,
+    Fault.MODEL_NOT_FOUND: 404,
     Fault.METHOD_NOT_ALLOWED: 405,
     Fault.REQUEST_TIMEOUT: 408,
     Fault.CONFLICT: 409,
@@ -68,6 +80,7 @@ _STATUS: dict[Fault, int] = {
     Fault.NOT_IMPLEMENTED: 501,
     Fault.ROUTING_FAILED: 502,
     Fault.BACKEND_UNREACHABLE: 502,
+    Fault.BACKEND_CLOSED: 502,
     Fault.BACKEND_BROKEN: 502,
     Fault.NO_HEALTHY_SERVICE: 503,
     Fault.AT_CONNECTION_LIMIT: 503,
@@ -75,6 +88,33 @@ _STATUS: dict[Fault, int] = {
     Fault.BACKEND_TIMEOUT: 504,
     Fault.LOOP_DETECTED: 508,
 }
+# Where the InfiniLM routers answer otherwise (python/distributed_router.py and
+# infini-router's proxy handler): a refused connection and a model no healthy
+# service lists are both "unavailable", the status their clients retry on.
+INFINILM_STATUS: dict[Fault, int] = {
+    Fault.BACKEND_UNREACHABLE: 503,
+    Fault.MODEL_NOT_FOUND: 503,
+}
+COMPAT = ("none", "infinilm")
+ERROR_FORMATS = ("plain", "openai")
+# The statuses in force: DEFAULT_STATUS, with --compat's changes (configure).
+_STATUS: dict[Fault, int] = dict(DEFAULT_STATUS)
+# OpenAI's error types, by status; others are "invalid_request_error" (4xx) or
+# "server_error" (5xx).
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+_openai_errors = False  # --error-format openai (configure)
+
+
+def configure(compat: str = "none", error_format: str = "plain") -> None:
+    """This process's statuses and error shape (``--compat``, ``--error-format``).
+    Called before any error answer is built: some are built once and kept."""
+    global _openai_errors
+    _STATUS.clear()
+    _STATUS.update(DEFAULT_STATUS)
+    if compat == "infinilm":
+        _STATUS.update(INFINILM_STATUS)
+    _openai_errors = error_format == "openai"
 
 
 class ProxyError(Exception):
@@ -138,20 +178,32 @@ def json_response(
     )
 
 
+def error_body(fault: Fault, message: str) -> dict[str, Any]:
+    """The JSON of an error the router answers itself, in the --error-format shape."""
+    if not _openai_errors:
+        return {"error": message}
+    status = fault.status
+    kind = _OPENAI_TYPES.get(status) or (
+        "invalid_request_error" if status < 500 else "server_error"
+    )
+    return {"error": {"message": message, "type": kind, "param": None, "code": fault.value}}
+
+
 def error_response(
     fault: Fault, message: str, keep_alive: bool = True, extra_headers: bytes = b""
 ) -> bytes:
-    return json_response(fault.status, {"error": message}, keep_alive, extra_headers)
+    return json_response(fault.status, error_body(fault, message), keep_alive, extra_headers)
 
 
-def error_payload(fault: Fault, message: str) -> tuple[int, dict[str, str]]:
+def error_payload(fault: Fault, message: str) -> tuple[int, dict[str, Any]]:
     """A handler's (status, payload) for a failure: the admin API's answers."""
-    return fault.status, {"error": message}
+    return fault.status, error_body(fault, message)
 
 
-def sse_error_event(message: str) -> bytes:
+def sse_error_event(message: str, fault: Fault = Fault.BACKEND_BROKEN) -> bytes:
     """The event that ends a stream the backend broke off: the router's error shape.
 
-    The OpenAI SDKs raise ``APIError`` on any event whose JSON has an ``error`` key.
+    The OpenAI SDKs raise ``APIError`` on any event whose JSON has an ``error`` key
+    (with OpenAI's object, carrying its message and code).
     """
-    return b"data: " + encode_json({"error": message}) + b"\n\n"
+    return b"data: " + encode_json(error_body(fault, message)) + b"\n\n"

@@ -44,6 +44,7 @@ import msgspec
 
 from lmproxy import decode, kube, tls
 from lmproxy.config import (
+    MAX_METADATA,
     Config,
     ConfigError,
     ServiceSpec,
@@ -82,7 +83,7 @@ MAX_SKIPPED_LOGGED = 10
 
 # What one registration that is never routed to may make the router hold.
 MAX_ENTRIES = 1000
-MAX_ENTRY_METADATA = 16 * 1024  # bytes of JSON
+MAX_ENTRY_METADATA = MAX_METADATA  # bytes of JSON
 MAX_ENTRY_TEXT = 256  # characters of its url, type or status
 
 

@@ -56,6 +56,7 @@ from lmproxy.request import (
     with_stream_usage,
 )
 from lmproxy.upstream import LENGTH, NO_BODY, UNTIL_CLOSE, ConnectError, UpstreamConnection
+from strategies.size import by_cache_type
 
 if TYPE_CHECKING:
     from lmproxy.limits import Grant, Key, Verdict
@@ -131,8 +132,9 @@ def drop_named(fields: bytes, connection: bytes) -> bytes:
 FALLBACK_FAULTS = frozenset(
     {
         Fault.NO_HEALTHY_SERVICE,
-        Fault.NOT_FOUND,
+        Fault.MODEL_NOT_FOUND,
         Fault.BACKEND_UNREACHABLE,
+        Fault.BACKEND_CLOSED,
         Fault.BACKEND_BROKEN,
     }
 )
@@ -222,7 +224,7 @@ FAILURES: dict[Outcome, Failure] = {
     # Its keep-alive timer beat ours: the connection was stale, the service is fine.
     Outcome.STALE: Failure(Fault.BACKEND_UNREACHABLE, Retry.ANYWHERE, False, "{reason}"),
     Outcome.DROPPED: Failure(
-        Fault.BACKEND_UNREACHABLE,
+        Fault.BACKEND_CLOSED,
         Retry.ELSEWHERE,
         True,
         "service {service} closed the connection before answering",
@@ -585,7 +587,9 @@ def _candidates(router: ProxyHost, route: RouteRequest) -> list[Service]:
         # Every service that might serve it has failed its check: say why, not "pending".
         raise ProxyError(Fault.NO_HEALTHY_SERVICE, registry.why_unavailable(model, pending))
     models = name_models(registry.known_models) or "none"
-    raise ProxyError(Fault.NOT_FOUND, f"model {model!r} not found; available models: {models}")
+    raise ProxyError(
+        Fault.MODEL_NOT_FOUND, f"model {model!r} not found; available models: {models}"
+    )
 
 
 def _request_data(
@@ -891,6 +895,10 @@ class Journey:
                 assert self.last_error is not None
                 self.fail(self.last_error)
                 return
+        if router.registry.any_static:  # infini-router's size-based routing
+            candidates = by_cache_type(
+                candidates, route, router.config.cache_type_routing_threshold
+            )
         admission = router.admission
         if admission.limited:
             self.last_candidates = candidates

@@ -77,6 +77,7 @@ class Service:
     """One backend service: its address, models, health and live figures."""
 
     __slots__ = (
+        "cache_type",
         "consecutive_errors",
         "engine_at",
         "engine_extra",
@@ -132,6 +133,7 @@ class Service:
         self.path_prefix = spec.path_prefix.encode()
         self.weight = spec.weight
         self.health_path = spec.health_path
+        self.cache_type = cache_type_of(spec)  # "static": takes infini-router's large prompts
         # https://: the one TLS context of its requests, checks and scrapes (Registry.add).
         self.ssl: ssl.SSLContext | None = None
         self.models: tuple[str, ...] = tuple(spec.models)
@@ -225,6 +227,9 @@ class Registry:
         self._whole: list[Service] = []
         self.pd_models: frozenset[str] = frozenset()
         self._pd: dict[tuple[str, str], list[Service]] = {}
+        # Some healthy service's metadata.cache_type is "static": size-based routing is on
+        # (strategies/size.py); False, the request path pays one attribute read for it.
+        self.any_static = False
         self.started_at = int(time.time())
         # --backend-ca-certs, --backend-certfile, --backend-keyfile, and whether to verify:
         # what an https:// service that sets none of its own is connected with.
@@ -307,6 +312,7 @@ class Registry:
             service.spec = spec
             self._learn_cards(spec)
             service.weight = spec.weight
+            service.cache_type = cache_type_of(spec)
             service.max_in_flight = _share(spec.max_in_flight, self.limit_share)
             self.note("service %s updated (weight %d)", spec.name, spec.weight)
             self._changed()
@@ -659,6 +665,15 @@ class Registry:
         self._whole = (
             [s for s in self._healthy if s.role == "both"] if self.pd_models else self._healthy
         )
+        static = [s.name for s in self._whole if s.cache_type == "static"]
+        if static and not self.any_static:
+            self.note(
+                "size-based routing on, as infini-router's: prompts over "
+                "--cache-type-routing-threshold bytes go to the services whose "
+                "metadata.cache_type is static (%s), the others to the rest",
+                name_models(static, "GET /services", LOGGED_SERVICES),
+            )
+        self.any_static = bool(static)
         for listener in self.listeners:
             listener()
 
@@ -675,6 +690,22 @@ def same_backend(a: ServiceSpec, b: ServiceSpec) -> bool:
 
 def _nothing() -> None:
     pass
+
+
+def cache_type_of(spec: ServiceSpec) -> str:
+    """Its metadata's cache_type, as infini-router reads it (a string, else none)."""
+    value = spec.metadata.get("cache_type")
+    return value if isinstance(value, str) else ""
+
+
+def babysitter_url(service: Service) -> str | None:
+    """Where the InfiniLM routers expect the service's babysitter: its port plus one,
+    on its host (both routers derive it so, for every service)."""
+    if service.port >= 65535:
+        return None
+    scheme = "https" if service.url.startswith("https:") else "http"
+    host = f"[{service.host}]" if ":" in service.host else service.host
+    return f"{scheme}://{host}:{service.port + 1}"
 
 
 def _share(limit: int, workers: int) -> int:
@@ -696,11 +727,18 @@ def name_models(
 
 
 def service_entry(service: Service) -> dict[str, Any]:
-    """One service as /services lists it."""
+    """One service as /services lists it: lmproxy's fields, and the InfiniLM routers'
+    (host, port, babysitter_url, the counts, metadata)."""
     return {
         "name": service.name,
+        "host": service.host,
+        "port": service.port,
         "url": masked_url(service.url),
+        "babysitter_url": babysitter_url(service),
         "healthy": service.healthy,
+        "request_count": service.request_count,
+        "error_count": service.error_count,
+        "response_time": round(service.mean_latency_s, 6),
         "models": list(service.models),
         "weight": service.weight,
         "max_in_flight": service.spec.max_in_flight,
@@ -708,6 +746,7 @@ def service_entry(service: Service) -> dict[str, Any]:
         "type": "openai-api",
         "routable": True,
         "role": service.role,
+        "metadata": service.spec.metadata,
     }
 
 

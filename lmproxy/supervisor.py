@@ -37,6 +37,7 @@ from lmproxy import api, tls
 from lmproxy.app import authority_limits, backend_tls, new_instance_id, with_under_way
 from lmproxy.config import Config, ConfigError
 from lmproxy.control import Channel, ChannelClosed, Message
+from lmproxy.errors import configure as configure_errors
 from lmproxy.errors import encode_json
 from lmproxy.fleet import Fleet
 from lmproxy.limits import Authority, keys_by_name
@@ -71,6 +72,7 @@ class _Worker:
 
 class Supervisor:
     def __init__(self, config: Config, reload: Callable[[], Config] | None) -> None:
+        configure_errors(config.compat, config.error_format)  # its admin API's answers
         self.config = config
         self.requested_port = config.port  # config.port becomes the one bound (port 0)
         self.reload = reload
@@ -379,10 +381,9 @@ class Supervisor:
             worker.snapshot = message["snapshot"]
         elif op == "http":
             path = message["path"]
-            if path == b"/services" and message["method"] in (b"GET", b"HEAD"):
-                status, payload = api.services(self)  # type: ignore[arg-type]
-                self._reply(worker, message, status, b"application/json", encode_json(payload))
-            elif path in (b"/stats", b"/metrics"):
+            listing = path == b"/services" and message["method"] in (b"GET", b"HEAD")
+            if listing or path in (b"/stats", b"/metrics"):
+                # /services has the counts too, as the InfiniLM routers' does: gathered.
                 task = asyncio.create_task(self._answer_figures(worker, message))
                 self._watchers.add(task)
                 task.add_done_callback(self._watchers.discard)
@@ -401,8 +402,9 @@ class Supervisor:
 
     async def _answer_figures(self, worker: _Worker, request: Message) -> None:
         await self._gather()
-        if request["path"] == b"/stats":
-            status, payload = api.stats(self)  # type: ignore[arg-type]
+        if request["path"] in (b"/stats", b"/services"):
+            answer = api.stats if request["path"] == b"/stats" else api.services
+            status, payload = answer(self)  # type: ignore[arg-type]
             self._reply(worker, request, status, b"application/json", encode_json(payload))
         else:
             self._reply(worker, request, 200, CONTENT_TYPE, self._summed_metrics().render())

@@ -14,7 +14,7 @@ against any registry URL (the InfiniLM registry, or lmproxy's admin API):
 4. on SIGTERM, ``DELETE /services/{name}`` for both, then exit 0.
 
 It starts no server itself: the test starts the simulator as the server.
-``python tests/babysitter.py --registry-url URL --name N --port P`` prints one
+``python tests/babysitter.py --registry URL --name N --port P`` prints one
 line per step ("registered N 201", "heartbeat N 200", "unregistered N 200").
 """
 
@@ -45,7 +45,8 @@ def call(method: str, url: str, body: Any = None) -> tuple[int, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--registry-url", required=True)
+    # enhanced_babysitter.py's flag is --registry; its Rust twin's, --registry-url.
+    parser.add_argument("--registry", "--registry-url", dest="registry_url", required=True)
     parser.add_argument("--name", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True, help="the inference server's port")

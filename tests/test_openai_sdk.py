@@ -147,3 +147,39 @@ def test_sdk_sees_a_full_queue_as_a_rate_limit_and_retries_after_it(spawn):
         completion = patient.chat.completions.create(model="Qwen3-32B", messages=messages)
         assert completion.choices[0].message.content
         assert first.result(10).choices[0].message.content
+
+
+def test_error_format_openai_gives_the_sdk_its_message_and_code(spawn, two_backends):
+    """--error-format openai: OpenAI's error object, whose message and code the SDK's
+    exception carries (litellm shows them); by default the InfiniLM API's
+    {"error": "text"}, which leaves the SDK only "Error code: 404"."""
+    a, b = two_backends
+    shaped = router_over(spawn, [a, b], "--error-format", "openai")
+    plain = router_over(spawn, [a, b])
+    for router, openai_shape in ((shaped, True), (plain, False)):
+        with openai.OpenAI(
+            base_url=f"http://127.0.0.1:{router.port}/v1", api_key="x", max_retries=0
+        ) as client:
+            with pytest.raises(openai.NotFoundError) as missing:
+                client.chat.completions.create(model="nope", messages=HELLO)
+            with pytest.raises(openai.BadRequestError) as bad:
+                client.chat.completions.create(model="Qwen3-32B", messages=HELLO, temperature=5)
+        for caught, code, said in (
+            (missing.value, "model_not_found", "model 'nope' not found; available models:"),
+            (bad.value, "bad_request", "temperature"),
+        ):
+            body = caught.body  # the SDK's: the "error" member of the JSON
+            if openai_shape:
+                assert caught.code == code and caught.type == "invalid_request_error"
+                assert isinstance(body, dict) and set(body) == {"message", "type", "param", "code"}
+                assert said in body["message"] and body["message"] in caught.message
+            else:
+                # The shape InfiniLM's document gives: the SDK has a string, and no code.
+                assert caught.code is None and isinstance(body, str) and said in body
+    # The router's 404 for a path it does not serve, and the admin API's, take it too.
+    missing_path = shaped.get("/nowhere").json()["error"]
+    assert missing_path["code"] == "not_found" and missing_path["type"] == "invalid_request_error"
+    assert shaped.get("/services/nobody").json()["error"]["code"] == "not_found"
+
+
+HELLO = [{"role": "user", "content": "Hello"}]

@@ -11,6 +11,17 @@ so a waiting request costs no timer. With ``--max-queue`` N, a request that find
 N waiting sheds the lowest priority among them and itself (of equals, the newest:
 itself), with 429.
 
+With ``--max-concurrent-requests`` N, the whole router holds at most N requests
+on services at once (sglang-router's limit): past it a request waits in the same
+queue, and the same ``--max-queue`` bounds it (429 when full, as theirs answers
+``--queue-size``). One that waits ``--queue-timeout`` for the router's limit gets
+408, as theirs does; one that waited for a service's ``max_in_flight``, 429. The
+limit caps each service's (``Registry.router_limit``), so a release wakes the
+queue as a limited service's does. A request holds its place from the choice of
+a service to its end (a retry's next choice is its own); a disaggregated
+request holds one for each step under way. With ``--workers``, each worker has
+its share.
+
 Services without a limit never queue a request, and while no service has one
 the request path pays a single attribute check.
 """
@@ -42,11 +53,13 @@ class AdmissionQueue:
         registry: Registry,
         timeout_s: float,
         max_queue: int = 0,
+        max_concurrent: int = 0,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.registry = registry
         self.timeout_s = timeout_s
         self.max_queue = max_queue  # 0: no limit
+        self.max_concurrent = max_concurrent  # this process's share of the router's; 0: none
         self.waiting: deque[Waiter] = deque()
         # Whether any service has a limit; the request path checks only this.
         self.limited = False
@@ -58,9 +71,18 @@ class AdmissionQueue:
     def __len__(self) -> int:
         return len(self.waiting)
 
+    def under_way(self) -> int:
+        """Requests this process holds on services (``--max-concurrent-requests`` counts
+        them): read only while the limit is set, so the request path keeps no count."""
+        return sum(s.local_in_flight for s in self.registry.services.values())
+
+    def full(self) -> bool:
+        """Whether the router-wide limit is reached."""
+        return bool(self.max_concurrent) and self.under_way() >= self.max_concurrent
+
     def admit(self, journey: Waiter, candidates: list[Service]) -> list[Service] | None:
         """The candidates with room, or None after queueing ``journey`` (or refusing it)."""
-        open_ = [s for s in candidates if has_room(s)]
+        open_ = [] if self.full() else [s for s in candidates if has_room(s)]
         if open_:
             return open_
         if self.timeout_s <= 0:
@@ -88,7 +110,8 @@ class AdmissionQueue:
         error = self._full_error(candidates, 0.0)
         error.fault = Fault.QUEUE_FULL
         error.message = (
-            f"the admission queue is full ({self.max_queue} waiting, --max-queue) and this "
+            f"the admission queue is full ({self.max_queue} waiting, --max-queue or "
+            "--queue-size) and this "
             f"request's priority ({journey.priority}) is the lowest of them; retry after the "
             "Retry-After seconds"
         )
@@ -118,7 +141,7 @@ class AdmissionQueue:
         try:
             for journey in list(self.waiting):
                 healthy = self.registry.healthy()
-                if healthy and not any(has_room(s) for s in healthy):
+                if (healthy and not any(has_room(s) for s in healthy)) or self.full():
                     break
                 if journey.client.closing:
                     self._take(journey)
@@ -132,8 +155,8 @@ class AdmissionQueue:
             self._waking = False
 
     def expire(self, now: float) -> None:
-        """From the router's sweep: answer 429 to requests that waited too long (in
-        priority order, the oldest is not always first)."""
+        """From the router's sweep: answer 429 (408 for the router-wide limit) to requests
+        that waited too long (in priority order, the oldest is not always first)."""
         late = [j for j in self.waiting if now - j.queued_at >= self.timeout_s]
         for journey in late:
             self._take(journey)
@@ -150,6 +173,9 @@ class AdmissionQueue:
         journey.client.waiting = None
 
     def _full_error(self, candidates: list[Service], waited_s: float) -> ProxyError:
+        # The router's limit, not the services': full now, or the services had room.
+        if self.max_concurrent and (self.full() or any(has_room(s) for s in candidates)):
+            return self._router_full_error(candidates, waited_s)
         names = ", ".join(f"{s.name} ({s.max_in_flight})" for s in candidates)
         error = ProxyError(
             Fault.QUEUE_TIMEOUT,
@@ -157,14 +183,32 @@ class AdmissionQueue:
             + (f"; waited {waited_s:.1f}s (--queue-timeout)" if waited_s else "")
             + "; retry after the Retry-After seconds",
         )
-        # Retry when about one request on these services has finished.
-        latencies = [s.mean_latency_s for s in candidates if s.latencies]
-        mean = sum(latencies) / len(latencies) if latencies else 1.0
-        error.retry_after = min(MAX_RETRY_AFTER_S, max(1, math.ceil(mean)))
+        error.retry_after = _retry_after(candidates)
+        return error
+
+    def _router_full_error(self, candidates: list[Service], waited_s: float) -> ProxyError:
+        """The router-wide limit's refusal: 408 once it was waited for, as sglang-router
+        answers; 429 when there was no wait (--queue-timeout 0: no queue)."""
+        limit = self.max_concurrent
+        error = ProxyError(
+            Fault.CONCURRENCY_TIMEOUT if waited_s else Fault.QUEUE_TIMEOUT,
+            f"the router has {limit} requests under way, its limit (--max-concurrent-requests)"
+            + (f"; waited {waited_s:.1f}s (--queue-timeout)" if waited_s else "")
+            + "; retry after the Retry-After seconds",
+        )
+        error.retry_after = _retry_after(candidates)
         return error
 
     def _fleet_changed(self) -> None:
+        # A router-wide limit caps every service's, so it is among these.
         self.limited = any(s.max_in_flight for s in self.registry.services.values())
         if self.waiting:
             # Not inline: the registry may be mid-update.
             self.loop.call_soon(self.wake)
+
+
+def _retry_after(candidates: list[Service]) -> int:
+    """Seconds until about one request on these services has finished."""
+    latencies = [s.mean_latency_s for s in candidates if s.latencies]
+    mean = sum(latencies) / len(latencies) if latencies else 1.0
+    return min(MAX_RETRY_AFTER_S, max(1, math.ceil(mean)))

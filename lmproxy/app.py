@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 import strategies
 from lmproxy import api, errors, tls, tracing
@@ -24,7 +24,7 @@ from lmproxy.accept import Gate, Handshake, connection_limit, tls_protocol_for
 from lmproxy.admission import AdmissionQueue
 from lmproxy.config import Config, ConfigError
 from lmproxy.control import Channel
-from lmproxy.errors import Fault, http_response, json_response
+from lmproxy.errors import Fault, encode_json, http_response, json_response
 from lmproxy.fleet import Fleet
 from lmproxy.limits import Key, Limits, LocalLimits, RemoteLimits
 from lmproxy.logs import printable
@@ -32,7 +32,7 @@ from lmproxy.metrics import CONTENT_TYPE, Metrics
 from lmproxy.pd import PDJourney
 from lmproxy.protocols import Waiter
 from lmproxy.proxy import Journey, log_crash
-from lmproxy.registry import Registry, Service
+from lmproxy.registry import Registry, Service, share
 from lmproxy.request import MODEL_PATHS
 from lmproxy.server import ClientConnection, ClientRequest
 from lmproxy.system import raise_open_file_limit
@@ -49,7 +49,7 @@ MAX_SWEEP_S = 1.0
 HANGUP_POLL_S = 0.05
 NOT_FOUND_HINT = (
     "the router serves /v1/... (OpenAI API), /chat/completions, /completions, "
-    "/models, /health, /readiness, /liveness, /services, /stats and /metrics"
+    "/models, /health, /readiness, /liveness, /services, /workers, /stats and /metrics"
 )
 
 
@@ -127,7 +127,10 @@ class Router:
         self.prefill_strategy = strategies.load(config.prefill_strategy, {})
         self.decode_strategy = strategies.load(config.decode_strategy, {})
         self.fleet = Fleet(self.registry, config, self.instance_id) if link is None else None
-        self.admission = AdmissionQueue(self.registry, config.queue_timeout, config.max_queue)
+        self.admission = AdmissionQueue(
+            self.registry, config.queue_timeout, config.max_queue, self._router_limit(config)
+        )
+        self.registry.set_router_limit(self.admission.max_concurrent)
         self.metrics = Metrics(self.registry, lambda: len(self.admission))
         # Request ids: a random prefix per process and a counter, cheaper than uuid4.
         self._id_prefix = os.urandom(4).hex().encode()
@@ -137,6 +140,7 @@ class Router:
         self.paused: set[ClientConnection] = set()  # reading paused: polled for hang-ups
         self._hangup_poll: asyncio.TimerHandle | None = None
         self.server: asyncio.Server | None = None
+        self.metrics_server: asyncio.Server | None = None  # --prometheus-port
         self.draining = False
         self.port = config.port
         self._sweeper: asyncio.TimerHandle | None = None
@@ -166,6 +170,11 @@ class Router:
         self.tls_protocol = tls_protocol_for(self.loop)
         self._routes = self._route_table()
         self._prefixes = self._prefix_table()
+
+    def _router_limit(self, config: Config) -> int:
+        """This process's share of --max-concurrent-requests (the workers split it)."""
+        workers = self.link.workers if self.link is not None else 1
+        return share(config.max_concurrent_requests, workers)
 
     def _make_pool(self, service: Service) -> Pool:
         config = self.config
@@ -204,6 +213,8 @@ class Router:
                 f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror or exc}"
             ) from None
         self.port = self.server.sockets[0].getsockname()[1]
+        if self.config.prometheus_port and self.link is None:
+            await self._serve_metrics()
         if self.fleet is not None:
             self.fleet.own_port = self.port
             self.fleet.start()
@@ -223,6 +234,25 @@ class Router:
             gate.per_source,
             f", {gate.handshake_limit} in TLS handshakes" if self.ssl is not None else "",
         )
+
+    async def _serve_metrics(self) -> None:
+        """sglang-router's --prometheus-port: a listener of its own that answers /metrics
+        (and 404 to the rest), with the router's connection handling and limits. With
+        --workers the supervisor opens it."""
+        host = self.config.prometheus_host or self.config.host
+        port = self.config.prometheus_port
+        try:
+            self.metrics_server = await self.loop.create_server(
+                lambda: ClientConnection(MetricsOnly(self)),
+                host,
+                port,
+                reuse_address=True,
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {host}:{port} (--prometheus-port): {exc.strerror or exc}"
+            ) from None
+        log.info("serving /metrics on http://%s:%d (--prometheus-port)", host, port)
 
     # --- per request -------------------------------------------------------------
 
@@ -281,6 +311,7 @@ class Router:
             return {b"GET": endpoint, b"HEAD": endpoint}
 
         proxied = {b"POST": Endpoint(Access.API, self._proxy)}
+        read = Endpoint(Access.API, self._fleet)
         models = Endpoint(Access.API, self._models)
         metrics = Endpoint(Access.API, self._metrics)
         return {
@@ -292,6 +323,16 @@ class Router:
             b"/stats": local(api.stats),
             b"/metrics": {b"GET": metrics, b"HEAD": metrics},
             b"/services": {**local(api.services), b"POST": Endpoint(Access.ADMIN, self._fleet)},
+            # The Rust routers' worker API (fleet.Fleet.workers): reading it is as open as
+            # /services; changing it is the admin's.
+            b"/workers": {
+                b"GET": read,
+                b"HEAD": read,
+                b"POST": Endpoint(Access.ADMIN, self._fleet),
+            },
+            b"/list_workers": {b"GET": read, b"HEAD": read},
+            b"/add_worker": {b"POST": Endpoint(Access.ADMIN, self._worker_by_query)},
+            b"/remove_worker": {b"POST": Endpoint(Access.ADMIN, self._worker_by_query)},
             **dict.fromkeys(MODEL_PATHS, proxied),
         }
 
@@ -305,6 +346,10 @@ class Router:
             (
                 b"/services/",
                 {b"GET": read, b"HEAD": read, ANY_METHOD: Endpoint(Access.ADMIN, self._fleet)},
+            ),
+            (
+                b"/workers/",
+                {b"GET": read, b"HEAD": read, b"DELETE": Endpoint(Access.ADMIN, self._fleet)},
             ),
             (b"/v1/", {ANY_METHOD: Endpoint(Access.API, self._proxy)}),
         ]
@@ -382,6 +427,15 @@ class Router:
         status, payload = self.fleet.admin(request.method, request.path, request.body)
         client.respond(json_response(status, payload, request.keep_alive))
 
+    def _worker_by_query(self, client: ClientConnection, request: ClientRequest) -> None:
+        """``POST /add_worker?url=U`` and ``/remove_worker?url=U`` (the Rust routers' older
+        worker API): the query's URL becomes the body the fleet reads, so that with
+        --workers it reaches the supervisor as any admin request does."""
+        query = request.target.partition(b"?")[2].decode("utf-8", "replace")
+        urls = parse_qs(query).get("url")
+        request.body = encode_json({"url": urls[0]}) if urls else request.body
+        self._fleet(client, request)
+
     def _proxy(self, client: ClientConnection, request: ClientRequest) -> None:
         path = request.path
         if (b"/." in path or b"%" in path) and _has_dot_segment(path):
@@ -437,6 +491,8 @@ class Router:
         self.registry.max_errors = config.max_errors
         self.admission.timeout_s = config.queue_timeout
         self.admission.max_queue = config.max_queue
+        self.admission.max_concurrent = self._router_limit(config)
+        self.registry.set_router_limit(self.admission.max_concurrent)
         self._keys = key_table(config)
         self.limits.forget_others({spec.name for spec in config.keys})
         self._admin_token = config.admin_token.encode() if config.admin_token else None
@@ -532,6 +588,8 @@ class Router:
         self.draining = True
         if self.server is not None:
             self.server.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         for conn in list(self.connections):
             if conn.current is None:
                 conn.close()
@@ -562,6 +620,54 @@ class Router:
         for service in self.registry.services.values():
             if service.pool is not None:
                 service.pool.close()
+
+
+class MetricsOnly:
+    """The router as the --prometheus-port listener's connections see it: the same
+    connections, limits and sweep, and a dispatch that answers /metrics alone."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.router.loop
+
+    @property
+    def config(self) -> Config:
+        return self.router.config
+
+    @property
+    def connections(self) -> set[ClientConnection]:
+        return self.router.connections
+
+    @property
+    def paused(self) -> set[ClientConnection]:
+        return self.router.paused
+
+    @property
+    def gate(self) -> Gate:
+        return self.router.gate
+
+    @property
+    def via_token(self) -> bytes:
+        return self.router.via_token
+
+    @property
+    def draining(self) -> bool:
+        return self.router.draining
+
+    def dispatch(self, client: ClientConnection, request: ClientRequest) -> None:
+        if request.path == b"/metrics" and request.method in (b"GET", b"HEAD"):
+            self.router.dispatch(client, request)
+        else:
+            client.respond_error(
+                Fault.NOT_FOUND,
+                "this port (--prometheus-port) serves GET /metrics only; the API is on --port",
+            )
+
+    def watch_paused(self, client: ClientConnection) -> None:
+        self.router.watch_paused(client)
 
 
 def new_instance_id() -> str:
@@ -696,6 +802,8 @@ RESTART_ONLY = (
     "redis_prefix",
     "compat",  # statuses and error bodies some answers have prebuilt
     "error_format",
+    "prometheus_port",
+    "prometheus_host",
 )
 LOOP_MESSAGE = (
     "routing loop: this request already passed through this router (its Via header names "

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import re
 import sys
 from types import ModuleType
 from typing import Any
 
 import strategies
-from lmproxy import __version__, logs
+from lmproxy import __version__, launchers, logs
 from lmproxy.config import (
     PD_MODES,
     Config,
@@ -23,6 +24,7 @@ from lmproxy.config import (
 from lmproxy.errors import COMPAT, ERROR_FORMATS
 
 DEFAULTS = Config()
+_log = logging.getLogger("lmproxy")
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -57,10 +59,35 @@ def _workers(text: str) -> int:
 
 
 def _backend(text: str) -> Any:
+    if "://" not in text and text.lower() in _RUST_BACKENDS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a service: lmproxy's --backend takes [NAME=]URL. sglang-router's "
+            "--backend (the runtime: sglang, openai) has no counterpart: drop it; lmproxy "
+            "routes to HTTP services, whatever engine serves them"
+        )
     try:
         return parse_backend(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_RUST_BACKENDS = ("sglang", "openai", "vllm", "trtllm", "grpc")
+
+
+def _log_level(text: str) -> str:
+    """lmproxy's levels, and the Rust routers' names for two of them."""
+    return {"warn": "warning", "critical": "error"}.get(text.lower(), text.lower())
+
+
+def _concurrency(text: str) -> int:
+    """A count >= 0, and the Rust routers' -1 (no limit), which is lmproxy's 0."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = -2
+    if count < -1:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0 (0: no limit), got {text!r}")
+    return max(count, 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
             "  lmproxy --static-services services.json --router-port 8000\n"
             "  lmproxy --k8s-selector app=vllm     the Ready pods labelled app=vllm\n\n"
             "Every option can also be set in the TOML config file, with underscores\n"
-            "(health_interval = 10); the command line wins over the file."
+            "(health_interval = 10); the command line wins over the file.\n\n"
+            "sglang-router's and vllm-router's launcher flags are taken too (--worker-urls,\n"
+            "--policy, --retry-max-retries...; see docs/configuration.md); given any of\n"
+            "them, --any-model is on unless --no-any-model says otherwise."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -138,8 +168,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--log-level",
+        type=_log_level,
         choices=["debug", "info", "warning", "error"],
-        help=f"log verbosity (default: {d.log_level})",
+        help=f"log verbosity; warn and critical are taken too (default: {d.log_level})",
+    )
+    g.add_argument(
+        "--prometheus-port",
+        type=int,
+        metavar="PORT",
+        help=(
+            "also serve /metrics, and only it, on this port (sglang-router's flag; /metrics "
+            "is on --port as well); 0 = none (default: 0)"
+        ),
+    )
+    g.add_argument(
+        "--prometheus-host",
+        metavar="ADDRESS",
+        help="address of the --prometheus-port listener (default: --host)",
     )
     g.add_argument(
         "--otlp-endpoint",
@@ -190,12 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--health-interval",
+        "--health-check-interval-secs",
+        dest="health_interval",
         type=float,
         metavar="S",
         help=f"seconds between active health checks (default: {d.health_interval:g})",
     )
     g.add_argument(
         "--health-timeout",
+        "--health-check-timeout-secs",
+        dest="health_timeout",
         type=float,
         metavar="S",
         help=f"seconds a health check may take (default: {d.health_timeout:g})",
@@ -394,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--request-timeout",
+        "--request-timeout-secs",
+        dest="request_timeout",
         type=float,
         metavar="S",
         help=(
@@ -412,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--max-body-size",
+        "--max-payload-size",
+        dest="max_body_size",
         type=parse_size,
         metavar="SIZE",
         help=f"largest request body, e.g. 32MiB (default: {d.max_body_size // 2**20}MiB)",
@@ -447,11 +500,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--queue-timeout",
+        "--queue-timeout-secs",
+        dest="queue_timeout",
         type=float,
         metavar="S",
         help=(
             "seconds a request waits for a free slot when every eligible service is at its "
-            "max_in_flight, before 429 with Retry-After; 0 = refuse at once "
+            "max_in_flight, before 429 with Retry-After (408 when it waited for the router's "
+            "--max-concurrent-requests); 0 = refuse at once "
             f"(default: {d.queue_timeout:g})"
         ),
     )
@@ -463,6 +519,16 @@ def build_parser() -> argparse.ArgumentParser:
             "requests that may wait for a slot at once; past it the lowest priority is "
             "shed with 429 (the newest of equals); 0 = no limit but --max-connections "
             f"(default: {d.max_queue})"
+        ),
+    )
+    g.add_argument(
+        "--max-concurrent-requests",
+        type=_concurrency,
+        metavar="N",
+        help=(
+            "requests under way at once in the whole router; past it they wait in the "
+            "admission queue (--max-queue, --queue-timeout): 429 when it is full, 408 after "
+            "--queue-timeout. -1 or 0 = no limit (default: 0)"
         ),
     )
     g.add_argument(
@@ -498,6 +564,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--list-strategies", action="store_true", help="list the installed strategies and exit"
+    )
+    g.add_argument(
+        "--any-model",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=(
+            "send a request whose model no service lists to the healthy services of the "
+            "served models (the strategy chooses; the body is unchanged), as the Rust routers "
+            "do with one model served, instead of 404. On when their launcher flags are used "
+            "(default: off)"
+        ),
+    )
+    g.add_argument(
+        "--cb-failure-threshold",
+        type=int,
+        metavar="N",
+        help=(
+            "consecutive failures (5xx answers, connect failures) that open a service's "
+            f"circuit breaker; 0 = no breaker (default: {d.cb_failure_threshold})"
+        ),
+    )
+    g.add_argument(
+        "--cb-success-threshold",
+        type=int,
+        metavar="N",
+        help=(
+            "successes of a half-open breaker's trial requests that close it "
+            f"(default: {d.cb_success_threshold})"
+        ),
+    )
+    g.add_argument(
+        "--cb-timeout-duration-secs",
+        type=float,
+        metavar="S",
+        help=(
+            "seconds an open breaker keeps its service out before one trial request "
+            f"(default: {d.cb_timeout_duration_secs:g})"
+        ),
+    )
+    g.add_argument(
+        "--disable-circuit-breaker",
+        dest="cb_failure_threshold",
+        action="store_const",
+        const=0,
+        help="--cb-failure-threshold 0",
     )
     g.add_argument(
         "--alias",
@@ -575,9 +686,17 @@ def build_parser() -> argparse.ArgumentParser:
         "and SSL_CERT_DIR apply) unless a CA bundle is given. A service may set its\n"
         "own: ca=, cert=, key= and verify=false in --backend, or in the config file.",
     )
-    g.add_argument("--ssl-certfile", metavar="FILE", help="serve HTTPS with this certificate")
+    g.add_argument(
+        "--ssl-certfile",
+        "--tls-cert-path",
+        dest="ssl_certfile",
+        metavar="FILE",
+        help="serve HTTPS with this certificate",
+    )
     g.add_argument(
         "--ssl-keyfile",
+        "--tls-key-path",
+        dest="ssl_keyfile",
         metavar="FILE",
         help="its private key (default: in the certificate file)",
     )
@@ -602,11 +721,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--backend-certfile",
+        "--client-cert-path",
+        dest="backend_certfile",
         metavar="FILE",
         help="client certificate for https:// services that require one (mTLS)",
     )
     g.add_argument(
-        "--backend-keyfile", metavar="FILE", help="its private key (default: in the certificate)"
+        "--backend-keyfile",
+        "--client-key-path",
+        dest="backend_keyfile",
+        metavar="FILE",
+        help="its private key (default: in the certificate)",
     )
     g.add_argument(
         "--backend-no-verify",
@@ -706,6 +831,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--shutdown-timeout",
+        "--shutdown-grace-period-secs",
+        dest="shutdown_timeout",
         type=float,
         metavar="S",
         help=(
@@ -713,17 +840,24 @@ def build_parser() -> argparse.ArgumentParser:
             f"(default: {d.shutdown_timeout:g})"
         ),
     )
+    launchers.add_flags(parser)
     return parser
 
 
 def load_config(argv: list[str] | None = None) -> Config | None:
     """Parse flags and the config file; None when the command only printed something."""
+    return parse(sys.argv[1:] if argv is None else argv)[0]
+
+
+def parse(argv: list[str]) -> tuple[Config | None, list[str]]:
+    """The Config (None when the command only printed something), and the Rust routers'
+    flags given that have no effect here (for the start-up warning)."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     if args.pop("list_strategies"):
         for name, summary in strategies.available().items():
             print(f"{name:20} {summary}")
-        return None
+        return None, []
     config_path = args.pop("config")
     file_values = load_toml(config_path) if config_path else {}
     if args.get("strategy_options") is not None:
@@ -735,19 +869,33 @@ def load_config(argv: list[str] | None = None) -> Config | None:
         args["services"].append(parse_prefill(values))
     for url in args.pop("decode") or []:
         args["services"].append(parse_backend(url + ",role=decode"))
-    return build_config(file_values, args)
+    notes = launchers.apply(args, argv)
+    return build_config(file_values, args), notes
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        config = load_config(argv)
+        config, notes = parse(argv)
     except ConfigError as exc:
         print(f"lmproxy: error: {exc}", file=sys.stderr)
         return 2
     if config is None:
         return 0
     logs.configure(config.log_level, "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rust = launchers.used(argv)
+    if rust:
+        _log.info(
+            "sglang-router / vllm-router flags given (%s): --any-model is %s%s",
+            " ".join(rust),
+            "on" if config.any_model else "off",
+            " (a request for a model no service lists goes to the served models' services; "
+            "--no-any-model answers 404)"
+            if config.any_model
+            else "",
+        )
+    for flag in notes:
+        _log.warning("%s has no effect in lmproxy: %s", flag, launchers.why(flag))
     uvloop: ModuleType | None
     try:
         import uvloop

@@ -267,6 +267,22 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     redis_url: str | None = None
     redis_prefix: str = "lmproxy"
     max_queue: int = 0  # requests waiting for a slot at most; past it the lowest is shed
+    # Requests under way at once in the whole router (admission.py); past it they wait
+    # in the queue above, and one that waits --queue-timeout gets 408. 0: no limit.
+    max_concurrent_requests: int = 0
+    # A request for a model no service lists goes to the healthy services of every
+    # model (as the Rust routers do with one model), its body unchanged; else 404.
+    any_model: bool = False
+    # Consumed by the circuit breaker (a service's consecutive failures open it; after
+    # the timeout one request tries it; that many successes close it). 0 failures: off.
+    # sglang-router's defaults.
+    cb_failure_threshold: int = 10
+    cb_success_threshold: int = 3
+    cb_timeout_duration_secs: float = 60.0
+    # A second listener that serves only /metrics (sglang-router's --prometheus-port);
+    # 0: none. Its host: --prometheus-host, else --host.
+    prometheus_port: int = 0
+    prometheus_host: str | None = None
     admin_token: str | None = None
     registration_ttl: float = 0.0  # 0: registrations never expire by themselves
     registry_url: str | None = None
@@ -351,6 +367,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             "workers": self.workers,
             "max_queue": self.max_queue,
             "worker_timeout": self.worker_timeout,
+            "max_concurrent_requests": self.max_concurrent_requests,
+            "cb_failure_threshold": self.cb_failure_threshold,
+            "cb_success_threshold": self.cb_success_threshold,
+            "cb_timeout_duration_secs": self.cb_timeout_duration_secs,
         }.items():
             if value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
@@ -418,6 +438,18 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be 0-65535, got {self.port}")
+        if not 0 <= self.prometheus_port <= 65535:
+            raise ConfigError(f"--prometheus-port must be 0-65535, got {self.prometheus_port}")
+        if self.prometheus_port and self.workers != 1:
+            raise ConfigError(
+                "--prometheus-port serves one process's /metrics; with --workers, scrape "
+                "/metrics on --port, which sums every worker's (or run --workers 1)"
+            )
+        if self.prometheus_port and self.prometheus_port == self.port:
+            raise ConfigError(
+                f"--prometheus-port {self.prometheus_port} is also --port: give the metrics "
+                "listener a port of its own, or drop it (/metrics is on --port too)"
+            )
         if any(not key.strip() for key in self.api_keys):
             raise ConfigError(
                 "an API key is empty (--api-key '' or api_keys in the config; was it set from "

@@ -41,6 +41,8 @@ class Fault(enum.Enum):
     TOO_MANY_PIPELINED = "too_many_pipelined"
     QUEUE_TIMEOUT = "queue_timeout"  # every eligible service stayed at its max_in_flight
     QUEUE_FULL = "queue_full"  # --max-queue waiting, and this one's priority was the lowest
+    # Waited --queue-timeout for the router-wide --max-concurrent-requests (sglang-router's 408).
+    CONCURRENCY_TIMEOUT = "concurrency_timeout"
     RATE_LIMITED = "rate_limited"  # a [[keys]] limit: rpm, tpm or max_in_flight
     HEADERS_TOO_LARGE = "headers_too_large"
     INTERNAL = "internal"  # a bug in the router
@@ -69,6 +71,7 @@ DEFAULT_STATUS: dict[Fault, int] = {
     Fault.MODEL_NOT_FOUND: 404,
     Fault.METHOD_NOT_ALLOWED: 405,
     Fault.REQUEST_TIMEOUT: 408,
+    Fault.CONCURRENCY_TIMEOUT: 408,
     Fault.CONFLICT: 409,
     Fault.BODY_TOO_LARGE: 413,
     Fault.TOO_MANY_PIPELINED: 429,

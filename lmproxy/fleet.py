@@ -110,6 +110,64 @@ class _Heartbeat(msgspec.Struct):
     status: str | None = None
 
 
+class _WorkerRequest(msgspec.Struct):
+    """A worker as POST /workers, /add_worker and /remove_worker name it. The Rust
+    routers' other fields (priority, cost, labels...) steer features lmproxy has not:
+    they are skipped, as the Rust routers skip what they do not know."""
+
+    url: str
+    worker_type: str = "regular"
+    model_id: str | None = None
+    bootstrap_port: int | None = None
+    api_key: str | None = None
+
+
+_ROLES = {"regular": "both", "prefill": "prefill", "decode": "decode"}
+_WORKER_TYPES = {"both": "regular", "prefill": "prefill", "decode": "decode"}
+_FAULTS = {400: "bad_request", 404: "not_found", 409: "conflict"}
+WORKER_SHAPE = (
+    '{"url": "http://host:port"}, optional "worker_type" (regular, prefill, decode), '
+    '"model_id", "bootstrap_port" (a prefill)'
+)
+
+
+def _worker_error(fault: Fault, message: str, code: str | None = None) -> Payload:
+    """The router's error shape, with the Rust routers' ``code`` beside it."""
+    status, payload = error_payload(fault, message)
+    payload["code"] = code or fault.name
+    return status, payload
+
+
+def worker_info(service: Service) -> dict[str, Any]:
+    """A service as the Rust routers describe a worker."""
+    info: dict[str, Any] = {
+        "id": service.name,
+        "url": service.url,
+        "model_id": service.models[0] if service.models else None,
+        "models": list(service.models),
+        "worker_type": _WORKER_TYPES.get(service.role, service.role),
+        "is_healthy": service.healthy,
+        "load": service.in_flight,
+        "connection_mode": "Http",
+        "origin": service.origin,
+    }
+    if service.spec.bootstrap_port is not None:
+        info["bootstrap_port"] = service.spec.bootstrap_port
+    return info
+
+
+def worker_list(registry: Registry) -> dict[str, Any]:
+    workers = [worker_info(s) for s in registry.services.values()]
+    counts = {"prefill": 0, "decode": 0, "regular": 0}
+    for worker in workers:
+        counts[worker["worker_type"]] += 1
+    return {
+        "workers": workers,
+        "total": len(workers),
+        "stats": {f"{kind}_count": n for kind, n in counts.items()},
+    }
+
+
 class _RegistryListing(msgspec.Struct):
     services: list[dict[str, Any]]
 
@@ -342,7 +400,10 @@ class Fleet:
 
     def admin(self, method: bytes, path: bytes, body: bytes) -> Payload:
         """``POST /services``; ``GET|DELETE /services/{name}``;
-        ``POST /services/{name}/heartbeat``; ``GET /services/{name}/health``."""
+        ``POST /services/{name}/heartbeat``; ``GET /services/{name}/health``; and the Rust
+        routers' worker API (:meth:`workers`)."""
+        if not path.startswith(b"/services"):
+            return self.workers(method, path, body)
         if path == b"/services":
             if method != b"POST":
                 return error_payload(
@@ -376,6 +437,98 @@ class Fleet:
                 return 200, kept_entry(entry)
             return error_payload(Fault.NOT_FOUND, f"no service named {name!r}")
         return error_payload(Fault.METHOD_NOT_ALLOWED, f"/services/{name} answers GET and DELETE")
+
+    # --- the Rust routers' worker API -----------------------------------------------
+
+    def workers(self, method: bytes, path: bytes, body: bytes) -> Payload:
+        """sglang-router's and vllm-router's worker API, on the same registrations as
+        ``POST /services``: ``GET|POST /workers``, ``GET|DELETE /workers/{url or name}``,
+        ``GET /list_workers``, ``POST /add_worker`` and ``/remove_worker`` (their
+        ``?url=`` is the body's ``url`` here: app.py moves it). A worker is added at
+        once, so the answers that are 202 there (a queued job) say it is done."""
+        if path == b"/list_workers":
+            return 200, {"urls": [s.url for s in self.registry.services.values()]}
+        if path == b"/workers" and method in (b"GET", b"HEAD"):
+            return 200, worker_list(self.registry)
+        if path in (b"/workers", b"/add_worker"):
+            return self.add_worker(body, legacy=path == b"/add_worker")
+        if path == b"/remove_worker":
+            try:
+                url = decode.json(body, into=_WorkerRequest).url
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                return _worker_error(Fault.BAD_REQUEST, "give the worker's URL: ?url=http://...")
+            return self.remove_worker(url, legacy=True)
+        key = unquote(path[len(b"/workers/") :].decode("utf-8", "replace"))
+        if method == b"DELETE":
+            return self.remove_worker(key, legacy=False)
+        service = self._worker(key)
+        if service is None:
+            return _worker_error(Fault.NOT_FOUND, f"Worker {key} not found", "WORKER_NOT_FOUND")
+        return 200, worker_info(service)
+
+    def _worker(self, key: str) -> Service | None:
+        """The service a worker key names: its URL (as the Rust routers key workers) or
+        its lmproxy name."""
+        services = self.registry.services
+        url = key.rstrip("/")
+        return services.get(key) or next((s for s in services.values() if s.url == url), None)
+
+    def add_worker(self, body: bytes, legacy: bool) -> Payload:
+        try:
+            request = decode.json(body, into=_WorkerRequest)
+            role = _ROLES.get(request.worker_type)
+            if role is None:
+                raise ConfigError(
+                    f"worker_type must be regular, prefill or decode, got {request.worker_type!r}"
+                )
+            if request.api_key is not None:
+                raise ConfigError(
+                    "a worker api_key has no counterpart: lmproxy passes each client's own "
+                    "Authorization header to the worker; register it without one"
+                )
+            spec = ServiceSpec(
+                url=request.url,
+                models=[request.model_id] if request.model_id else [],
+                role=role,
+                bootstrap_port=request.bootstrap_port,
+            )
+        except (msgspec.DecodeError, msgspec.ValidationError, ConfigError) as exc:
+            return _worker_error(
+                Fault.BAD_REQUEST,
+                f"invalid worker: {exc}; expected {WORKER_SHAPE}",
+                "ADD_WORKER_FAILED",
+            )
+        existing = self._worker(spec.base_url)
+        if existing is not None:
+            return _worker_error(
+                Fault.CONFLICT,
+                f"Worker already exists at URL {spec.url!r} (service {existing.name!r}); "
+                f"DELETE /workers/{existing.name} first to replace it",
+                "WORKER_ALREADY_EXISTS",
+            )
+        status, answer = self.register(encode_json(spec))
+        if status >= 400:
+            return _worker_error(Fault(_FAULTS.get(status, "bad_request")), answer["error"])
+        name = answer["name"]
+        if legacy:
+            return 200, {"message": f"Successfully added worker: {spec.url}", "url": spec.url}
+        # 202 is what their clients wait for (a job queued); here it is done already.
+        return 202, {
+            "status": "accepted",
+            "worker_id": name,
+            "url": spec.url,
+            "location": f"/workers/{name}",
+            "message": "Worker added",
+        }
+
+    def remove_worker(self, key: str, legacy: bool) -> Payload:
+        service = self._worker(key)
+        if service is None:
+            return _worker_error(Fault.NOT_FOUND, f"Worker {key} not found", "WORKER_NOT_FOUND")
+        self._remove(service.name, "removed through the worker API")
+        if legacy:
+            return 200, {"message": f"Successfully removed worker: {key}", "url": service.url}
+        return 202, {"status": "accepted", "worker_id": service.name, "message": "Worker removed"}
 
     def register(self, body: bytes) -> Payload:
         try:

@@ -303,9 +303,19 @@ class PDJourney(Journey):
                 self.last_error or self._unavailable(model, "prefill" if not prefills else "decode")
             )
             return
-        if self.router.admission.limited:
-            prefills = [s for s in prefills if has_room(s)]
-            decodes = [s for s in decodes if has_room(s)]
+        admission = self.router.admission
+        if admission.limited:
+            full = admission.full()  # --max-concurrent-requests: the whole router's
+            prefills = [s for s in prefills if has_room(s) and not full]
+            decodes = [s for s in decodes if has_room(s) and not full]
+            if full:
+                error = ProxyError(
+                    Fault.QUEUE_TIMEOUT,
+                    "the router has its --max-concurrent-requests under way; retry shortly",
+                )
+                error.retry_after = 1
+                self.fail(error)
+                return
             if not prefills or not decodes:
                 side = "prefill" if not prefills else "decode"
                 error = ProxyError(

@@ -115,6 +115,10 @@ class Admission(Protocol):
 
     def admit(self, journey: Waiter, candidates: list[Service]) -> list[Service] | None: ...
 
+    def full(self) -> bool:
+        """Whether the router-wide --max-concurrent-requests is reached."""
+        ...
+
     def leave(self, client: QueuedClient) -> None: ...
 
 

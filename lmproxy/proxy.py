@@ -575,6 +575,12 @@ def _candidates(router: ProxyHost, route: RouteRequest) -> list[Service]:
         return found
     if model in registry.known_models or not registry.services:
         raise ProxyError(Fault.NO_HEALTHY_SERVICE, registry.why_unavailable(model))
+    if router.config.any_model:
+        # A name no service lists (--any-model): it goes on as a request without a
+        # model, to every healthy service, its body as sent. Its name is not kept: a
+        # client's invented names must not become metric labels or strategy state.
+        route.model = None
+        return _candidates(router, route)
     if registry.discovery_pending():
         pending = [s for s in registry.services.values() if not s.models_known]
         if any(s.last_check is None for s in pending):

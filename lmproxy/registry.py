@@ -214,6 +214,10 @@ class Registry:
         self.on_slot_freed: Callable[[], None] = _nothing
         # Per-process share of each service's max_in_flight (workers split it).
         self.limit_share = 1
+        # This process's share of --max-concurrent-requests (0: none). No service can
+        # have more under way than the whole router, so it caps each one's limit: then
+        # every release wakes the admission queue, at no cost to the request path.
+        self.router_limit = 0
         # A worker's mirror logs membership at debug level: the supervisor says it once.
         self.note = log.info
         self.services: dict[str, Service] = {}
@@ -254,7 +258,7 @@ class Registry:
         service = Service(spec, origin)
         service.ssl = self.tls_context(spec)
         service.on_free = self._slot_freed
-        service.max_in_flight = _share(spec.max_in_flight, self.limit_share)
+        service.max_in_flight = self._limit(spec)
         if self.make_pool is not None:
             service.pool = self.make_pool(service)
         self.services[service.name] = service
@@ -281,6 +285,20 @@ class Registry:
             self.note("service %s serves %s", service.name, name_models(service.models))
         self._changed()
         return service
+
+    def _limit(self, spec: ServiceSpec) -> int:
+        """A service's limit in this process: its own share, capped by the router's."""
+        own = share(spec.max_in_flight, self.limit_share)
+        cap = self.router_limit
+        return min(own, cap) if own and cap else own or cap
+
+    def set_router_limit(self, limit: int) -> None:
+        """This process's share of --max-concurrent-requests (0: none), at start and reload."""
+        if limit != self.router_limit:
+            self.router_limit = limit
+            for service in self.services.values():
+                service.max_in_flight = self._limit(service.spec)
+            self._changed()
 
     def remove(self, name: str, why: str) -> Service | None:
         """Take a service out; requests on it finish, then its connections close."""
@@ -313,7 +331,7 @@ class Registry:
             self._learn_cards(spec)
             service.weight = spec.weight
             service.cache_type = cache_type_of(spec)
-            service.max_in_flight = _share(spec.max_in_flight, self.limit_share)
+            service.max_in_flight = self._limit(spec)
             self.note("service %s updated (weight %d)", spec.name, spec.weight)
             self._changed()
         return service
@@ -708,7 +726,7 @@ def babysitter_url(service: Service) -> str | None:
     return f"{scheme}://{host}:{service.port + 1}"
 
 
-def _share(limit: int, workers: int) -> int:
+def share(limit: int, workers: int) -> int:
     """This process's part of a router-wide limit: never 0 (a worker must be able to
     serve), so with N workers the sum may exceed the limit by at most N - 1."""
     return -(-limit // workers) if limit else 0

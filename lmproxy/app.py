@@ -48,8 +48,8 @@ MAX_SWEEP_S = 1.0
 # client hung up (the event loop does not watch a paused socket).
 HANGUP_POLL_S = 0.05
 NOT_FOUND_HINT = (
-    "the router serves /v1/... (OpenAI API), /chat/completions, /completions, "
-    "/models, /health, /readiness, /liveness, /services, /stats and /metrics"
+    "the router takes origin-form paths (/v1/chat/completions, /health...): it forwards "
+    "every path but its own to the services, and is not a forward proxy"
 )
 
 
@@ -164,6 +164,7 @@ class Router:
         self.tls_protocol = tls_protocol_for(self.loop)
         self._routes = self._route_table()
         self._prefixes = self._prefix_table()
+        self._forwarded: Route = {ANY_METHOD: Endpoint(Access.API, self._proxy)}
 
     def _make_pool(self, service: Service) -> Pool:
         config = self.config
@@ -249,11 +250,15 @@ class Router:
                     "CONNECT is not served: lmproxy is not a forward proxy",
                 )
                 return
-            client.respond_error(
-                Fault.NOT_FOUND,
-                f"no route for {printable(request.method)} {printable(path)}; {NOT_FOUND_HINT}",
-            )
-            return
+            if not path.startswith(b"/"):  # an absolute URL or "*": for a forward proxy
+                client.respond_error(
+                    Fault.NOT_FOUND,
+                    f"no route for {printable(request.method)} {printable(path)}; {NOT_FOUND_HINT}",
+                )
+                return
+            # Not the router's own: the backends' (SGLang's /generate, vLLM's /tokenize,
+            # /version...), forwarded as the InfiniLM routers forward every path.
+            route = self._forwarded
         endpoint = route.get(request.method) or route.get(ANY_METHOD)
         if endpoint is None:
             allowed = ", ".join(m.decode() for m in route)
@@ -283,6 +288,7 @@ class Router:
         metrics = Endpoint(Access.API, self._metrics)
         return {
             b"/health": local(api.health, Access.OPEN),
+            b"/status": local(api.health, Access.OPEN),  # the InfiniLM routers' alias
             b"/readiness": local(api.readiness, Access.OPEN),
             b"/liveness": local(api.liveness, Access.OPEN),
             b"/models": {b"GET": models, b"HEAD": models},

@@ -2,6 +2,9 @@
 
 :meth:`Router.dispatch` is where a complete client request turns into either a
 local answer (the router's own endpoints) or a :class:`~lmproxy.proxy.Journey`.
+The route table names the router's own paths and the OpenAI API's; a path in
+neither is forwarded too (SGLang's /generate, vLLM's /tokenize...), looked up
+only after the table missed, so the table's paths pay nothing for it.
 """
 
 from __future__ import annotations
@@ -389,7 +392,8 @@ class Router:
     def _proxy(self, client: ClientConnection, request: ClientRequest) -> None:
         path = request.path
         if (b"/." in path or b"%" in path) and _has_dot_segment(path):
-            # A backend that resolves them would serve what the /v1/ gate keeps out.
+            # A backend that resolves them would serve another path than the one routed
+            # (what the /v1/ gate keeps out, or, forwarded, one of the router's own).
             client.respond_error(
                 Fault.BAD_REQUEST,
                 "the path has a '.' or '..' segment (or an encoded one); send it resolved",

@@ -5,6 +5,10 @@ sampling fields the InfiniLM router validates, and the fields strategies key on.
 Everything else (the messages themselves, tool schemas...) is skipped by the
 decoder without being materialised; ``messages`` and ``prompt`` stay raw JSON.
 The original bytes are what the backend receives.
+
+Paths the router only forwards (not the OpenAI API's) are read leniently, for
+their ``model`` alone (:func:`forwarded_head`); a multipart/form-data body (audio
+transcriptions) is scanned in place for its ``model`` field (:func:`form_model`).
 """
 
 from __future__ import annotations

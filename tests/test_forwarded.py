@@ -243,3 +243,13 @@ def named(name: bytes, extra: bytes = b"") -> bytes:
 )
 def test_the_form_scanner_finds_the_model_field_within_its_bounds(body, content_type, model):
     assert form_model(body, content_type.encode()) == model
+
+
+def test_forwarded_paths_need_the_api_key_and_status_does_not(spawn, echoes):
+    router = router_over(spawn, echoes, "--api-key", "sekrit")
+    assert router.get("/version").status == 401
+    assert router.post("/generate", {"text": "hi"}).status == 401
+    assert router.get("/status").status == 200
+    authorized = router.get("/version", headers={"Authorization": "Bearer sekrit"})
+    assert authorized.status == 200 and authorized.json()["path"] == "/version"
+    assert sum(len(echo.seen()) for echo in echoes) == 1

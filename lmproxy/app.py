@@ -2,6 +2,9 @@
 
 :meth:`Router.dispatch` is where a complete client request turns into either a
 local answer (the router's own endpoints) or a :class:`~lmproxy.proxy.Journey`.
+The route table names the router's own paths and the OpenAI API's; a path in
+neither is forwarded too (SGLang's /generate, vLLM's /tokenize...), looked up
+only after the table missed, so the table's paths pay nothing for it.
 """
 
 from __future__ import annotations
@@ -48,8 +51,8 @@ MAX_SWEEP_S = 1.0
 # client hung up (the event loop does not watch a paused socket).
 HANGUP_POLL_S = 0.05
 NOT_FOUND_HINT = (
-    "the router serves /v1/... (OpenAI API), /chat/completions, /completions, "
-    "/models, /health, /readiness, /liveness, /services, /workers, /stats and /metrics"
+    "the router takes origin-form paths (/v1/chat/completions, /health...): it forwards "
+    "every path but its own to the services, and is not a forward proxy"
 )
 
 
@@ -170,6 +173,7 @@ class Router:
         self.tls_protocol = tls_protocol_for(self.loop)
         self._routes = self._route_table()
         self._prefixes = self._prefix_table()
+        self._forwarded: Route = {ANY_METHOD: Endpoint(Access.API, self._proxy)}
 
     def _router_limit(self, config: Config) -> int:
         """This process's share of --max-concurrent-requests (the workers split it)."""
@@ -281,11 +285,15 @@ class Router:
                     "CONNECT is not served: lmproxy is not a forward proxy",
                 )
                 return
-            client.respond_error(
-                Fault.NOT_FOUND,
-                f"no route for {printable(request.method)} {printable(path)}; {NOT_FOUND_HINT}",
-            )
-            return
+            if not path.startswith(b"/"):  # an absolute URL or "*": for a forward proxy
+                client.respond_error(
+                    Fault.NOT_FOUND,
+                    f"no route for {printable(request.method)} {printable(path)}; {NOT_FOUND_HINT}",
+                )
+                return
+            # Not the router's own: the backends' (SGLang's /generate, vLLM's /tokenize,
+            # /version...), forwarded as the InfiniLM routers forward every path.
+            route = self._forwarded
         endpoint = route.get(request.method) or route.get(ANY_METHOD)
         if endpoint is None:
             allowed = ", ".join(m.decode() for m in route)
@@ -316,6 +324,7 @@ class Router:
         metrics = Endpoint(Access.API, self._metrics)
         return {
             b"/health": local(api.health, Access.OPEN),
+            b"/status": local(api.health, Access.OPEN),  # the InfiniLM routers' alias
             b"/readiness": local(api.readiness, Access.OPEN),
             b"/liveness": local(api.liveness, Access.OPEN),
             b"/models": {b"GET": models, b"HEAD": models},
@@ -439,7 +448,8 @@ class Router:
     def _proxy(self, client: ClientConnection, request: ClientRequest) -> None:
         path = request.path
         if (b"/." in path or b"%" in path) and _has_dot_segment(path):
-            # A backend that resolves them would serve what the /v1/ gate keeps out.
+            # A backend that resolves them would serve another path than the one routed
+            # (what the /v1/ gate keeps out, or, forwarded, one of the router's own).
             client.respond_error(
                 Fault.BAD_REQUEST,
                 "the path has a '.' or '..' segment (or an encoded one); send it resolved",

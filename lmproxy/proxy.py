@@ -51,7 +51,10 @@ from lmproxy.request import (
     RouteRequest,
     decode_head,
     find_header,
-    replace_model,
+    form_model,
+    forwarded_head,
+    is_form,
+    naming_model,
     with_model,
     with_stream_usage,
 )
@@ -536,13 +539,12 @@ def prompt_estimate(body: bytes) -> tuple[int, int]:
 def _route(router: ProxyHost, request: ClientRequest) -> RouteRequest:
     """Decode what routing needs; raise the 400/404/503 a request deserves."""
     path = request.path
-    head: RequestHead | None = None
     body = request.body
-    model_required = path in MODEL_PATHS
-    if model_required or (body and (request.is_json or body.lstrip()[:1] == b"{")):
-        head = decode_head(path, body)
-    model = head.model if head is not None else None
-    if model is None and model_required:
+    if path not in MODEL_PATHS:
+        return _route_other(router, request)
+    head = decode_head(path, body)
+    model = head.model
+    if model is None:
         config = router.config
         model = config.default_model
         if model is None:
@@ -559,6 +561,31 @@ def _route(router: ProxyHost, request: ClientRequest) -> RouteRequest:
             body = with_model(body, model)
         # Else any healthy service takes it, with the body as sent (the InfiniLM
         # routers' way): the backend answers with the model it serves.
+    return RouteRequest(path, model, head, body, request.headers)
+
+
+def _route_other(router: ProxyHost, request: ClientRequest) -> RouteRequest:
+    """Any other path: another /v1/ one (rerank, audio...) or one the router forwards
+    whole (SGLang's /generate, vLLM's /tokenize...). Its model is the JSON body's, or a
+    form's ``model`` field; without one, --default-model's services take it (the body
+    as sent: such APIs do not all take a ``model``), else any healthy service."""
+    path = request.path
+    body = request.body
+    head: RequestHead | None = None
+    model: str | None = None
+    if body:
+        if request.is_json or body.lstrip()[:1] == b"{":
+            # The OpenAI API's fields are checked on its own paths only.
+            head = decode_head(path, body) if path.startswith(b"/v1/") else forwarded_head(body)
+            if head is not None:
+                model = head.model
+        else:
+            content_type = request.header(b"content-type")
+            if is_form(content_type):
+                assert content_type is not None
+                model = form_model(body, content_type)
+    if model is None:
+        model = router.config.default_model
     return RouteRequest(path, model, head, body, request.headers)
 
 
@@ -843,7 +870,7 @@ class Journey:
         target = config.aliases.get(model)
         if target is not None:
             route.model = model = target
-            route.body = replace_model(route.body, target)
+            route.body = naming_model(route, target)
             self._name_model(model)
         chain = fallback_chain(config.models, model)
         if chain:
@@ -872,7 +899,7 @@ class Journey:
         if self.fallen_from is None:
             self.fallen_from = previous
         route.model = model
-        route.body = replace_model(route.body, model)
+        route.body = naming_model(route, model)
         self._name_model(model)
         self.tried = []
         self.failures = 0

@@ -5,6 +5,10 @@ sampling fields the InfiniLM router validates, and the fields strategies key on.
 Everything else (the messages themselves, tool schemas...) is skipped by the
 decoder without being materialised; ``messages`` and ``prompt`` stay raw JSON.
 The original bytes are what the backend receives.
+
+Paths the router only forwards (not the OpenAI API's) are read leniently, for
+their ``model`` alone (:func:`forwarded_head`); a multipart/form-data body (audio
+transcriptions) is scanned in place for its ``model`` field (:func:`form_model`).
 """
 
 from __future__ import annotations
@@ -129,6 +133,116 @@ def decode_head(path: bytes, body: bytes) -> RequestHead:
     elif path in COMPLETION_PATHS and (not head.prompt or _is_null(head.prompt)):
         raise ProxyError(Fault.BAD_REQUEST, "'prompt' is required for text completions")
     return head
+
+
+class _ModelOnly(msgspec.Struct):
+    model: str | None = None
+
+
+_decode_model_only = msgspec.json.Decoder(_ModelOnly).decode
+
+
+def forwarded_head(body: bytes) -> RequestHead | None:
+    """What routing reads of a JSON body on a path the router only forwards (SGLang's
+    /generate, vLLM's /tokenize...): that API is the backend's to judge, so nothing
+    is refused here. The fields it can read, or else the ``model`` alone, or None."""
+    try:
+        return _decode_head(body)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        pass  # a field of another type on this API than on OpenAI's, or no JSON at all
+    try:
+        model = _decode_model_only(body).model
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        return None
+    return RequestHead(model=model) if model is not None else None
+
+
+# multipart/form-data (RFC 7578): OpenAI's audio transcriptions and translations name
+# their model in a form field. The body is scanned in place, never copied: a bounded
+# number of parts, each part's header block bounded, the model's value bounded.
+MAX_FORM_PARTS = 64  # the SDKs send under a dozen fields, the file among them
+MAX_PART_HEAD_BYTES = 4096  # a part's header lines: Content-Disposition, Content-Type
+MAX_FORM_MODEL_BYTES = 1024  # a model name
+_BOUNDARY = re.compile(rb';\s*boundary\s*=\s*(?:"([^"\r\n]{1,70})"|([^\s;,"]{1,70}))', re.I)
+_MODEL_FIELD = re.compile(
+    rb"\r\ncontent-disposition[ \t]*:[ \t]*form-data[^\r\n]*?;[ \t]*name[ \t]*=[ \t]*"
+    rb'(?:"model"|model)[ \t]*(?:;|\r|\Z)',
+    re.I,
+)
+
+
+def is_form(content_type: bytes | None) -> bool:
+    return content_type is not None and content_type[:19].lower() == b"multipart/form-data"
+
+
+def form_model_span(body: bytes, content_type: bytes) -> tuple[int, int] | None:
+    """Where the value of the ``model`` field of a multipart/form-data body is, or None
+    (no such field in the first MAX_FORM_PARTS parts, or a body not framed as its
+    Content-Type says)."""
+    found = _BOUNDARY.search(content_type)
+    if found is None:
+        return None
+    delimiter = b"--" + (found.group(1) or found.group(2))
+    if body.startswith(delimiter):
+        at = len(delimiter)
+    else:  # a preamble before the first delimiter
+        first = body.find(b"\r\n" + delimiter)
+        if first < 0:
+            return None
+        at = first + 2 + len(delimiter)
+    delimiter = b"\r\n" + delimiter
+    for _ in range(MAX_FORM_PARTS):
+        if body.startswith(b"--", at):
+            return None  # the close delimiter: no part left
+        # The rest of the delimiter's line (transport padding), then the part's header
+        # lines, end at a blank line; a part with no headers starts with it.
+        line_end = body.find(b"\r\n", at, at + MAX_PART_HEAD_BYTES)
+        if line_end < 0:
+            return None
+        head_end = body.find(b"\r\n\r\n", line_end, line_end + MAX_PART_HEAD_BYTES)
+        if head_end < 0:
+            return None
+        start = head_end + 4
+        # From the CRLF before the first header line: each line is matched after its CRLF.
+        if _MODEL_FIELD.search(body, line_end, head_end):
+            end = body.find(delimiter, start, start + MAX_FORM_MODEL_BYTES + len(delimiter))
+            return None if end < 0 else (start, end)
+        end = body.find(delimiter, start)  # over a file's bytes: one scan, in C
+        if end < 0:
+            return None
+        at = end + len(delimiter)
+    return None
+
+
+def form_model(body: bytes, content_type: bytes) -> str | None:
+    """The ``model`` field of a multipart/form-data body, if it has one."""
+    span = form_model_span(body, content_type)
+    if span is None:
+        return None
+    try:
+        return body[span[0] : span[1]].decode() or None
+    except UnicodeDecodeError:
+        return None
+
+
+def naming_model(route: RouteRequest, model: str) -> bytes:
+    """The route's body naming ``model`` (an alias resolved, a fallback taken), where the
+    body names one: a JSON body's ``model``, a form's ``model`` field. Any other body
+    (a model-less one routed by --default-model, a body that is not JSON) goes as sent."""
+    body = route.body
+    head = route.head
+    if head is not None:
+        if head.model is not None or route.path in MODEL_PATHS:
+            return replace_model(body, model)
+        return body
+    content_type = route.header(b"content-type")
+    if not is_form(content_type):
+        return body
+    assert content_type is not None
+    span = form_model_span(body, content_type)
+    if span is None:
+        return body
+    return body[: span[0]] + model.encode() + body[span[1] :]
 
 
 class _ModelValue(msgspec.Struct):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import socket
 
 from conftest import Mock, Router, chat_body, router_over, wait_until
 
@@ -150,12 +151,22 @@ def test_router_endpoints_answer_get_only(spawn, two_backends):
     assert "GET" in resp.json()["error"]
 
 
-def test_unknown_path_is_404_with_hint(spawn, two_backends):
+def test_a_path_not_the_routers_is_forwarded_and_a_forward_proxys_refused(spawn, two_backends):
     a, _ = two_backends
-    router = spawn(Router, "--backend", a.backend_arg())
+    router = router_over(spawn, [a])
     resp = router.get("/nowhere")
-    assert resp.status == 404
-    assert "/v1/" in resp.json()["error"]
+    assert resp.status == 404  # the simulator's own answer, not the router's
+    assert resp.json() == {"error": "no route GET /nowhere"}
+    assert a.stats()["paths"][-1] == "/nowhere"
+    # An absolute URL asks for a forward proxy: the router's 404, with a hint.
+    with socket.create_connection(("127.0.0.1", router.port), timeout=5) as sock:
+        sock.sendall(b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        answer = b""
+        while b"}" not in answer:  # the whole error body
+            piece = sock.recv(65536)
+            assert piece, answer
+            answer += piece
+    assert answer.startswith(b"HTTP/1.1 404") and b"not a forward proxy" in answer
 
 
 def test_api_keys_guard_everything_but_health(spawn, two_backends):

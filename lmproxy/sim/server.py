@@ -397,8 +397,11 @@ class MockConnection(asyncio.Protocol):
             final["usage"] = usage
         pending.append(b"data: " + encode(final) + b"\n\n")
         pending.append(b"data: [DONE]\n\n")
-        self._flush(pending)
-        self.write(b"0\r\n\r\n")
+        # The last events and the end of the body in one write: a client that closes at
+        # [DONE] (the openai SDK does) then never races the router for the last chunk.
+        data = b"".join(pending)
+        pending.clear()
+        self.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
         state.streams_completed += 1
         state.completed += 1
 

@@ -40,7 +40,7 @@ def test_slow_headers_are_cut_off_with_408(spawn):
         started = time.monotonic()
         data = _recv_all(sock)
     assert data.startswith(b"HTTP/1.1 408")
-    assert 0.4 < time.monotonic() - started < 5
+    assert time.monotonic() - started > 0.4  # not before the deadline (a floor load cannot break)
 
 
 def test_idle_keep_alive_connection_is_closed(spawn):
@@ -51,7 +51,7 @@ def test_idle_keep_alive_connection_is_closed(spawn):
         assert first.startswith(b"HTTP/1.1 ")
         started = time.monotonic()
         assert _recv_all(sock) == b""  # closed by the router
-    assert 0.4 < time.monotonic() - started < 5
+    assert time.monotonic() - started > 0.4  # not before the deadline (a floor load cannot break)
 
 
 def test_backend_connections_are_reused(spawn):
@@ -102,7 +102,8 @@ def test_slow_client_pauses_the_backend_and_memory_stays_bounded(spawn):
         % (len(body), body)
     )
     received = bytearray(sock.recv(1024))  # the head arrives, then the client stops reading
-    time.sleep(1.5)  # let the backend run into the router's back-pressure
+    wait_until(lambda: backend.stats()["write_pauses"] >= 1, 10, "the router's back-pressure")
+    time.sleep(0.5)  # held: a router without flow control reads the 12 MB in this time
     stats = backend.stats()
     assert stats["streams_started"] == 1 and stats["streams_completed"] == 0
     assert _rss_kib(router.proc.pid) - rss_before < 8 * 1024
@@ -114,7 +115,7 @@ def test_slow_client_pauses_the_backend_and_memory_stays_bounded(spawn):
         received += chunk
     sock.close()
     body = _dechunk(bytes(received).partition(b"\r\n\r\n")[2])
-    assert body.count(b"data: ") == 60_000 + 3  # role + tokens + usage + [DONE]
+    assert body.count(b"data: ") == 60_000 + 3  # role + tokens + finish + [DONE]
     wait_until(lambda: backend.stats()["streams_completed"] == 1, 5, "the backend to finish")
 
 

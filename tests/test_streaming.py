@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import signal
 import socket
@@ -55,27 +54,31 @@ def paced(spawn):
 
 
 async def test_events_arrive_as_the_backend_produces_them(paced):
-    router, _ = paced
-    started = time.monotonic()
-    reader, writer, head = await _open_stream(router.port, chat_body(stream=True, max_tokens=10))
+    """Each event is relayed as the backend sends it, not held for the stream's end:
+    a backend that sends 5 of its 10 tokens and then goes silent, its stream never
+    ending, still has those 5 reach the client, one by one. (By order, not by clock:
+    a loaded machine stretches every gap.)"""
+    router, backend = paced
+    reader, writer, head = await _open_stream(
+        router.port, chat_body(stream=True, max_tokens=10), "X-Mock-Fault: stall-mid-stream\r\n"
+    )
     assert head.startswith(b"HTTP/1.1 200")
     assert b"text/event-stream" in head
-    events = await _events(reader)
+    events, buf = [], b""
+    while len(events) < 6:  # the role, then 5 tokens
+        buf += await asyncio.wait_for(_read_chunk(reader), 10)
+        while b"\n\n" in buf:
+            event, buf = buf.split(b"\n\n", 1)
+            events.append(json.loads(event[6:]))
     writer.close()
-    assert events[-1][1] == b"data: [DONE]"
-    content = [json.loads(e[6:]) for _, e in events[:-1]]
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in content).split()[:3] == [
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events).split() == [
         "The",
         "quick",
         "brown",
+        "fox",
+        "jumps",
     ]
-    total = events[-1][0] - started
-    first_token = events[1][0] - started
-    # The first token is relayed long before the backend finished, and the
-    # events are spread over the stream, not delivered in one burst at the end.
-    assert first_token < total - 0.9, (first_token, total)
-    gaps = [b[0] - a[0] for a, b in itertools.pairwise(events[1:-1])]
-    assert sum(1 for g in gaps if g > 0.08) >= 6, gaps
+    assert backend.stats()["streams_completed"] == 0  # the backend never finished
 
 
 async def test_stream_bytes_are_forwarded_unchanged(spawn):
@@ -143,7 +146,7 @@ async def test_stalled_stream_ends_after_request_timeout(spawn):
     )
     events = [e for _, e in await _events(reader)]
     assert "sent nothing for 0.5s" in json.loads(events[-1][6:])["error"]
-    assert 0.4 < time.monotonic() - started < 5
+    assert time.monotonic() - started > 0.4  # not before the deadline (a floor load cannot break)
     writer.close()
 
 
@@ -169,9 +172,8 @@ def test_client_hang_up_closes_the_backend_connection(spawn):
     assert sock.recv(65536).startswith(b"HTTP/1.1 200")
     assert backend.stats()["streams_started"] == 1
     sock.close()
-    hung_up = time.monotonic()
-    wait_until(lambda: backend.stats()["client_disconnects"] == 1, 5, "the backend to see it")
-    assert time.monotonic() - hung_up < 1.0
+    # 1,000 tokens take 50 s: the backend counts the hang-up only while it still streams.
+    wait_until(lambda: backend.stats()["client_disconnects"] == 1, 10, "the backend to see it")
     stats = backend.stats()
     assert stats["streams_completed"] == 0
     # The connection was not returned to the pool: the next request opens a new one.

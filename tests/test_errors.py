@@ -20,10 +20,16 @@ from conftest import (
 
 
 @pytest.fixture
-def router(spawn, two_backends):
+def router(shared_router):
+    """The module's router: the 400s, 404s and 405s change nothing in it."""
+    return shared_router
+
+
+@pytest.fixture
+def faulty(spawn, two_backends):
+    """A router of its own, for a test whose faults count against a service."""
     a, b = two_backends
-    router = router_over(spawn, [a, b])
-    return router
+    return router_over(spawn, [a, b])
 
 
 def _error(resp, status):
@@ -126,12 +132,12 @@ def test_405_for_a_model_path_without_post(router, method, path):
     assert head.status == 405 and head.headers["allow"] == "POST" and head.body == b""
 
 
-def test_valid_edges_of_the_ranges_pass(router, two_backends):
+def test_valid_edges_of_the_ranges_pass(router, shared_backends):
     body = chat_body(temperature=0, top_p=1, top_k=-1, max_tokens=1, repetition_penalty=2)
     resp = router.post("/v1/chat/completions", body)
     assert resp.status == 200, resp
     assert resp.json()["usage"]["completion_tokens"] == 1  # max_tokens reached the backend
-    backend = request(two_backends[0].port, "GET", "/mock/stats").json()
+    backend = request(shared_backends[0].port, "GET", "/mock/stats").json()
     assert json.loads(backend["last_body"]) == body  # every edge value passed unchanged
 
 
@@ -231,8 +237,8 @@ def test_502_when_backend_is_unreachable(spawn):
     assert router.stats_of("a")["error_count"] >= 1
 
 
-def test_502_when_backend_answers_garbage(router):
-    resp = router.post("/v1/chat/completions", chat_body(), headers={"X-Mock-Fault": "garbage"})
+def test_502_when_backend_answers_garbage(faulty):
+    resp = faulty.post("/v1/chat/completions", chat_body(), headers={"X-Mock-Fault": "garbage"})
     message = _error(resp, 502)
     assert "svc-qwen" in message and "broken HTTP" in message
 
@@ -246,9 +252,9 @@ def test_504_when_backend_hangs(spawn):
     assert "--request-timeout" in message
 
 
-def test_backend_errors_pass_through_unchanged(router):
+def test_backend_errors_pass_through_unchanged(faulty):
     for fault in ("500", "503", "429"):
-        resp = router.post("/v1/chat/completions", chat_body(), headers={"X-Mock-Fault": fault})
+        resp = faulty.post("/v1/chat/completions", chat_body(), headers={"X-Mock-Fault": fault})
         assert resp.status == int(fault)
         assert resp.json() == {"error": f"simulated {fault}"}
     assert resp.headers["retry-after"] == "1"

@@ -12,16 +12,26 @@ import pytest
 from conftest import Mock, Router, router_over, wait_until
 
 
-@pytest.fixture
-def client(spawn, two_backends):
-    a, b = two_backends
-    router = router_over(spawn, [a, b])
-    with openai.OpenAI(
+def _client(router: Router) -> openai.OpenAI:
+    return openai.OpenAI(
         base_url=f"http://127.0.0.1:{router.port}/v1",
         api_key="not-needed",
         timeout=10,
         max_retries=0,
-    ) as client:
+    )
+
+
+@pytest.fixture(scope="module")
+def client(shared_router):
+    """One router for the module: its tests set no fault a later test could meet."""
+    with _client(shared_router) as client:
+        yield client
+
+
+@pytest.fixture
+def own_client(spawn, two_backends):
+    """A router of its own, for a test whose fault counts against a service."""
+    with _client(router_over(spawn, list(two_backends))) as client:
         yield client
 
 
@@ -186,8 +196,8 @@ def test_errors_reach_the_sdk_as_its_exceptions(client):
         )
 
 
-def test_stream_error_mid_stream_raises_in_the_sdk(client):
-    stream = client.chat.completions.create(
+def test_stream_error_mid_stream_raises_in_the_sdk(own_client):
+    stream = own_client.chat.completions.create(
         model="Qwen3-32B",
         messages=[{"role": "user", "content": "x"}],
         max_tokens=10,

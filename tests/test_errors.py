@@ -17,6 +17,7 @@ from conftest import (
     router_over,
     wait_until,
 )
+from inproc import Harness
 
 
 @pytest.fixture
@@ -260,30 +261,27 @@ def test_backend_errors_pass_through_unchanged(faulty):
     assert resp.headers["retry-after"] == "1"
 
 
-def test_413_is_sent_without_reading_the_body(spawn, two_backends):
-    a, _ = two_backends
-    router = spawn(Router, "--backend", a.backend_arg(), "--max-body-size", "1KiB")
-    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
-        # Announce 10 MB but send none of it: the answer must come anyway.
-        sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n"
-        )
-        data = wait_until(lambda: sock.recv(65536), 5, "the 413")
+async def test_413_is_sent_without_reading_the_body():
+    h = Harness(max_body_size=1024)
+    client, downstream = h.client()
+    # Announce 10 MB but send none of it: the answer must come anyway.
+    client.data_received(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n"
+    )
+    data = downstream.take()
     assert data.startswith(b"HTTP/1.1 413")
     assert b"--max-body-size" in data
     assert b"Connection: close" in data
 
 
-def test_413_for_chunked_body_over_the_limit(spawn, two_backends):
-    a, _ = two_backends
-    router = spawn(Router, "--backend", a.backend_arg(), "--max-body-size", "1KiB")
-    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
-        sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n800\r\n" + b"x" * 2048 + b"\r\n"
-        )
-        data = wait_until(lambda: sock.recv(65536), 5, "the 413")
-    assert data.startswith(b"HTTP/1.1 413")
+async def test_413_for_chunked_body_over_the_limit():
+    h = Harness(max_body_size=1024)
+    client, downstream = h.client()
+    client.data_received(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n800\r\n" + b"x" * 2048 + b"\r\n"
+    )
+    assert downstream.take().startswith(b"HTTP/1.1 413")
 
 
 def test_malformed_request_is_400_and_close(router):

@@ -203,7 +203,7 @@ class Bench:
         return result, cpu_us
 
     def _stream(self, running: Running, figures: dict[str, Any], tokens: int) -> None:
-        events = tokens + 3  # role, tokens, usage, [DONE]
+        events = tokens + 3  # role, tokens, finish, [DONE]
         if not self.wrk_reason:
             r, cpu_us = self._wrk_cpu(running, chat(tokens, stream=True), 16)
             figures[f"stream{tokens}_eps"] = r.rps * events

@@ -275,9 +275,12 @@ def router_over(
     return router
 
 
-# Fixtures that start processes: spawn, and the module-wide router and backend of the
-# attack and fuzz modules (started once per module, without spawn).
-PROCESS_FIXTURES = frozenset({"spawn", "router", "backend", "lenient_router"})
+# Fixtures that start processes: spawn, the module-wide processes (module_spawn and
+# what it starts), and the module-wide router and backend of the attack and fuzz
+# modules (started once per module, without spawn).
+PROCESS_FIXTURES = frozenset(
+    {"spawn", "module_spawn", "router", "backend", "lenient_router", "shared_router"}
+)
 SLOW_MODULES = frozenset({"test_bench"})  # benchmarks, run as processes
 
 
@@ -291,9 +294,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., Any]]:
-    """Start processes (``spawn(Mock, ...)``, ``spawn(Router, ...)``); all stop at the end."""
+def _spawner() -> Iterator[Callable[..., Any]]:
     started: list[Process] = []
 
     def start(kind: type[Process], *args: Any, **kwargs: Any) -> Any:
@@ -304,6 +305,34 @@ def spawn() -> Iterator[Callable[..., Any]]:
     yield start
     for proc in reversed(started):
         proc.stop()
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., Any]]:
+    """Start processes (``spawn(Mock, ...)``, ``spawn(Router, ...)``); all stop at the end."""
+    yield from _spawner()
+
+
+@pytest.fixture(scope="module")
+def module_spawn() -> Iterator[Callable[..., Any]]:
+    """``spawn`` for processes a whole module shares: they stop after its last test."""
+    yield from _spawner()
+
+
+@pytest.fixture(scope="module")
+def shared_backends(module_spawn: Callable[..., Any]) -> tuple[Mock, Mock]:
+    """``two_backends``, started once per module: for tests that set no fault and
+    count nothing absolute (each test asks about its own requests)."""
+    return (
+        module_spawn(Mock, "svc-qwen", ["Qwen3-32B"]),
+        module_spawn(Mock, "svc-9g", ["9g_8b_thinking"]),
+    )
+
+
+@pytest.fixture(scope="module")
+def shared_router(module_spawn: Callable[..., Any], shared_backends: tuple[Mock, Mock]) -> Router:
+    """A router over ``shared_backends`` with default flags, shared by a module."""
+    return router_over(module_spawn, list(shared_backends))
 
 
 @pytest.fixture

@@ -121,6 +121,13 @@ class Harness:
         for _ in range(times):
             await asyncio.sleep(0)
 
+    def sweep(self) -> None:
+        """Enforce the connections' deadlines once, as the router's sweep timer does
+        (armed only by ``Router.start``, which the harness never calls)."""
+        self.router._sweep()
+        if self.router._sweeper is not None:
+            self.router._sweeper.cancel()  # the sweep re-arms itself: not past this case
+
     def idle_backends(self) -> int:
         pool = self.service.pool
         assert pool is not None

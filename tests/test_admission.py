@@ -86,7 +86,9 @@ def test_queue_timeout_gives_429_with_retry_after(spawn):
         assert int(resp.headers["retry-after"]) >= 1
         error = resp.json()["error"]
         assert "max_in_flight" in error and "--queue-timeout" in error
-    assert 0.3 <= waited < 2.0  # they did wait, and not for the slow request to finish
+    # They did wait (a floor load cannot break), and not for the slow request to finish:
+    # that would have freed the slot, and served them.
+    assert waited >= 0.3
     assert backend.stats()["peak_active"] == 1
 
 
@@ -133,7 +135,7 @@ def test_a_client_that_hangs_up_leaves_the_queue(spawn):
         )
         wait_until(lambda: router.get("/stats").json()["queue_length"] == 1, 5, "it to queue")
         sock.close()
-        wait_until(lambda: router.get("/stats").json()["queue_length"] == 0, 2, "it to leave")
+        wait_until(lambda: router.get("/stats").json()["queue_length"] == 0, 5, "it to leave")
         assert first.result(15).status == 200
     # The request that left never reached the backend: one chat completion only.
     assert [p for p in backend.stats()["paths"] if "chat" in p] == ["/v1/chat/completions"]

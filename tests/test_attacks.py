@@ -3,8 +3,11 @@
 One test per attack names the bound or deadline that ends it; the invariant tests
 run many attacks at once, from their own process (tests/attackers.py), and check
 what must hold whatever a peer does: memory per attacking connection stays
-small, well-behaved clients keep being answered in milliseconds, no service is
-marked unhealthy by the router's own load, and every slot and counter comes back.
+small, every well-behaved client is answered, no service is marked unhealthy by
+the router's own load, and every slot and counter comes back. No test asserts
+how long anything took (a loaded machine stretches every duration): a deadline
+shows in what the router answers and logs, and ``python -m bench.attacks``
+measures the bystanders' latency.
 """
 
 from __future__ import annotations
@@ -233,8 +236,8 @@ def test_a_stalled_body_gets_408_after_the_body_timeout(router, raw):
         started = time.monotonic()
         data = read_until_close(sock)
     assert status_of(data) == 408
-    assert b"--body-timeout" in data
-    assert 0.9 < time.monotonic() - started < 3
+    assert b"--body-timeout" in data  # this deadline, no other, ended it
+    assert time.monotonic() - started > 0.9  # not before it: a floor load cannot break
 
 
 def test_a_trickled_body_is_served_while_each_silence_is_short(router):
@@ -255,8 +258,8 @@ def test_a_silent_new_connection_is_closed_after_the_header_timeout(router):
     sock = connect(router.port)
     with sock:
         started = time.monotonic()
-        assert read_until_close(sock) == b""
-    assert 0.9 < time.monotonic() - started < 3
+        assert read_until_close(sock) == b""  # closed within read_until_close's 5 s
+    assert time.monotonic() - started > 0.9  # not before --header-timeout
 
 
 def open_fds(proc: Router) -> int:
@@ -275,11 +278,10 @@ def test_a_rejected_client_that_never_reads_is_let_go(router):
         # Far more answers than the kernel's socket buffers hold.
         sock.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n" * 3000 + b"BAD\r\n\r\n")
         wait_until(lambda: open_fds(router) > baseline, 5, "the router to hold the connection")
-        started = time.monotonic()
+        # Bounded by the wait: without the send timeout the socket would stay open.
         wait_until(
-            lambda: open_fds(router) <= baseline, float(SEND_TIMEOUT) + 5, "the router to let go"
+            lambda: open_fds(router) <= baseline, float(SEND_TIMEOUT) + 8, "the router to let go"
         )
-    assert time.monotonic() - started < float(SEND_TIMEOUT) + 4
 
 
 # --- 4. a backend that answers more than it was asked ---------------------------------
@@ -370,11 +372,9 @@ def test_two_routers_in_a_ring_answer_508_at_once(spawn):
     )
     assert resp.status == 201, resp
     first.wait_healthy(1)
-    started = time.monotonic()
     resp = first.post("/v1/chat/completions", chat_body())
     assert resp.status == 508, resp
     assert "routing loop" in resp.json()["error"]
-    assert time.monotonic() - started < 2
     # Once round, not thousands of times: each router saw the request once or twice.
     assert first.stats_of("second")["request_count"] <= 2
     stats = second.stats_of("first")
@@ -602,7 +602,9 @@ def test_paths_with_dot_segments_are_refused(router, path):
 
 def test_a_hangup_while_reading_is_paused_reaches_the_backend_at_once(router, backend):
     before = backend.stats()
-    body = json.dumps(chat_body(stream=True, max_tokens=2000)).encode()
+    # A stream far longer than the waits below (40 s of tokens): its hang-up counts on
+    # the backend only if it reaches the backend before the stream's end.
+    body = json.dumps(chat_body(stream=True, max_tokens=20_000)).encode()
     one = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
@@ -612,11 +614,9 @@ def test_a_hangup_while_reading_is_paused_reaches_the_backend_at_once(router, ba
     wait_until(lambda: backend.stats()["streams_started"] > before["streams_started"], 5)
     time.sleep(0.3)  # let the router pause reading: a hang-up must still be seen
     sock.close()
-    closed_at = time.monotonic()
     wait_until(
-        lambda: backend.stats()["client_disconnects"] > before["client_disconnects"], 5, "hang-up"
+        lambda: backend.stats()["client_disconnects"] > before["client_disconnects"], 10, "hang-up"
     )
-    assert time.monotonic() - closed_at < 1.0
     time.sleep(0.3)
     after = backend.stats()
     # None of the queued requests was sent after the hang-up.
@@ -635,9 +635,8 @@ def test_a_client_that_never_reads_its_stream_is_let_go_after_the_send_timeout(r
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"X-Mock-Token-Delay: 0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
         )
-        started = time.monotonic()
-        wait_until(lambda: backend.stats()["client_disconnects"] > before, 10, "the backend let go")
-    assert time.monotonic() - started < float(SEND_TIMEOUT) + 3
+        # The client reads nothing, so the stream cannot end: only the send timeout ends it.
+        wait_until(lambda: backend.stats()["client_disconnects"] > before, 15, "the backend let go")
     assert_settled(router)
 
 

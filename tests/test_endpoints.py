@@ -8,10 +8,8 @@ import socket
 from conftest import Mock, Router, chat_body, router_over, wait_until
 
 
-def test_health_reports_healthy_services(spawn, two_backends):
-    a, b = two_backends
-    router = router_over(spawn, [a, b])
-    resp = router.get("/health")
+def test_health_reports_healthy_services(shared_router):
+    resp = shared_router.get("/health")
     assert resp.status == 200
     body = resp.json()
     assert body["status"] == "healthy"
@@ -143,10 +141,8 @@ def test_stats_count_real_proxied_requests(spawn, two_backends):
     assert idle["request_count"] == 0 and idle["response_time"] == 0
 
 
-def test_router_endpoints_answer_get_only(spawn, two_backends):
-    a, _ = two_backends
-    router = spawn(Router, "--backend", a.backend_arg())
-    resp = router.post("/health", {})
+def test_router_endpoints_answer_get_only(shared_router):
+    resp = shared_router.post("/health", {})
     assert resp.status == 405
     assert "GET" in resp.json()["error"]
 

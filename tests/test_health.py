@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 
 import pytest
 from conftest import Mock, Router, chat_body, router_over, wait_until
@@ -176,10 +175,8 @@ def test_timeout_is_not_retried(spawn):
     hang = spawn(Mock, "hang", ["Qwen3-32B"], "--fault", "hang")
     other = spawn(Mock, "other", ["Qwen3-32B"])
     router = router_over(spawn, [hang, other], "--request-timeout", "0.3")
-    started = time.monotonic()
     results = [router.post("/v1/chat/completions", chat_body()).status for _ in range(2)]
-    assert sorted(results) == [200, 504]
-    assert time.monotonic() - started < 5
+    assert sorted(results) == [200, 504]  # a retried timeout would be a second 200
 
 
 async def test_a_probe_answer_in_tiny_chunks_is_refused_past_its_pieces():

@@ -56,6 +56,24 @@ def exchange(port: int, raw: bytes) -> tuple[bytes, bool]:
         return data, False
 
 
+def first_answer_head(port: int, raw: bytes) -> bytes:
+    """Send ``raw``; return what came back until the first answer's head is whole, or
+    the close. A kept-alive connection is not waited out: only that status counts."""
+    with socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT_S) as sock:
+        with contextlib.suppress(OSError):
+            sock.sendall(raw)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                return data
+            if not chunk:
+                return data
+            data += chunk
+        return data
+
+
 def status_of(data: bytes) -> int:
     assert data.startswith(b"HTTP/1.1 "), data[:100]
     return int(data[9:12])
@@ -151,8 +169,9 @@ def test_trickled_headers_are_cut_off_at_the_header_timeout(router):
                 pass
             finally:
                 sock.setblocking(True)
-    # Bytes kept coming, but the headers as a whole took too long (--header-timeout 1).
-    assert closed_after is not None and 0.9 < closed_after < 3
+    # Bytes kept coming, but the headers as a whole took too long (--header-timeout 1):
+    # cut off before the trickle's end (more than 5 s of it), and not before the deadline.
+    assert closed_after is not None and closed_after > 0.9
 
 
 @pytest.mark.parametrize(
@@ -293,7 +312,7 @@ def test_fuzz_headers_never_500(router, headers):
     )
 )
 def test_fuzz_byte_streams_never_500_and_never_stop_the_router(router, raw):
-    data, _ = exchange(router.port, raw + b"\r\n\r\n")
+    data = first_answer_head(router.port, raw + b"\r\n\r\n")
     if data:
         assert status_of(data) != 500, data[:300]
     assert_still_serving(router)
@@ -398,6 +417,12 @@ def _backend_bytes(status: int, framing: str, body: bytes, after: bytes) -> byte
     return head + b"\r\n"  # no framing: a body until the close, or none for 204/304
 
 
+def _until_close(status: int, framing: str) -> bool:
+    """Whether the body ends only with the connection (or never, if it stays open)."""
+    unframed = framing == "none" and status not in (204, 304)
+    return unframed or framing in ("until-close", "short")
+
+
 @pytest.fixture(scope="module")
 def lenient_router() -> Iterator[Router]:
     """A router that never ejects its backend: the fuzz sends it broken answers on purpose."""
@@ -422,7 +447,7 @@ def test_fuzz_backend_framings_never_corrupt_the_client_connection(lenient_route
         % (
             base64.b64encode(raw),
             # A backend that stalls mid-body is the fault suite's; here it closes.
-            b"X-Mock-Raw-Close: 1\r\n" if close or framing in ("until-close", "short") else b"",
+            b"X-Mock-Raw-Close: 1\r\n" if close or _until_close(status, framing) else b"",
             len(payload),
             payload,
         )

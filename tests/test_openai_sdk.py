@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import struct
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -9,16 +12,26 @@ import pytest
 from conftest import Mock, Router, router_over, wait_until
 
 
-@pytest.fixture
-def client(spawn, two_backends):
-    a, b = two_backends
-    router = router_over(spawn, [a, b])
-    with openai.OpenAI(
+def _client(router: Router) -> openai.OpenAI:
+    return openai.OpenAI(
         base_url=f"http://127.0.0.1:{router.port}/v1",
         api_key="not-needed",
         timeout=10,
         max_retries=0,
-    ) as client:
+    )
+
+
+@pytest.fixture(scope="module")
+def client(shared_router):
+    """One router for the module: its tests set no fault a later test could meet."""
+    with _client(shared_router) as client:
+        yield client
+
+
+@pytest.fixture
+def own_client(spawn, two_backends):
+    """A router of its own, for a test whose fault counts against a service."""
+    with _client(router_over(spawn, list(two_backends))) as client:
         yield client
 
 
@@ -95,6 +108,79 @@ def test_embeddings(client):
     assert result.usage.prompt_tokens > 0
 
 
+def test_a_list_prompt_gets_one_choice_per_prompt_times_n(client):
+    """OpenAI answers a completion whose prompt is a list with n choices per prompt,
+    indexed 0..len(prompt)*n-1; a chat's n gives n choices."""
+    completion = client.completions.create(
+        model="Qwen3-32B", prompt=["a", "b", "c"], n=2, max_tokens=2
+    )
+    assert [c.index for c in completion.choices] == [0, 1, 2, 3, 4, 5]
+    assert {c.text.strip() for c in completion.choices} == {"The quick"}
+    assert completion.usage.completion_tokens == 12
+    # Token-id prompts: one list of ids is one prompt, a list of lists one per list.
+    assert len(client.completions.create(model="Qwen3-32B", prompt=[1, 2, 3]).choices) == 1
+    assert len(client.completions.create(model="Qwen3-32B", prompt=[[1], [2]]).choices) == 2
+    chat = client.chat.completions.create(
+        model="Qwen3-32B", messages=[{"role": "user", "content": "x"}], n=3, max_tokens=1
+    )
+    assert [c.index for c in chat.choices] == [0, 1, 2]
+    stream = client.completions.create(
+        model="Qwen3-32B", prompt=["a", "b"], max_tokens=3, stream=True
+    )
+    texts: dict[int, str] = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    assert {i: t.split() for i, t in texts.items()} == {
+        0: ["The", "quick", "brown"],
+        1: ["The", "quick", "brown"],
+    }
+
+
+def test_embeddings_in_base64_as_the_sdk_asks_by_default(client):
+    """The openai SDKs ask for encoding_format base64 unless told otherwise: the
+    vectors' little-endian float32 bytes, base64-encoded. Floats in its place are
+    garbage to the Node SDK, and an explicit base64 caller gets a list, not a str."""
+    inputs = ["a", "b"]
+    floats = client.embeddings.create(model="9g_8b_thinking", input=inputs, encoding_format="float")
+    raw = client.embeddings.with_raw_response.create(model="9g_8b_thinking", input=inputs)
+    assert json.loads(raw.http_request.content)["encoding_format"] == "base64"
+    sent = raw.http_response.json()["data"]
+    assert all(isinstance(item["embedding"], str) for item in sent)
+    assert [item.embedding for item in raw.parse().data] == [i.embedding for i in floats.data]
+    explicit = client.embeddings.create(
+        model="9g_8b_thinking", input=inputs, encoding_format="base64"
+    )
+    decoded = [
+        list(struct.unpack("<8f", base64.b64decode(item.embedding))) for item in explicit.data
+    ]
+    assert decoded == [item.embedding for item in floats.data]
+
+
+def test_a_stream_carries_usage_only_when_asked(client):
+    """OpenAI (and vLLM, SGLang) send a stream's usage only with
+    stream_options.include_usage, in a last chunk of its own with no choices."""
+    messages = [{"role": "user", "content": "x"}]
+    unasked = list(
+        client.chat.completions.create(
+            model="Qwen3-32B", messages=messages, max_tokens=3, stream=True
+        )
+    )
+    assert unasked and all(chunk.usage is None for chunk in unasked)
+    assert unasked[-1].choices[0].finish_reason == "length"
+    asked = list(
+        client.chat.completions.create(
+            model="Qwen3-32B",
+            messages=messages,
+            max_tokens=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert asked[-1].choices == [] and asked[-1].usage.completion_tokens == 3
+    assert all(chunk.usage is None for chunk in asked[:-1])
+
+
 def test_models_list(client):
     assert sorted(m.id for m in client.models.list()) == ["9g_8b_thinking", "Qwen3-32B"]
     assert client.models.retrieve("Qwen3-32B").id == "Qwen3-32B"
@@ -110,8 +196,8 @@ def test_errors_reach_the_sdk_as_its_exceptions(client):
         )
 
 
-def test_stream_error_mid_stream_raises_in_the_sdk(client):
-    stream = client.chat.completions.create(
+def test_stream_error_mid_stream_raises_in_the_sdk(own_client):
+    stream = own_client.chat.completions.create(
         model="Qwen3-32B",
         messages=[{"role": "user", "content": "x"}],
         max_tokens=10,

@@ -8,7 +8,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 
 import openai
 import pytest
@@ -355,11 +354,10 @@ def test_a_prefill_that_never_answers_meets_the_request_timeout(spawn, mode):
     p, d = prefill(spawn, mode), decode(spawn, mode, "decode0", "--bootstrap-timeout", "30")
     router = pd_router(spawn, mode, [p], [d], "--request-timeout", "1", "--retries", "0")
     p.set_fault("hang")
-    started = time.monotonic()
+    # The sweep's deadline ends it, not the decode's 30 s: that is past the client's 10 s.
     reply = router.post(CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
     assert reply.status == 502, reply.body
     assert "sent no answer within 1s (--request-timeout)" in reply.json()["error"]
-    assert time.monotonic() - started < 5  # the sweep's deadline, not the decode's 30 s
     router.wait_idle()  # both sides' slots came back
     assert router.stats_of(f"127.0.0.1:{p.port}")["in_flight"] == 0
 

@@ -10,10 +10,11 @@ from conftest import Mock, chat_body, request, router_over, wait_until
 
 
 @pytest.fixture
-def setup(spawn, two_backends):
-    a, b = two_backends
-    router = router_over(spawn, [a, b])
-    return router, a, b
+def setup(shared_router, shared_backends):
+    """One router and its two backends for the module: each test asks the backends
+    about its own request (their last path, body, headers), and sets no fault."""
+    a, b = shared_backends
+    return shared_router, a, b
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/chat/completions"])

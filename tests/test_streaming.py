@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import signal
 import socket
@@ -46,6 +45,15 @@ async def _events(reader: asyncio.StreamReader, timeout_s: float = 10) -> list[t
             events.append((time.monotonic(), event))
 
 
+@pytest.fixture(scope="module")
+def one(module_spawn):
+    """A backend "b" behind a router with default flags, shared by the module's cases
+    that count only their own errors (a stream cut counts one; a success between
+    two resets --max-errors' consecutive count)."""
+    backend = module_spawn(Mock, "b", ["Qwen3-32B"])
+    return router_over(module_spawn, [backend]), backend
+
+
 @pytest.fixture
 def paced(spawn):
     # 10 tokens, 0.15 s apart: the whole answer takes 1.5 s at the backend.
@@ -55,32 +63,35 @@ def paced(spawn):
 
 
 async def test_events_arrive_as_the_backend_produces_them(paced):
-    router, _ = paced
-    started = time.monotonic()
-    reader, writer, head = await _open_stream(router.port, chat_body(stream=True, max_tokens=10))
+    """Each event is relayed as the backend sends it, not held for the stream's end:
+    a backend that sends 5 of its 10 tokens and then goes silent, its stream never
+    ending, still has those 5 reach the client, one by one. (By order, not by clock:
+    a loaded machine stretches every gap.)"""
+    router, backend = paced
+    reader, writer, head = await _open_stream(
+        router.port, chat_body(stream=True, max_tokens=10), "X-Mock-Fault: stall-mid-stream\r\n"
+    )
     assert head.startswith(b"HTTP/1.1 200")
     assert b"text/event-stream" in head
-    events = await _events(reader)
+    events, buf = [], b""
+    while len(events) < 6:  # the role, then 5 tokens
+        buf += await asyncio.wait_for(_read_chunk(reader), 10)
+        while b"\n\n" in buf:
+            event, buf = buf.split(b"\n\n", 1)
+            events.append(json.loads(event[6:]))
     writer.close()
-    assert events[-1][1] == b"data: [DONE]"
-    content = [json.loads(e[6:]) for _, e in events[:-1]]
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in content).split()[:3] == [
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events).split() == [
         "The",
         "quick",
         "brown",
+        "fox",
+        "jumps",
     ]
-    total = events[-1][0] - started
-    first_token = events[1][0] - started
-    # The first token is relayed long before the backend finished, and the
-    # events are spread over the stream, not delivered in one burst at the end.
-    assert first_token < total - 0.9, (first_token, total)
-    gaps = [b[0] - a[0] for a, b in itertools.pairwise(events[1:-1])]
-    assert sum(1 for g in gaps if g > 0.08) >= 6, gaps
+    assert backend.stats()["streams_completed"] == 0  # the backend never finished
 
 
-async def test_stream_bytes_are_forwarded_unchanged(spawn):
-    backend = spawn(Mock, "b", ["Qwen3-32B"])
-    router = router_over(spawn, [backend])
+async def test_stream_bytes_are_forwarded_unchanged(one):
+    router, backend = one
     direct_reader, direct_writer, _ = await _open_stream(
         backend.port, chat_body(stream=True, max_tokens=5)
     )
@@ -92,19 +103,16 @@ async def test_stream_bytes_are_forwarded_unchanged(spawn):
     direct_writer.close()
     proxied_writer.close()
 
-    def strip_ids(events):
-        return [e.replace(b"-2", b"-1") for e in events]  # the mock numbers its answers
-
     assert len(direct) == len(proxied) == 8
     assert [json.loads(e[6:])["choices"] for e in direct[:-1]] == [
         json.loads(e[6:])["choices"] for e in proxied[:-1]
     ]
-    assert strip_ids(proxied)[-1] == b"data: [DONE]"
+    assert proxied[-1] == b"data: [DONE]"
 
 
-async def test_backend_dying_mid_stream_ends_with_error_event(spawn):
-    backend = spawn(Mock, "b", ["Qwen3-32B"])
-    router = router_over(spawn, [backend])
+async def test_backend_dying_mid_stream_ends_with_error_event(one):
+    router, _ = one
+    errors = router.stats_of("b")["error_count"]
     reader, writer, head = await _open_stream(
         router.port, chat_body(stream=True, max_tokens=10), "X-Mock-Fault: close-mid-stream\r\n"
     )
@@ -116,7 +124,7 @@ async def test_backend_dying_mid_stream_ends_with_error_event(spawn):
     # ...and then the router closes the connection cleanly.
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
-    assert router.stats_of("b")["error_count"] == 1
+    assert router.stats_of("b")["error_count"] == errors + 1
 
 
 async def test_backend_process_killed_mid_stream(spawn):
@@ -143,7 +151,7 @@ async def test_stalled_stream_ends_after_request_timeout(spawn):
     )
     events = [e for _, e in await _events(reader)]
     assert "sent nothing for 0.5s" in json.loads(events[-1][6:])["error"]
-    assert 0.4 < time.monotonic() - started < 5
+    assert time.monotonic() - started > 0.4  # not before the deadline (a floor load cannot break)
     writer.close()
 
 
@@ -169,9 +177,8 @@ def test_client_hang_up_closes_the_backend_connection(spawn):
     assert sock.recv(65536).startswith(b"HTTP/1.1 200")
     assert backend.stats()["streams_started"] == 1
     sock.close()
-    hung_up = time.monotonic()
-    wait_until(lambda: backend.stats()["client_disconnects"] == 1, 5, "the backend to see it")
-    assert time.monotonic() - hung_up < 1.0
+    # 1,000 tokens take 50 s: the backend counts the hang-up only while it still streams.
+    wait_until(lambda: backend.stats()["client_disconnects"] == 1, 10, "the backend to see it")
     stats = backend.stats()
     assert stats["streams_completed"] == 0
     # The connection was not returned to the pool: the next request opens a new one.
@@ -198,11 +205,10 @@ def test_hang_up_while_waiting_for_the_head(spawn):
     assert router.stats_of("b")["in_flight"] == 0
 
 
-async def test_chunks_pass_as_the_backend_framed_them(spawn):
+async def test_chunks_pass_as_the_backend_framed_them(one):
     # No token delay: the simulator writes 64 events per chunk. The router relays
     # the backend's chunks as they are, not a chunk per event or per read.
-    backend = spawn(Mock, "b", ["Qwen3-32B"])
-    router = router_over(spawn, [backend])
+    router, backend = one
     shapes = []
     for port in (backend.port, router.port):
         reader, writer, head = await _open_stream(port, chat_body(stream=True, max_tokens=100))
@@ -216,11 +222,11 @@ async def test_chunks_pass_as_the_backend_framed_them(spawn):
     assert proxied == direct and direct[0] == 64
 
 
-async def test_connection_closed_inside_a_chunk_gets_no_event_appended(spawn):
+async def test_connection_closed_inside_a_chunk_gets_no_event_appended(one):
     # An event of ours after half a chunk would be read as the rest of that chunk:
     # the client gets the whole chunks, the half, and the close.
-    backend = spawn(Mock, "b", ["Qwen3-32B"])
-    router = router_over(spawn, [backend])
+    router, _ = one
+    errors = router.stats_of("b")["error_count"]
     reader, writer, head = await _open_stream(
         router.port, chat_body(stream=True), "X-Mock-Fault: cut-mid-chunk\r\n"
     )
@@ -230,12 +236,11 @@ async def test_connection_closed_inside_a_chunk_gets_no_event_appended(spawn):
     rest = await asyncio.wait_for(reader.read(), 5)  # until the router closes
     writer.close()
     assert rest.split(b"\r\n", 1)[1] == b'data: {"ch'
-    wait_until(lambda: router.stats_of("b")["error_count"] == 1, 5, "the error counted")
+    wait_until(lambda: router.stats_of("b")["error_count"] == errors + 1, 5, "the error counted")
 
 
-async def test_close_delimited_stream_is_chunked_and_the_client_keeps_its_connection(spawn):
-    backend = spawn(Mock, "b", ["Qwen3-32B"])
-    router = router_over(spawn, [backend])
+async def test_close_delimited_stream_is_chunked_and_the_client_keeps_its_connection(one):
+    router, _ = one
     reader, writer, head = await _open_stream(
         router.port, chat_body(stream=True), "X-Mock-Fault: close-delimited\r\n"
     )

@@ -10,7 +10,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import openai
@@ -382,14 +381,14 @@ def test_a_client_that_never_finishes_its_handshake_is_closed_at_the_handshake_t
         context=certs.client_context(),
     )  # fmt: skip
     router.wait_healthy(1)
-    silent = socket.create_connection(("127.0.0.1", router.port), timeout=10)
-    half = socket.create_connection(("127.0.0.1", router.port), timeout=10)
+    # Waited less than the next deadline, --header-timeout's 10 s: only the handshake
+    # timeout can close them in time.
+    silent = socket.create_connection(("127.0.0.1", router.port), timeout=8)
+    half = socket.create_connection(("127.0.0.1", router.port), timeout=8)
     half.sendall(b"\x16\x03\x01\x00\xff")  # a ClientHello's record header, then nothing
     try:
         for sock in (silent, half):
-            started = time.monotonic()
             assert sock.recv(100) == b""  # closed by the router
-            assert time.monotonic() - started < 5
     finally:
         silent.close()
         half.close()

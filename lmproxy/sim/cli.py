@@ -39,10 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stream-usage",
         choices=("always", "asked"),
-        default="always",
+        default="asked",
         help=(
-            "a stream ends with a usage chunk always, or only when the request asks "
-            "(stream_options.include_usage), as vLLM and OpenAI do (default: always)"
+            "a stream ends with a usage chunk only when the request asks "
+            "(stream_options.include_usage), as OpenAI, vLLM and SGLang do (default), "
+            "or always, as an engine that forces it (vLLM's --enable-force-include-usage)"
         ),
     )
     parser.add_argument("--fault", choices=FAULTS, default="none", help="fault mode at start")

@@ -24,6 +24,7 @@ from lmproxy.sim.shapes import (
     encode,
     event,
     json_answer,
+    prompt_count,
     rendered,
     text,
 )
@@ -32,6 +33,8 @@ from lmproxy.sim.state import MockState
 HIGH_WATER = 64 * 1024
 BATCH_EVENTS = 64  # events per write when there is no delay between tokens
 DEEP_LEVELS = 1000  # the models-deep fault's nesting: past Python's recursion limit
+MAX_N = 128  # OpenAI's bound on a request's n
+MAX_CHOICES = 2048  # n times the prompts of a list prompt: bounds one answer's size
 
 
 class _Body(msgspec.Struct):
@@ -41,6 +44,8 @@ class _Body(msgspec.Struct):
     # What chat clients send now, and sglang-router sends in max_tokens' place; vLLM
     # takes it first.
     max_completion_tokens: int | None = None
+    n: int | None = None  # choices per prompt
+    encoding_format: str | None = None  # an embedding's: "float" or "base64"
     input: Any = None
     messages: msgspec.Raw = msgspec.Raw(b"")
     prompt: msgspec.Raw = msgspec.Raw(b"")
@@ -96,6 +101,7 @@ class MockConnection(asyncio.Protocol):
         self.writable.set()
 
     def pause_writing(self) -> None:
+        self.state.write_pauses += 1
         self.writable.clear()
 
     def resume_writing(self) -> None:
@@ -271,6 +277,20 @@ class MockConnection(asyncio.Protocol):
             self.write(json_answer(404, {"error": f"model {model!r} is not served here"}))
             return
         n = request.max_completion_tokens or request.max_tokens or state.tokens
+        per_prompt = 1 if request.n is None else request.n
+        if not 1 <= per_prompt <= MAX_N:
+            self.write(json_answer(400, {"error": f"n must be 1 to {MAX_N}, not {request.n}"}))
+            return
+        choices = per_prompt
+        if kind == "text":
+            choices *= prompt_count(bytes(request.prompt))
+        if choices > MAX_CHOICES:
+            self.write(
+                json_answer(
+                    400, {"error": f"n times the prompts is {choices}: at most {MAX_CHOICES}"}
+                )
+            )
+            return
         step = "whole"
         if state.pd is not None and kind in ("chat", "text"):
             step, why = await self._pd_step(request)
@@ -287,9 +307,21 @@ class MockConnection(asyncio.Protocol):
         ttft = float(headers.get(b"x-mock-ttft", b"") or state.ttft_s)
         delay = float(headers.get(b"x-mock-token-delay", b"") or state.token_delay_s)
         if kind == "embedding":
+            if request.encoding_format not in (None, "float", "base64"):
+                self.write(
+                    json_answer(
+                        400,
+                        {
+                            "error": f"encoding_format must be float or base64, "
+                            f"not {request.encoding_format!r}"
+                        },
+                    )
+                )
+                return
             await asyncio.sleep(ttft)
             prompt_tokens = max(1, len(body) // Engine.BYTES_PER_TOKEN)
-            self.write(json_answer(200, embeddings(model, request.input, prompt_tokens)))
+            as_base64 = request.encoding_format == "base64"
+            self.write(json_answer(200, embeddings(model, request.input, prompt_tokens, as_base64)))
             state.completed += 1
             return
         engine = state.engine
@@ -301,8 +333,8 @@ class MockConnection(asyncio.Protocol):
             prompt_tokens, cached, prefill_s = engine.prefill(prompt)
             usage = {
                 "prompt_tokens": prompt_tokens,
-                "completion_tokens": n,
-                "total_tokens": prompt_tokens + n,
+                "completion_tokens": n * choices,
+                "total_tokens": prompt_tokens + n * choices,
                 "prompt_tokens_details": {"cached_tokens": cached},
             }
             if step != "decode":  # a decode has the KV cache: the prompt's time was spent
@@ -327,12 +359,12 @@ class MockConnection(asyncio.Protocol):
                 wants_usage = isinstance(options, dict) and options.get("include_usage") is True
                 if state.stream_usage == "asked" and not wants_usage:
                     usage = {}
-                await self._stream(kind, model, n, usage, delay, fault)
+                await self._stream(kind, model, n, choices, usage, delay, fault)
                 return
             if delay:
                 for _ in range(n):
                     await asyncio.sleep(engine.token_delay(delay))
-            payload = completion(kind, state.name, next(state.ids), model, text(n), usage)
+            payload = completion(kind, state.name, next(state.ids), model, text(n), usage, choices)
             self.write(json_answer(200, payload, b"X-Mock-Server: %s\r\n" % state.name.encode()))
             state.completed += 1
         finally:
@@ -343,10 +375,14 @@ class MockConnection(asyncio.Protocol):
         kind: str,
         model: str,
         n: int,
+        choices: int,
         usage: dict[str, Any],
         delay: float,
         fault: str,
     ) -> None:
+        """``n`` tokens for each of ``choices`` choices, interleaved by token as OpenAI
+        sends them; then each choice's finish, and ``usage`` (unless empty) in a last
+        chunk of its own with no choices, as OpenAI's ``include_usage`` has it."""
         state = self.state
         engine = state.engine
         cid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{state.name}-{next(state.ids)}"
@@ -360,7 +396,8 @@ class MockConnection(asyncio.Protocol):
         pending: list[bytes] = []
         if kind == "chat":
             role = {"delta": {"role": "assistant", "content": ""}}
-            pending.append(event(cid, obj, created, model, role))
+            for c in range(choices):
+                pending.append(event(cid, obj, created, model, role, c))
         for i in range(n):
             if i == cut_at:
                 self._flush(pending)
@@ -370,7 +407,8 @@ class MockConnection(asyncio.Protocol):
                 await asyncio.Event().wait()
             word = WORDS[i % len(WORDS)] + " "
             choice = {"delta": {"content": word}} if kind == "chat" else {"text": word}
-            pending.append(event(cid, obj, created, model, choice))
+            for c in range(choices):
+                pending.append(event(cid, obj, created, model, choice, c))
             if delay:
                 self._flush(pending)
                 await asyncio.sleep(engine.token_delay(delay))
@@ -387,15 +425,18 @@ class MockConnection(asyncio.Protocol):
             "model": model,
             "choices": [
                 {
-                    "index": 0,
+                    "index": c,
                     "finish_reason": "length" if n else "stop",
                     **({"delta": {}} if kind == "chat" else {"text": ""}),
                 }
+                for c in range(choices)
             ],
         }
-        if usage:
-            final["usage"] = usage
         pending.append(b"data: " + encode(final) + b"\n\n")
+        if usage:
+            final["choices"] = []
+            final["usage"] = usage
+            pending.append(b"data: " + encode(final) + b"\n\n")
         pending.append(b"data: [DONE]\n\n")
         # The last events and the end of the body in one write: a client that closes at
         # [DONE] (the openai SDK does) then never races the router for the last chunk.

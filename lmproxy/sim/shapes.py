@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import struct
 import time
 from typing import Any
 
@@ -13,6 +15,7 @@ WORDS = (
     "every token as soon as the backend produces it"
 ).split(" ")
 CREATED = 1705312200
+EMBEDDING_SIZE = 8  # floats per simulated embedding
 
 
 def json_answer(status: int, payload: Any, extra: bytes = b"") -> bytes:
@@ -25,13 +28,15 @@ def json_answer(status: int, payload: Any, extra: bytes = b"") -> bytes:
     )
 
 
-def event(cid: str, obj: str, created: int, model: str, choice: dict[str, Any]) -> bytes:
+def event(
+    cid: str, obj: str, created: int, model: str, choice: dict[str, Any], index: int = 0
+) -> bytes:
     chunk = {
         "id": cid,
         "object": obj,
         "created": created,
         "model": model,
-        "choices": [{"index": 0, **choice, "finish_reason": None}],
+        "choices": [{"index": index, **choice, "finish_reason": None}],
     }
     return b"data: " + encode(chunk) + b"\n\n"
 
@@ -41,27 +46,52 @@ def text(n: int) -> str:
 
 
 def completion(
-    kind: str, server: str, number: int, model: str, text: str, usage: dict[str, Any]
+    kind: str,
+    server: str,
+    number: int,
+    model: str,
+    text: str,
+    usage: dict[str, Any],
+    choices: int = 1,
 ) -> dict[str, Any]:
-    """A whole chat or text completion, numbered ``number`` by the server ``server``."""
+    """A whole chat or text completion, numbered ``number`` by the server ``server``,
+    with ``choices`` choices (OpenAI's ``n``, times the prompts of a list ``prompt``)."""
     if kind == "chat":
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": "length",
-        }
+        answers: list[dict[str, Any]] = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "length",
+            }
+            for i in range(choices)
+        ]
         obj, prefix = "chat.completion", "chatcmpl"
     else:
-        choice = {"index": 0, "text": text, "finish_reason": "length"}
+        answers = [{"index": i, "text": text, "finish_reason": "length"} for i in range(choices)]
         obj, prefix = "text_completion", "cmpl"
     return {
         "id": f"{prefix}-{server}-{number}",
         "object": obj,
         "created": int(time.time()),
         "model": model,
-        "choices": [choice],
+        "choices": answers,
         "usage": usage,
     }
+
+
+def prompt_count(prompt: bytes) -> int:
+    """How many prompts a completion's ``prompt`` holds, as OpenAI counts them: a list
+    of strings or of token-id lists is one prompt per item; a string or one token-id
+    list is one prompt."""
+    if not prompt.startswith(b"["):
+        return 1
+    try:
+        decoded = msgspec.json.decode(prompt)
+    except msgspec.DecodeError:
+        return 1
+    if isinstance(decoded, list) and decoded and isinstance(decoded[0], str | list):
+        return len(decoded)
+    return 1
 
 
 def rendered(model: str, token_ids: list[int], max_tokens: int, request_id: str) -> dict[str, Any]:
@@ -82,20 +112,25 @@ def rendered(model: str, token_ids: list[int], max_tokens: int, request_id: str)
     }
 
 
-def embeddings(model: str, inputs: Any, prompt_tokens: int) -> dict[str, Any]:
+def embeddings(
+    model: str, inputs: Any, prompt_tokens: int, base64_floats: bool = False
+) -> dict[str, Any]:
+    """One embedding per input, as lists of floats, or with ``base64_floats`` as
+    OpenAI's ``encoding_format: base64`` has them: the vector's little-endian float32
+    bytes, base64-encoded (what the openai SDKs ask for by default, and decode)."""
     items = (
         inputs
         if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int)
         else [inputs]
     )
-    data = [
-        {
-            "object": "embedding",
-            "index": i,
-            "embedding": [((hash(str(item)) >> k) % 1000) / 1000 for k in range(8)],
-        }
-        for i, item in enumerate(items)
-    ]
+    data = []
+    for i, item in enumerate(items):
+        # Multiples of 1/1024 are exact in float32: both formats give the same numbers.
+        vector = [((hash(str(item)) >> k) % 1024) / 1024 for k in range(EMBEDDING_SIZE)]
+        packed: Any = vector
+        if base64_floats:
+            packed = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": packed})
     return {
         "object": "list",
         "data": data,

@@ -25,9 +25,9 @@ class MockState:
         engine: Engine | None = None,
         metrics: str = "vllm",
         pd: Disaggregation | None = None,
-        stream_usage: str = "always",
+        stream_usage: str = "asked",
     ) -> None:
-        self.stream_usage = stream_usage  # "asked": only with stream_options.include_usage
+        self.stream_usage = stream_usage  # "always": even unasked
         self.pd = pd  # a prefill or decode service (sim/pd.py); None: whole requests
         self.name = name
         self.metrics = metrics  # /metrics under vLLM's names, SGLang's, or "none" (404)
@@ -45,6 +45,7 @@ class MockState:
         self.streams_started = 0
         self.streams_completed = 0
         self.client_disconnects = 0  # a response the client stopped before its end
+        self.write_pauses = 0  # times the client's back-pressure stopped an answer
         self.last_disconnect_at = 0.0
         self.open_connections = 0
         self.total_connections = 0
@@ -62,6 +63,7 @@ class MockState:
             "streams_started": self.streams_started,
             "streams_completed": self.streams_completed,
             "client_disconnects": self.client_disconnects,
+            "write_pauses": self.write_pauses,
             "last_disconnect_at": self.last_disconnect_at,
             "open_connections": self.open_connections,
             "total_connections": self.total_connections,

@@ -379,6 +379,56 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     g.add_argument(
+        "--retry-on-5xx",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=(
+            "retry a request whose service answered 500, 502, 503, 504 or 429 before any "
+            "byte reached the client on another service, within --retries; the answer is "
+            "dropped. With no other service or no retry left, it is relayed (default: "
+            f"{'on' if d.retry_on_5xx else 'off'})"
+        ),
+    )
+    g.add_argument(
+        "--circuit-breaker",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=(
+            "a circuit breaker per service: --cb-failure-threshold 5xx answers (500, 502, "
+            "503, 504) or failed requests in a row take the service out of routing for "
+            "--cb-timeout-duration-secs, then let one request through at a time until "
+            "--cb-success-threshold succeed; a 4xx or 429 never counts against it "
+            f"(default: {'on' if d.circuit_breaker else 'off'})"
+        ),
+    )
+    g.add_argument(
+        "--cb-failure-threshold",
+        type=int,
+        metavar="N",
+        help=(
+            "5xx answers or failed requests in a row that open a service's circuit "
+            f"breaker (default: {d.cb_failure_threshold})"
+        ),
+    )
+    g.add_argument(
+        "--cb-success-threshold",
+        type=int,
+        metavar="N",
+        help=(
+            "successful requests in a row, half-open, that close a circuit breaker again "
+            f"(default: {d.cb_success_threshold})"
+        ),
+    )
+    g.add_argument(
+        "--cb-timeout-duration-secs",
+        type=float,
+        metavar="S",
+        help=(
+            "seconds an open circuit breaker keeps its service out of routing before "
+            f"letting a trial request through (default: {d.cb_timeout_duration_secs:g})"
+        ),
+    )
+    g.add_argument(
         "--max-body-size",
         type=parse_size,
         metavar="SIZE",

@@ -111,6 +111,7 @@ def test_services_lists_every_service(spawn, two_backends):
         "type": "openai-api",
         "routable": True,
         "role": "both",
+        "circuit": "closed",
     }
     assert by_name["svc-9g"]["weight"] == 3
 

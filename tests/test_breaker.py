@@ -292,3 +292,24 @@ def test_a_decode_answering_500_before_its_first_byte_is_retried_with_a_new_pair
         assert reply.status == 200, reply.body
     assert router.stats_of(f"127.0.0.1:{bad.port}")["circuit"] == "open"
     assert router.stats_of(f"127.0.0.1:{p.port}")["circuit"] == "closed"  # not the prefill's
+
+
+def test_with_workers_each_has_its_breakers_and_the_router_shows_the_worst(spawn):
+    broken = spawn(Mock, "broken", [MODEL], "--fault", "500")
+    good = spawn(Mock, "good", [MODEL])
+    router = router_over(
+        spawn, [broken, good], "--workers", "2", "--strategy", "round-robin",
+        "--health-interval", "60", "--cb-failure-threshold", "1",
+        "--cb-timeout-duration-secs", "60",
+    )  # fmt: skip
+    for _ in range(8):
+        reply = router.post(CHAT, chat_body())
+        assert reply.status == 200 and reply.headers["x-mock-server"] == "good"
+    stats = router.stats_of("broken")
+    assert stats["circuit"] == "open"
+    # Each worker that met broken opened its own breaker at its first 500, and sent it
+    # nothing more.
+    assert stats["circuit_opened"] == _sent(broken) >= 1
+    assert _metric(router, "lmproxy_circuit_state", "broken") == 1
+    assert _metric(router, "lmproxy_circuit_opened_total", "broken") == _sent(broken)
+    assert router.stats_of("good")["circuit"] == "closed"

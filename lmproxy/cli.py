@@ -390,45 +390,6 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     g.add_argument(
-        "--circuit-breaker",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help=(
-            "a circuit breaker per service: --cb-failure-threshold 5xx answers (500, 502, "
-            "503, 504) or failed requests in a row take the service out of routing for "
-            "--cb-timeout-duration-secs, then let one request through at a time until "
-            "--cb-success-threshold succeed; a 4xx or 429 never counts against it "
-            f"(default: {'on' if d.circuit_breaker else 'off'})"
-        ),
-    )
-    g.add_argument(
-        "--cb-failure-threshold",
-        type=int,
-        metavar="N",
-        help=(
-            "5xx answers or failed requests in a row that open a service's circuit "
-            f"breaker (default: {d.cb_failure_threshold})"
-        ),
-    )
-    g.add_argument(
-        "--cb-success-threshold",
-        type=int,
-        metavar="N",
-        help=(
-            "successful requests in a row, half-open, that close a circuit breaker again "
-            f"(default: {d.cb_success_threshold})"
-        ),
-    )
-    g.add_argument(
-        "--cb-timeout-duration-secs",
-        type=float,
-        metavar="S",
-        help=(
-            "seconds an open circuit breaker keeps its service out of routing before "
-            f"letting a trial request through (default: {d.cb_timeout_duration_secs:g})"
-        ),
-    )
-    g.add_argument(
         "--max-body-size",
         type=parse_size,
         metavar="SIZE",
@@ -516,6 +477,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--list-strategies", action="store_true", help="list the installed strategies and exit"
+    )
+    g.add_argument(
+        "--cb-failure-threshold",
+        type=int,
+        metavar="N",
+        help=(
+            "consecutive failures (5xx answers, connect failures) that open a service's "
+            f"circuit breaker; 0 = no breaker (default: {d.cb_failure_threshold})"
+        ),
+    )
+    g.add_argument(
+        "--cb-success-threshold",
+        type=int,
+        metavar="N",
+        help=(
+            "successes of a half-open breaker's trial requests that close it "
+            f"(default: {d.cb_success_threshold})"
+        ),
+    )
+    g.add_argument(
+        "--cb-timeout-duration-secs",
+        type=float,
+        metavar="S",
+        help=(
+            "seconds an open breaker keeps its service out before one trial request "
+            f"(default: {d.cb_timeout_duration_secs:g})"
+        ),
+    )
+    g.add_argument(
+        "--disable-circuit-breaker",
+        dest="cb_failure_threshold",
+        action="store_const",
+        const=0,
+        help="--cb-failure-threshold 0",
     )
     g.add_argument(
         "--alias",

@@ -234,11 +234,6 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retries: int = 2
     # A 500, 502, 503, 504 or 429 answered before any byte is retried elsewhere.
     retry_on_5xx: bool = True
-    # Per-service circuit breakers (breaker.py), sglang-router's names and defaults.
-    circuit_breaker: bool = True
-    cb_failure_threshold: int = 10  # failures in a row that open it
-    cb_success_threshold: int = 3  # successes in a row, half-open, that close it
-    cb_timeout_duration_secs: float = 60.0  # open this long, then half-open
     max_body_size: int = 32 * MiB
     default_model: str | None = None
     require_model: bool = False  # no model and several served: 400, not any service
@@ -265,6 +260,12 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     redis_url: str | None = None
     redis_prefix: str = "lmproxy"
     max_queue: int = 0  # requests waiting for a slot at most; past it the lowest is shed
+    # Consumed by the circuit breaker (a service's consecutive failures open it; after
+    # the timeout one request tries it; that many successes close it). 0 failures: off.
+    # sglang-router's defaults.
+    cb_failure_threshold: int = 10
+    cb_success_threshold: int = 3
+    cb_timeout_duration_secs: float = 60.0
     admin_token: str | None = None
     registration_ttl: float = 0.0  # 0: registrations never expire by themselves
     registry_url: str | None = None
@@ -313,11 +314,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def breaker_settings(self) -> tuple[int, int, float]:
         """Every service's circuit breaker's: failure threshold (0: no breaker), success
         threshold, seconds open."""
-        return (
-            self.cb_failure_threshold if self.circuit_breaker else 0,
-            self.cb_success_threshold,
-            self.cb_timeout_duration_secs,
-        )
+        return (self.cb_failure_threshold, self.cb_success_threshold, self.cb_timeout_duration_secs)
 
     def validate(self) -> None:
         positive = {
@@ -333,15 +330,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             "send_timeout": self.send_timeout,
             "pool_idle_timeout": self.pool_idle_timeout,
             "registry_sync_interval": self.registry_sync_interval,
-            "cb_failure_threshold": self.cb_failure_threshold,
-            "cb_success_threshold": self.cb_success_threshold,
-            "cb_timeout_duration_secs": self.cb_timeout_duration_secs,
         }
-        if self.cb_failure_threshold <= 0:
-            raise ConfigError(
-                f"--cb-failure-threshold must be > 0, got {self.cb_failure_threshold} "
-                "(--no-circuit-breaker turns the breakers off)"
-            )
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
@@ -360,6 +349,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             "workers": self.workers,
             "max_queue": self.max_queue,
             "worker_timeout": self.worker_timeout,
+            "cb_failure_threshold": self.cb_failure_threshold,
+            "cb_success_threshold": self.cb_success_threshold,
+            "cb_timeout_duration_secs": self.cb_timeout_duration_secs,
         }.items():
             if value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")

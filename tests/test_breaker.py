@@ -73,7 +73,7 @@ def test_a_threshold_of_0_never_opens_and_turning_it_off_closes_an_open_one():
     assert off.state == CLOSED and off.clean  # the success path stays free
     on = Breaker(1, 1, 10.0)
     on.failed(0.0)
-    assert on.configure(0, 1, 10.0)  # --no-circuit-breaker on a reload
+    assert on.configure(0, 1, 10.0)  # --cb-failure-threshold 0 on a reload
     assert on.state == CLOSED and on.routable and on.clean
 
 
@@ -129,13 +129,11 @@ def test_the_flags_and_their_checks():
     config = load_config(["--cb-failure-threshold", "4", "--cb-success-threshold", "2"])
     assert config is not None
     assert config.breaker_settings == (4, 2, 60.0) and config.retry_on_5xx
-    config = load_config(["--no-circuit-breaker", "--no-retry-on-5xx"])
+    config = load_config(["--disable-circuit-breaker", "--no-retry-on-5xx"])
     assert config is not None
     assert config.breaker_settings[0] == 0 and not config.retry_on_5xx
-    with pytest.raises(ConfigError, match="--no-circuit-breaker turns"):
-        load_config(["--cb-failure-threshold", "0"])
-    with pytest.raises(ConfigError, match="--cb-timeout-duration-secs must be > 0"):
-        load_config(["--cb-timeout-duration-secs", "0"])
+    with pytest.raises(ConfigError, match="--cb-timeout-duration-secs must be >= 0"):
+        load_config(["--cb-timeout-duration-secs", "-1"])
 
 
 # --- real processes ------------------------------------------------------------------
@@ -313,3 +311,17 @@ def test_with_workers_each_has_its_breakers_and_the_router_shows_the_worst(spawn
     assert _metric(router, "lmproxy_circuit_state", "broken") == 1
     assert _metric(router, "lmproxy_circuit_opened_total", "broken") == _sent(broken)
     assert router.stats_of("good")["circuit"] == "closed"
+
+
+def test_with_the_breaker_off_a_500_service_keeps_being_asked_but_nothing_is_lost(spawn):
+    broken = spawn(Mock, "broken", [MODEL], "--fault", "500")
+    good = spawn(Mock, "good", [MODEL])
+    router = router_over(
+        spawn, [broken, good], "--strategy", "round-robin", "--health-interval", "60",
+        "--disable-circuit-breaker",
+    )  # fmt: skip
+    for _ in range(6):
+        reply = router.post(CHAT, chat_body())
+        assert reply.status == 200 and reply.headers["x-mock-server"] == "good"
+    assert _sent(broken) == 6  # round-robin offers it each one first: retried each time
+    assert router.stats_of("broken")["circuit"] == "closed"

@@ -19,8 +19,10 @@ says the service works. A 429 is "busy", neither a success nor a failure.
 Open, or half-open with its trial under way, the service is not routable.
 
 The registry owns one per service (``Service.breaker``) and turns its changes
-into routing-list changes; the request path touches it only on failures, and
-on a success while it is not clean.
+into routing-list changes. The request path reads one flag of the service,
+``Service.watched`` (an error streak, or a breaker not clean), and touches the
+breaker only when it is set, or on a failure: a 200 from a healthy service
+costs a status comparison and that flag.
 """
 
 from __future__ import annotations

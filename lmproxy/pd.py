@@ -591,7 +591,7 @@ class PDJourney(Journey):
             self._prefill_lost(prefill, side.pair, error, False)
             return
         router.metrics.pd("prefill", "ok")
-        if prefill.consecutive_errors or not prefill.breaker.clean:
+        if prefill.watched:
             router.registry.request_succeeded(prefill)
         if self.mode == "vllm" and side.pair == self.pair and not self.client.closing:
             self._after_prefill(side, answer)

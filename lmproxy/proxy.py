@@ -1086,7 +1086,7 @@ class Journey:
                     service.error_count += 1
             elif status == 429:
                 service.error_count += 1  # busy, not broken: never a breaker's step
-            elif service.consecutive_errors or not service.breaker.clean:
+            elif service.watched:
                 registry.request_succeeded(service)  # only then is there a streak to end
             self.strategy.on_end(service, route, latency_s, status < 500)
             if exchange.reusable:

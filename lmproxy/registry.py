@@ -128,6 +128,7 @@ class Service:
         "spec",
         "ssl",
         "url",
+        "watched",
         "weight",
     )
 
@@ -174,6 +175,9 @@ class Service:
         self.breaker = Breaker()
         self.on_circuit: Callable[[], None] = _nothing
         self.circuit_reason = ""  # why it last opened, as logged
+        # An error streak or a breaker not clean: the request path's one check (in
+        # acquire, release and after an answer), kept by note_streaks.
+        self.watched = False
         # The engine's own load, scraped from its /metrics (load.py): None until known.
         self.engine_running: int | None = None
         self.engine_waiting: int | None = None
@@ -194,17 +198,21 @@ class Service:
         """A request chose this service: it holds a slot until ``release``."""
         self.in_flight += 1
         self.local_in_flight += 1
-        if self.breaker.state == HALF_OPEN and self.breaker.begin_trial():
-            self.on_circuit()  # the one request let through: none beside it
+        if self.watched and self.breaker.begin_trial():
+            self.on_circuit()  # half-open: the one request let through, none beside it
 
     def release(self) -> None:
         """The request's slot is free again; a request waiting for one is woken."""
         self.in_flight -= 1
         self.local_in_flight -= 1
-        if self.breaker.trial and self.breaker.end_trial():
+        if self.watched and self.breaker.end_trial():
             self.on_circuit()  # its verdict, if it has one, comes next (Registry)
         if self.max_in_flight:
             self.on_free()
+
+    def note_streaks(self) -> None:
+        """``watched`` anew: after its error streak or its breaker changed."""
+        self.watched = self.consecutive_errors > 0 or not self.breaker.clean
 
     def note_error(self, reason: str, at: float | None = None) -> None:
         """Record a failure: ``last_error`` and ``last_error_at`` always change together."""
@@ -358,6 +366,7 @@ class Registry:
         service.healthy = old.healthy
         service.consecutive_errors = old.consecutive_errors
         service.breaker.inherit(old.breaker)
+        service.note_streaks()
         if old in self.open_circuits:
             self.open_circuits.discard(old)
             self.open_circuits.add(service)
@@ -464,6 +473,7 @@ class Registry:
             log.info("service %s is healthy", service.name)
         service.healthy = True
         service.consecutive_errors = 0
+        service.note_streaks()
         self._changed()
 
     def _take_models(
@@ -563,6 +573,7 @@ class Registry:
         service.consecutive_errors += 1
         service.note_error(reason)
         self._circuit_failed(service, reason)
+        service.note_streaks()
         if service.healthy and self.max_errors and service.consecutive_errors >= self.max_errors:
             log.warning(
                 "service %s ejected after %d consecutive failed requests (last: %s); "
@@ -593,12 +604,15 @@ class Registry:
         service.error_count += 1
         service.note_error(reason)
         self._circuit_failed(service, reason)
+        service.note_streaks()
 
     def request_succeeded(self, service: Service) -> None:
         """An answer that is neither a failure nor "busy" (a 2xx, 3xx or 4xx)."""
         service.consecutive_errors = 0
         breaker = service.breaker
-        if not breaker.clean and breaker.succeeded():
+        closed = not breaker.clean and breaker.succeeded()
+        service.note_streaks()
+        if closed:
             log.info("service %s: circuit breaker closed", service.name)
             self._changed()
 
@@ -614,6 +628,7 @@ class Registry:
             if service.breaker.configure(failure_threshold, success_threshold, timeout_s):
                 self.open_circuits.discard(service)
                 closed = True
+            service.note_streaks()
         if closed:
             self._changed()
 
@@ -726,6 +741,7 @@ class Registry:
             service = self.update(spec, entry["origin"])
             if entry["healthy"] and not service.healthy:
                 service.consecutive_errors = 0  # back after a passing probe
+                service.note_streaks()
             service.healthy = entry["healthy"]
             service.models = tuple(entry["models"])
             service.models_known = entry["models_known"]

@@ -325,3 +325,17 @@ def test_with_the_breaker_off_a_500_service_keeps_being_asked_but_nothing_is_los
         assert reply.status == 200 and reply.headers["x-mock-server"] == "good"
     assert _sent(broken) == 6  # round-robin offers it each one first: retried each time
     assert router.stats_of("broken")["circuit"] == "closed"
+
+
+@pytest.mark.parametrize("status", ["502", "503", "504"])
+def test_each_server_error_is_retried_and_counted_by_the_breaker(spawn, status):
+    broken = spawn(Mock, "broken", [MODEL], "--fault", status)
+    good = spawn(Mock, "good", [MODEL])
+    router = router_over(
+        spawn, [broken, good], "--strategy", "round-robin", "--health-interval", "60",
+        "--cb-failure-threshold", "1", "--cb-timeout-duration-secs", "60",
+    )  # fmt: skip
+    reply = router.post(CHAT, chat_body())  # round-robin: broken first
+    assert reply.status == 200 and reply.headers["x-mock-server"] == "good"
+    assert _sent(broken) == 1 and router.stats_of("broken")["circuit"] == "open"
+    assert router.stats_of("broken")["last_error"] == f"answered {status}"

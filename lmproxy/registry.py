@@ -659,7 +659,7 @@ class Registry:
         after = (
             "its half-open trial failed"
             if was == HALF_OPEN
-            else f"{breaker.failure_threshold} 5xx answers or failed requests in a row"
+            else f"{breaker.failure_threshold} failures in a row (5xx answers, failed requests)"
         )
         say(
             "service %s: circuit breaker open: %s (last: %s); it gets no requests for "

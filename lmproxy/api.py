@@ -163,6 +163,8 @@ def stats(router: RouterState) -> Payload:
             "last_error_at": iso_time(s.last_error_at),
             "engine": engine_figures(s),
             "role": s.role,
+            "circuit": s.breaker.state_name,
+            "circuit_opened": s.breaker.opened_total,
         }
         for s in registry.services.values()
     ]

@@ -108,6 +108,7 @@ class Router:
         self.via_token = self.instance_id.encode()
         self.via_line = b"Via: 1.1 %s\r\n" % self.via_token
         self.registry = Registry(max_errors=config.max_errors, make_pool=self._make_pool)
+        self.registry.configure_breakers(*config.breaker_settings)
         self.registry.backend_tls = backend_tls(config)
         # Before any service is added: a CA or certificate file that cannot be read
         # stops the start here, with its name.
@@ -499,6 +500,7 @@ class Router:
         self.policies = _has_policies(config)
         self.model_policies = _has_model_policies(config)
         self.registry.max_errors = config.max_errors
+        self.registry.configure_breakers(*config.breaker_settings)
         self.admission.timeout_s = config.queue_timeout
         self.admission.max_queue = config.max_queue
         self.admission.max_concurrent = self._router_limit(config)
@@ -574,6 +576,8 @@ class Router:
                     conn.abort()
             if self.admission.waiting:
                 self.admission.expire(now)
+            if self.registry.open_circuits:
+                self.registry.recover_circuits()
         finally:
             self._sweeper = self.loop.call_later(self.sweep_interval_s, self._sweep)
 

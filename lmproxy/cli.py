@@ -462,6 +462,17 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     g.add_argument(
+        "--retry-on-5xx",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=(
+            "retry a request whose service answered 500, 502, 503, 504 or 429 before any "
+            "byte reached the client on another service, within --retries; the answer is "
+            "dropped. With no other service or no retry left, it is relayed (default: "
+            f"{'on' if d.retry_on_5xx else 'off'})"
+        ),
+    )
+    g.add_argument(
         "--max-body-size",
         "--max-payload-size",
         dest="max_body_size",

@@ -241,6 +241,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     connect_timeout: float = 5.0
     request_timeout: float = 300.0
     retries: int = 2
+    # A 500, 502, 503, 504 or 429 answered before any byte is retried elsewhere.
+    retry_on_5xx: bool = True
     max_body_size: int = 32 * MiB
     default_model: str | None = None
     require_model: bool = False  # no model and several served: 400, not any service
@@ -333,6 +335,12 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     backend_certfile: str | None = None
     backend_keyfile: str | None = None
     backend_verify: bool = True
+
+    @property
+    def breaker_settings(self) -> tuple[int, int, float]:
+        """Every service's circuit breaker's: failure threshold (0: no breaker), success
+        threshold, seconds open."""
+        return (self.cb_failure_threshold, self.cb_success_threshold, self.cb_timeout_duration_secs)
 
     def validate(self) -> None:
         positive = {

@@ -381,6 +381,16 @@ class Metrics:
             "1 while the service is healthy, else 0",
             labels=["service"],
         )
+        circuit = GaugeMetricFamily(
+            "lmproxy_circuit_state",
+            "The service's circuit breaker: 0 closed, 1 open (out of routing), 2 half-open",
+            labels=["service"],
+        )
+        opened = CounterMetricFamily(
+            "lmproxy_circuit_opened",
+            "Times the service's circuit breaker opened",
+            labels=["service"],
+        )
         limit = GaugeMetricFamily(
             "lmproxy_max_in_flight",
             "The service's max_in_flight (0: no limit)",
@@ -399,6 +409,8 @@ class Metrics:
         for each in self.registry.services.values():
             in_flight.add_metric([each.name], each.in_flight)
             healthy.add_metric([each.name], 1 if each.healthy else 0)
+            circuit.add_metric([each.name], each.breaker.state)
+            opened.add_metric([each.name], each.breaker.opened_total)
             limit.add_metric([each.name], each.spec.max_in_flight)
             if each.engine_at is not None:
                 labels = [each.name]
@@ -427,6 +439,8 @@ class Metrics:
             added,
             in_flight,
             healthy,
+            circuit,
+            opened,
             limit,
             queue,
             *engine.values(),

@@ -48,7 +48,14 @@ import msgspec
 from lmproxy import decode
 from lmproxy.admission import has_room
 from lmproxy.errors import Fault, ProxyError
-from lmproxy.proxy import Exchange, Journey, Outcome, _request_data, prompt_estimate
+from lmproxy.proxy import (
+    SERVER_ERRORS,
+    Exchange,
+    Journey,
+    Outcome,
+    _request_data,
+    prompt_estimate,
+)
 from lmproxy.request import COMPLETION_PATHS, RouteRequest
 from lmproxy.upstream import ConnectError, UpstreamConnection
 
@@ -439,6 +446,26 @@ class PDJourney(Journey):
         self.whole = True
         Journey._fall_back(self, error)
 
+    def may_retry(self, failed: Service) -> bool:
+        """A decode's error answer is dropped when a new pair can be made without it
+        (or the model has services for whole requests)."""
+        if self.whole:
+            return Journey.may_retry(self, failed)
+        if self.failures >= self.router.config.retries or self.client.closing:
+            return False
+        route = self.route
+        assert route is not None and route.model is not None
+        registry = self.router.registry
+        prefills = [
+            s for s in registry.pd_candidates(route.model, "prefill") if s not in self.prefill_tried
+        ]
+        decodes = [
+            s
+            for s in registry.pd_candidates(route.model, "decode")
+            if s is not failed and s not in self.tried
+        ]
+        return bool(prefills and decodes) or bool(registry.candidates(route.model))
+
     def _retry(self, failed: Service | None, error: ProxyError) -> None:
         if self.final_error is not None:  # the prefill said the request itself is wrong
             error, self.final_error = self.final_error, None
@@ -581,7 +608,7 @@ class PDJourney(Journey):
             self._prefill_lost(prefill, side.pair, error, False)
             return
         router.metrics.pd("prefill", "ok")
-        if prefill.consecutive_errors:
+        if prefill.watched:
             router.registry.request_succeeded(prefill)
         if self.mode == "vllm" and side.pair == self.pair and not self.client.closing:
             self._after_prefill(side, answer)
@@ -642,7 +669,10 @@ class PDJourney(Journey):
         if side.status < 500 and side.status != 429:
             fault = Fault.BAD_REQUEST if side.status in (400, 413, 422) else Fault.BACKEND_BROKEN
             return ProxyError(fault, message), True
-        prefill.error_count += 1
+        if side.status in SERVER_ERRORS:
+            self.router.registry.answered_error(prefill, side.status)  # its breaker's step
+        else:
+            prefill.error_count += 1  # a 429: busy, not broken
         return ProxyError(Fault.BACKEND_BROKEN, message), False
 
     def _cancel_decode(self, error: ProxyError, final: bool) -> None:

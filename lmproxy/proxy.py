@@ -11,10 +11,13 @@ framing; only a close-delimited one is framed here). When the exchange has an
 outcome, the journey retries, reports or accounts, from a ``call_soon`` callback
 (never inside a parser callback).
 
-Retries happen only while nothing has reached the client: a connect failure, or
-a connection that dropped before any response byte. Once the response head is
-written, a failure ends the stream with an SSE error event (or a cut
-connection, for a body that cannot carry one).
+Retries happen only while nothing has reached the client: a connect failure, a
+connection that dropped before any response byte, or (``--retry-on-5xx``) a
+500, 502, 503, 504 or 429 head, which is dropped, not relayed, when another
+service may answer. Once the response head is written, a failure ends the
+stream with an SSE error event (or a cut connection, for a body that cannot
+carry one). The 5xx answers and failures also step the service's circuit
+breaker (``breaker.py``, through the registry); a 429 never does.
 
 Timeouts are checked by the router's sweep (``check_timeout``), not by a timer
 per request.
@@ -141,6 +144,12 @@ FALLBACK_FAULTS = frozenset(
         Fault.BACKEND_BROKEN,
     }
 )
+# Answers that say the service failed, not the request: retried elsewhere (before
+# any byte), and counted by the service's circuit breaker.
+SERVER_ERRORS = frozenset({500, 502, 503, 504})
+# Answered before any byte, these are dropped for another service's (--retry-on-5xx);
+# a 429 is "busy": retried, never a breaker's step.
+RETRIED_STATUSES = SERVER_ERRORS | {429}
 _NONE: list[str] = []  # no fallbacks: shared, never changed (a journey gets its own list)
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _BAD_PRIORITY = (
@@ -201,6 +210,7 @@ class Outcome(enum.Enum):
     CLIENT_GONE = "client_gone"
     PARTNER = "partner"  # the other half of a disaggregated request failed (pd.py)
     FALLBACK = "fallback"  # 429 or 503 before any byte, and the model has fallbacks
+    RETRIED = "retried"  # 5xx or 429 before any byte, dropped: another service is tried
     CRASHED = "crashed"  # ended by Journey.crash: accounted there, never finished
 
 
@@ -236,6 +246,10 @@ FAILURES: dict[Outcome, Failure] = {
     # A load signal, answered before any byte: the journey's next model is tried.
     Outcome.FALLBACK: Failure(
         Fault.NO_HEALTHY_SERVICE, Retry.NO, False, "service {service} {reason}"
+    ),
+    # Its answer was dropped (the breaker counted it) for another service's.
+    Outcome.RETRIED: Failure(
+        Fault.BACKEND_BROKEN, Retry.ELSEWHERE, False, "service {service} {reason}"
     ),
     # Not the service's fault: a new pair is tried (pd.py).
     Outcome.PARTNER: Failure(Fault.BACKEND_UNREACHABLE, Retry.ANYWHERE, False, "{reason}"),
@@ -314,12 +328,7 @@ class Exchange:
     # --- Sink: called by the upstream connection --------------------------------
 
     def on_head(self, status: int, head: bytes, framing: int) -> None:
-        if self.journey.fallbacks and (status == 429 or status == 503):
-            # Nothing has reached the client: the next model may answer instead.
-            self.status = status
-            self.reason = f"answered {status}"
-            self.conn.close()
-            self._settle(Outcome.FALLBACK)
+        if status >= 429 and self._drops(status):  # a 200 pays this one comparison
             return
         self.status = status
         self._framing = framing
@@ -362,6 +371,28 @@ class Exchange:
         out.append(b"\r\n")
         self._out.append(b"".join(out))
         self.head_sent = True
+
+    def _drops(self, status: int) -> bool:
+        """Whether this error answer is dropped, unrelayed, because something else may
+        answer instead (nothing has reached the client yet): another service of the
+        model (--retry-on-5xx, within --retries), else the model's next fallback. The
+        connection goes with it: its body is never read."""
+        journey = self.journey
+        if (
+            status in RETRIED_STATUSES
+            and journey.router.config.retry_on_5xx
+            and journey.may_retry(self.service)
+        ):
+            outcome = Outcome.RETRIED
+        elif journey.fallbacks and (status == 429 or status == 503):
+            outcome = Outcome.FALLBACK
+        else:
+            return False
+        self.status = status
+        self.reason = f"answered {status}"
+        self.conn.close()
+        self._settle(outcome)
+        return True
 
     def on_body(self, data: bytes) -> None:
         self._tail_prev = self._tail
@@ -1143,10 +1174,15 @@ class Journey:
                 registry.request_failed(
                     service, f"routing loop: {service.url} leads back to a router it came through"
                 )
-            elif status >= 500 or status == 429:
-                service.error_count += 1
-            elif service.consecutive_errors:  # only then is there a streak to end
-                registry.request_succeeded(service)
+            elif status >= 500:
+                if status in SERVER_ERRORS:
+                    registry.answered_error(service, status)  # its breaker's step
+                else:
+                    service.error_count += 1
+            elif status == 429:
+                service.error_count += 1  # busy, not broken: never a breaker's step
+            elif service.watched:
+                registry.request_succeeded(service)  # only then is there a streak to end
             self.strategy.on_end(service, route, latency_s, status < 500)
             if exchange.reusable:
                 service.pool.release(exchange.conn)  # type: ignore[union-attr]
@@ -1161,9 +1197,13 @@ class Journey:
             self.strategy.on_end(service, route, latency_s, True)
             return
         assert outcome is not None
-        if outcome is Outcome.FALLBACK:  # it answered 429 or 503: counted as any such answer
+        if outcome is Outcome.FALLBACK or outcome is Outcome.RETRIED:
+            # It answered 429 or 5xx, dropped for another try: counted as any such answer.
             service.request_count += 1
-            service.error_count += 1
+            if exchange.status in SERVER_ERRORS:
+                registry.answered_error(service, exchange.status)
+            else:
+                service.error_count += 1
         if outcome is Outcome.PARTNER:  # its prefill failed: nothing against this service
             service.request_count += 1
             self.strategy.on_end(service, route, latency_s, True)
@@ -1187,6 +1227,20 @@ class Journey:
         if tokens is None and exchange.status < 400 and isinstance(exchange, MeteredExchange):
             tokens = exchange.estimate(route.body)  # an error answer costs nothing
         return tokens
+
+    def may_retry(self, failed: Service) -> bool:
+        """Whether a retry could follow ``failed``'s error answer: retries are left, and
+        another service may take the request (else that answer is relayed)."""
+        if self.failures >= self.router.config.retries or self.client.closing:
+            return False
+        route = self.route
+        assert route is not None
+        try:
+            candidates = _candidates(self.router, route)
+        except ProxyError:
+            return False
+        tried = self.tried
+        return any(s is not failed and s not in tried for s in candidates)
 
     def _retry(self, failed: Service | None, error: ProxyError) -> None:
         """Try another service (any service, if ``failed`` is None), within --retries."""

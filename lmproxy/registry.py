@@ -3,6 +3,9 @@
 Health has two inputs: the active checker (``health.py``) sets it after every
 probe, and the proxy ejects a service passively after ``max_errors`` consecutive
 failed requests. An ejected service comes back only through a passing probe.
+Besides health, each service has a circuit breaker (``breaker.py``), which its
+requests' 5xx answers and failures open and which closes by itself, through
+half-open trials: a service is routed to while healthy and its breaker routable.
 The per-model candidate lists are cached and rebuilt only when health or
 membership changes, so a request's lookup is one dict access.
 
@@ -24,6 +27,14 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from lmproxy import tls
+from lmproxy.breaker import (
+    CLOSED,
+    DEFAULT_FAILURE_THRESHOLD,
+    DEFAULT_SUCCESS_THRESHOLD,
+    DEFAULT_TIMEOUT_S,
+    HALF_OPEN,
+    Breaker,
+)
 from lmproxy.config import ServiceSpec
 from lmproxy.logs import iso_time, masked_url
 
@@ -77,7 +88,9 @@ class Service:
     """One backend service: its address, models, health and live figures."""
 
     __slots__ = (
+        "breaker",
         "cache_type",
+        "circuit_reason",
         "consecutive_errors",
         "engine_at",
         "engine_extra",
@@ -104,6 +117,7 @@ class Service:
         "models_configured",
         "models_known",
         "name",
+        "on_circuit",
         "on_free",
         "origin",
         "path_prefix",
@@ -115,6 +129,7 @@ class Service:
         "spec",
         "ssl",
         "url",
+        "watched",
         "weight",
     )
 
@@ -157,6 +172,14 @@ class Service:
         self.models_capped = False  # it listed more models than are taken (warned once)
         self.pool: Pool | None = None
         self.on_free: Callable[[], None] = _nothing  # the registry's slot_freed
+        # Its requests' 5xx answers and failures (breaker.py); the registry sets its
+        # thresholds, and hears through on_circuit when a trial changes routing.
+        self.breaker = Breaker()
+        self.on_circuit: Callable[[], None] = _nothing
+        self.circuit_reason = ""  # why it last opened, as logged
+        # An error streak or a breaker not clean: the request path's one check (in
+        # acquire, release and after an answer), kept by note_streaks.
+        self.watched = False
         # The engine's own load, scraped from its /metrics (load.py): None until known.
         self.engine_running: int | None = None
         self.engine_waiting: int | None = None
@@ -177,13 +200,21 @@ class Service:
         """A request chose this service: it holds a slot until ``release``."""
         self.in_flight += 1
         self.local_in_flight += 1
+        if self.watched and self.breaker.begin_trial():
+            self.on_circuit()  # half-open: the one request let through, none beside it
 
     def release(self) -> None:
         """The request's slot is free again; a request waiting for one is woken."""
         self.in_flight -= 1
         self.local_in_flight -= 1
+        if self.watched and self.breaker.end_trial():
+            self.on_circuit()  # its verdict, if it has one, comes next (Registry)
         if self.max_in_flight:
             self.on_free()
+
+    def note_streaks(self) -> None:
+        """``watched`` anew: after its error streak or its breaker changed."""
+        self.watched = self.consecutive_errors > 0 or not self.breaker.clean
 
     def note_error(self, reason: str, at: float | None = None) -> None:
         """Record a failure: ``last_error`` and ``last_error_at`` always change together."""
@@ -205,6 +236,14 @@ class Registry:
         make_pool: Callable[[Service], Pool] | None = None,
     ) -> None:
         self.max_errors = max_errors
+        # --cb-failure-threshold (0: no breaker), --cb-success-threshold,
+        # --cb-timeout-duration-secs: every service's breaker's settings.
+        self.breaker_settings = (
+            DEFAULT_FAILURE_THRESHOLD,
+            DEFAULT_SUCCESS_THRESHOLD,
+            DEFAULT_TIMEOUT_S,
+        )
+        self.open_circuits: set[Service] = set()  # what the sweep may turn half-open
         self.make_pool = make_pool
         # Called after any change of membership or health (the supervisor's broadcast,
         # the admission queue); and when this process ejects a service by itself.
@@ -258,6 +297,8 @@ class Registry:
         service = Service(spec, origin)
         service.ssl = self.tls_context(spec)
         service.on_free = self._slot_freed
+        service.on_circuit = self._changed
+        service.breaker.configure(*self.breaker_settings)
         service.max_in_flight = self._limit(spec)
         if self.make_pool is not None:
             service.pool = self.make_pool(service)
@@ -306,6 +347,7 @@ class Registry:
         if service is None:
             return None
         self.note("service %s removed: %s", name, why)
+        self.open_circuits.discard(service)
         if service.pool is not None:
             service.pool.close()
         self._forget_models()
@@ -347,6 +389,11 @@ class Registry:
         )
         service.healthy = old.healthy
         service.consecutive_errors = old.consecutive_errors
+        service.breaker.inherit(old.breaker)
+        service.note_streaks()
+        if old in self.open_circuits:
+            self.open_circuits.discard(old)
+            self.open_circuits.add(service)
         service.last_check = old.last_check
         service.last_error = old.last_error
         service.last_error_at = old.last_error_at
@@ -450,6 +497,7 @@ class Registry:
             log.info("service %s is healthy", service.name)
         service.healthy = True
         service.consecutive_errors = 0
+        service.note_streaks()
         self._changed()
 
     def _take_models(
@@ -548,6 +596,8 @@ class Registry:
         service.error_count += 1
         service.consecutive_errors += 1
         service.note_error(reason)
+        self._circuit_failed(service, reason)
+        service.note_streaks()
         if service.healthy and self.max_errors and service.consecutive_errors >= self.max_errors:
             log.warning(
                 "service %s ejected after %d consecutive failed requests (last: %s); "
@@ -570,8 +620,80 @@ class Registry:
             service.note_error(reason)
             self._changed()
 
+    def answered_error(self, service: Service, status: int) -> None:
+        """The service answered 500, 502, 503 or 504: it works as a server, not as an
+        engine. Its breaker counts it; passive ejection (``max_errors``) does not, since
+        only a passing health check would end that, and the health path still passes."""
+        reason = f"answered {status}"
+        service.error_count += 1
+        service.note_error(reason)
+        self._circuit_failed(service, reason)
+        service.note_streaks()
+
     def request_succeeded(self, service: Service) -> None:
+        """An answer that is neither a failure nor "busy" (a 2xx, 3xx or 4xx)."""
         service.consecutive_errors = 0
+        breaker = service.breaker
+        closed = not breaker.clean and breaker.succeeded()
+        service.note_streaks()
+        if closed:
+            log.info("service %s: circuit breaker closed", service.name)
+            self._changed()
+
+    # --- circuit breakers ---------------------------------------------------------
+
+    def configure_breakers(
+        self, failure_threshold: int, success_threshold: int, timeout_s: float
+    ) -> None:
+        """Every breaker's settings (start-up and reload); failure_threshold 0: none."""
+        self.breaker_settings = (failure_threshold, success_threshold, timeout_s)
+        closed = False
+        for service in self.services.values():
+            if service.breaker.configure(failure_threshold, success_threshold, timeout_s):
+                self.open_circuits.discard(service)
+                closed = True
+            service.note_streaks()
+        if closed:
+            self._changed()
+
+    def recover_circuits(self, now: float | None = None) -> None:
+        """Open breakers whose timeout is over become half-open (the router's sweep)."""
+        now = time.monotonic() if now is None else now
+        due = [s for s in self.open_circuits if s.breaker.due(now)]
+        if due:
+            for service in due:
+                self.open_circuits.discard(service)
+                # Each timeout of a backend that stays broken: not worth a line each.
+                log.debug(
+                    "service %s: circuit breaker half-open, one request at a time let through",
+                    service.name,
+                )
+            self._changed()
+
+    def _circuit_failed(self, service: Service, reason: str) -> None:
+        breaker = service.breaker
+        was = breaker.state
+        if not breaker.failed(time.monotonic()):
+            return
+        self.open_circuits.add(service)
+        # A breaker that fails its trials opens again every timeout: said once per
+        # cause, then at debug level until the cause changes.
+        say = log.warning if was == CLOSED or reason != service.circuit_reason else log.debug
+        service.circuit_reason = reason
+        after = (
+            "its half-open trial failed"
+            if was == HALF_OPEN
+            else f"{breaker.failure_threshold} failures in a row (5xx answers, failed requests)"
+        )
+        say(
+            "service %s: circuit breaker open: %s (last: %s); it gets no requests for "
+            "%gs (--cb-timeout-duration-secs), then one at a time",
+            service.name,
+            after,
+            reason,
+            breaker.timeout_s,
+        )
+        self._changed()
 
     # --- internals ------------------------------------------------------------
 
@@ -643,6 +765,7 @@ class Registry:
             service = self.update(spec, entry["origin"])
             if entry["healthy"] and not service.healthy:
                 service.consecutive_errors = 0  # back after a passing probe
+                service.note_streaks()
             service.healthy = entry["healthy"]
             service.models = tuple(entry["models"])
             service.models_known = entry["models_known"]
@@ -674,7 +797,7 @@ class Registry:
             listener()
 
     def _changed(self) -> None:
-        self._healthy = [s for s in self.services.values() if s.healthy]
+        self._healthy = [s for s in self.services.values() if s.healthy and s.breaker.routable]
         self._candidates.clear()
         self._pd.clear()
         self.pd_models = frozenset(
@@ -765,6 +888,7 @@ def service_entry(service: Service) -> dict[str, Any]:
         "routable": True,
         "role": service.role,
         "metadata": service.spec.metadata,
+        "circuit": service.breaker.state_name,
     }
 
 
@@ -788,7 +912,10 @@ def explain(services: Iterable[Service]) -> str:
     """``name: last error`` of each service out of routing, for at most LOGGED_SERVICES."""
     listed = list(services)
     text = "; ".join(
-        f"{s.name}: {s.last_error or 'not checked yet'}" for s in listed[:LOGGED_SERVICES]
+        f"{s.name}: circuit breaker {s.breaker.state_name} (last: {s.last_error})"
+        if s.healthy and s.breaker.state != CLOSED
+        else f"{s.name}: {s.last_error or 'not checked yet'}"
+        for s in listed[:LOGGED_SERVICES]
     )
     if len(listed) > LOGGED_SERVICES:
         text += f"; and {len(listed) - LOGGED_SERVICES} more (GET /stats has each one's last error)"

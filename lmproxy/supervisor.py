@@ -35,6 +35,7 @@ import msgspec
 
 from lmproxy import api, tls
 from lmproxy.app import authority_limits, backend_tls, new_instance_id, with_under_way
+from lmproxy.breaker import CLOSED, WORSE
 from lmproxy.config import Config, ConfigError
 from lmproxy.control import Channel, ChannelClosed, Message
 from lmproxy.errors import configure as configure_errors
@@ -78,6 +79,7 @@ class Supervisor:
         self.reload = reload
         self.loop = asyncio.get_running_loop()
         self.registry = Registry(max_errors=config.max_errors)
+        self.registry.configure_breakers(*config.breaker_settings)
         self.registry.backend_tls = backend_tls(config)
         # Checked here once, before any worker starts: a certificate or CA file that
         # cannot be read stops the start with its name, not each worker in turn.
@@ -340,6 +342,7 @@ class Supervisor:
                 worker.heard_at = time.monotonic()
         self.config = config
         self.registry.max_errors = config.max_errors
+        self.registry.configure_breakers(*config.breaker_settings)
         self.registry.backend_tls = backend_tls(config)
         self.fleet.apply_config(config)
         self.authority.keys = keys_by_name(config)
@@ -448,6 +451,9 @@ class Supervisor:
             latencies: list[float] = []
             under_way = 0
             worker_error = ""
+            # Each worker has its breakers: the service shows the worst (open, then
+            # half-open), and the openings of them all.
+            circuit, opened = CLOSED, 0
             for snapshot in snapshots:
                 figures = snapshot["services"].get(service.name)
                 if figures is None:
@@ -457,6 +463,11 @@ class Supervisor:
                 latencies += figures["latencies"]
                 under_way += figures["in_flight"]
                 worker_error = worker_error or figures["last_error"]
+                state, count = figures.get("circuit", (CLOSED, 0))
+                opened += count
+                if WORSE[state] > WORSE[circuit]:
+                    circuit = state
+            service.breaker.mirror(circuit, opened)
             service.request_count = requests
             service.error_count = errors
             service.latencies = deque(latencies)

@@ -137,6 +137,7 @@ class SupervisorLink:
                     "latencies": list(s.latencies),
                     "in_flight": s.local_in_flight,
                     "last_error": s.last_error,
+                    "circuit": (s.breaker.state, s.breaker.opened_total),
                 }
                 for s in router.registry.services.values()
             },

@@ -87,16 +87,21 @@ class MemoryTransport:
 
 
 class Harness:
-    """One Router over one service ``a`` (healthy, serving MODEL), with no sockets.
+    """One Router over one service ``a`` (healthy, serving MODEL), with no sockets;
+    ``names``: more services of the model, in that order.
 
     Construct it inside a running event loop (an ``async`` test).
     """
 
-    def __init__(self, **settings: Any) -> None:
-        spec = ServiceSpec(url="http://127.0.0.1:9", name="a", models=[MODEL])
-        self.router = Router(Config(services=[spec], **settings))
-        self.service: Service = self.router.registry.services["a"]
-        self.router.registry.probe_passed(self.service, None)
+    def __init__(self, names: tuple[str, ...] = ("a",), **settings: Any) -> None:
+        specs = [
+            ServiceSpec(url=f"http://127.0.0.1:{9 + n}", name=name, models=[MODEL])
+            for n, name in enumerate(names)
+        ]
+        self.router = Router(Config(services=specs, **settings))
+        self.service: Service = self.router.registry.services[names[0]]
+        for service in self.router.registry.services.values():
+            self.router.registry.probe_passed(service, None)
 
     def client(self) -> tuple[ClientConnection, MemoryTransport]:
         """A new client connection, as the listener would make it."""
@@ -105,9 +110,11 @@ class Harness:
         conn.connection_made(transport)  # type: ignore[arg-type]
         return conn, transport
 
-    def backend(self) -> tuple[UpstreamConnection, MemoryTransport]:
-        """A connection to the service, idle in its pool: the next request takes it."""
-        pool = self.service.pool
+    def backend(self, name: str | None = None) -> tuple[UpstreamConnection, MemoryTransport]:
+        """A connection to the service (``name``'s), idle in its pool: the next request
+        takes it."""
+        service = self.service if name is None else self.router.registry.services[name]
+        pool = service.pool
         assert pool is not None
         conn = UpstreamConnection(pool)
         transport = MemoryTransport()

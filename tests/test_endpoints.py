@@ -110,6 +110,7 @@ def test_services_lists_every_service(spawn, two_backends):
         "type": "openai-api",
         "routable": True,
         "role": "both",
+        "circuit": "closed",
     }
     # lmproxy's fields as ever; the InfiniLM routers' are added (tests/test_infinilm.py).
     qwen = by_name["svc-qwen"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 
-from inproc import BODY, Harness, MemoryTransport, chat_request
+from inproc import BODY, MODEL, Harness, MemoryTransport, chat_request
 
 from lmproxy.upstream import UpstreamConnection
 
@@ -190,3 +190,66 @@ async def test_a_stream_cut_between_chunks_ends_with_an_error_event():
     assert error_event.startswith(b'data: {"error":"the backend failed mid-stream'), answer
     assert rest[int(size, 16) :] == b"\r\n0\r\n\r\n"
     assert downstream.closing
+
+
+SERVER_ERROR = b'{"error":"the engine died"}'
+ANSWER_500 = (
+    b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(SERVER_ERROR), SERVER_ERROR)
+)
+
+
+async def test_a_500_head_is_dropped_unrelayed_and_another_service_answers():
+    h = Harness(("a", "b"), strategy="round-robin", cb_failure_threshold=2)
+    backend_a, upstream_a = h.backend("a")
+    backend_b, upstream_b = h.backend("b")
+    client, downstream = h.client()
+    client.data_received(chat_request())  # round-robin: a first
+    assert upstream_a.take().endswith(BODY)
+    backend_a.data_received(ANSWER_500)
+    await h.turn()
+    assert downstream.take() == b""  # not a byte of it reached the client
+    assert upstream_a.closing  # its connection goes, unread: never pooled
+    assert upstream_b.take().endswith(BODY)  # the same request, as sent, to b
+    backend_b.data_received(ok_response())
+    await h.turn()
+    answer = downstream.take()
+    assert statuses(answer) == [200] and answer.endswith(OK_BODY)
+    assert b"engine" not in answer
+    registry = h.router.registry
+    a, b = registry.services["a"], registry.services["b"]
+    assert a.error_count == 1 and a.breaker.failures == 1 and a.consecutive_errors == 0
+    assert a.in_flight == 0 and b.in_flight == 0  # every slot came back
+    assert registry.candidates(MODEL) == [a, b]  # one of two: still closed
+
+
+async def test_without_a_retry_left_the_500_is_relayed_as_it_came_and_counted():
+    h = Harness(("a", "b"), strategy="round-robin", retries=0, cb_failure_threshold=1)
+    backend_a, _ = h.backend("a")
+    client, downstream = h.client()
+    client.data_received(chat_request())
+    backend_a.data_received(ANSWER_500)
+    await h.turn()
+    answer = downstream.take()
+    assert statuses(answer) == [500] and answer.endswith(SERVER_ERROR)
+    registry = h.router.registry
+    a = registry.services["a"]
+    assert a.breaker.state_name == "open"
+    assert registry.candidates(MODEL) == [registry.services["b"]]
+    assert a.healthy  # its checks decide health; the breaker, routing
+
+
+async def test_a_200_after_failures_ends_the_streak_and_a_4xx_counts_as_working():
+    h = Harness(("a",), cb_failure_threshold=3)
+    for answer in (
+        ANSWER_500,
+        ANSWER_500,
+        b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
+    ):
+        backend, _ = h.backend()
+        client, downstream = h.client()
+        client.data_received(chat_request())
+        backend.data_received(answer)
+        await h.turn()
+        assert statuses(downstream.take()) == [int(answer[9:12])]
+    assert h.service.breaker.failures == 0 and h.service.breaker.clean

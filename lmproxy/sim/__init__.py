@@ -10,7 +10,8 @@ requests at run time by ``POST /mock/fault`` with ``{"fault": MODE}`` (``none``
 clears it):
 
 ==================  =========================================================
-``400``/``500``/``503``/``429``  answer that status with a JSON error body
+``400``/``429``/``5xx``  answer that status with a JSON error body (5xx: ``500``,
+                    ``502``, ``503``, ``504``)
 ``hang``            accept the request and never answer
 ``close``           close the connection without answering
 ``close-mid-stream``  send half the tokens, then close the connection

@@ -27,7 +27,9 @@ FAULTS = (
     "none",
     "400",
     "500",
+    "502",
     "503",
+    "504",
     "429",
     "hang",
     "close",
@@ -51,13 +53,14 @@ FAULTS = (
     "models-deep",
     "metrics-flood",
 )
+ANSWERED = frozenset({"400", "500", "502", "503", "504", "429"})  # that status, a JSON body
 SECOND_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nX-Second: yes\r\n\r\nSECOND"
 FLOOD_MODELS = 5000
 
 
 async def answer_with_fault(conn: Answering, fault: str) -> bool:
     """Answer as ``fault`` says, if it is one that answers before any token; whether it was."""
-    if fault in ("400", "500", "503", "429"):
+    if fault in ANSWERED:
         status = int(fault)
         extra = b"Retry-After: 1\r\n" if status == 429 else b""
         conn.write(json_answer(status, {"error": f"simulated {status}"}, extra))

@@ -28,7 +28,7 @@ from lmproxy.admission import AdmissionQueue
 from lmproxy.config import Config, ConfigError
 from lmproxy.control import Channel
 from lmproxy.errors import Fault, encode_json, http_response, json_response
-from lmproxy.fleet import Fleet
+from lmproxy.fleet import FIRST_CHECKS_MAX_S, Fleet
 from lmproxy.limits import Key, Limits, LocalLimits, RemoteLimits
 from lmproxy.logs import printable
 from lmproxy.metrics import CONTENT_TYPE, Metrics
@@ -212,6 +212,9 @@ class Router:
                 # Workers share the port: the kernel spreads connections among them.
                 reuse_port=self.link is not None,
                 backlog=4096,
+                # Bound (its port is known, so a backend at it is seen as a loop) but
+                # accepting only once the first health checks are done.
+                start_serving=False,
             )
         except OSError as exc:
             raise ConfigError(
@@ -223,6 +226,8 @@ class Router:
         if self.fleet is not None:
             self.fleet.own_port = self.port
             self.fleet.start()
+            await self.fleet.first_checks(min(self.config.health_timeout, FIRST_CHECKS_MAX_S))
+        await self.server.start_serving()
         self._sweeper = self.loop.call_later(self.sweep_interval_s, self._sweep)
         if self.link is not None:
             return  # the supervisor reports the router as a whole

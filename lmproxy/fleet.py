@@ -69,6 +69,9 @@ Payload = tuple[int, Any]
 RANK = {"config": 0, "admin": 1, "registry": 2}
 SOURCES = {"registry": "the registry", "dns": "DNS", "k8s": "Kubernetes discovery"}
 TICK_S = 0.5  # how often TTLs and grace periods are checked
+FIRST_CHECK_POLL_S = 0.01
+# Start-up waits at most this long (or --health-timeout, if shorter) for first checks.
+FIRST_CHECKS_MAX_S = 5.0
 # After an unexpected failure, a loop waits its interval or this backoff, whichever
 # is longer: it doubles per failure in a row, from the first to the last.
 BACKOFF_MIN_S = 0.5
@@ -244,6 +247,16 @@ class Fleet:
         self._follow_registry()
         self._follow_dns()
         self._follow_pods()
+
+    async def first_checks(self, limit_s: float) -> None:
+        """Wait, at most ``limit_s``, until every service known at start-up has had its
+        first health check: a router that serves before then answers its first clients
+        503 for services that are up (sglang-router waits for its workers too). A refused
+        connection fails at once; only a backend that hangs makes this wait its limit."""
+        deadline = time.monotonic() + limit_s
+        services = list(self.registry.services.values())
+        while any(s.last_check is None for s in services) and time.monotonic() < deadline:
+            await asyncio.sleep(FIRST_CHECK_POLL_S)
 
     async def stop(self) -> None:
         for task in (self._poller, self._discoverer, *self._pods.values()):

@@ -620,6 +620,19 @@ def _route_other(router: ProxyHost, request: ClientRequest) -> RouteRequest:
     return RouteRequest(path, model, head, body, request.headers)
 
 
+def _any_model(router: ProxyHost, route: RouteRequest) -> None:
+    """--any-model, before routing: a name no service lists is the one model served, as
+    the Rust routers take it (so a disaggregated model is split as its own name would
+    be); with several served, a request without a model (see _candidates)."""
+    registry = router.registry
+    if route.model in registry.known_models or not registry.services:
+        return
+    if registry.discovery_pending():
+        return  # it may yet be listed: _candidates decides
+    served = list(registry.known_models)
+    route.model = served[0] if len(served) == 1 else None
+
+
 def _candidates(router: ProxyHost, route: RouteRequest) -> list[Service]:
     registry = router.registry
     model = route.model
@@ -776,6 +789,8 @@ class Journey:
         """The routed request goes on: to its model's strategy, or disaggregated."""
         route = self.route
         assert route is not None
+        if self.router.config.any_model and route.model is not None:
+            _any_model(self.router, route)
         self.strategy = self.router.strategy_for(route.model)
         pd_models = self.router.registry.pd_models
         if pd_models and route.model in pd_models:

@@ -40,7 +40,7 @@ from lmproxy.config import Config, ConfigError
 from lmproxy.control import Channel, ChannelClosed, Message
 from lmproxy.errors import configure as configure_errors
 from lmproxy.errors import encode_json
-from lmproxy.fleet import Fleet
+from lmproxy.fleet import FIRST_CHECKS_MAX_S, Fleet
 from lmproxy.limits import Authority, keys_by_name
 from lmproxy.metrics import CONTENT_TYPE, Metrics
 from lmproxy.registry import Registry
@@ -110,6 +110,8 @@ class Supervisor:
         reservation = self._reserve_port()
         self.fleet.own_port = self.config.port
         self.fleet.start()
+        # Workers start with the health the first checks found, not every service down.
+        await self.fleet.first_checks(min(self.config.health_timeout, FIRST_CHECKS_MAX_S))
         try:
             await asyncio.gather(
                 *(

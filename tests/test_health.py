@@ -200,3 +200,19 @@ async def test_a_probe_answer_in_tiny_chunks_is_refused_past_its_pieces():
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_first_request_finds_the_first_checks_done(spawn, workers):
+    """The router accepts clients once every service it starts with has had its first
+    health check (bounded by --health-timeout, at most 5 s): before, it listened at
+    once, and a client's first request, as sglang-router's tests send one, got a 503
+    'not checked yet' for a backend that was up."""
+    backend = spawn(Mock, "slow-check", ["Qwen3-32B"])
+    backend.set_timing(health_delay=1.5)  # its first check takes 1.5 s
+    router = spawn(
+        Router, "--backend", backend.backend_arg(), "--workers", workers,
+        "--health-timeout", "4",
+    )  # fmt: skip
+    resp = router.post("/v1/chat/completions", chat_body(max_tokens=2))
+    assert resp.status == 200, resp.body

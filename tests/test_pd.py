@@ -377,3 +377,18 @@ def test_each_side_is_chosen_by_its_own_strategy(spawn):
         assert router.post(CHAT, body, headers=session).status == 200
     assert sorted(p.stats()["pd"]["prefilled"] for p in prefills) == [0, 4]
     assert sorted(d.stats()["pd"]["decoded"] for d in decodes) == [0, 4]
+
+
+def test_any_model_takes_a_disaggregated_model_under_any_name(spawn):
+    """--any-model with one model served: a name no service lists is that model, so a
+    disaggregated model is split as under its own name (it was a 503: the pair was
+    looked for under the unknown name). The body is sent as the client wrote it."""
+    p, d = prefill(spawn, "vllm"), decode(spawn, "vllm")
+    router = pd_router(spawn, "vllm", [p], [d], "--any-model")
+    body = {"model": "whatever", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    resp = router.post("/v1/chat/completions", body)
+    # The pair was found and the prefill asked, under the client's name: the simulator,
+    # like vLLM, refuses a name it does not serve (SGLang's engines take any), so the
+    # answer is its 404 relayed as the prefill's failure, not the router's 503.
+    assert resp.status == 502 and b"not served here" in resp.body, resp.body
+    assert [b["model"] for b in bodies(p)] == ["whatever"]

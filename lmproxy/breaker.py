@@ -34,6 +34,10 @@ HALF_OPEN = 2
 STATE_NAMES = ("closed", "open", "half-open")
 WORSE = (0, 2, 1)  # by state: open is worse than half-open (the workers' summary)
 
+# The answers that say the service failed, not the request: a breaker's failures (and
+# retried elsewhere before any byte, with a 429, which is only "busy").
+SERVER_ERRORS = frozenset({500, 502, 503, 504})
+
 DEFAULT_FAILURE_THRESHOLD = 10  # sglang-router's defaults
 DEFAULT_SUCCESS_THRESHOLD = 3
 DEFAULT_TIMEOUT_S = 60.0

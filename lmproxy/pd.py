@@ -49,7 +49,6 @@ from lmproxy import decode
 from lmproxy.admission import has_room
 from lmproxy.errors import Fault, ProxyError
 from lmproxy.proxy import (
-    SERVER_ERRORS,
     Exchange,
     Journey,
     Outcome,
@@ -669,10 +668,7 @@ class PDJourney(Journey):
         if side.status < 500 and side.status != 429:
             fault = Fault.BAD_REQUEST if side.status in (400, 413, 422) else Fault.BACKEND_BROKEN
             return ProxyError(fault, message), True
-        if side.status in SERVER_ERRORS:
-            self.router.registry.answered_error(prefill, side.status)  # its breaker's step
-        else:
-            prefill.error_count += 1  # a 429: busy, not broken
+        self.router.registry.answered_error(prefill, side.status)  # a 5xx: its breaker's step
         return ProxyError(Fault.BACKEND_BROKEN, message), False
 
     def _cancel_decode(self, error: ProxyError, final: bool) -> None:

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from lmproxy import tracing
 from lmproxy.admission import has_room
+from lmproxy.breaker import SERVER_ERRORS
 from lmproxy.config import fallback_chain
 from lmproxy.errors import Fault, ProxyError, sse_error_event
 from lmproxy.limits import UNLIMITED, Refusal
@@ -144,9 +145,6 @@ FALLBACK_FAULTS = frozenset(
         Fault.BACKEND_BROKEN,
     }
 )
-# Answers that say the service failed, not the request: retried elsewhere (before
-# any byte), and counted by the service's circuit breaker.
-SERVER_ERRORS = frozenset({500, 502, 503, 504})
 # Answered before any byte, these are dropped for another service's (--retry-on-5xx);
 # a 429 is "busy": retried, never a breaker's step.
 RETRIED_STATUSES = SERVER_ERRORS | {429}
@@ -1189,13 +1187,8 @@ class Journey:
                 registry.request_failed(
                     service, f"routing loop: {service.url} leads back to a router it came through"
                 )
-            elif status >= 500:
-                if status in SERVER_ERRORS:
-                    registry.answered_error(service, status)  # its breaker's step
-                else:
-                    service.error_count += 1
-            elif status == 429:
-                service.error_count += 1  # busy, not broken: never a breaker's step
+            elif status >= 500 or status == 429:
+                registry.answered_error(service, status)  # a 5xx is its breaker's step
             elif service.watched:
                 registry.request_succeeded(service)  # only then is there a streak to end
             self.strategy.on_end(service, route, latency_s, status < 500)
@@ -1215,10 +1208,7 @@ class Journey:
         if outcome is Outcome.FALLBACK or outcome is Outcome.RETRIED:
             # It answered 429 or 5xx, dropped for another try: counted as any such answer.
             service.request_count += 1
-            if exchange.status in SERVER_ERRORS:
-                registry.answered_error(service, exchange.status)
-            else:
-                service.error_count += 1
+            registry.answered_error(service, exchange.status)
         if outcome is Outcome.PARTNER:  # its prefill failed: nothing against this service
             service.request_count += 1
             self.strategy.on_end(service, route, latency_s, True)

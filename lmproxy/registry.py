@@ -33,6 +33,7 @@ from lmproxy.breaker import (
     DEFAULT_SUCCESS_THRESHOLD,
     DEFAULT_TIMEOUT_S,
     HALF_OPEN,
+    SERVER_ERRORS,
     Breaker,
 )
 from lmproxy.config import ServiceSpec
@@ -593,11 +594,8 @@ class Registry:
 
     def request_failed(self, service: Service, reason: str) -> None:
         """A proxied request failed by the service's fault (never a client hang-up)."""
-        service.error_count += 1
         service.consecutive_errors += 1
-        service.note_error(reason)
-        self._circuit_failed(service, reason)
-        service.note_streaks()
+        self._count_failure(service, reason)
         if service.healthy and self.max_errors and service.consecutive_errors >= self.max_errors:
             log.warning(
                 "service %s ejected after %d consecutive failed requests (last: %s); "
@@ -621,10 +619,18 @@ class Registry:
             self._changed()
 
     def answered_error(self, service: Service, status: int) -> None:
-        """The service answered 500, 502, 503 or 504: it works as a server, not as an
-        engine. Its breaker counts it; passive ejection (``max_errors``) does not, since
-        only a passing health check would end that, and the health path still passes."""
-        reason = f"answered {status}"
+        """The service answered an error status of its own (a 5xx, or a 429) and the
+        request went no further there. A 500, 502, 503 or 504 says it works as a server,
+        not as an engine: its breaker counts it; passive ejection (``max_errors``) does
+        not, since only a passing health check would end that, and the health path still
+        passes. Any other (a 429: busy, not broken) is counted only."""
+        if status not in SERVER_ERRORS:
+            service.error_count += 1
+            return
+        self._count_failure(service, f"answered {status}")
+
+    def _count_failure(self, service: Service, reason: str) -> None:
+        """A failure of the service's: its figures, its last error, its breaker's step."""
         service.error_count += 1
         service.note_error(reason)
         self._circuit_failed(service, reason)

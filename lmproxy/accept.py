@@ -174,12 +174,7 @@ class Gate:
         self.open -= 1
         if self._limit_logged and self.open < self.limit * RELOG_FRACTION:
             self._limit_logged.discard("--max-connections")
-        sources = self._sources
-        held = sources[source] - 1
-        if held:
-            sources[source] = held
-        else:
-            del sources[source]
+        if _one_less(self._sources, source):
             self._logged_sources.discard(source)
 
     def admit_handshake(self, source: str) -> bool:
@@ -207,12 +202,7 @@ class Gate:
         self.handshaking -= 1
         if self._limit_logged and self.handshaking < self.handshake_limit * RELOG_FRACTION:
             self._limit_logged.discard("--max-handshakes")
-        by_source = self._handshakes_by_source
-        held = by_source[source] - 1
-        if held:
-            by_source[source] = held
-        else:
-            del by_source[source]
+        _one_less(self._handshakes_by_source, source)
         if not completed:
             self.release(source)
 
@@ -248,6 +238,17 @@ class Gate:
                 self.per_source,
                 self.handshakes_per_source,
             )
+
+
+def _one_less(counts: dict[str, int], source: str) -> bool:
+    """One fewer for ``source``; whether that was its last (its entry is then gone: a
+    source holding nothing costs no memory)."""
+    held = counts[source] - 1
+    if held:
+        counts[source] = held
+        return False
+    del counts[source]
+    return True
 
 
 class TLSClient(Protocol):

@@ -293,10 +293,8 @@ class PDJourney(Journey):
         assert route is not None and route.model is not None
         registry = self.router.registry
         model = route.model
-        prefills = [
-            s for s in registry.pd_candidates(model, "prefill") if s not in self.prefill_tried
-        ]
-        decodes = [s for s in registry.pd_candidates(model, "decode") if s not in self.tried]
+        prefills = self._untried("prefill")
+        decodes = self._untried("decode")
         if not prefills or not decodes:
             if registry.candidates(model):
                 # Services that take whole requests are better than a 503.
@@ -454,16 +452,20 @@ class PDJourney(Journey):
             return False
         route = self.route
         assert route is not None and route.model is not None
-        registry = self.router.registry
-        prefills = [
-            s for s in registry.pd_candidates(route.model, "prefill") if s not in self.prefill_tried
-        ]
-        decodes = [
+        pair = self._untried("prefill") and self._untried("decode", failed)
+        return bool(pair) or bool(self.router.registry.candidates(route.model))
+
+    def _untried(self, role: str, failed: Service | None = None) -> list[Service]:
+        """Healthy ``role`` services of the model not tried yet by this request (nor
+        ``failed``, whose failure is not recorded yet)."""
+        route = self.route
+        assert route is not None and route.model is not None
+        tried = self.prefill_tried if role == "prefill" else self.tried
+        return [
             s
-            for s in registry.pd_candidates(route.model, "decode")
-            if s is not failed and s not in self.tried
+            for s in self.router.registry.pd_candidates(route.model, role)
+            if s is not failed and s not in tried
         ]
-        return bool(prefills and decodes) or bool(registry.candidates(route.model))
 
     def _retry(self, failed: Service | None, error: ProxyError) -> None:
         if self.final_error is not None:  # the prefill said the request itself is wrong
@@ -726,11 +728,7 @@ class PDJourney(Journey):
         route = self.route
         assert route is not None and route.model is not None
         route.body = msgspec.json.encode(decode_fields)
-        decodes = [
-            s
-            for s in self.router.registry.pd_candidates(route.model, "decode")
-            if s not in self.tried
-        ]
+        decodes = self._untried("decode")
         if not decodes:
             self.fail(self.last_error or self._unavailable(route.model, "decode"))
             return

@@ -168,8 +168,11 @@ class Router:
             else authority_limits(config, self.instance_id)
         )
         self._admin_token = config.admin_token.encode() if config.admin_token else None
-        self.max_connections = connection_limit(config.max_connections, raise_open_file_limit())
-        self.gate = Gate(self.max_connections, config.max_connections_per_ip, config.max_handshakes)
+        self.gate = Gate(
+            connection_limit(config.max_connections, raise_open_file_limit()),
+            config.max_connections_per_ip,
+            config.max_handshakes,
+        )
         self.handshake_timeout = config.handshake_timeout
         self.tls_protocol = tls_protocol_for(self.loop)
         self._routes = self._route_table()

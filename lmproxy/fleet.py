@@ -72,11 +72,12 @@ TICK_S = 0.5  # how often TTLs and grace periods are checked
 FIRST_CHECK_POLL_S = 0.01
 # Start-up waits at most this long (or --health-timeout, if shorter) for first checks.
 FIRST_CHECKS_MAX_S = 5.0
-# After an unexpected failure, a loop waits its interval or this backoff, whichever
-# is longer: it doubles per failure in a row, from the first to the last.
-BACKOFF_MIN_S = 0.5
-BACKOFF_MAX_S = 30.0
-MAX_CAUSE_TEXT = 300
+# After an unexpected failure, a loop waits its interval or a backoff, whichever is
+# longer: it doubles per failure in a row, within the Kubernetes watch's own bounds
+# (kube.BACKOFF_MIN_S, kube.BACKOFF_MAX_S), and its cause is cut as the watch's is.
+BACKOFF_MIN_S = kube.BACKOFF_MIN_S
+BACKOFF_MAX_S = kube.BACKOFF_MAX_S
+MAX_CAUSE_TEXT = kube.MAX_CAUSE_TEXT
 # A registry entry skipped is logged once while it stays wrong: the causes of one
 # poll are remembered for the next (at most this many), and at most this many
 # new ones are logged per poll.

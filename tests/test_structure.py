@@ -95,8 +95,8 @@ def test_in_flight_changes_only_in_acquire_and_release():
     assert len(changes) == body.count("in_flight -=") + body.count("in_flight +=") == 4
 
 
-def test_client_waiting_is_written_by_admission_alone():
-    writes = _lines_matching(r"\.waiting\s*=[^=]")  # an annotated declaration is no write
+def test_queued_is_written_by_admission_alone():
+    writes = _lines_matching(r"\.queued\s*=[^=]")  # an annotated declaration is no write
     assert {path for path, _ in writes} == {"lmproxy/admission.py"}, writes
 
 

@@ -87,10 +87,12 @@ class MemoryTransport:
 
 
 def spec(name: str, n: int, **fields: Any) -> ServiceSpec:
-    """Service ``name`` serving MODEL (unless ``models`` is given), on port 9 + ``n``;
-    ``fields``: its other settings (``role``, ``bootstrap_port``, ``max_in_flight``)."""
+    """Service ``name`` serving MODEL, on port 9 + ``n``, unless ``fields`` say
+    otherwise (``models``, ``url``), with its other settings (``role``,
+    ``bootstrap_port``, ``max_in_flight``)."""
     fields.setdefault("models", [MODEL])
-    return ServiceSpec(url=f"http://127.0.0.1:{9 + n}", name=name, **fields)
+    fields.setdefault("url", f"http://127.0.0.1:{9 + n}")
+    return ServiceSpec(name=name, **fields)
 
 
 class Harness:

@@ -13,8 +13,10 @@ import re
 from typing import Any
 
 import pytest
-from inproc import Harness, MemoryTransport, chat_request, spec
+from conftest import free_port
+from inproc import BODY, MODEL, Harness, MemoryTransport, chat_request, spec
 
+from lmproxy.config import ModelSettings
 from lmproxy.upstream import UpstreamConnection
 
 Backends = dict[str, tuple[UpstreamConnection, MemoryTransport]]
@@ -278,3 +280,51 @@ async def test_a_client_gone_while_both_sglang_sides_run_closes_both(caplog):
     assert {n: c for n, c in counts(h).items() if c != (0, 0)} == {decode: (1, 0)}
     (line,) = access(caplog)
     assert (line["status"], line["service"]) == (499, f"prefill={prefill},decode={decode}")
+
+
+# --- fallbacks: a model whose only service cannot answer ------------------------------
+
+BACKUP = "backup-8B"
+
+
+def fallback_harness(first_url: str | None = None, **settings: Any) -> Harness:
+    """MODEL on service ``a`` (at ``first_url``, if given), falling back to BACKUP on
+    service ``b``; the access log in JSON."""
+    first = spec("a", 0) if first_url is None else spec("a", 0, url=first_url)
+    specs = [first, spec("b", 1, models=[BACKUP])]
+    models = {MODEL: ModelSettings(fallbacks=[BACKUP])}
+    return Harness(specs=specs, models=models, access_log="json", **settings)
+
+
+@pytest.mark.parametrize("how", ["503", "unreachable"])
+async def test_a_fallback_answers_when_the_models_service_cannot(how, caplog):
+    caplog.set_level(logging.INFO, "lmproxy.access")
+    h = fallback_harness(f"http://127.0.0.1:{free_port()}" if how == "unreachable" else None)
+    b, b_sent = h.backend("b")
+    if how == "503":
+        a, a_sent = h.backend("a")
+    # Else a's pool has no connection: it connects, to a port nothing listens on.
+    client, downstream = h.client()
+    client.data_received(chat_request())
+    if how == "503":
+        await h.turn()
+        assert a_sent.take().endswith(BODY)
+        a.data_received(response(b'{"error":"overloaded"}', b"503 Service Unavailable"))
+        await h.turn()
+        assert a_sent.closing  # its answer is dropped, unread
+    await until(lambda: b_sent.written, "the fallback's request")
+    forwarded = b_sent.take()
+    assert json.loads(body_of(forwarded))["model"] == BACKUP  # the body names it
+    b.data_received(response(b'{"id":"from-b"}'))
+    await h.turn()
+    answer = downstream.take()
+    assert statuses(answer) == [200] and body_of(answer) == b'{"id":"from-b"}'
+    assert header(answer, b"X-LMProxy-Model") == BACKUP.encode()
+    assert b"overloaded" not in answer
+    assert f'lmproxy_fallbacks_total{{model="{MODEL}",to="{BACKUP}"}} 1.0' in metrics(h)
+    assert slots(h) == {"a": 0, "b": 0}
+    # A 503 is an answer (and an error); a refused connect an error only.
+    assert counts(h) == {"a": (1, 1) if how == "503" else (0, 1), "b": (1, 0)}
+    (line,) = access(caplog)
+    assert (line["status"], line["service"], line["model"]) == (200, "b", BACKUP)
+    assert line["fallback_from"] == MODEL

@@ -10,13 +10,15 @@ import asyncio
 import json
 import logging
 import re
+import time
 from typing import Any
 
 import pytest
 from conftest import free_port
 from inproc import BODY, MODEL, Harness, MemoryTransport, chat_request, spec
 
-from lmproxy.config import ModelSettings
+from lmproxy.config import KeySpec, ModelSettings, ServiceSpec
+from lmproxy.limits import Key, Refusal
 from lmproxy.upstream import UpstreamConnection
 
 Backends = dict[str, tuple[UpstreamConnection, MemoryTransport]]
@@ -85,6 +87,12 @@ def metrics(h: Harness) -> str:
 # --- disaggregation: a vLLM or SGLang fleet of two prefills and two decodes -------------
 
 PD_NAMES = ("p1", "p2", "d1", "d2")
+PD_SPECS = [
+    spec("p1", 0, role="prefill", bootstrap_port=8998),
+    spec("p2", 1, role="prefill", bootstrap_port=8998),
+    spec("d1", 2, role="decode"),
+    spec("d2", 3, role="decode"),
+]
 PREFILL_OK = response(
     b'{"id":"p","choices":[],"kv_transfer_params":{"remote_engine_id":"e1","remote_block_ids":[1]}}'
 )
@@ -97,15 +105,9 @@ def decode_ok(name: str) -> bytes:
 def pd_harness(mode: str, **settings: Any) -> tuple[Harness, Backends]:
     """Prefills p1, p2 and decodes d1, d2 of MODEL, each side chosen in turn, each with
     one pooled connection; the access log in JSON."""
-    specs = [
-        spec("p1", 0, role="prefill", bootstrap_port=8998),
-        spec("p2", 1, role="prefill", bootstrap_port=8998),
-        spec("d1", 2, role="decode"),
-        spec("d2", 3, role="decode"),
-    ]
     settings.setdefault("prefill_strategy", "round-robin")
     settings.setdefault("decode_strategy", "round-robin")
-    h = Harness(specs=specs, pd_mode=mode, access_log="json", **settings)
+    h = Harness(specs=PD_SPECS, pd_mode=mode, access_log="json", **settings)
     return h, {name: h.backend(name) for name in PD_NAMES}
 
 
@@ -287,13 +289,17 @@ async def test_a_client_gone_while_both_sglang_sides_run_closes_both(caplog):
 BACKUP = "backup-8B"
 
 
-def fallback_harness(first_url: str | None = None, **settings: Any) -> Harness:
-    """MODEL on service ``a`` (at ``first_url``, if given), falling back to BACKUP on
-    service ``b``; the access log in JSON."""
+FALLBACKS = {MODEL: ModelSettings(fallbacks=[BACKUP])}
+
+
+def fallback_specs(first_url: str | None = None) -> list[ServiceSpec]:
+    """MODEL on service ``a`` (at ``first_url``, if given), BACKUP on service ``b``."""
     first = spec("a", 0) if first_url is None else spec("a", 0, url=first_url)
-    specs = [first, spec("b", 1, models=[BACKUP])]
-    models = {MODEL: ModelSettings(fallbacks=[BACKUP])}
-    return Harness(specs=specs, models=models, access_log="json", **settings)
+    return [first, spec("b", 1, models=[BACKUP])]
+
+
+def fallback_harness(first_url: str | None = None) -> Harness:
+    return Harness(specs=fallback_specs(first_url), models=FALLBACKS, access_log="json")
 
 
 @pytest.mark.parametrize("how", ["503", "unreachable"])
@@ -328,3 +334,309 @@ async def test_a_fallback_answers_when_the_models_service_cannot(how, caplog):
     (line,) = access(caplog)
     assert (line["status"], line["service"], line["model"]) == (200, "b", BACKUP)
     assert line["fallback_from"] == MODEL
+
+
+# --- a [[keys]] key's grant: ended once, whatever the end ------------------------------
+
+KEY = b"Authorization: Bearer sk-k\r\n"
+TPM = 60  # a token a second: a charge of T tokens puts the bucket T seconds ahead
+USAGE = b'{"id":"x","object":"chat.completion","usage":{"prompt_tokens":7,"completion_tokens":3}}'
+USED = (7, 3)
+STREAM = BODY.replace(b"}", b',"stream":true}')
+STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+EVENT = b'data: {"choices":[{"delta":{"content":"tok "}}]}\n\n'
+CHUNK = b"%x\r\n%s\r\n" % (len(EVENT), EVENT)
+
+
+def keyed(max_in_flight: int = 1, **settings: Any) -> Harness:
+    """A Harness whose requests carry KEY: key k, with max_in_flight, rpm and tpm."""
+    key = KeySpec(name="k", key="sk-k", max_in_flight=max_in_flight, rpm=1000, tpm=TPM)
+    return Harness(keys=[key], **settings)
+
+
+def estimate(body: bytes) -> int:
+    """The prompt tokens charged for ``body`` when no usage came: its bytes / 4."""
+    return len(body) // 4
+
+
+def assert_ended_once(h: Harness, tokens: tuple[int, int]) -> None:
+    """The key's grant came back exactly once (a second end would leave -1 under way,
+    a slot more than max_in_flight), charged ``tokens`` once."""
+    limits = h.router.limits
+    assert limits.under_way("k") == 0
+    figures = h.router.metrics.key_counts()["k"]
+    assert (figures["prompt_tokens"], figures["completion_tokens"]) == tokens
+    full_at = limits.counts["k"].tokens_full_at  # type: ignore[attr-defined]
+    if sum(tokens) == 0:
+        assert full_at == 0.0
+    else:
+        # Filled T seconds ahead at the charge, less the time since; twice would be 2T.
+        ahead = full_at - time.monotonic()
+        assert sum(tokens) / 2 < ahead <= sum(tokens), ahead
+
+
+async def one_request(h: Harness, body: bytes = BODY) -> tuple[Any, MemoryTransport]:
+    client, downstream = h.client()
+    client.data_received(chat_request(body, extra=KEY))
+    await h.turn()
+    return client, downstream
+
+
+async def sweep_until(h: Harness, downstream: MemoryTransport) -> bytes:
+    """Run the router's sweep until ``downstream`` has an answer."""
+
+    def answered() -> bool:
+        h.sweep()
+        return bool(downstream.written)
+
+    await until(answered, "the sweep's answer")
+    return downstream.take()
+
+
+async def key_done() -> tuple[Harness, tuple[int, int]]:
+    h = keyed()
+    backend, _ = h.backend()
+    _, downstream = await one_request(h)
+    backend.data_received(response(USAGE))
+    await h.turn()
+    assert statuses(downstream.take()) == [200]
+    return h, USED
+
+
+async def key_gone_before_the_head() -> tuple[Harness, tuple[int, int]]:
+    h = keyed()
+    _, upstream = h.backend()
+    client, _ = await one_request(h)
+    assert upstream.take().endswith(BODY)
+    client.connection_lost(None)
+    await h.turn()
+    assert upstream.closing
+    return h, (estimate(BODY), 0)  # the prompt's estimate: the backend had it
+
+
+async def key_gone_mid_stream() -> tuple[Harness, tuple[int, int]]:
+    h = keyed()
+    backend, upstream = h.backend()
+    client, downstream = await one_request(h, STREAM)
+    forwarded = body_of(upstream.take())  # with stream_options: a tpm key's stream
+    assert b'"include_usage":true' in forwarded
+    backend.data_received(STREAM_HEAD + CHUNK * 2)
+    await h.turn()
+    assert downstream.take().endswith(CHUNK * 2)
+    client.connection_lost(None)
+    await h.turn()
+    assert upstream.closing
+    return h, (estimate(forwarded), 2)  # and one token per event relayed
+
+
+async def key_drop_then_retry() -> tuple[Harness, tuple[int, int]]:
+    h = keyed(names=("a", "b"), strategy="round-robin")
+    a, _ = h.backend("a")
+    b, _ = h.backend("b")
+    _, downstream = await one_request(h)
+    a.data_received(b"HTTP/1.1 2")  # a byte or two, then the close: dropped
+    a.connection_lost(None)
+    await h.turn()
+    b.data_received(response(USAGE))
+    await h.turn()
+    assert statuses(downstream.take()) == [200]
+    assert counts(h) == {"a": (1, 1), "b": (1, 0)}
+    return h, USED
+
+
+async def key_drop_without_retry() -> tuple[Harness, tuple[int, int]]:
+    h = keyed(retries=0)
+    backend, _ = h.backend()
+    _, downstream = await one_request(h)
+    backend.data_received(b"HTTP/1.1 2")
+    backend.connection_lost(None)
+    await h.turn()
+    assert statuses(downstream.take()) == [502]
+    return h, (0, 0)
+
+
+async def key_timeout() -> tuple[Harness, tuple[int, int]]:
+    h = keyed(request_timeout=0.001)
+    _, upstream = h.backend()
+    _, downstream = await one_request(h)
+    assert statuses(await sweep_until(h, downstream)) == [504]
+    assert upstream.closing
+    return h, (0, 0)
+
+
+async def key_queue_timeout() -> tuple[Harness, tuple[int, int]]:
+    """The second request waits for the service's one slot, and waits too long."""
+    h = keyed(2, specs=[spec("a", 0, max_in_flight=1)], queue_timeout=0.001)
+    backend, _ = h.backend()
+    _, first = await one_request(h)
+    _, second = await one_request(h)
+    assert statuses(await sweep_until(h, second)) == [429]
+    assert h.router.limits.under_way("k") == 1  # the first's
+    backend.data_received(response(USAGE))
+    await h.turn()
+    assert statuses(first.take()) == [200]
+    return h, USED
+
+
+async def key_queue_shed_and_left() -> tuple[Harness, tuple[int, int]]:
+    """With --max-queue 1: the third request is shed; the second's client hangs up
+    while it waits; the fourth waits its turn and is served."""
+    h = keyed(4, specs=[spec("a", 0, max_in_flight=1)], max_queue=1)
+    backend, _ = h.backend()
+    _, first = await one_request(h)
+    second, _ = await one_request(h)
+    _, third = await one_request(h)
+    assert statuses(third.take()) == [429]
+    second.connection_lost(None)
+    await h.turn()
+    assert h.router.limits.under_way("k") == 1
+    _, fourth = await one_request(h)
+    backend.data_received(response(USAGE))
+    await h.turn()
+    assert statuses(first.take()) == [200] and fourth.take() == b""
+    backend.data_received(response(USAGE))
+    await h.turn()
+    assert statuses(fourth.take()) == [200]
+    return h, (14, 6)
+
+
+def raising(method: str, **settings: Any) -> Harness:
+    return keyed(
+        strategy="raising_strategy:Raising",
+        strategy_options={"raise_in": method, "times": 1},
+        **settings,
+    )
+
+
+async def key_strategy_raises_on_start() -> tuple[Harness, tuple[int, int]]:
+    h = raising("on_start")
+    h.backend()
+    _, downstream = await one_request(h)
+    assert statuses(downstream.take()) == [502]
+    return h, (0, 0)
+
+
+async def key_strategy_raises_on_first_byte() -> tuple[Harness, tuple[int, int]]:
+    h = raising("on_first_byte")
+    backend, _ = h.backend()
+    _, downstream = await one_request(h)
+    backend.data_received(response(USAGE))
+    await h.turn()
+    assert statuses(downstream.take()) == [502]
+    return h, (0, 0)
+
+
+async def key_strategy_raises_on_end_after_the_answer() -> tuple[Harness, tuple[int, int]]:
+    h = raising("on_end")
+    backend, _ = h.backend()
+    _, downstream = await one_request(h)
+    backend.data_received(response(USAGE))
+    await h.turn()
+    assert statuses(downstream.take()) == [200]  # complete before on_end raised
+    return h, USED
+
+
+async def key_fallback() -> tuple[Harness, tuple[int, int]]:
+    h = keyed(specs=fallback_specs(), models=FALLBACKS)
+    a, _ = h.backend("a")
+    b, _ = h.backend("b")
+    _, downstream = await one_request(h)
+    a.data_received(response(b"{}", b"503 Service Unavailable"))
+    await h.turn()
+    b.data_received(response(USAGE))
+    await h.turn()
+    answer = downstream.take()
+    assert statuses(answer) == [200] and header(answer, b"X-LMProxy-Model") == BACKUP.encode()
+    return h, USED
+
+
+async def key_disaggregated(mode: str) -> tuple[Harness, tuple[int, int]]:
+    h = keyed(specs=PD_SPECS, pd_mode=mode, prefill_strategy="round-robin")
+    backends = {name: h.backend(name) for name in PD_NAMES}
+    _, downstream = await one_request(h)
+    prefill, decode = await start_pair(h, backends, mode)
+    if mode == "sglang":
+        backends[prefill][0].data_received(PREFILL_OK)
+    backends[decode][0].data_received(response(USAGE))
+    await h.turn()
+    assert statuses(downstream.take()) == [200]
+    return h, USED  # the decode's usage; the prefill's answer is not charged
+
+
+async def key_disaggregated_vllm() -> tuple[Harness, tuple[int, int]]:
+    return await key_disaggregated("vllm")
+
+
+async def key_disaggregated_sglang() -> tuple[Harness, tuple[int, int]]:
+    return await key_disaggregated("sglang")
+
+
+async def key_disaggregated_pair_retry() -> tuple[Harness, tuple[int, int]]:
+    h = keyed(specs=PD_SPECS, prefill_strategy="round-robin", decode_strategy="round-robin")
+    backends = {name: h.backend(name) for name in PD_NAMES}
+    _, downstream = await one_request(h)
+    _, decode = await start_pair(h, backends, "vllm")
+    backends[decode][0].data_received(b"HTTP/1.1 2")
+    backends[decode][0].connection_lost(None)
+    await h.turn()
+    _, decode = await start_pair(h, backends, "vllm")
+    backends[decode][0].data_received(response(USAGE))
+    await h.turn()
+    assert statuses(downstream.take()) == [200]
+    return h, USED
+
+
+async def key_disaggregated_gone_in_prefill() -> tuple[Harness, tuple[int, int]]:
+    h = keyed(specs=PD_SPECS)
+    backends = {name: h.backend(name) for name in PD_NAMES}
+    client, _ = await one_request(h)
+    assert sent(backends, "p")
+    client.connection_lost(None)
+    await h.turn()
+    return h, (estimate(BODY), 0)  # the prefill had the prompt
+
+
+async def key_disaggregated_prefill_4xx() -> tuple[Harness, tuple[int, int]]:
+    h = keyed(specs=PD_SPECS)
+    backends = {name: h.backend(name) for name in PD_NAMES}
+    _, downstream = await one_request(h)
+    (prefill,) = sent(backends, "p")
+    backends[prefill][0].data_received(PREFILL_400)
+    await h.turn()
+    assert statuses(downstream.take()) == [400]
+    return h, (0, 0)
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        key_done,
+        key_gone_before_the_head,
+        key_gone_mid_stream,
+        key_drop_then_retry,
+        key_drop_without_retry,
+        key_timeout,
+        key_queue_timeout,
+        key_queue_shed_and_left,
+        key_strategy_raises_on_start,
+        key_strategy_raises_on_first_byte,
+        key_strategy_raises_on_end_after_the_answer,
+        key_fallback,
+        key_disaggregated_vllm,
+        key_disaggregated_sglang,
+        key_disaggregated_pair_retry,
+        key_disaggregated_gone_in_prefill,
+        key_disaggregated_prefill_4xx,
+    ],
+    ids=lambda scenario: scenario.__name__.removeprefix("key_"),
+)
+async def test_a_keys_grant_ends_once_on_every_exit(scenario):
+    h, tokens = await scenario()
+    assert_ended_once(h, tokens)
+    assert all(n == 0 for n in slots(h).values())
+    # Its max_in_flight slots are all there again, and not one more.
+    key = Key(h.router.config.keys[0])
+    verdicts = [h.router.limits.check(key) for _ in range(key.max_in_flight + 1)]
+    assert [isinstance(v, Refusal) for v in verdicts] == [False] * key.max_in_flight + [True]

@@ -20,6 +20,7 @@ from inproc import BODY, MODEL, Harness, MemoryTransport, chat_request, spec
 from lmproxy.config import KeySpec, ModelSettings, ServiceSpec
 from lmproxy.limits import Key, Refusal
 from lmproxy.upstream import UpstreamConnection
+from strategies import BaseStrategy, Option
 
 Backends = dict[str, tuple[UpstreamConnection, MemoryTransport]]
 
@@ -640,3 +641,145 @@ async def test_a_keys_grant_ends_once_on_every_exit(scenario):
     key = Key(h.router.config.keys[0])
     verdicts = [h.router.limits.check(key) for _ in range(key.max_in_flight + 1)]
     assert [isinstance(v, Refusal) for v in verdicts] == [False] * key.max_in_flight + [True]
+
+
+# --- a strategy plugin written against docs/strategies.md --------------------------------
+
+
+class FewestTokens(BaseStrategy):
+    """docs/strategies.md's example plugin, as the doc writes it (with the doc's
+    on_first_byte beside it), keeping a record of the calls it gets. Loaded as
+    ``test_journey:FewestTokens``, the way a plugin in a plain file is."""
+
+    summary = "fewest outstanding max_tokens"
+    OPTIONS = {"default_tokens": Option(int, 256, "tokens assumed when max_tokens is unset")}
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        super().__init__(options)
+        self.owed: dict[str, int] = {}  # service url -> tokens still owed
+        self.calls: list[tuple[str, str]] = []
+
+    def choose(self, candidates: Any, request: Any) -> Any:
+        return min(candidates, key=lambda s: self.owed.get(s.url, 0))
+
+    def on_start(self, service: Any, request: Any) -> None:
+        tokens = (request.head and request.head.max_tokens) or self.opt["default_tokens"]
+        request.memo = tokens  # scratch space that travels with the request
+        self.owed[service.url] = self.owed.get(service.url, 0) + tokens
+        self.calls.append(("start", service.name))
+
+    def on_first_byte(self, service: Any, request: Any, ttfb_s: float) -> None:
+        self.calls.append(("first_byte", service.name))
+
+    def on_end(self, service: Any, request: Any, latency_s: float, ok: bool) -> None:
+        self.owed[service.url] -= request.memo
+        self.calls.append(("end", service.name))
+
+
+PLUGIN = "test_journey:FewestTokens"
+
+
+def starts_and_ends(strategy: Any) -> list[tuple[str, str]]:
+    """The plugin's on_start and on_end calls, in order; each start is followed by its
+    end before that service's next start, and nothing is left owed."""
+    assert isinstance(strategy, FewestTokens)
+    calls = [c for c in strategy.calls if c[0] != "first_byte"]
+    open_: set[str] = set()
+    for kind, name in calls:
+        if kind == "start":
+            assert name not in open_, calls
+            open_.add(name)
+        else:
+            assert name in open_, calls  # an end without its start
+            open_.remove(name)
+    assert not open_, calls  # a start without its end
+    assert all(owed == 0 for owed in strategy.owed.values()), strategy.owed
+    return calls
+
+
+async def test_the_docs_plugin_routes_and_is_told_each_start_and_end_once():
+    h = Harness(("a", "b"), strategy=PLUGIN)
+    strategy = h.router.strategy
+    assert isinstance(strategy, FewestTokens) and strategy.opt["default_tokens"] == 256
+    a, _ = h.backend("a")
+    b, _ = h.backend("b")
+    # A stream under way on a: the next request goes where less is owed, b.
+    first, first_out = h.client()
+    first.data_received(chat_request(STREAM))
+    a.data_received(STREAM_HEAD + CHUNK)
+    second, second_out = h.client()
+    second.data_received(chat_request())
+    b.data_received(response(USAGE))
+    await h.turn()
+    assert statuses(second_out.take()) == [200]
+    a.data_received(b"0\r\n\r\n")
+    await h.turn()
+    assert first_out.take().endswith(b"0\r\n\r\n")
+    assert starts_and_ends(strategy) == [("start", "a"), ("start", "b"), ("end", "b"), ("end", "a")]
+    assert [c for c in strategy.calls if c[0] == "first_byte"] == [
+        ("first_byte", "a"),
+        ("first_byte", "b"),
+    ]
+    # A 500 dropped for another service's answer: each try is started and ended once.
+    strategy.calls.clear()
+    a, _ = h.backend("a")
+    client, downstream = h.client()
+    client.data_received(chat_request())
+    a.data_received(response(b'{"error":"engine died"}', b"500 Internal Server Error"))
+    await h.turn()
+    b.data_received(response(USAGE))
+    await h.turn()
+    assert statuses(downstream.take()) == [200]
+    assert starts_and_ends(strategy) == [("start", "a"), ("end", "a"), ("start", "b"), ("end", "b")]
+    # A client gone mid-stream: one start, one end.
+    strategy.calls.clear()
+    a, _ = h.backend("a")
+    client, downstream = h.client()
+    client.data_received(chat_request(STREAM))
+    a.data_received(STREAM_HEAD + CHUNK)
+    await h.turn()
+    client.connection_lost(None)
+    await h.turn()
+    assert starts_and_ends(strategy) == [("start", "a"), ("end", "a")]
+    assert slots(h) == {"a": 0, "b": 0}
+
+
+@pytest.mark.parametrize("mode", ["vllm", "sglang"])
+async def test_the_docs_plugin_on_each_side_of_a_disaggregated_request(mode):
+    h, spares = pd_harness(mode, prefill_strategy=PLUGIN, decode_strategy=PLUGIN)
+    # A second pooled connection each (taken after these): the plugin may choose a
+    # service again whose connection went with the first pair.
+    backends = {name: h.backend(name) for name in PD_NAMES}
+    prefills, decodes = h.router.prefill_strategy, h.router.decode_strategy
+    assert prefills is not decodes
+    client, downstream = h.client()
+    client.data_received(chat_request())
+    prefill, decode = await start_pair(h, backends, mode)
+    # The decode fails before its head: a new pair, each side started and ended again.
+    backends[decode][0].data_received(b"HTTP/1.1 2")
+    backends[decode][0].connection_lost(None)
+    await h.turn()
+    for name, (_, transport) in list(backends.items()):
+        if transport.closing:
+            backends[name] = spares[name]
+    prefill2, decode2 = await start_pair(h, backends, mode)
+    if mode == "sglang":
+        backends[prefill2][0].data_received(PREFILL_OK)
+    backends[decode2][0].data_received(decode_ok(decode2))
+    await h.turn()
+    assert statuses(downstream.take()) == [200]
+    assert starts_and_ends(prefills) == [
+        ("start", prefill),
+        ("end", prefill),
+        ("start", prefill2),
+        ("end", prefill2),
+    ]
+    assert starts_and_ends(decodes) == [
+        ("start", decode),
+        ("end", decode),
+        ("start", decode2),
+        ("end", decode2),
+    ]
+    assert ("first_byte", decode2) in decodes.calls
+    # The prefill's head reaches no on_first_byte today; that is left unasserted.
+    assert slots(h) == dict.fromkeys(PD_NAMES, 0)

@@ -49,6 +49,12 @@ def header(data: bytes, name: bytes) -> bytes | None:
     return found.group(1) if found else None
 
 
+async def settle(h: Harness) -> None:
+    """Let the loop run what the router scheduled: more turns than today's request path
+    takes (three), so that a path with a step or two more still settles."""
+    await h.turn(10)
+
+
 async def until(predicate: Any, what: str, timeout_s: float = 2.0) -> None:
     """Let the loop run (real sockets' connects too) until ``predicate()``."""
     loop = asyncio.get_running_loop()
@@ -115,12 +121,12 @@ def pd_harness(mode: str, **settings: Any) -> tuple[Harness, Backends]:
 async def start_pair(h: Harness, backends: Backends, mode: str) -> tuple[str, str]:
     """After the client's request: the pair it was given, (prefill, decode). vLLM's
     decode is sent once the prefill answered (here: at once, with PREFILL_OK)."""
-    await h.turn()
+    await settle(h)
     (prefill,) = sent(backends, "p")
     if mode == "vllm":
         assert sent(backends, "d") == []  # the decode waits for the prefill's answer
         backends[prefill][0].data_received(PREFILL_OK)
-        await h.turn()
+        await settle(h)
     (decode,) = sent(backends, "d")
     return prefill, decode
 
@@ -135,7 +141,7 @@ async def test_a_decode_lost_before_its_first_byte_gets_a_new_pair(mode, caplog)
     # Part of a status line, then the close: the decode failed, before its head.
     backends[decode][0].data_received(b"HTTP/1.1 2")
     backends[decode][0].connection_lost(None)
-    await h.turn()
+    await settle(h)
     assert downstream.take() == b""  # nothing of it reached the client
     assert backends[decode][1].closing
     prefill2, decode2 = await start_pair(h, backends, mode)
@@ -145,7 +151,7 @@ async def test_a_decode_lost_before_its_first_byte_gets_a_new_pair(mode, caplog)
         assert backends[prefill][1].closing
         backends[prefill2][0].data_received(PREFILL_OK)
     backends[decode2][0].data_received(decode_ok(decode2))
-    await h.turn()
+    await settle(h)
     answer = downstream.take()
     assert statuses(answer) == [200] and body_of(answer) == body_of(decode_ok(decode2))
     assert slots(h) == dict.fromkeys(PD_NAMES, 0)
@@ -173,11 +179,11 @@ async def test_a_prefill_4xx_is_the_clients_error(mode, caplog):
     h, backends = pd_harness(mode)
     client, downstream = h.client()
     client.data_received(chat_request())
-    await h.turn()
+    await settle(h)
     (prefill,) = sent(backends, "p")
     decodes = sent(backends, "d")
     backends[prefill][0].data_received(PREFILL_400)
-    await h.turn()
+    await settle(h)
     answer = downstream.take()
     assert statuses(answer) == [400], answer
     message = json.loads(body_of(answer))["error"]
@@ -207,20 +213,20 @@ async def test_a_prefill_5xx_is_retried_on_another_prefill(mode, caplog):
     h, backends = pd_harness(mode)
     client, downstream = h.client()
     client.data_received(chat_request())
-    await h.turn()
+    await settle(h)
     (prefill,) = sent(backends, "p")
     first_decodes = sent(backends, "d")
     backends[prefill][0].data_received(
         response(b'{"error":"engine died"}', b"500 Internal Server Error")
     )
-    await h.turn()
+    await settle(h)
     assert downstream.take() == b""
     prefill2, decode = await start_pair(h, backends, mode)
     assert prefill2 != prefill
     if mode == "sglang":
         backends[prefill2][0].data_received(PREFILL_OK)
     backends[decode][0].data_received(decode_ok(decode))
-    await h.turn()
+    await settle(h)
     answer = downstream.take()
     assert statuses(answer) == [200] and body_of(answer) == body_of(decode_ok(decode))
     assert slots(h) == dict.fromkeys(PD_NAMES, 0)
@@ -250,10 +256,10 @@ async def test_a_client_gone_while_the_vllm_prefill_runs_closes_it(caplog):
     h, backends = pd_harness("vllm")
     client, downstream = h.client()
     client.data_received(chat_request())
-    await h.turn()
+    await settle(h)
     (prefill,) = sent(backends, "p")
     client.connection_lost(None)
-    await h.turn()
+    await settle(h)
     assert backends[prefill][1].closing  # its work is stopped
     assert downstream.take() == b""
     assert sent(backends, "d") == [] and sent(backends, "p") == []
@@ -273,7 +279,7 @@ async def test_a_client_gone_while_both_sglang_sides_run_closes_both(caplog):
     client.data_received(chat_request())
     prefill, decode = await start_pair(h, backends, "sglang")
     client.connection_lost(None)
-    await h.turn()
+    await settle(h)
     assert backends[prefill][1].closing and backends[decode][1].closing
     assert downstream.take() == b""
     assert sent(backends, "") == []
@@ -314,16 +320,16 @@ async def test_a_fallback_answers_when_the_models_service_cannot(how, caplog):
     client, downstream = h.client()
     client.data_received(chat_request())
     if how == "503":
-        await h.turn()
+        await settle(h)
         assert a_sent.take().endswith(BODY)
         a.data_received(response(b'{"error":"overloaded"}', b"503 Service Unavailable"))
-        await h.turn()
+        await settle(h)
         assert a_sent.closing  # its answer is dropped, unread
     await until(lambda: b_sent.written, "the fallback's request")
     forwarded = b_sent.take()
     assert json.loads(body_of(forwarded))["model"] == BACKUP  # the body names it
     b.data_received(response(b'{"id":"from-b"}'))
-    await h.turn()
+    await settle(h)
     answer = downstream.take()
     assert statuses(answer) == [200] and body_of(answer) == b'{"id":"from-b"}'
     assert header(answer, b"X-LMProxy-Model") == BACKUP.encode()
@@ -381,7 +387,7 @@ def assert_ended_once(h: Harness, tokens: tuple[int, int]) -> None:
 async def one_request(h: Harness, body: bytes = BODY) -> tuple[Any, MemoryTransport]:
     client, downstream = h.client()
     client.data_received(chat_request(body, extra=KEY))
-    await h.turn()
+    await settle(h)
     return client, downstream
 
 
@@ -401,7 +407,7 @@ async def key_done() -> tuple[Harness, tuple[int, int]]:
     backend, _ = h.backend()
     _, downstream = await one_request(h)
     backend.data_received(response(USAGE))
-    await h.turn()
+    await settle(h)
     assert statuses(downstream.take()) == [200]
     return h, USED
 
@@ -412,7 +418,7 @@ async def key_gone_before_the_head() -> tuple[Harness, tuple[int, int]]:
     client, _ = await one_request(h)
     assert upstream.take().endswith(BODY)
     client.connection_lost(None)
-    await h.turn()
+    await settle(h)
     assert upstream.closing
     return h, (estimate(BODY), 0)  # the prompt's estimate: the backend had it
 
@@ -424,10 +430,10 @@ async def key_gone_mid_stream() -> tuple[Harness, tuple[int, int]]:
     forwarded = body_of(upstream.take())  # with stream_options: a tpm key's stream
     assert b'"include_usage":true' in forwarded
     backend.data_received(STREAM_HEAD + CHUNK * 2)
-    await h.turn()
+    await settle(h)
     assert downstream.take().endswith(CHUNK * 2)
     client.connection_lost(None)
-    await h.turn()
+    await settle(h)
     assert upstream.closing
     return h, (estimate(forwarded), 2)  # and one token per event relayed
 
@@ -439,9 +445,9 @@ async def key_drop_then_retry() -> tuple[Harness, tuple[int, int]]:
     _, downstream = await one_request(h)
     a.data_received(b"HTTP/1.1 2")  # a byte or two, then the close: dropped
     a.connection_lost(None)
-    await h.turn()
+    await settle(h)
     b.data_received(response(USAGE))
-    await h.turn()
+    await settle(h)
     assert statuses(downstream.take()) == [200]
     assert counts(h) == {"a": (1, 1), "b": (1, 0)}
     return h, USED
@@ -453,7 +459,7 @@ async def key_drop_without_retry() -> tuple[Harness, tuple[int, int]]:
     _, downstream = await one_request(h)
     backend.data_received(b"HTTP/1.1 2")
     backend.connection_lost(None)
-    await h.turn()
+    await settle(h)
     assert statuses(downstream.take()) == [502]
     return h, (0, 0)
 
@@ -476,7 +482,7 @@ async def key_queue_timeout() -> tuple[Harness, tuple[int, int]]:
     assert statuses(await sweep_until(h, second)) == [429]
     assert h.router.limits.under_way("k") == 1  # the first's
     backend.data_received(response(USAGE))
-    await h.turn()
+    await settle(h)
     assert statuses(first.take()) == [200]
     return h, USED
 
@@ -491,14 +497,14 @@ async def key_queue_shed_and_left() -> tuple[Harness, tuple[int, int]]:
     _, third = await one_request(h)
     assert statuses(third.take()) == [429]
     second.connection_lost(None)
-    await h.turn()
+    await settle(h)
     assert h.router.limits.under_way("k") == 1
     _, fourth = await one_request(h)
     backend.data_received(response(USAGE))
-    await h.turn()
+    await settle(h)
     assert statuses(first.take()) == [200] and fourth.take() == b""
     backend.data_received(response(USAGE))
-    await h.turn()
+    await settle(h)
     assert statuses(fourth.take()) == [200]
     return h, (14, 6)
 
@@ -524,7 +530,7 @@ async def key_strategy_raises_on_first_byte() -> tuple[Harness, tuple[int, int]]
     backend, _ = h.backend()
     _, downstream = await one_request(h)
     backend.data_received(response(USAGE))
-    await h.turn()
+    await settle(h)
     assert statuses(downstream.take()) == [502]
     return h, (0, 0)
 
@@ -534,7 +540,7 @@ async def key_strategy_raises_on_end_after_the_answer() -> tuple[Harness, tuple[
     backend, _ = h.backend()
     _, downstream = await one_request(h)
     backend.data_received(response(USAGE))
-    await h.turn()
+    await settle(h)
     assert statuses(downstream.take()) == [200]  # complete before on_end raised
     return h, USED
 
@@ -545,9 +551,9 @@ async def key_fallback() -> tuple[Harness, tuple[int, int]]:
     b, _ = h.backend("b")
     _, downstream = await one_request(h)
     a.data_received(response(b"{}", b"503 Service Unavailable"))
-    await h.turn()
+    await settle(h)
     b.data_received(response(USAGE))
-    await h.turn()
+    await settle(h)
     answer = downstream.take()
     assert statuses(answer) == [200] and header(answer, b"X-LMProxy-Model") == BACKUP.encode()
     return h, USED
@@ -561,7 +567,7 @@ async def key_disaggregated(mode: str) -> tuple[Harness, tuple[int, int]]:
     if mode == "sglang":
         backends[prefill][0].data_received(PREFILL_OK)
     backends[decode][0].data_received(response(USAGE))
-    await h.turn()
+    await settle(h)
     assert statuses(downstream.take()) == [200]
     return h, USED  # the decode's usage; the prefill's answer is not charged
 
@@ -581,10 +587,10 @@ async def key_disaggregated_pair_retry() -> tuple[Harness, tuple[int, int]]:
     _, decode = await start_pair(h, backends, "vllm")
     backends[decode][0].data_received(b"HTTP/1.1 2")
     backends[decode][0].connection_lost(None)
-    await h.turn()
+    await settle(h)
     _, decode = await start_pair(h, backends, "vllm")
     backends[decode][0].data_received(response(USAGE))
-    await h.turn()
+    await settle(h)
     assert statuses(downstream.take()) == [200]
     return h, USED
 
@@ -595,7 +601,7 @@ async def key_disaggregated_gone_in_prefill() -> tuple[Harness, tuple[int, int]]
     client, _ = await one_request(h)
     assert sent(backends, "p")
     client.connection_lost(None)
-    await h.turn()
+    await settle(h)
     return h, (estimate(BODY), 0)  # the prefill had the prompt
 
 
@@ -605,7 +611,7 @@ async def key_disaggregated_prefill_4xx() -> tuple[Harness, tuple[int, int]]:
     _, downstream = await one_request(h)
     (prefill,) = sent(backends, "p")
     backends[prefill][0].data_received(PREFILL_400)
-    await h.turn()
+    await settle(h)
     assert statuses(downstream.take()) == [400]
     return h, (0, 0)
 
@@ -710,10 +716,10 @@ async def test_the_docs_plugin_routes_and_is_told_each_start_and_end_once():
     second, second_out = h.client()
     second.data_received(chat_request())
     b.data_received(response(USAGE))
-    await h.turn()
+    await settle(h)
     assert statuses(second_out.take()) == [200]
     a.data_received(b"0\r\n\r\n")
-    await h.turn()
+    await settle(h)
     assert first_out.take().endswith(b"0\r\n\r\n")
     assert starts_and_ends(strategy) == [("start", "a"), ("start", "b"), ("end", "b"), ("end", "a")]
     assert [c for c in strategy.calls if c[0] == "first_byte"] == [
@@ -726,9 +732,9 @@ async def test_the_docs_plugin_routes_and_is_told_each_start_and_end_once():
     client, downstream = h.client()
     client.data_received(chat_request())
     a.data_received(response(b'{"error":"engine died"}', b"500 Internal Server Error"))
-    await h.turn()
+    await settle(h)
     b.data_received(response(USAGE))
-    await h.turn()
+    await settle(h)
     assert statuses(downstream.take()) == [200]
     assert starts_and_ends(strategy) == [("start", "a"), ("end", "a"), ("start", "b"), ("end", "b")]
     # A client gone mid-stream: one start, one end.
@@ -737,9 +743,9 @@ async def test_the_docs_plugin_routes_and_is_told_each_start_and_end_once():
     client, downstream = h.client()
     client.data_received(chat_request(STREAM))
     a.data_received(STREAM_HEAD + CHUNK)
-    await h.turn()
+    await settle(h)
     client.connection_lost(None)
-    await h.turn()
+    await settle(h)
     assert starts_and_ends(strategy) == [("start", "a"), ("end", "a")]
     assert slots(h) == {"a": 0, "b": 0}
 
@@ -758,7 +764,7 @@ async def test_the_docs_plugin_on_each_side_of_a_disaggregated_request(mode):
     # The decode fails before its head: a new pair, each side started and ended again.
     backends[decode][0].data_received(b"HTTP/1.1 2")
     backends[decode][0].connection_lost(None)
-    await h.turn()
+    await settle(h)
     for name, (_, transport) in list(backends.items()):
         if transport.closing:
             backends[name] = spares[name]
@@ -766,7 +772,7 @@ async def test_the_docs_plugin_on_each_side_of_a_disaggregated_request(mode):
     if mode == "sglang":
         backends[prefill2][0].data_received(PREFILL_OK)
     backends[decode2][0].data_received(decode_ok(decode2))
-    await h.turn()
+    await settle(h)
     assert statuses(downstream.take()) == [200]
     assert starts_and_ends(prefills) == [
         ("start", prefill),

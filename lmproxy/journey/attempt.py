@@ -346,16 +346,15 @@ class Attempt:
             self.journey.crash(exc, self)
 
     def send(self, conn: UpstreamConnection) -> None:
-        """The send, on either side: the strategy's ``on_start`` comes with it."""
+        """Write the request to ``conn``, each kind its own; the strategy's ``on_start``
+        comes with the send, on either side (``_sending``)."""
+        raise NotImplementedError
+
+    def _sending(self, conn: UpstreamConnection) -> None:
         self.conn = conn
         self.sent_at = time.perf_counter()
         self.sent_tick = self.loop.time()
         self.strategy.on_start(self.service, self.route)
-        self.deliver(conn)
-
-    def deliver(self, conn: UpstreamConnection) -> None:
-        """Write the request to ``conn``: each kind its own."""
-        raise NotImplementedError
 
     def let_go(self) -> None:
         """Given up before its answer, not for the service's fault (the client hung up,
@@ -404,36 +403,11 @@ class Attempt:
         self.ended = True
         service = self.service
         service.release()  # first: nothing below may keep the slot
-        outcome = self.outcome
-        assert outcome is not None
-        router = self.journey.router
         latency_s = time.perf_counter() - self.sent_at
-        row = FAILURES[outcome]
-        if outcome is Outcome.DONE:
-            self._done(latency_s)
-        else:
-            if self.conn is not None:
-                if self.reusable:
-                    service.pool.release(self.conn)  # type: ignore[union-attr]
-                else:
-                    self.conn.close()
-            if row.counted:
-                service.request_count += 1
-            if row.answered:
-                router.registry.answered_error(service, self.status)
-            if row.metric:
-                router.metrics.failed(service, outcome.value)
-            if row.blames:
-                router.registry.request_failed(service, self.reason)
-        if self.side and outcome is not Outcome.LET_GO and outcome is not Outcome.CRASHED:
-            ok = outcome is Outcome.DONE and self.status < 400
-            router.metrics.pd(self.side, "ok" if ok else "failed")
-        if self.sent_at and outcome is not Outcome.CRASHED:  # on_end follows on_start alone
-            fine = self.status < 500 if outcome is Outcome.DONE else row.fine
-            self.strategy.on_end(service, self.route, latency_s, fine)
-
-    def _done(self, latency_s: float) -> None:
-        service = self.service
+        outcome = self.outcome
+        if outcome is not Outcome.DONE:
+            self._failed(latency_s)
+            return
         router = self.journey.router
         registry = router.registry
         status = self.status
@@ -457,6 +431,37 @@ class Attempt:
             service.pool.release(conn)  # type: ignore[union-attr]
         else:
             conn.close()
+        if self.side:
+            router.metrics.pd(self.side, "ok" if status < 400 else "failed")
+        self.strategy.on_end(service, self.route, latency_s, status < 500)
+
+    def _failed(self, latency_s: float) -> None:
+        """``end`` of any outcome but DONE: what its row in FAILURES says."""
+        service = self.service
+        outcome = self.outcome
+        assert outcome is not None
+        router = self.journey.router
+        row = FAILURES[outcome]
+        conn = self.conn
+        if conn is not None:
+            if self.reusable:
+                service.pool.release(conn)  # type: ignore[union-attr]
+            else:
+                conn.close()
+        if row.counted:
+            service.request_count += 1
+        if row.answered:
+            router.registry.answered_error(service, self.status)
+        if row.metric:
+            router.metrics.failed(service, outcome.value)
+        if row.blames:
+            router.registry.request_failed(service, self.reason)
+        if outcome is Outcome.CRASHED:
+            return  # nothing of it is counted, nor told: what raised may raise again
+        if self.side and outcome is not Outcome.LET_GO:
+            router.metrics.pd(self.side, "failed")
+        if self.sent_at:  # on_end follows on_start alone
+            self.strategy.on_end(service, self.route, latency_s, row.fine)
 
     @property
     def tail(self) -> bytes:

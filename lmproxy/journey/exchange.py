@@ -96,7 +96,7 @@ class Exchange(Attempt):
         route: RouteRequest,
         side: str = "",
     ) -> None:
-        super().__init__(journey, owner, service, strategy, route, side)
+        Attempt.__init__(self, journey, owner, service, strategy, route, side)
         self.client = journey.client
         self.head_sent = False
         self._out: list[bytes] = []
@@ -109,7 +109,12 @@ class Exchange(Attempt):
         self._tail_prev = b""
         self.bytes_out = 0
 
-    def deliver(self, conn: UpstreamConnection) -> None:
+    def send(self, conn: UpstreamConnection) -> None:
+        # Attempt._sending, inline: this is every request's path.
+        self.conn = conn
+        self.sent_at = time.perf_counter()
+        self.sent_tick = self.loop.time()
+        self.strategy.on_start(self.service, self.route)
         journey = self.journey
         request = journey.request
         data = request_data(self.service, request, self.route.body, journey.forward_extra)
@@ -370,7 +375,7 @@ class MeteredExchange(Exchange):
         route: RouteRequest,
         side: str = "",
     ) -> None:
-        super().__init__(journey, owner, service, strategy, route, side)
+        Exchange.__init__(self, journey, owner, service, strategy, route, side)
         self.body_bytes = 0
         self.events = 0  # SSE events relayed: each starts a line with "data:"
 

@@ -191,9 +191,15 @@ class Journey:
     def _proceed(self) -> None:
         route = self.route
         assert route is not None
-        if self.router.config.any_model and route.model is not None:
-            any_model(self.router, route)
-        self._serve(route.model)
+        router = self.router
+        if router.config.any_model and route.model is not None:
+            any_model(router, route)
+        pd_models = router.registry.pd_models
+        if pd_models and route.model in pd_models:
+            self._serve(route.model)
+            return
+        self.strategy = router.strategy_for(route.model)
+        self.attempt()
 
     def _serve(self, model: str | None) -> None:
         """Tries for ``model``: whole requests, or pairs when it is disaggregated."""
@@ -328,8 +334,10 @@ class Journey:
                 return
             found = admitted
         service = self.strategy.choose(found, route)
-        kind = MeteredExchange if self.metered() else Exchange
-        exchange = kind(self, self, service, self.strategy, route)
+        if self.grant is not None and self.metered():
+            exchange: Exchange = MeteredExchange(self, self, service, self.strategy, route)
+        else:
+            exchange = Exchange(self, self, service, self.strategy, route)
         self.try_ = exchange
         exchange.go()
 
@@ -504,7 +512,11 @@ class Journey:
             client.underway = None
         name = attempt.service.name if attempt is not None and attempt.side != "prefill" else ""
         if self.try_ is not None:
-            name = self.try_.served_by(name)
+            if self.split is not None:
+                name = self.try_.served_by(name)
+            # Its try refers back to it: let go of it, or the journey (and the request's
+            # body) would wait for the garbage collector instead of going now.
+            self.try_ = None
         route = self.route
         if self.grant is not None:
             grant, self.grant = self.grant, None

@@ -258,7 +258,8 @@ class Prefill(Attempt):
         self.answer: _Answer | None = None
         self.timer: asyncio.TimerHandle | None = None
 
-    def deliver(self, conn: UpstreamConnection) -> None:
+    def send(self, conn: UpstreamConnection) -> None:
+        self._sending(conn)
         journey = self.journey
         self.timer = self.loop.call_later(self.timeout_s, self.expire)
         data = request_data(self.service, journey.request, self.body, journey.forward_extra)
@@ -345,6 +346,8 @@ class Prefill(Attempt):
             error.message = says.format(
                 service=self.service.name, reason=self.reason, timeout=self.timeout_s
             )
+        if outcome is Outcome.DROPPED or outcome is Outcome.TIMEOUT:
+            error.fault = Fault.BACKEND_UNREACHABLE  # its decode never started: a 502
         if outcome is Outcome.REFUSED:
             if self.status not in (400, 413, 422):
                 error.fault = Fault.BACKEND_BROKEN
@@ -357,7 +360,7 @@ class Prefill(Attempt):
 class Pair:
     """One try of a disaggregated request: a prefill and a decode, each an attempt."""
 
-    __slots__ = ("decode", "journey", "prefill", "split", "state", "table")
+    __slots__ = ("decode", "journey", "prefill", "prefill_name", "split", "state", "table")
 
     def __init__(self, journey: Journey, split: Split) -> None:
         self.journey = journey
@@ -365,6 +368,7 @@ class Pair:
         self.table = TRANSITIONS[split.mode]
         self.prefill: Prefill | None = None
         self.decode: Exchange | None = None
+        self.prefill_name = ""
         self.state = State.PREFILLING if split.mode == "vllm" else State.BOTH
 
     def start(self, prefills: list[Service], decodes: list[Service]) -> None:
@@ -372,6 +376,7 @@ class Pair:
         route = self.journey.route
         assert route is not None
         service = split.prefill_strategy.choose(prefills, split.prefill_route)
+        self.prefill_name = service.name
         if split.mode == "vllm":
             fields = dict(split.fields)
             fields["max_tokens"] = 1
@@ -447,6 +452,10 @@ class Pair:
                 return  # the pair's result is out: this end is only accounted
             self.state, action = move
             self._act(action, attempt)
+            if self.state is State.OVER:
+                # Its sides refer back to it: let go of them, or the pair (and the
+                # request's body) would wait for the garbage collector.
+                self.prefill = self.decode = None
         except Exception as exc:
             self.journey.crash(exc, attempt)
 
@@ -545,11 +554,7 @@ class Pair:
             self.decode.check_timeout(now)
 
     def served_by(self, name: str) -> str:
-        prefill = self.prefill
-        if prefill is None:
+        prefill = self.prefill_name
+        if not prefill:
             return name
-        return (
-            f"prefill={prefill.service.name},decode={name}"
-            if name
-            else (f"prefill={prefill.service.name}")
-        )
+        return f"prefill={prefill},decode={name}" if name else f"prefill={prefill}"

@@ -258,7 +258,6 @@ class Attempt:
         "connecting",
         "ended",
         "journey",
-        "loop",
         "outcome",
         "owner",
         "reason",
@@ -270,7 +269,6 @@ class Attempt:
         "side",
         "status",
         "strategy",
-        "timeout_s",
         "tokens",
         "ttfb_s",
     )
@@ -290,8 +288,6 @@ class Attempt:
         self.strategy = strategy
         self.route = route
         self.side = side  # "" for a whole request; "prefill" or "decode" for a pair's
-        self.loop = journey.router.loop
-        self.timeout_s = journey.router.config.request_timeout
         self.conn: UpstreamConnection | None = None
         self.connecting: asyncio.Task[None] | None = None
         self.outcome: Outcome | None = None
@@ -301,9 +297,18 @@ class Attempt:
         self.reusable = False
         self.ttfb_s = 0.0
         self.sent_at = 0.0
-        self.sent_tick = 0.0
-        self.tokens: tuple[int, int] | None = None  # the answer's usage, read at its end
+        self.sent_tick = 0.0  # the send, on the loop's clock (ms ticks: for deadlines)
+        # self.tokens: the answer's usage, set by the end of a DONE one
         service.acquire()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.journey.router.loop
+
+    @property
+    def timeout_s(self) -> float:
+        """--request-timeout: for its answer's head, then for each silence after it."""
+        return self.journey.router.config.request_timeout
 
     def go(self) -> None:
         """Send on an idle pooled connection at once, else open one (the one task)."""
@@ -353,7 +358,7 @@ class Attempt:
     def _sending(self, conn: UpstreamConnection) -> None:
         self.conn = conn
         self.sent_at = time.perf_counter()
-        self.sent_tick = self.loop.time()
+        self.sent_tick = conn.loop.time()
         self.strategy.on_start(self.service, self.route)
 
     def let_go(self) -> None:
@@ -411,7 +416,7 @@ class Attempt:
         router = self.journey.router
         registry = router.registry
         status = self.status
-        self.tokens = router.metrics.finished(
+        self.tokens: tuple[int, int] | None = router.metrics.finished(
             service, self.route.model, status, latency_s, self.ttfb_s, self.tail
         )
         service.request_count += 1

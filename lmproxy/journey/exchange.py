@@ -102,7 +102,7 @@ class Exchange(Attempt):
         self._out: list[bytes] = []
         self._chunked = False  # the client gets a chunked body
         self._frame = False  # ... which is framed here (the backend's was close-delimited)
-        self._framing = NO_BODY
+        # self._framing: the backend's, from its head on
         self._sse = False
         # The last two body pieces: where the backend's usage object is, for metrics.
         self._tail = b""
@@ -113,7 +113,7 @@ class Exchange(Attempt):
         # Attempt._sending, inline: this is every request's path.
         self.conn = conn
         self.sent_at = time.perf_counter()
-        self.sent_tick = self.loop.time()
+        self.sent_tick = conn.loop.time()
         self.strategy.on_start(self.service, self.route)
         journey = self.journey
         request = journey.request

@@ -65,6 +65,7 @@ FALLBACK_FAULTS = frozenset(
     }
 )
 _NONE: list[str] = []  # no fallbacks: shared, never changed (a journey gets its own list)
+_NO_SERVICES: list[Service] = []  # the same for services tried
 # Causes of crashed requests already logged with their traceback (see log_crash).
 _CRASHES: set[tuple[str, str]] = set()
 MAX_CRASH_CAUSES = 256
@@ -144,8 +145,9 @@ class Journey:
         self.client = client
         self.request = request
         self.route: RouteRequest | None = None
-        self.strategy = router.strategy
-        self.tried: list[Service] = []  # services that failed this request, either role
+        # self.strategy: the model's, once routed
+        # Services that failed this request, either role: shared and empty until one does.
+        self.tried: list[Service] = _NO_SERVICES
         given = request.request_id
         self.request_id = given or router.next_request_id()
         # A made id travels as a header to the backend and back to the client.
@@ -166,8 +168,7 @@ class Journey:
         self.failures = 0
         self.last_error: ProxyError | None = None
         self.queued = False  # in the admission queue: written by admission.py alone
-        self.queued_at = 0.0
-        self.last_candidates: list[Service] = []
+        # self.queued_at, self.last_candidates: set as it meets the queue
         self.grant: Grant | None = None  # a [[keys]] key's hold on its limits, until the end
         self.priority = 0  # in the admission queue: its key's, or its X-Priority
         self.try_: Try | None = None  # the try under way (or the last one)
@@ -298,7 +299,7 @@ class Journey:
         route.model = model
         route.body = naming_model(route, model)
         self._name_model(model)
-        self.tried = []
+        self.tried = _NO_SERVICES
         self.failures = 0
         self.last_error = None
         self._serve(model)
@@ -413,7 +414,7 @@ class Journey:
         """Try another service (any service, if ``failed`` is None), within --retries."""
         self.failures += 1
         if failed is not None:
-            self.tried.append(failed)
+            self.tried = [*self.tried, failed]
             self.last_error = error
         if self.failures > self.router.config.retries or self.client.closing:
             self.fail(error)
@@ -510,49 +511,55 @@ class Journey:
         client = self.client
         if client.underway is self:
             client.underway = None
-        name = attempt.service.name if attempt is not None and attempt.side != "prefill" else ""
-        if self.try_ is not None:
-            if self.split is not None:
-                name = self.try_.served_by(name)
-            # Its try refers back to it: let go of it, or the journey (and the request's
-            # body) would wait for the garbage collector instead of going now.
-            self.try_ = None
-        route = self.route
+        try_, self.try_ = self.try_, None  # it refers back: let go, or the body waits for GC
         if self.grant is not None:
-            grant, self.grant = self.grant, None
-            key = self.request.key
-            tokens = None
-            if attempt is not None and route is not None:
-                tokens = attempt.tokens_used(route.body, self.metered_key())
-            grant.end(tokens[0] + tokens[1] if tokens else 0)
-            if tokens and key is not None:
-                self.router.metrics.key_tokens(key.name, tokens)
+            self._end_grant(attempt)
+        if self.span is None and self.router.config.access_log == "off":
+            return
+        name = attempt.service.name if attempt is not None and attempt.side != "prefill" else ""
+        if try_ is not None and self.split is not None:
+            name = try_.served_by(name)
         if self.span is not None:
             span, self.span = self.span, None
             _end_span(span, self, name, status, attempt)
         style = self.router.config.access_log
         if style != "off":
-            request = self.request
-            exchange = attempt if isinstance(attempt, Exchange) else None
-            log_access(
-                style,
-                self.request_id,
-                request.method,
-                request.path,
-                route.model if route else None,
-                name,
-                status,
-                exchange.bytes_out if exchange is not None else 0,
-                exchange.ttfb_s if exchange is not None else 0.0,
-                time.perf_counter() - request.received_at,
-                self.fallen_from,
-                self.trace_id,
-                request.key.name if request.key is not None else None,
-            )
+            _log_access(style, self, name, status, attempt)
 
-    def metered_key(self) -> bool:
+    def _end_grant(self, attempt: Attempt | None) -> None:
+        grant, self.grant = self.grant, None
+        assert grant is not None
         key = self.request.key
-        return key is not None and bool(key.tpm)
+        route = self.route
+        tokens = None
+        if attempt is not None and route is not None:
+            tokens = attempt.tokens_used(route.body, key is not None and bool(key.tpm))
+        grant.end(tokens[0] + tokens[1] if tokens else 0)
+        if tokens and key is not None:
+            self.router.metrics.key_tokens(key.name, tokens)
+
+
+def _log_access(
+    style: str, journey: Journey, name: str, status: int, attempt: Attempt | None
+) -> None:
+    request = journey.request
+    route = journey.route
+    exchange = attempt if isinstance(attempt, Exchange) else None
+    log_access(
+        style,
+        journey.request_id,
+        request.method,
+        request.path,
+        route.model if route else None,
+        name,
+        status,
+        exchange.bytes_out if exchange is not None else 0,
+        exchange.ttfb_s if exchange is not None else 0.0,
+        time.perf_counter() - request.received_at,
+        journey.fallen_from,
+        journey.trace_id,
+        request.key.name if request.key is not None else None,
+    )
 
 
 def _end_span(

@@ -272,6 +272,7 @@ class Attempt:
         "tokens",
         "ttfb_s",
     )
+    tokens: tuple[int, int] | None  # the answer's usage, set by the end of a DONE one
 
     def __init__(
         self,
@@ -298,7 +299,6 @@ class Attempt:
         self.ttfb_s = 0.0
         self.sent_at = 0.0
         self.sent_tick = 0.0  # the send, on the loop's clock (ms ticks: for deadlines)
-        # self.tokens: the answer's usage, set by the end of a DONE one
         service.acquire()
 
     @property
@@ -416,7 +416,7 @@ class Attempt:
         router = self.journey.router
         registry = router.registry
         status = self.status
-        self.tokens: tuple[int, int] | None = router.metrics.finished(
+        self.tokens = router.metrics.finished(
             service, self.route.model, status, latency_s, self.ttfb_s, self.tail
         )
         service.request_count += 1

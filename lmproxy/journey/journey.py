@@ -28,25 +28,21 @@ until something raises.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lmproxy import tracing
-from lmproxy.admission import has_room
 from lmproxy.errors import Fault, ProxyError
 from lmproxy.journey import pair, policies
 from lmproxy.journey.attempt import FAILURES, Attempt, Outcome, Retry
 from lmproxy.journey.exchange import Exchange, MeteredExchange
-from lmproxy.journey.route import any_model, candidates, route
-from lmproxy.limits import UNLIMITED, Refusal
+from lmproxy.journey.route import any_model, choices, may_retry_on, may_start, route
 from lmproxy.metrics import log_access, usage_tokens
-from lmproxy.request import naming_model
-from strategies.size import by_cache_type
 
 if TYPE_CHECKING:
-    from lmproxy.limits import Grant, Verdict
+    import strategies
+    from lmproxy.limits import Grant
     from lmproxy.protocols import ProxyHost
     from lmproxy.registry import Service
     from lmproxy.request import RouteRequest
@@ -114,38 +110,21 @@ class Journey:
     """One proxied request, from routing to its last byte, retries included."""
 
     __slots__ = (
-        "client",
-        "ended",
-        "failures",
-        "fallbacks",
-        "fallen_from",
-        "forward_extra",
-        "grant",
-        "head_extra",
-        "id_header",
-        "last_candidates",
-        "last_error",
-        "priority",
-        "queued",
-        "queued_at",
-        "request",
-        "request_id",
-        "route",
-        "router",
-        "span",
-        "split",
-        "strategy",
-        "trace_id",
-        "tried",
-        "try_",
-    )
+        "client", "ended", "failures", "fallbacks", "fallen_from", "forward_extra", "grant",
+        "head_extra", "id_header", "last_candidates", "last_error", "priority", "queued",
+        "queued_at", "request", "request_id", "route", "router", "span", "split", "strategy",
+        "trace_id", "tried", "try_",
+    )  # fmt: skip
+    # Set only where they are used: by the routing, and as the request meets the queue.
+    strategy: strategies.Strategy
+    queued_at: float
+    last_candidates: list[Service]
 
     def __init__(self, router: ProxyHost, client: ClientConnection, request: ClientRequest) -> None:
         self.router = router
         self.client = client
         self.request = request
         self.route: RouteRequest | None = None
-        # self.strategy: the model's, once routed
         # Services that failed this request, either role: shared and empty until one does.
         self.tried: list[Service] = _NO_SERVICES
         given = request.request_id
@@ -168,7 +147,6 @@ class Journey:
         self.failures = 0
         self.last_error: ProxyError | None = None
         self.queued = False  # in the admission queue: written by admission.py alone
-        # self.queued_at, self.last_candidates: set as it meets the queue
         self.grant: Grant | None = None  # a [[keys]] key's hold on its limits, until the end
         self.priority = 0  # in the admission queue: its key's, or its X-Priority
         self.try_: Try | None = None  # the try under way (or the last one)
@@ -183,13 +161,14 @@ class Journey:
             except ProxyError as exc:
                 self.fail(exc)
                 return
-            if self.router.policies and not self._policies(self.route):
+            if self.router.policies and not policies.apply(self):
                 return  # answered, or waiting for the key limits' verdict
-            self._proceed()
+            self.proceed()
         except Exception as exc:
             self.crash(exc)
 
-    def _proceed(self) -> None:
+    def proceed(self) -> None:
+        """The routed request, past its policies, goes to its model's services."""
         route = self.route
         assert route is not None
         router = self.router
@@ -217,88 +196,13 @@ class Journey:
             self.split = split
         self.attempt()
 
-    # --- policies: keys, aliases, fallbacks (policies.py) ---------------------------
-
-    def _policies(self, route: RouteRequest) -> bool:
-        """False: answered, or waiting for the limits' verdict."""
-        key = self.request.key
-        if key is not None:
-            priority = policies.check_key(self.router, self.request, key, route)
-            if isinstance(priority, ProxyError):
-                self.fail(priority)
-                return False
-            self.priority = priority
-            if key.limited:
-                verdict = self.router.limits.check(key)
-                if isinstance(verdict, asyncio.Future):
-                    verdict.add_done_callback(self._limits_answered)
-                    return False
-                if not self._granted(verdict):
-                    return False
-            else:
-                self.grant = UNLIMITED
-                self.router.metrics.key_request(key.name)
-        if self.router.model_policies:
-            self.fallbacks, named = policies.model_policies(self.router, route)
-            if named:
-                self._name_model(route.model)
-        return True
-
-    def _granted(self, verdict: Verdict) -> bool:
-        key = self.request.key
-        assert key is not None
-        grant = policies.grant_of(self.router, key, verdict)
-        if isinstance(grant, ProxyError):
-            self.fail(grant)
-            return False
-        self.grant = grant
-        return True
-
-    def _limits_answered(self, answer: asyncio.Future[Verdict]) -> None:
-        """The verdict of another process (the supervisor, Redis) came."""
-        try:
-            verdict = answer.result()
-            route = self.route
-            assert route is not None
-            if self.client.closing:  # hung up meanwhile
-                if not isinstance(verdict, Refusal):
-                    self.grant = verdict
-                self.end(499)
-                return
-            if self._granted(verdict):
-                if self.router.model_policies:
-                    self.fallbacks, named = policies.model_policies(self.router, route)
-                    if named:
-                        self._name_model(route.model)
-                self._proceed()
-        except Exception as exc:
-            self.crash(exc)
-
-    def _name_model(self, model: str | None) -> None:
-        assert model is not None
-        self.head_extra = self.id_header + policies.model_header(model)
-
     def _fall_back(self, error: ProxyError) -> None:
         """The model could not answer before any byte reached the client: its next
         fallback gets the request, with a fresh set of retries."""
-        route = self.route
-        assert route is not None and route.model is not None
-        previous, model = route.model, self.fallbacks.pop(0)
+        assert self.route is not None
         if self.split is not None:
-            route.body = self.split.body  # as the client sent it, not a pair's
-        self.router.metrics.fallback(previous, model)
-        log.debug(
-            "request %s: %s; falling back from model %s to %s",
-            self.request_id.decode(),
-            error.message,
-            previous,
-            model,
-        )
-        if self.fallen_from is None:
-            self.fallen_from = previous
-        route.model = model
-        route.body = naming_model(route, model)
-        self._name_model(model)
+            self.route.body = self.split.body  # as the client sent it, not a pair's
+        model = policies.fall_back(self, error)
         self.tried = _NO_SERVICES
         self.failures = 0
         self.last_error = None
@@ -315,18 +219,14 @@ class Journey:
         route = self.route
         assert route is not None
         try:
-            found = candidates(router, route)
+            found = choices(router, route, self.tried)
         except ProxyError as exc:
             self.fail(self.last_error or exc)  # after a failed try, the failure says more
             return
-        if self.tried:
-            found = [s for s in found if s not in self.tried]
-            if not found:
-                assert self.last_error is not None
-                self.fail(self.last_error)
-                return
-        if router.registry.any_static:  # infini-router's size-based routing
-            found = by_cache_type(found, route, router.config.cache_type_routing_threshold)
+        if not found:  # every one has failed it
+            assert self.last_error is not None
+            self.fail(self.last_error)
+            return
         admission = router.admission
         if admission.limited:
             self.last_candidates = found
@@ -368,24 +268,15 @@ class Journey:
     def may_start(self) -> bool:
         """Whether a waiting request would now find room (or an error to report)."""
         assert self.route is not None
-        try:
-            found = candidates(self.router, self.route)
-        except ProxyError:
-            return True
-        return any(has_room(s) for s in found if s not in self.tried)
+        return may_start(self.router, self.route, self.tried)
 
     def may_retry(self, failed: Service) -> bool:
         """Whether a retry could follow ``failed``'s error answer: retries are left, and
         another service may take the request (else that answer is relayed)."""
         if self.failures >= self.router.config.retries or self.client.closing:
             return False
-        route = self.route
-        assert route is not None
-        try:
-            found = candidates(self.router, route)
-        except ProxyError:
-            return False
-        return any(s is not failed and s not in self.tried for s in found)
+        assert self.route is not None
+        return any(s is not failed for s in may_retry_on(self.router, self.route, self.tried))
 
     def finish(self, attempt: Attempt) -> None:
         """A try's result, through the attempt that decides it: it ends, then the request

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from lmproxy.admission import has_room
 from lmproxy.errors import Fault, ProxyError
 from lmproxy.registry import LOGGED_SERVICES, name_models
 from lmproxy.request import (
@@ -22,6 +23,7 @@ from lmproxy.request import (
     is_form,
     with_model,
 )
+from strategies.size import by_cache_type
 
 if TYPE_CHECKING:
     from lmproxy.protocols import ProxyHost
@@ -129,3 +131,32 @@ def candidates(router: ProxyHost, route: RouteRequest) -> list[Service]:
     raise ProxyError(
         Fault.MODEL_NOT_FOUND, f"model {model!r} not found; available models: {models}"
     )
+
+
+def choices(router: ProxyHost, route: RouteRequest, tried: list[Service]) -> list[Service]:
+    """The services a whole-request try may choose from: the model's healthy ones not
+    tried yet (none left: an empty list), by infini-router's size rule where it applies."""
+    found = candidates(router, route)
+    if tried:
+        found = [s for s in found if s not in tried]
+    if found and router.registry.any_static:
+        found = by_cache_type(found, route, router.config.cache_type_routing_threshold)
+    return found
+
+
+def may_start(router: ProxyHost, route: RouteRequest, tried: list[Service]) -> bool:
+    """Whether a queued request would now find room (or an error to report)."""
+    try:
+        found = candidates(router, route)
+    except ProxyError:
+        return True
+    return any(has_room(s) for s in found if s not in tried)
+
+
+def may_retry_on(router: ProxyHost, route: RouteRequest, tried: list[Service]) -> list[Service]:
+    """The services a retry could go to (the caller leaves out the one that failed)."""
+    try:
+        found = candidates(router, route)
+    except ProxyError:
+        return []
+    return [s for s in found if s not in tried]

@@ -29,10 +29,10 @@ from lmproxy.upstream import ConnectError, UpstreamConnection
 
 if TYPE_CHECKING:
     import strategies
-    from lmproxy.journey.journey import Journey
+    from lmproxy.protocols import ProxyHost
     from lmproxy.registry import Service
     from lmproxy.request import RouteRequest
-    from lmproxy.server import ClientRequest
+    from lmproxy.server import ClientConnection, ClientRequest
 
 # A tpm key's answer that ends without usage is charged an estimate: its prompt at one
 # token per BYTES_PER_TOKEN of the request body (as sent), and one token per SSE event
@@ -204,6 +204,29 @@ FAILURES: dict[Outcome, Failure] = {
     Outcome.LET_GO: Failure(False, False, False, False, True, None, Retry.NO, ""),
     Outcome.CRASHED: Failure(False, False, False, False, False, None, Retry.NO, ""),
 }
+
+
+class Journey(Protocol):
+    """The request an attempt is a try of, as its attempts see it (``journey.Journey``)."""
+
+    router: ProxyHost
+    client: ClientConnection
+    request: ClientRequest
+    route: RouteRequest | None
+    forward_extra: bytes  # what the backend's request head gets added
+    head_extra: bytes  # what the client's response head gets added
+    fallbacks: list[str]
+    tried: list[Service]
+    failures: int
+    last_error: ProxyError | None
+
+    def finish(self, attempt: Attempt) -> None: ...
+
+    def fail(self, error: ProxyError) -> None: ...
+
+    def crash(self, exc: Exception, attempt: Attempt | None = None) -> None: ...
+
+    def metered(self) -> bool: ...
 
 
 class Owner(Protocol):

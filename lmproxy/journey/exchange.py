@@ -34,8 +34,7 @@ from lmproxy.upstream import LENGTH, NO_BODY, UNTIL_CLOSE, UpstreamConnection
 
 if TYPE_CHECKING:
     import strategies
-    from lmproxy.journey.attempt import Owner
-    from lmproxy.journey.journey import Journey
+    from lmproxy.journey.attempt import Journey, Owner
     from lmproxy.registry import Service
     from lmproxy.request import RouteRequest
 

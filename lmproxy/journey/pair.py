@@ -50,7 +50,7 @@ import msgspec
 from lmproxy import decode
 from lmproxy.admission import has_room
 from lmproxy.errors import Fault, ProxyError
-from lmproxy.journey.attempt import Attempt, Outcome, Retry, request_data
+from lmproxy.journey.attempt import Attempt, Journey, Outcome, Retry, request_data
 from lmproxy.journey.exchange import Exchange, MeteredExchange
 from lmproxy.request import COMPLETION_PATHS, RouteRequest
 from lmproxy.upstream import UpstreamConnection
@@ -59,7 +59,6 @@ if TYPE_CHECKING:
     import asyncio
 
     import strategies
-    from lmproxy.journey.journey import Journey
     from lmproxy.registry import Service
 
 log = logging.getLogger("lmproxy")

@@ -322,7 +322,11 @@ class Attempt:
         self.ttfb_s = 0.0
         self.sent_at = 0.0
         self.sent_tick = 0.0  # the send, on the loop's clock (ms ticks: for deadlines)
+        self._begin(journey)
         service.acquire()
+
+    def _begin(self, journey: Journey) -> None:
+        """A kind's own state, from its start (its constructor is this one)."""
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

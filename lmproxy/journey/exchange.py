@@ -33,10 +33,7 @@ from lmproxy.metrics import whole_usage_tokens
 from lmproxy.upstream import LENGTH, NO_BODY, UNTIL_CLOSE, UpstreamConnection
 
 if TYPE_CHECKING:
-    import strategies
-    from lmproxy.journey.attempt import Journey, Owner
-    from lmproxy.registry import Service
-    from lmproxy.request import RouteRequest
+    from lmproxy.journey.attempt import Journey
 
 
 def _header_lines(names: frozenset[bytes]) -> re.Pattern[bytes]:
@@ -86,16 +83,7 @@ class Exchange(Attempt):
         "head_sent",
     )
 
-    def __init__(
-        self,
-        journey: Journey,
-        owner: Owner,
-        service: Service,
-        strategy: strategies.Strategy,
-        route: RouteRequest,
-        side: str = "",
-    ) -> None:
-        Attempt.__init__(self, journey, owner, service, strategy, route, side)
+    def _begin(self, journey: Journey) -> None:
         self.client = journey.client
         self.head_sent = False
         self._out: list[bytes] = []
@@ -365,16 +353,8 @@ class MeteredExchange(Exchange):
 
     __slots__ = ("body_bytes", "events")
 
-    def __init__(
-        self,
-        journey: Journey,
-        owner: Owner,
-        service: Service,
-        strategy: strategies.Strategy,
-        route: RouteRequest,
-        side: str = "",
-    ) -> None:
-        Exchange.__init__(self, journey, owner, service, strategy, route, side)
+    def _begin(self, journey: Journey) -> None:
+        Exchange._begin(self, journey)
         self.body_bytes = 0
         self.events = 0  # SSE events relayed: each starts a line with "data:"
 

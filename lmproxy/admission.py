@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from lmproxy.errors import Fault, ProxyError
 
 if TYPE_CHECKING:
-    from lmproxy.protocols import QueuedClient, Waiter
+    from lmproxy.protocols import Waiter
     from lmproxy.registry import Registry, Service
 
 MAX_RETRY_AFTER_S = 60
@@ -97,7 +97,7 @@ class AdmissionQueue:
             self._take(lowest)
             self._shed(lowest, lowest.last_candidates)
         journey.queued_at = self.loop.time()
-        journey.client.waiting = journey
+        journey.queued = True
         if not waiting or waiting[-1].priority >= journey.priority:
             waiting.append(journey)  # the common case: one priority, arrival order
         else:
@@ -117,10 +117,10 @@ class AdmissionQueue:
         )
         journey.shed(error)
 
-    def leave(self, client: QueuedClient) -> None:
-        """The client hung up: its request, if one waits, leaves the queue."""
-        journey, client.waiting = client.waiting, None
-        if journey is not None:
+    def leave(self, journey: Waiter) -> None:
+        """The client hung up, or the request crashed: it leaves the queue."""
+        if journey.queued:
+            journey.queued = False
             with contextlib.suppress(ValueError):
                 self.waiting.remove(journey)
 
@@ -167,10 +167,10 @@ class AdmissionQueue:
                     journey.crash(exc)
 
     def _take(self, journey: Waiter) -> None:
-        """Out of the queue; only here (and in ``admit``, ``leave``) is ``client.waiting``
+        """Out of the queue; only here (and in ``admit``, ``leave``) is ``queued``
         written."""
         self.waiting.remove(journey)
-        journey.client.waiting = None
+        journey.queued = False
 
     def _full_error(self, candidates: list[Service], waited_s: float) -> ProxyError:
         # The router's limit, not the services': full now, or the services had room.

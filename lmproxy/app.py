@@ -1,7 +1,7 @@
 """The router: wires configuration, registry, health checks, strategy and server together.
 
 :meth:`Router.dispatch` is where a complete client request turns into either a
-local answer (the router's own endpoints) or a :class:`~lmproxy.proxy.Journey`.
+local answer (the router's own endpoints) or a :class:`~lmproxy.journey.journey.Journey`.
 The route table names the router's own paths and the OpenAI API's; a path in
 neither is forwarded too (SGLang's /generate, vLLM's /tokenize...), looked up
 only after the table missed, so the table's paths pay nothing for it.
@@ -17,7 +17,7 @@ import ipaddress
 import itertools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import parse_qs, unquote
 
@@ -29,12 +29,10 @@ from lmproxy.config import Config, ConfigError
 from lmproxy.control import Channel
 from lmproxy.errors import Fault, encode_json, http_response, json_response
 from lmproxy.fleet import FIRST_CHECKS_MAX_S, Fleet
+from lmproxy.journey.journey import Journey, log_crash
 from lmproxy.limits import Key, Limits, LocalLimits, RemoteLimits
 from lmproxy.logs import printable
 from lmproxy.metrics import CONTENT_TYPE, Metrics
-from lmproxy.pd import PDJourney
-from lmproxy.protocols import Waiter
-from lmproxy.proxy import Journey, log_crash
 from lmproxy.registry import Registry, Service, share
 from lmproxy.request import MODEL_PATHS
 from lmproxy.server import ClientConnection, ClientRequest
@@ -71,6 +69,38 @@ class Link(Protocol):
     def channel(self) -> Channel: ...
 
     async def answer(self, client: ClientConnection, request: ClientRequest) -> None: ...
+
+
+class Answering:
+    """What answers a request for the whole router, in a task (the supervisor's figures,
+    or its admin API, with --workers): the client connection's handle on it, so that a
+    hang-up cancels it."""
+
+    __slots__ = ("client", "task")
+
+    def __init__(self, client: ClientConnection, answer: Coroutine[Any, Any, None]) -> None:
+        self.client = client
+        client.underway = self
+        self.task = client.loop.create_task(self._run(answer))
+
+    async def _run(self, answer: Coroutine[Any, Any, None]) -> None:
+        try:
+            await answer
+        finally:
+            if self.client.underway is self:
+                self.client.underway = None
+
+    def cancel(self) -> None:
+        self.task.cancel()
+
+    def pause(self) -> None:
+        pass  # an answer of the router's own is small
+
+    def resume(self) -> None:
+        pass
+
+    def check_timeout(self, now: float) -> None:
+        pass  # the supervisor's answer has its own deadline (worker.ASK_TIMEOUT_S)
 
 
 class Access(enum.Enum):
@@ -405,7 +435,7 @@ class Router:
     ) -> None:
         if self.link is not None and request.path in self.link.WHOLE_ROUTER:
             # The whole router's: every worker's figures, or what the supervisor keeps.
-            client.task = self.loop.create_task(self.link.answer(client, request))
+            Answering(client, self.link.answer(client, request))
             return
         status, payload = handler(self)
         client.respond(
@@ -424,7 +454,7 @@ class Router:
 
     def _metrics(self, client: ClientConnection, request: ClientRequest) -> None:
         if self.link is not None:
-            client.task = self.loop.create_task(self.link.answer(client, request))
+            Answering(client, self.link.answer(client, request))
             return
         client.respond(
             http_response(
@@ -439,7 +469,7 @@ class Router:
     def _fleet(self, client: ClientConnection, request: ClientRequest) -> None:
         """The admin API: answered by the fleet (the supervisor's, with --workers)."""
         if self.link is not None:
-            client.task = self.loop.create_task(self.link.answer(client, request))
+            Answering(client, self.link.answer(client, request))
             return
         assert self.fleet is not None
         status, payload = self.fleet.admin(request.method, request.path, request.body)
@@ -531,14 +561,9 @@ class Router:
     def connection_figures(self) -> dict[str, Any]:
         return self.gate.figures()
 
-    def disaggregate(self, journey: Waiter) -> None:
-        """Serve a request for a disaggregated model in two steps (pd.py)."""
-        assert isinstance(journey, Journey)
-        route = journey.route
-        assert route is not None and route.model is not None
-        settings = self.config.models.get(route.model)
-        mode = (settings.pd_mode if settings else None) or self.config.pd_mode
-        PDJourney.take_over(journey, mode, self.prefill_strategy, self.decode_strategy).start()
+    def pd_mode(self, model: str) -> str:
+        settings = self.config.models.get(model)
+        return (settings.pd_mode if settings else None) or self.config.pd_mode
 
     def strategy_for(self, model: str | None) -> strategies.Strategy:
         if self.model_strategies and model is not None:
@@ -599,9 +624,9 @@ class Router:
             log.info("closing a client that read nothing for %gs (--send-timeout)", send_timeout)
             conn.abort()
             return
-        exchange = conn.exchange
-        if exchange is not None:
-            exchange.check_timeout(now)
+        underway = conn.underway
+        if underway is not None:
+            underway.check_timeout(now)
 
     # --- shutdown ----------------------------------------------------------------
 

@@ -54,7 +54,7 @@ class RouterState(Protocol):
 
 
 class ProxyHost(Protocol):
-    """What a proxied request (``proxy.Journey``) needs of the router."""
+    """What a proxied request (``journey.Journey``) needs of the router."""
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop: ...
@@ -100,8 +100,14 @@ class ProxyHost(Protocol):
 
     def strategy_for(self, model: str | None) -> strategies.Strategy: ...
 
-    def disaggregate(self, journey: Waiter) -> None:
-        """Take over a routed request for a disaggregated model (``pd.PDJourney``)."""
+    @property
+    def prefill_strategy(self) -> strategies.Strategy: ...
+
+    @property
+    def decode_strategy(self) -> strategies.Strategy: ...
+
+    def pd_mode(self, model: str) -> str:
+        """How a disaggregated model's engines split a request: "vllm" or "sglang"."""
         ...
 
     def next_request_id(self) -> bytes: ...
@@ -119,38 +125,37 @@ class Admission(Protocol):
         """Whether the router-wide --max-concurrent-requests is reached."""
         ...
 
-    def leave(self, client: QueuedClient) -> None: ...
+    def leave(self, journey: Waiter) -> None: ...
 
 
-class Exchanging(Protocol):
-    """What a client connection (and the router's sweep) drives of the proxied
-    response it relays (``proxy.Exchange``)."""
+class Underway(Protocol):
+    """What a client connection (and the router's sweep) drives of what answers its
+    current request (a ``journey.Journey``, or a task answering for the whole router)."""
 
-    def client_gone(self) -> None: ...
+    def cancel(self) -> None:
+        """The client hung up."""
+        ...
 
-    def pause(self) -> None: ...
+    def pause(self) -> None:
+        """The client is not reading: stop reading what is relayed to it."""
+        ...
 
     def resume(self) -> None: ...
 
     def check_timeout(self, now: float) -> None: ...
 
-    def stop(self, reason: str) -> bool:
-        """The request crashed: stop, return the slot; whether the client has the head."""
-        ...
-
 
 class QueuedClient(Protocol):
     """A client connection as admission control sees it."""
-
-    waiting: Waiter | None  # set and cleared by admission.py alone
 
     @property
     def closing(self) -> bool: ...
 
 
 class Waiter(Protocol):
-    """A request waiting in the admission queue (``proxy.Journey``)."""
+    """A request waiting in the admission queue (``journey.Journey``)."""
 
+    queued: bool  # set and cleared by admission.py alone
     queued_at: float
     priority: int  # higher is served first, and shed last
 
@@ -169,8 +174,6 @@ class Waiter(Protocol):
     def shed(self, error: ProxyError) -> None:
         """Refused from a full queue: ``fail``, counted as shed."""
         ...
-
-    def abandon(self) -> None: ...
 
     def crash(self, exc: Exception) -> None:
         """Code run for it raised: it ends (502), its slots returned."""

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from lmproxy.accept import Gate
     from lmproxy.config import Config
     from lmproxy.limits import Key
-    from lmproxy.protocols import Exchanging, Waiter
+    from lmproxy.protocols import Underway
 
 MAX_HEADER_BYTES = 64 * 1024
 # Each header is held as three objects (about 150 bytes for a tiny one), so a 64 KiB head
@@ -162,15 +162,13 @@ class ClientConnection(asyncio.Protocol):
         "closing",
         "current",
         "deadline",
-        "exchange",
         "flow",
         "loop",
         "parser",
         "router",
         "source",
-        "task",
         "transport",
-        "waiting",
+        "underway",
     )
 
     def __init__(self, router: ClientHost, source: str | None = None) -> None:
@@ -182,9 +180,9 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.current: ClientRequest | None = None  # being answered
-        self.exchange: Exchanging | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.waiting: Waiter | None = None  # queued for a free slot (admission.py)
+        # What answers the current request: a proxied one's journey, or a task that
+        # answers for the whole router. Set and cleared by the request path alone.
+        self.underway: Underway | None = None
         self.closing = False
         self.flow = FlowControl(self)
         self._parsing: ClientRequest | None = None
@@ -257,31 +255,27 @@ class ClientConnection(asyncio.Protocol):
             self.source = None
         self.flow.stop_watching()
         self._queue.clear()
-        if self.exchange is not None:
-            self.exchange.client_gone()
-        elif self.task is not None and not self.task.done():
-            self.task.cancel()
-        elif self.waiting is not None:
-            self.waiting.abandon()
+        if self.underway is not None:
+            self.underway.cancel()
         # This object lives on in reference cycles (its parser's callbacks, its
         # FlowControl) until the garbage collector runs, and that counts objects, not
         # bytes: what its requests hold (a head, a body of up to --max-body-size) is let
         # go now, so it is freed as the connection closes, not some rounds later. The
         # journey under way keeps its own reference to its request while it ends (one
-        # that waited for a slot has left the admission queue, and ``waiting``, above).
+        # that waited for a slot has left the admission queue, above).
         self._parsing = None
         self.current = None
 
     def pause_writing(self) -> None:
         self.flow.writing_paused(self.loop.time())
-        if self.exchange is not None:
-            self.exchange.pause()
+        if self.underway is not None:
+            self.underway.pause()
         self._flow()
 
     def resume_writing(self) -> None:
         self.flow.writing_resumed()
-        if self.exchange is not None:
-            self.exchange.resume()
+        if self.underway is not None:
+            self.underway.resume()
         if self.current is None and self._queue and not self.closing:
             self._next()
         else:
@@ -446,7 +440,6 @@ class ClientConnection(asyncio.Protocol):
     def response_done(self) -> None:
         request = self.current
         self.current = None
-        self.task = None
         if request is None or not request.keep_alive or self.closing or self.router.draining:
             self.close()
             return

@@ -86,20 +86,33 @@ class MemoryTransport:
         self.eof_written = True
 
 
+def spec(name: str, n: int, **fields: Any) -> ServiceSpec:
+    """Service ``name`` serving MODEL, on port 9 + ``n``, unless ``fields`` say
+    otherwise (``models``, ``url``), with its other settings (``role``,
+    ``bootstrap_port``, ``max_in_flight``)."""
+    fields.setdefault("models", [MODEL])
+    fields.setdefault("url", f"http://127.0.0.1:{9 + n}")
+    return ServiceSpec(name=name, **fields)
+
+
 class Harness:
     """One Router over one service ``a`` (healthy, serving MODEL), with no sockets;
-    ``names``: more services of the model, in that order.
+    ``names``: more services of the model, in that order; ``specs``: the services
+    instead, as given (several models, prefill/decode roles, limits).
 
     Construct it inside a running event loop (an ``async`` test).
     """
 
-    def __init__(self, names: tuple[str, ...] = ("a",), **settings: Any) -> None:
-        specs = [
-            ServiceSpec(url=f"http://127.0.0.1:{9 + n}", name=name, models=[MODEL])
-            for n, name in enumerate(names)
-        ]
+    def __init__(
+        self,
+        names: tuple[str, ...] = ("a",),
+        specs: list[ServiceSpec] | None = None,
+        **settings: Any,
+    ) -> None:
+        if specs is None:
+            specs = [spec(name, n) for n, name in enumerate(names)]
         self.router = Router(Config(services=specs, **settings))
-        self.service: Service = self.router.registry.services[names[0]]
+        self.service: Service = self.router.registry.services[specs[0].name]
         for service in self.router.registry.services.values():
             self.router.registry.probe_passed(service, None)
 

@@ -900,7 +900,8 @@ async def test_a_tpm_key_is_charged_its_usage_when_it_came_whole():
     the charge, not the estimate. Requests without a tpm key count nothing relayed."""
     from inproc import Harness, chat_request
 
-    from lmproxy.proxy import Exchange, MeteredExchange
+    from lmproxy.journey.exchange import Exchange, MeteredExchange
+    from lmproxy.journey.journey import Journey
 
     h = Harness(
         keys=[KeySpec(name="k", key="sk-k", tpm=2000), KeySpec(name="r", key="sk-r", rpm=9)],
@@ -912,7 +913,8 @@ async def test_a_tpm_key_is_charged_its_usage_when_it_came_whole():
         client, _ = h.client()
         client.data_received(chat_request(body, extra=b"Authorization: Bearer %s\r\n" % key))
         await h.turn()
-        assert type(client.exchange) is kind
+        journey = client.underway
+        assert isinstance(journey, Journey) and type(journey.try_) is kind
         backend.data_received(_STREAM_HEAD + _ROLE + _WORDS + _USAGE)
         client.connection_lost(None)
         await h.turn()

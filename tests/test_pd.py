@@ -15,7 +15,7 @@ from conftest import ROOT, Mock, Router, wait_until
 
 from lmproxy.cli import load_config
 from lmproxy.config import ConfigError
-from lmproxy.pd import REMOTE_DECODE
+from lmproxy.journey.pair import REMOTE_DECODE
 
 MODEL = "Qwen3-32B"
 CHAT = "/v1/chat/completions"

@@ -95,9 +95,144 @@ def test_in_flight_changes_only_in_acquire_and_release():
     assert len(changes) == body.count("in_flight -=") + body.count("in_flight +=") == 4
 
 
-def test_client_waiting_is_written_by_admission_alone():
-    writes = _lines_matching(r"\.waiting\s*=[^=]")  # an annotated declaration is no write
-    assert {path for path, _ in writes} == {"lmproxy/admission.py"}, writes
+def test_queued_is_written_by_admission_alone():
+    """A journey's place in the queue (``queued``) is admission.py's, but for its start."""
+    writes = _writes_to("queued")
+    assert {(path, where) for path, where, _ in writes} == {
+        ("lmproxy/admission.py", "AdmissionQueue.admit"),
+        ("lmproxy/admission.py", "AdmissionQueue.leave"),
+        ("lmproxy/admission.py", "AdmissionQueue._take"),
+        ("lmproxy/journey/journey.py", "Journey.__init__"),
+    }, writes
+
+
+def _router_sources() -> dict[str, str]:
+    """The router's own modules: the simulator is another program."""
+    return {p: t for p, t in _sources().items() if not p.startswith("lmproxy/sim/")}
+
+
+def _where(tree: ast.AST) -> list[tuple[str, ast.AST]]:
+    """Every node of ``tree`` with the qualified name of the function it is in."""
+    found: list[tuple[str, ast.AST]] = []
+
+    def walk(node: ast.AST, scope: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            name = scope
+            if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                name = f"{scope}.{child.name}" if scope else child.name
+            found.append((name, child))
+            walk(child, name)
+
+    walk(tree, "")
+    return found
+
+
+def _writes_to(attribute: str, augmented_only: bool = False) -> list[tuple[str, str, int]]:
+    """(path, function, line) of each assignment to ``<something>.<attribute>``."""
+    writes = []
+    for path, text in _router_sources().items():
+        for where, node in _where(ast.parse(text)):
+            if isinstance(node, ast.AugAssign):
+                targets = [node.target]
+            elif isinstance(node, ast.Assign | ast.AnnAssign) and not augmented_only:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                targets = [
+                    e for t in targets for e in (t.elts if isinstance(t, ast.Tuple) else [t])
+                ]
+            else:
+                continue
+            if any(isinstance(t, ast.Attribute) and t.attr == attribute for t in targets):
+                writes.append((path, where, node.lineno))
+    return writes
+
+
+def _calls_of(method: str, args: int | None = None) -> list[tuple[str, str, int]]:
+    """(path, function, line) of each call ``<something>.<method>(...)`` (with ``args``
+    positional arguments, if given)."""
+    calls = []
+    for path, text in _router_sources().items():
+        for where, node in _where(ast.parse(text)):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == method
+                and (args is None or len(node.args) == args)
+            ):
+                calls.append((path, where, node.lineno))
+    return calls
+
+
+# Where a try is accounted: Attempt.end, and the outcomes but DONE, in its _failed.
+ATTEMPT_END = {
+    ("lmproxy/journey/attempt.py", "Attempt.end"),
+    ("lmproxy/journey/attempt.py", "Attempt._failed"),
+}
+
+
+def test_a_services_counts_change_only_in_attempt_end():
+    """request_count, latencies and the slot (``Service.release()``) change in one place,
+    whatever ended the try; error_count in the registry's reports, which only that place
+    calls. (The supervisor's copies of its workers' figures are assignments, not counts.)"""
+    counted = {(p, w) for p, w, _ in _writes_to("request_count", augmented_only=True)}
+    assert counted and counted <= ATTEMPT_END, counted
+    appended = {
+        (p, w)
+        for p, w, line in _calls_of("append")
+        if ".latencies.append(" in _router_sources()[p].splitlines()[line - 1]
+    }
+    assert appended and appended <= ATTEMPT_END, appended
+    released = {
+        (p, w)
+        for p, w, line in _calls_of("release", args=0)
+        if "lock" not in _router_sources()[p].splitlines()[line - 1]
+    }
+    assert released and released <= ATTEMPT_END, released
+    errors = {(p, w) for p, w, _ in _writes_to("error_count", augmented_only=True)}
+    assert {p for p, _ in errors} == {"lmproxy/registry.py"}, errors
+    reports = set()
+    for report in ("request_failed", "answered_error", "request_succeeded"):
+        reports |= {(p, w) for p, w, _ in _calls_of(report) if p != "lmproxy/registry.py"}
+    assert reports == ATTEMPT_END, reports
+
+
+def test_a_grant_is_ended_only_in_the_journeys_end():
+    """Outside the keepers of the counts (limits.py, redis_limits.py), a key's grant ends
+    in Journey._end_grant alone, which Journey.end alone calls (once: it is guarded)."""
+    ends = [
+        (p, w)
+        for p, w, line in _calls_of("end")
+        if p not in ("lmproxy/limits.py", "lmproxy/redis_limits.py")
+        and re.search(r"\b(grant|verdict)\.end\(", _router_sources()[p].splitlines()[line - 1])
+    ]
+    assert ends == [("lmproxy/journey/journey.py", "Journey._end_grant")], ends
+    callers = {(p, w) for p, w, _ in _calls_of("_end_grant")}
+    assert callers == {("lmproxy/journey/journey.py", "Journey.end")}, callers
+
+
+def test_the_clients_handle_is_set_only_by_the_request_path():
+    """What is under way for a client connection is set and cleared by the journey (or,
+    for an answer of the whole router's, app.Answering), never by the connection itself
+    or by the attempts under the journey; the connection only declares it."""
+    writes = {(p, w) for p, w, _ in _writes_to("underway")}
+    assert writes == {
+        ("lmproxy/server.py", "ClientConnection.__init__"),
+        ("lmproxy/journey/journey.py", "Journey.start"),
+        ("lmproxy/journey/journey.py", "Journey.end"),
+        ("lmproxy/app.py", "Answering.__init__"),
+        ("lmproxy/app.py", "Answering._run"),
+    }, writes
+
+
+def test_the_strategy_hears_of_a_try_only_from_its_attempt():
+    """on_start at the send (either side of a pair: Attempt._sending, or an exchange's
+    own send), on_end in the attempt's end."""
+    starts = {(p, w) for p, w, _ in _calls_of("on_start") if p.startswith("lmproxy/")}
+    assert starts == {
+        ("lmproxy/journey/attempt.py", "Attempt._sending"),
+        ("lmproxy/journey/exchange.py", "Exchange.send"),
+    }, starts
+    ends = {(p, w) for p, w, _ in _calls_of("on_end") if p.startswith("lmproxy/")}
+    assert ends == ATTEMPT_END, ends
 
 
 def test_the_upstream_connection_alone_writes_its_last_activity():

@@ -20,8 +20,8 @@ import pytest
 from conftest import Mock, Router, request, wait_until
 from inproc import Harness, chat_request
 
-from lmproxy import proxy
 from lmproxy.config import KeySpec
+from lmproxy.journey import journey
 
 KEY = b"Authorization: Bearer sk-k\r\n"
 OK = b'{"id":"x","object":"chat.completion"}'
@@ -40,7 +40,7 @@ STREAM_HEAD = (
 def raising(method: str, times: int = 1) -> Harness:
     """One service, a [[keys]] key of max_in_flight 2, and a strategy whose ``method``
     raises for its first ``times`` calls."""
-    proxy._CRASHES.clear()  # each test counts its own log lines
+    journey._CRASHES.clear()  # each test counts its own log lines
     return Harness(
         strategy="raising_strategy:Raising",
         strategy_options={"raise_in": method, "times": times},

@@ -48,12 +48,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import quote, urlencode, urlsplit
 
-import h11
 import msgspec
 
 from lmproxy import decode
 from lmproxy.config import Config, ConfigError, ServiceSpec
-from lmproxy.tls import tls_reason
+from lmproxy.probe import Answer, Caller, open_get
 
 log = logging.getLogger("lmproxy")
 
@@ -76,7 +75,6 @@ MAX_CAUSE_TEXT = 300
 OTHER_CAUSES = "other wrong annotations (more kinds than the router counts apart)"
 PAGE = 500
 WATCH_S = 240  # the server ends each watch after this; the router resumes it
-READ_BYTES = 65536
 # h11 events handled before the loop's other work gets a turn (a chunk of one byte is
 # one event: a read of them could otherwise hold the loop for tens of milliseconds).
 EVENTS_PER_TURN = 512
@@ -387,113 +385,47 @@ def pod_service(
 # --- the API ------------------------------------------------------------------
 
 
-async def _call(access: Access, path: str) -> tuple[int, AsyncIterator[bytes], Callable[[], None]]:
-    """GET ``path`` on a connection of its own: (status, the body as it comes, close)."""
-    try:
-        async with asyncio.timeout(CALL_TIMEOUT_S):
-            reader, writer = await asyncio.open_connection(
-                access.host,
-                access.port,
-                ssl=access.ssl,
-                server_hostname=(access.server_name or access.host) if access.ssl else None,
-            )
-    except TimeoutError:
-        raise KubeError(
-            f"the API server did not accept a connection in {CALL_TIMEOUT_S:g}s"
-        ) from None
-    except ssl.SSLError as exc:
-        raise KubeError(f"TLS handshake with the API server failed: {tls_reason(exc)}") from None
-    except OSError as exc:
-        raise KubeError(f"cannot connect to the API server: {exc.strerror or exc}") from None
-    conn = h11.Connection(h11.CLIENT)
-    host = f"[{access.host}]" if ":" in access.host else access.host
-    headers = [
-        ("Host", f"{host}:{access.port}"),
-        ("User-Agent", "lmproxy-discovery"),
-        ("Accept", "application/json"),
-    ]
+API = Caller(
+    KubeError,
+    EVENTS_PER_TURN,
+    no_connection="the API server did not accept a connection in {}s",
+    no_head="the API server did not answer in {}s",
+    handshake="TLS handshake with the API server failed: {}",
+    connect="cannot connect to the API server: {}",
+    not_http="the API server's answer is not HTTP: {}",
+    lost_tls="connection to the API server lost: {}",
+    lost="connection to the API server lost: {}",
+    no_answer="the API server closed the connection without answering",
+    no_answer_tls="the API server closed the connection without answering",
+    cut="the API server closed the connection mid-answer",
+)
+
+
+async def _call(access: Access, path: str) -> Answer:
+    """GET ``path`` on a connection of its own (``probe.open_get``): the connection
+    and the response's head each have CALL_TIMEOUT_S; the caller closes the answer."""
+    headers = [("User-Agent", "lmproxy-discovery"), ("Accept", "application/json")]
     token = access.token()
     if token:
         headers.append(("Authorization", f"Bearer {token}"))
-    writer.write(conn.send(h11.Request(method="GET", target=path, headers=headers)))
-    writer.write(conn.send(h11.EndOfMessage()))
-
-    async def events() -> AsyncIterator[Any]:  # h11's events, and NEED_DATA before a read
-        handled = 0
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise KubeError(f"the API server's answer is not HTTP: {exc}") from None
-            if event is h11.NEED_DATA:
-                yield event  # all that came is handled: body() hands on what it gathered
-                try:
-                    data = await reader.read(READ_BYTES)
-                except (OSError, ssl.SSLError) as exc:
-                    raise KubeError(f"connection to the API server lost: {exc}") from None
-                if not data and conn.their_state is h11.SEND_BODY:
-                    raise KubeError("the API server closed the connection mid-answer")
-                conn.receive_data(data)
-                continue
-            handled += 1
-            if handled % EVENTS_PER_TURN == 0:
-                # A read of what is already buffered returns without waiting: a body
-                # of tiny chunks would hold the loop for as long as the server keeps
-                # up, so the router's other work gets a turn.
-                await asyncio.sleep(0)
-            yield event
-            if isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                return
-
-    stream = events()
-    response: h11.Response | None = None
-    try:
-        async with asyncio.timeout(CALL_TIMEOUT_S):
-            async for event in stream:
-                if isinstance(event, h11.Response):
-                    response = event
-                    break
-                if isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                    raise KubeError("the API server closed the connection without answering")
-    except TimeoutError:
-        writer.close()
-        raise KubeError(f"the API server did not answer in {CALL_TIMEOUT_S:g}s") from None
-    except BaseException:
-        writer.close()
-        raise
-
-    async def body() -> AsyncIterator[bytes]:
-        """The body as it comes, one piece per read however the server chunks it (a
-        chunk per byte is as many h11 events, not as many pieces for the reader)."""
-        parts: list[bytes] = []
-        async for event in stream:
-            if isinstance(event, h11.Data):
-                parts.append(bytes(event.data))
-            elif event is h11.NEED_DATA or isinstance(event, h11.EndOfMessage):
-                if parts:
-                    yield b"".join(parts)
-                    parts.clear()
-            elif isinstance(event, h11.ConnectionClosed):
-                raise KubeError("the API server closed the connection mid-answer")
-
-    assert response is not None  # the loop above returns or raises otherwise
-    return response.status_code, body(), writer.close
+    return await open_get(access, path, headers, API, CALL_TIMEOUT_S)
 
 
-async def _read_all(body: AsyncIterator[bytes], limit: int) -> bytes:
+async def _read_all(answer: Answer, limit: int) -> bytes:
     data = bytearray()
-    async for chunk in body:
+    async for chunk in answer.pieces():
         data += chunk
         if len(data) > limit:
             raise KubeError(f"the API server's answer is over {limit} bytes")
     return bytes(data)
 
 
-async def _refusal(status: int, body: AsyncIterator[bytes], what: str) -> Exception:
+async def _refusal(answer: Answer, what: str) -> Exception:
     """The error for a non-200 answer, with the server's own message."""
+    status = answer.status
     try:
         async with asyncio.timeout(CALL_TIMEOUT_S):
-            raw = await _read_all(body, MAX_ERROR_BODY)
+            raw = await _read_all(answer, MAX_ERROR_BODY)
         message = decode.json(raw, into=_ApiStatus).message
     except (KubeError, TimeoutError, msgspec.DecodeError, msgspec.ValidationError):
         message = ""
@@ -668,34 +600,15 @@ class PodWatcher:
         """List every page, report the set, and watch from the list's resourceVersion."""
         found: dict[str, ServiceSpec] = {}
         listed: set[str] = set()
-        version = ""
-        token = ""
+        page = _Page()
         while True:
-            query = {"labelSelector": self.selector, "limit": str(PAGE)}
-            if token:
-                query["continue"] = token
-            status, body, close = await _call(self.access, f"{self._base}?{urlencode(query)}")
-            try:
-                if status != 200:
-                    raise await _refusal(status, body, f"listing {self.where}")
-                try:
-                    async with asyncio.timeout(CALL_TIMEOUT_S):
-                        raw = await _read_all(body, MAX_LIST_PAGE)
-                except TimeoutError:
-                    raise KubeError("the pod list did not arrive in time") from None
-            finally:
-                close()
-            try:
-                page = decode.json(raw, into=_Page)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                raise KubeError(f"the pod list is not a PodList: {exc}") from None
+            page = await self._page(page.metadata.next)
             for pod in page.items:
                 listed.add(pod.metadata.name)
                 spec = self._service(pod)
                 if spec is not None and len(found) < MAX_PODS:
                     found[spec.name] = spec
-            version, token = page.metadata.resourceVersion, page.metadata.next
-            if not token:
+            if not page.metadata.next:
                 break
         for name in [name for name in self._bad if name not in listed]:
             del self._bad[name]  # gone while no watch said so
@@ -704,7 +617,28 @@ class PodWatcher:
             log.info("kubernetes: %s: %d ready pod(s)", self.where, len(found))
         self.members = set(found)
         self.on_list(found)
-        self.version = version
+        self.version = page.metadata.resourceVersion
+
+    async def _page(self, token: str) -> _Page:
+        """One page of the list: the first, or the one ``token`` continues to."""
+        query = {"labelSelector": self.selector, "limit": str(PAGE)}
+        if token:
+            query["continue"] = token
+        answer = await _call(self.access, f"{self._base}?{urlencode(query)}")
+        try:
+            if answer.status != 200:
+                raise await _refusal(answer, f"listing {self.where}")
+            try:
+                async with asyncio.timeout(CALL_TIMEOUT_S):
+                    raw = await _read_all(answer, MAX_LIST_PAGE)
+            except TimeoutError:
+                raise KubeError("the pod list did not arrive in time") from None
+        finally:
+            answer.close()
+        try:
+            return decode.json(raw, into=_Page)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise KubeError(f"the pod list is not a PodList: {exc}") from None
 
     async def watch(self) -> None:
         """Follow changes from ``self.version`` until the server ends the watch,
@@ -716,29 +650,33 @@ class PodWatcher:
             "resourceVersion": self.version or "",
             "timeoutSeconds": str(WATCH_S),
         }
-        status, body, close = await _call(self.access, f"{self._base}?{urlencode(query)}")
+        answer = await _call(self.access, f"{self._base}?{urlencode(query)}")
         try:
-            if status != 200:
-                raise await _refusal(status, body, f"watching {self.where}")
+            if answer.status != 200:
+                raise await _refusal(answer, f"watching {self.where}")
             self._answered()
-            lines = Lines()
+            await self._follow(answer.pieces())
+        finally:
+            answer.close()
+
+    async def _follow(self, body: AsyncIterator[bytes]) -> None:
+        """Apply a watch's events, a line each, until its body ends."""
+        lines = Lines()
+        while True:
             # No byte for this long (bookmarks come every minute or so): the
             # connection is dead without having said so.
-            while True:
-                try:
-                    async with asyncio.timeout(WATCH_S + 30):
-                        chunk = await anext(body, None)
-                except TimeoutError:
-                    raise KubeError("the watch went silent") from None
-                if chunk is None:
-                    return
-                for line in lines.feed(chunk):
-                    if line.strip():
-                        self.version = self._event(line) or self.version
-                if len(lines) > MAX_EVENT:
-                    raise KubeError(f"a watch event is over {MAX_EVENT} bytes")
-        finally:
-            close()
+            try:
+                async with asyncio.timeout(WATCH_S + 30):
+                    chunk = await anext(body, None)
+            except TimeoutError:
+                raise KubeError("the watch went silent") from None
+            if chunk is None:
+                return
+            for line in lines.feed(chunk):
+                if line.strip():
+                    self.version = self._event(line) or self.version
+            if len(lines) > MAX_EVENT:
+                raise KubeError(f"a watch event is over {MAX_EVENT} bytes")
 
     def _event(self, line: bytes) -> str | None:
         """Apply one watch event; return its resourceVersion (None: none, or skipped)."""

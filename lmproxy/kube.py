@@ -160,19 +160,8 @@ def in_cluster(environ: dict[str, str], account: Path = SERVICE_ACCOUNT) -> Acce
 
 def from_kubeconfig(path: str) -> Access:
     """The current context of a kubeconfig file: server, CA, token or client cert."""
-    import yaml  # only here: most routers never read a kubeconfig
-
     where = f"--kubeconfig {path}"
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read it: {exc.strerror or exc}") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not YAML: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{where}: not a kubeconfig (no clusters, contexts, users)")
+    doc = _read_kubeconfig(path, where)
     base = Path(path).resolve().parent
     current = doc.get("current-context")
     if not current:
@@ -190,26 +179,8 @@ def from_kubeconfig(path: str) -> Access:
                 "plugin, which lmproxy does not run; give it a token (kubectl create token "
                 "SERVICE_ACCOUNT) or a client certificate"
             )
-    ssl_context: ssl.SSLContext | None = None
-    if server.scheme == "https":
-        ssl_context = ssl.create_default_context()
-        if cluster.get("insecure-skip-tls-verify"):
-            log.warning("%s: insecure-skip-tls-verify: the API server is not verified", where)
-            ssl_context.check_hostname = False
-            ssl_context.verify_mode = ssl.CERT_NONE
-        elif "certificate-authority-data" in cluster:
-            data = _b64(cluster["certificate-authority-data"], where, "certificate-authority-data")
-            _load_ca(ssl_context, None, data.decode("ascii", "replace"), where)
-        elif "certificate-authority" in cluster:
-            _load_ca(ssl_context, str(base / cluster["certificate-authority"]), None, where)
-        _client_certificate(ssl_context, user, base, where)
-    token = user.get("token")
-    if token is None and "tokenFile" in user:
-        try:
-            token = (base / user["tokenFile"]).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"{where}: cannot read tokenFile: {exc.strerror or exc}") from None
-    fixed = str(token) if token else None
+    ssl_context = _cluster_tls(cluster, user, base, where) if server.scheme == "https" else None
+    fixed = _user_token(user, base, where)
     return Access(
         server.hostname or "",
         server.port or (443 if server.scheme == "https" else 80),
@@ -220,6 +191,50 @@ def from_kubeconfig(path: str) -> Access:
         path,
         server.path.rstrip("/"),
     )
+
+
+def _read_kubeconfig(path: str, where: str) -> dict[str, Any]:
+    import yaml  # only here: most routers never read a kubeconfig
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: not a kubeconfig (no clusters, contexts, users)")
+    return doc
+
+
+def _cluster_tls(
+    cluster: dict[str, Any], user: dict[str, Any], base: Path, where: str
+) -> ssl.SSLContext:
+    """The TLS context an https:// cluster is reached with: its CA, the user's cert."""
+    context = ssl.create_default_context()
+    if cluster.get("insecure-skip-tls-verify"):
+        log.warning("%s: insecure-skip-tls-verify: the API server is not verified", where)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif "certificate-authority-data" in cluster:
+        data = _b64(cluster["certificate-authority-data"], where, "certificate-authority-data")
+        _load_ca(context, None, data.decode("ascii", "replace"), where)
+    elif "certificate-authority" in cluster:
+        _load_ca(context, str(base / cluster["certificate-authority"]), None, where)
+    _client_certificate(context, user, base, where)
+    return context
+
+
+def _user_token(user: dict[str, Any], base: Path, where: str) -> str | None:
+    token = user.get("token")
+    if token is None and "tokenFile" in user:
+        try:
+            token = (base / user["tokenFile"]).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read tokenFile: {exc.strerror or exc}") from None
+    return str(token) if token else None
 
 
 def _named(doc: dict[str, Any], key: str, inner: str, name: Any, where: str) -> dict[str, Any]:
@@ -350,36 +365,39 @@ def pod_service(
 ) -> ServiceSpec:
     """The service a routable pod is; ConfigError when its annotations are wrong."""
     meta = pod.metadata
-    port_text = meta.annotations.get(ANNOTATION_PORT)
-    port = default_port
-    if port_text is not None:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ConfigError(f"annotation {ANNOTATION_PORT}={port_text!r} is not a port")
-        port = int(port_text)
+    port = _port_annotation(meta.annotations, ANNOTATION_PORT) or default_port
     scheme = meta.annotations.get(ANNOTATION_SCHEME, default_scheme)
     if scheme not in ("http", "https"):
         raise ConfigError(f"annotation {ANNOTATION_SCHEME}={scheme!r} is not http or https")
-    named = meta.labels.get(LABEL_MODEL) or meta.annotations.get(LABEL_MODEL) or ""
-    models = [m.strip() for m in named.split(",") if m.strip()]
     ip = pod.status.podIP or ""
     host = f"[{ip}]" if ":" in ip else ip
     bootstrap: int | None = None
     if role == "prefill":
-        for key in ANNOTATIONS_BOOTSTRAP:
-            text = meta.annotations.get(key)
-            if text is not None:
-                if not text.isdigit() or not 0 < int(text) < 65536:
-                    raise ConfigError(f"annotation {key}={text!r} is not a port")
-                bootstrap = int(text)
-                break
+        key = next((k for k in ANNOTATIONS_BOOTSTRAP if k in meta.annotations), None)
+        bootstrap = _port_annotation(meta.annotations, key) if key else None
     return ServiceSpec(
         url=f"{scheme}://{host}:{port}",
         name=meta.name,
-        models=models,
+        models=_models(meta),
         server_name=meta.annotations.get(ANNOTATION_SERVER_NAME) if scheme == "https" else None,
         role=role,
         bootstrap_port=bootstrap,
     )
+
+
+def _models(meta: _Meta) -> list[str]:
+    named = meta.labels.get(LABEL_MODEL) or meta.annotations.get(LABEL_MODEL) or ""
+    return [m.strip() for m in named.split(",") if m.strip()]
+
+
+def _port_annotation(annotations: dict[str, str], key: str) -> int | None:
+    """The port an annotation gives (None: not there); ConfigError if it is not one."""
+    text = annotations.get(key)
+    if text is None:
+        return None
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ConfigError(f"annotation {key}={text!r} is not a port")
+    return int(text)
 
 
 # --- the API ------------------------------------------------------------------
@@ -680,6 +698,28 @@ class PodWatcher:
 
     def _event(self, line: bytes) -> str | None:
         """Apply one watch event; return its resourceVersion (None: none, or skipped)."""
+        read = self._read_event(line)
+        if read is None:
+            return None
+        kind, pod = read
+        name = pod.metadata.name
+        if kind in ("ADDED", "MODIFIED"):
+            spec = self._service(pod)
+            if spec is not None and (name in self.members or len(self.members) < MAX_PODS):
+                self.members.add(name)
+                self.on_pod(name, spec, "")
+            elif name in self.members:
+                self.members.discard(name)
+                self.on_pod(name, None, why_not_routable(pod) or "has a wrong annotation")
+        elif kind == "DELETED":
+            self._bad.pop(name, None)
+            if name in self.members:
+                self.members.discard(name)
+                self.on_pod(name, None, "was deleted")
+        return pod.metadata.resourceVersion or None
+
+    def _read_event(self, line: bytes) -> tuple[str, Pod] | None:
+        """A watch event's type and pod; None for one skipped (logged once per cause)."""
         try:
             event = decode.json(line, into=_Event)
             if event.type == "ERROR":
@@ -687,7 +727,7 @@ class PodWatcher:
                 if status.code == 410:
                     raise Gone(status.message)
                 raise KubeError(f"the watch failed: {status.code} {status.message}")
-            pod = decode.json(bytes(event.object), into=Pod)
+            return event.type, decode.json(bytes(event.object), into=Pod)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             # One event the router cannot read does not end the watch: the next
             # ones still apply, and the next list corrects what this one changed.
@@ -700,21 +740,6 @@ class PodWatcher:
                 )
                 self._unreadable = cause
             return None
-        name = pod.metadata.name
-        if event.type in ("ADDED", "MODIFIED"):
-            spec = self._service(pod)
-            if spec is not None and (name in self.members or len(self.members) < MAX_PODS):
-                self.members.add(name)
-                self.on_pod(name, spec, "")
-            elif name in self.members:
-                self.members.discard(name)
-                self.on_pod(name, None, why_not_routable(pod) or "has a wrong annotation")
-        elif event.type == "DELETED":
-            self._bad.pop(name, None)
-            if name in self.members:
-                self.members.discard(name)
-                self.on_pod(name, None, "was deleted")
-        return pod.metadata.resourceVersion or None
 
     def _service(self, pod: Pod) -> ServiceSpec | None:
         if why_not_routable(pod) is not None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import os
 import random
@@ -53,6 +54,7 @@ import msgspec
 from lmproxy import decode
 from lmproxy.config import Config, ConfigError, ServiceSpec
 from lmproxy.probe import Answer, Caller, open_get
+from lmproxy.sources import BACKOFF_MAX_S, BACKOFF_MIN_S, MAX_CAUSE_TEXT, Members
 
 log = logging.getLogger("lmproxy")
 
@@ -70,8 +72,7 @@ MAX_EVENT = 4 * 1024 * 1024  # bytes of one watch event (etcd keeps objects unde
 MAX_ERROR_BODY = 64 * 1024
 # Why pods were refused, remembered to log each cause a few times, not once per pod:
 # distinct causes kept (an annotation's value is in its cause), and their length.
-MAX_CAUSES = 32
-MAX_CAUSE_TEXT = 300
+MAX_CAUSES = 32  # (and MAX_CAUSE_TEXT, a cause's length, the loops' of sources.py)
 OTHER_CAUSES = "other wrong annotations (more kinds than the router counts apart)"
 PAGE = 500
 WATCH_S = 240  # the server ends each watch after this; the router resumes it
@@ -79,8 +80,6 @@ WATCH_S = 240  # the server ends each watch after this; the router resumes it
 # one event: a read of them could otherwise hold the loop for tens of milliseconds).
 EVENTS_PER_TURN = 512
 CALL_TIMEOUT_S = 15.0  # connect, send, and the response's head (and a list page)
-BACKOFF_MIN_S = 0.5
-BACKOFF_MAX_S = 30.0
 
 
 class KubeError(Exception):
@@ -801,3 +800,117 @@ def watcher_settings(config: Config) -> tuple[Any, ...]:
         config.kubeconfig,
         config.discover_scheme,
     )
+
+
+class PodDiscovery:
+    """The pods of each selector (--k8s-selector, and the prefill and decode ones),
+    each watched by a PodWatcher: a pod that stops being Ready, starts terminating or
+    is deleted leaves at once (the API server says so for certain), and a lost watch
+    removes nothing."""
+
+    origin = "k8s"
+    what = "Kubernetes discovery"
+
+    def __init__(self, members: Members, config: Config) -> None:
+        self.members = members
+        self.config = config
+        # Each selector's watch (by the role its pods get), and the settings it runs with.
+        self._watchers: dict[str, PodWatcher] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._settings: dict[str, tuple[Any, ...]] = {}
+        # Here, so that missing credentials stop start-up.
+        self._access = resolve_access(config.kubeconfig) if selectors(config) else None
+        self._access_from = config.kubeconfig
+
+    def start(self) -> None:
+        self.apply(self.config)
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def found(self) -> set[str]:
+        return set().union(*(w.members for w in self._watchers.values()))
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+    def forget(self, name: str) -> None:
+        pass
+
+    def apply(self, config: Config) -> None:
+        """Watch the pods of each selector; a reload that changes what one watches
+        starts a new watch (whose first list prunes what no longer matches), and drops
+        a selector's watch."""
+        self.config = config
+        wanted = selectors(config)
+        for role in [r for r in self._tasks if r not in wanted]:
+            self._end(role)
+            self.members.mark_gone(
+                self.origin,
+                {s.name for s in self.members.registry.services.values() if s.role != role},
+                "came from Kubernetes discovery, no longer configured",
+            )
+        access = self._credentials() if wanted else None
+        if access is None:
+            return
+        for role, selector in wanted.items():
+            settings = (*watcher_settings(config), tuple(selector))
+            if self._settings.get(role) != settings or role not in self._tasks:
+                self._end(role)
+                self._settings[role] = settings
+                self._watch(role, selector, access)
+
+    def _credentials(self) -> Access | None:
+        """The API server's access, read again when --kubeconfig changed; None (logged)
+        when it cannot be read."""
+        try:
+            if self._access is None or self.config.kubeconfig != self._access_from:
+                self._access = resolve_access(self.config.kubeconfig)
+        except ConfigError as exc:
+            log.error("Kubernetes discovery: %s; its pods are kept, not watched", exc)
+            return None
+        self._access_from = self.config.kubeconfig
+        return self._access
+
+    def _end(self, role: str) -> None:
+        task = self._tasks.pop(role, None)
+        if task is not None:
+            task.cancel()
+        self._watchers.pop(role, None)
+        self._settings.pop(role, None)
+
+    def _watch(self, role: str, selector: list[str], access: Access) -> None:
+        watcher = PodWatcher(
+            access,
+            self.config.k8s_namespace or access.namespace,
+            selector,
+            self.config.k8s_port,
+            self.config.discover_scheme,
+            self._pod_changed,
+            functools.partial(self._pods_listed, role),
+            role,
+        )
+        log.info("kubernetes: watching %s (credentials: %s)", watcher.where, access.source)
+        self._watchers[role] = watcher
+        self._tasks[role] = asyncio.create_task(watcher.run(), name=f"fleet:k8s:{role}")
+
+    def _pod_changed(self, name: str, spec: ServiceSpec | None, why: str) -> None:
+        if spec is not None:
+            self.members.claim(spec, self.origin)
+            return
+        service = self.members.registry.services.get(name)
+        if service is not None and service.origin == self.origin:
+            self.members.remove(name, f"pod {why}")
+
+    def _pods_listed(self, role: str, specs: dict[str, ServiceSpec]) -> None:
+        """One selector's full list: its pods not in it are gone."""
+        for spec in specs.values():
+            self.members.claim(spec, self.origin)
+        for service in list(self.members.registry.services.values()):
+            if service.origin == self.origin and service.role == role and service.name not in specs:
+                self.members.remove(
+                    service.name, "pod no longer listed (deleted, not Ready, or relabelled)"
+                )

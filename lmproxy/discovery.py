@@ -9,8 +9,8 @@ The resolver is the system's (``/etc/resolv.conf``), or ``--dns-server
 HOST[:PORT]``. Each address becomes an ``http://ADDRESS:PORT`` service named
 ``ADDRESS:PORT``, whose models come from ``/v1/models`` as for any other; with
 ``--discover-scheme https`` it is ``https://ADDRESS:PORT``, whose certificate must
-name the name it was found by (NAME, or the SRV record's target). The
-fleet (``fleet.py``) keeps an address that disappears for
+name the name it was found by (NAME, or the SRV record's target). As a source of
+the fleet (``DnsDiscovery``), an address that disappears is kept for
 ``--service-removal-grace-period``; a lookup that fails removes nothing and is
 logged once, until one succeeds again. dnspython does the asking: SRV and
 AAAA records, and a resolver of our choosing, are more than the standard

@@ -23,10 +23,11 @@ must name its IP, or the ``lmproxy.io/server-name`` annotation's name). Its mode
 ``lmproxy.io/model`` label (or annotation, which may hold a ``/`` and a
 comma-separated list) or, without one, what ``/v1/models`` says.
 
-The API is spoken directly over h11, the state machine the router's probes
-already use: discovery needs two calls (list and watch pods) and a few fields
-of a pod, and kubernetes_asyncio would bring aiohttp and a generated client of
-the whole API into a router whose hot path owes nothing to either.
+The API is spoken through the router's one h11 client (``probe.open_get``), the
+one its health checks use: discovery needs two calls (list and watch pods) and a
+few fields of a pod, and kubernetes_asyncio would bring aiohttp and a generated
+client of the whole API into a router whose hot path owes nothing to either.
+``PodDiscovery`` is the fleet's source: a ``PodWatcher`` per selector.
 
 Credentials: inside a pod, its service account (token, re-read before each
 call since kubelet rotates it, CA, namespace); outside, ``--kubeconfig`` (or

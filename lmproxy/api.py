@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from lmproxy.errors import Fault, error_payload
+from lmproxy.infinilm import followed
 from lmproxy.logs import iso_time, masked_url
 from lmproxy.registry import babysitter_url, kept_entry, name_models, service_entry
 
@@ -44,8 +45,14 @@ def health(router: RouterState) -> Payload:
 
 def registry_url(router: RouterState) -> str | None:
     """The registry followed (--registry-url), as the InfiniLM routers list it."""
-    url = router.config.registry_url
-    return masked_url(url) if url else None
+    return followed(router.config)
+
+
+def discovery(router: RouterState) -> dict[str, Any]:
+    """The fleet's sources' fields in /stats. A worker has no fleet (its supervisor
+    answers its /stats): then the registry its config names."""
+    fleet = router.fleet
+    return fleet.status() if fleet is not None else {"registry_url": registry_url(router)}
 
 
 def readiness(router: RouterState) -> Payload:
@@ -171,7 +178,7 @@ def stats(router: RouterState) -> Payload:
     payload = {
         "total_services": len(listed),
         "healthy_services": len(registry.healthy()),
-        "registry_url": registry_url(router),
+        **discovery(router),
         "queue_length": router.queue_length,
         "connections": router.connection_figures(),
         "services": listed,

@@ -371,7 +371,7 @@ class Router:
             b"/stats": local(api.stats),
             b"/metrics": {b"GET": metrics, b"HEAD": metrics},
             b"/services": {**local(api.services), b"POST": Endpoint(Access.ADMIN, self._fleet)},
-            # The Rust routers' worker API (fleet.Fleet.workers): reading it is as open as
+            # The Rust routers' worker API (admin.AdminSource.workers): reading it is as open as
             # /services; changing it is the admin's.
             b"/workers": {
                 b"GET": read,

@@ -9,8 +9,8 @@ The resolver is the system's (``/etc/resolv.conf``), or ``--dns-server
 HOST[:PORT]``. Each address becomes an ``http://ADDRESS:PORT`` service named
 ``ADDRESS:PORT``, whose models come from ``/v1/models`` as for any other; with
 ``--discover-scheme https`` it is ``https://ADDRESS:PORT``, whose certificate must
-name the name it was found by (NAME, or the SRV record's target). The
-fleet (``fleet.py``) keeps an address that disappears for
+name the name it was found by (NAME, or the SRV record's target). As a source of
+the fleet (``DnsDiscovery``), an address that disappears is kept for
 ``--service-removal-grace-period``; a lookup that fails removes nothing and is
 logged once, until one succeeds again. dnspython does the asking: SRV and
 AAAA records, and a resolver of our choosing, are more than the standard
@@ -20,13 +20,17 @@ library offers.
 from __future__ import annotations
 
 import ipaddress
+import logging
 
 import dns.asyncresolver
 import dns.exception
 import dns.rdatatype
 import dns.resolver
 
-from lmproxy.config import Target, parse_dns_server
+from lmproxy.config import Config, ServiceSpec, Target, parse_discover, parse_dns_server
+from lmproxy.sources import Members, Polled
+
+log = logging.getLogger("lmproxy")
 
 MAX_ADDRESSES = 256  # per name: one answer cannot flood the registry
 
@@ -96,3 +100,68 @@ def _why(exc: dns.exception.DNSException) -> str:
     if isinstance(exc, dns.resolver.NoNameservers):
         return "no resolver could answer (SERVFAIL or refused)"
     return str(exc) or type(exc).__name__
+
+
+class DnsDiscovery(Polled):
+    """The services behind the ``--discover`` names, looked up again and again."""
+
+    origin = "dns"
+    what = "DNS"
+    loop_name = "DNS discovery"
+
+    def __init__(self, members: Members, config: Config) -> None:
+        super().__init__(members, config)
+        # Each name's services at its last good lookup, and the names whose lookups
+        # fail now (logged once until they answer again).
+        self._members: dict[str, set[str]] = {}
+        self._failing: set[str] = set()
+
+    def wanted(self, config: Config) -> bool:
+        return bool(config.discover)
+
+    def interval(self, config: Config) -> float:
+        return config.discover_interval
+
+    def unfollowed(self) -> None:
+        self._members.clear()
+        self.members.mark_gone(self.origin, set(), "came from DNS discovery, no longer configured")
+
+    def found(self) -> set[str]:
+        return set().union(*self._members.values())
+
+    async def sync(self) -> None:
+        """One lookup of every --discover name: DNS decides membership, never health."""
+        resolver = make_resolver(self.config.dns_server, self.config.health_timeout)
+        listed: set[str] = set()
+        for text in self.config.discover:
+            names = await self._resolve(text, resolver)
+            listed |= self._members.get(text, set()) if names is None else names
+        self.members.mark_gone(self.origin, listed, "is no longer in DNS")
+
+    async def _resolve(self, text: str, resolver: dns.asyncresolver.Resolver) -> set[str] | None:
+        """The services of one name, claimed; None (logged once) when it cannot be read."""
+        try:
+            pairs = await lookup(parse_discover(text), resolver)
+        except DiscoveryError as exc:
+            if text not in self._failing:
+                log.warning("discovery %s: lookup failed (%s); keeping its services", text, exc)
+            self._failing.add(text)
+            return None
+        if text in self._failing:
+            self._failing.discard(text)
+            log.info("discovery %s: the name resolves again", text)
+        names = set()
+        scheme = self.config.discover_scheme
+        for address, port, host_name in pairs:
+            host = f"[{address}]" if ":" in address else address
+            spec = ServiceSpec(
+                url=f"{scheme}://{host}:{port}",
+                name=f"{address}:{port}",
+                server_name=host_name if scheme == "https" else None,
+            )
+            names.add(spec.name)
+            self.members.claim(spec, self.origin)
+        if names != self._members.get(text):
+            log.info("discovery %s: %d addresses", text, len(names))
+        self._members[text] = names
+        return names

@@ -23,10 +23,11 @@ must name its IP, or the ``lmproxy.io/server-name`` annotation's name). Its mode
 ``lmproxy.io/model`` label (or annotation, which may hold a ``/`` and a
 comma-separated list) or, without one, what ``/v1/models`` says.
 
-The API is spoken directly over h11, the state machine the router's probes
-already use: discovery needs two calls (list and watch pods) and a few fields
-of a pod, and kubernetes_asyncio would bring aiohttp and a generated client of
-the whole API into a router whose hot path owes nothing to either.
+The API is spoken through the router's one h11 client (``probe.open_get``), the
+one its health checks use: discovery needs two calls (list and watch pods) and a
+few fields of a pod, and kubernetes_asyncio would bring aiohttp and a generated
+client of the whole API into a router whose hot path owes nothing to either.
+``PodDiscovery`` is the fleet's source: a ``PodWatcher`` per selector.
 
 Credentials: inside a pod, its service account (token, re-read before each
 call since kubelet rotates it, CA, namespace); outside, ``--kubeconfig`` (or
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import os
 import random
@@ -48,12 +50,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import quote, urlencode, urlsplit
 
-import h11
 import msgspec
 
 from lmproxy import decode
 from lmproxy.config import Config, ConfigError, ServiceSpec
-from lmproxy.tls import tls_reason
+from lmproxy.probe import Answer, Caller, open_get
+from lmproxy.sources import BACKOFF_MAX_S, BACKOFF_MIN_S, MAX_CAUSE_TEXT, Members
 
 log = logging.getLogger("lmproxy")
 
@@ -71,18 +73,14 @@ MAX_EVENT = 4 * 1024 * 1024  # bytes of one watch event (etcd keeps objects unde
 MAX_ERROR_BODY = 64 * 1024
 # Why pods were refused, remembered to log each cause a few times, not once per pod:
 # distinct causes kept (an annotation's value is in its cause), and their length.
-MAX_CAUSES = 32
-MAX_CAUSE_TEXT = 300
+MAX_CAUSES = 32  # (and MAX_CAUSE_TEXT, a cause's length, the loops' of sources.py)
 OTHER_CAUSES = "other wrong annotations (more kinds than the router counts apart)"
 PAGE = 500
 WATCH_S = 240  # the server ends each watch after this; the router resumes it
-READ_BYTES = 65536
 # h11 events handled before the loop's other work gets a turn (a chunk of one byte is
 # one event: a read of them could otherwise hold the loop for tens of milliseconds).
 EVENTS_PER_TURN = 512
 CALL_TIMEOUT_S = 15.0  # connect, send, and the response's head (and a list page)
-BACKOFF_MIN_S = 0.5
-BACKOFF_MAX_S = 30.0
 
 
 class KubeError(Exception):
@@ -162,19 +160,8 @@ def in_cluster(environ: dict[str, str], account: Path = SERVICE_ACCOUNT) -> Acce
 
 def from_kubeconfig(path: str) -> Access:
     """The current context of a kubeconfig file: server, CA, token or client cert."""
-    import yaml  # only here: most routers never read a kubeconfig
-
     where = f"--kubeconfig {path}"
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read it: {exc.strerror or exc}") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not YAML: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{where}: not a kubeconfig (no clusters, contexts, users)")
+    doc = _read_kubeconfig(path, where)
     base = Path(path).resolve().parent
     current = doc.get("current-context")
     if not current:
@@ -192,26 +179,8 @@ def from_kubeconfig(path: str) -> Access:
                 "plugin, which lmproxy does not run; give it a token (kubectl create token "
                 "SERVICE_ACCOUNT) or a client certificate"
             )
-    ssl_context: ssl.SSLContext | None = None
-    if server.scheme == "https":
-        ssl_context = ssl.create_default_context()
-        if cluster.get("insecure-skip-tls-verify"):
-            log.warning("%s: insecure-skip-tls-verify: the API server is not verified", where)
-            ssl_context.check_hostname = False
-            ssl_context.verify_mode = ssl.CERT_NONE
-        elif "certificate-authority-data" in cluster:
-            data = _b64(cluster["certificate-authority-data"], where, "certificate-authority-data")
-            _load_ca(ssl_context, None, data.decode("ascii", "replace"), where)
-        elif "certificate-authority" in cluster:
-            _load_ca(ssl_context, str(base / cluster["certificate-authority"]), None, where)
-        _client_certificate(ssl_context, user, base, where)
-    token = user.get("token")
-    if token is None and "tokenFile" in user:
-        try:
-            token = (base / user["tokenFile"]).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"{where}: cannot read tokenFile: {exc.strerror or exc}") from None
-    fixed = str(token) if token else None
+    ssl_context = _cluster_tls(cluster, user, base, where) if server.scheme == "https" else None
+    fixed = _user_token(user, base, where)
     return Access(
         server.hostname or "",
         server.port or (443 if server.scheme == "https" else 80),
@@ -222,6 +191,50 @@ def from_kubeconfig(path: str) -> Access:
         path,
         server.path.rstrip("/"),
     )
+
+
+def _read_kubeconfig(path: str, where: str) -> dict[str, Any]:
+    import yaml  # only here: most routers never read a kubeconfig
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: not a kubeconfig (no clusters, contexts, users)")
+    return doc
+
+
+def _cluster_tls(
+    cluster: dict[str, Any], user: dict[str, Any], base: Path, where: str
+) -> ssl.SSLContext:
+    """The TLS context an https:// cluster is reached with: its CA, the user's cert."""
+    context = ssl.create_default_context()
+    if cluster.get("insecure-skip-tls-verify"):
+        log.warning("%s: insecure-skip-tls-verify: the API server is not verified", where)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif "certificate-authority-data" in cluster:
+        data = _b64(cluster["certificate-authority-data"], where, "certificate-authority-data")
+        _load_ca(context, None, data.decode("ascii", "replace"), where)
+    elif "certificate-authority" in cluster:
+        _load_ca(context, str(base / cluster["certificate-authority"]), None, where)
+    _client_certificate(context, user, base, where)
+    return context
+
+
+def _user_token(user: dict[str, Any], base: Path, where: str) -> str | None:
+    token = user.get("token")
+    if token is None and "tokenFile" in user:
+        try:
+            token = (base / user["tokenFile"]).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read tokenFile: {exc.strerror or exc}") from None
+    return str(token) if token else None
 
 
 def _named(doc: dict[str, Any], key: str, inner: str, name: Any, where: str) -> dict[str, Any]:
@@ -352,148 +365,85 @@ def pod_service(
 ) -> ServiceSpec:
     """The service a routable pod is; ConfigError when its annotations are wrong."""
     meta = pod.metadata
-    port_text = meta.annotations.get(ANNOTATION_PORT)
-    port = default_port
-    if port_text is not None:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ConfigError(f"annotation {ANNOTATION_PORT}={port_text!r} is not a port")
-        port = int(port_text)
+    port = _port_annotation(meta.annotations, ANNOTATION_PORT) or default_port
     scheme = meta.annotations.get(ANNOTATION_SCHEME, default_scheme)
     if scheme not in ("http", "https"):
         raise ConfigError(f"annotation {ANNOTATION_SCHEME}={scheme!r} is not http or https")
-    named = meta.labels.get(LABEL_MODEL) or meta.annotations.get(LABEL_MODEL) or ""
-    models = [m.strip() for m in named.split(",") if m.strip()]
     ip = pod.status.podIP or ""
     host = f"[{ip}]" if ":" in ip else ip
     bootstrap: int | None = None
     if role == "prefill":
-        for key in ANNOTATIONS_BOOTSTRAP:
-            text = meta.annotations.get(key)
-            if text is not None:
-                if not text.isdigit() or not 0 < int(text) < 65536:
-                    raise ConfigError(f"annotation {key}={text!r} is not a port")
-                bootstrap = int(text)
-                break
+        key = next((k for k in ANNOTATIONS_BOOTSTRAP if k in meta.annotations), None)
+        bootstrap = _port_annotation(meta.annotations, key) if key else None
     return ServiceSpec(
         url=f"{scheme}://{host}:{port}",
         name=meta.name,
-        models=models,
+        models=_models(meta),
         server_name=meta.annotations.get(ANNOTATION_SERVER_NAME) if scheme == "https" else None,
         role=role,
         bootstrap_port=bootstrap,
     )
 
 
+def _models(meta: _Meta) -> list[str]:
+    named = meta.labels.get(LABEL_MODEL) or meta.annotations.get(LABEL_MODEL) or ""
+    return [m.strip() for m in named.split(",") if m.strip()]
+
+
+def _port_annotation(annotations: dict[str, str], key: str) -> int | None:
+    """The port an annotation gives (None: not there); ConfigError if it is not one."""
+    text = annotations.get(key)
+    if text is None:
+        return None
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ConfigError(f"annotation {key}={text!r} is not a port")
+    return int(text)
+
+
 # --- the API ------------------------------------------------------------------
 
 
-async def _call(access: Access, path: str) -> tuple[int, AsyncIterator[bytes], Callable[[], None]]:
-    """GET ``path`` on a connection of its own: (status, the body as it comes, close)."""
-    try:
-        async with asyncio.timeout(CALL_TIMEOUT_S):
-            reader, writer = await asyncio.open_connection(
-                access.host,
-                access.port,
-                ssl=access.ssl,
-                server_hostname=(access.server_name or access.host) if access.ssl else None,
-            )
-    except TimeoutError:
-        raise KubeError(
-            f"the API server did not accept a connection in {CALL_TIMEOUT_S:g}s"
-        ) from None
-    except ssl.SSLError as exc:
-        raise KubeError(f"TLS handshake with the API server failed: {tls_reason(exc)}") from None
-    except OSError as exc:
-        raise KubeError(f"cannot connect to the API server: {exc.strerror or exc}") from None
-    conn = h11.Connection(h11.CLIENT)
-    host = f"[{access.host}]" if ":" in access.host else access.host
-    headers = [
-        ("Host", f"{host}:{access.port}"),
-        ("User-Agent", "lmproxy-discovery"),
-        ("Accept", "application/json"),
-    ]
+API = Caller(
+    KubeError,
+    EVENTS_PER_TURN,
+    no_connection="the API server did not accept a connection in {}s",
+    no_head="the API server did not answer in {}s",
+    handshake="TLS handshake with the API server failed: {}",
+    connect="cannot connect to the API server: {}",
+    not_http="the API server's answer is not HTTP: {}",
+    lost_tls="connection to the API server lost: {}",
+    lost="connection to the API server lost: {}",
+    no_answer="the API server closed the connection without answering",
+    no_answer_tls="the API server closed the connection without answering",
+    cut="the API server closed the connection mid-answer",
+)
+
+
+async def _call(access: Access, path: str) -> Answer:
+    """GET ``path`` on a connection of its own (``probe.open_get``): the connection
+    and the response's head each have CALL_TIMEOUT_S; the caller closes the answer."""
+    headers = [("User-Agent", "lmproxy-discovery"), ("Accept", "application/json")]
     token = access.token()
     if token:
         headers.append(("Authorization", f"Bearer {token}"))
-    writer.write(conn.send(h11.Request(method="GET", target=path, headers=headers)))
-    writer.write(conn.send(h11.EndOfMessage()))
-
-    async def events() -> AsyncIterator[Any]:  # h11's events, and NEED_DATA before a read
-        handled = 0
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise KubeError(f"the API server's answer is not HTTP: {exc}") from None
-            if event is h11.NEED_DATA:
-                yield event  # all that came is handled: body() hands on what it gathered
-                try:
-                    data = await reader.read(READ_BYTES)
-                except (OSError, ssl.SSLError) as exc:
-                    raise KubeError(f"connection to the API server lost: {exc}") from None
-                if not data and conn.their_state is h11.SEND_BODY:
-                    raise KubeError("the API server closed the connection mid-answer")
-                conn.receive_data(data)
-                continue
-            handled += 1
-            if handled % EVENTS_PER_TURN == 0:
-                # A read of what is already buffered returns without waiting: a body
-                # of tiny chunks would hold the loop for as long as the server keeps
-                # up, so the router's other work gets a turn.
-                await asyncio.sleep(0)
-            yield event
-            if isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                return
-
-    stream = events()
-    response: h11.Response | None = None
-    try:
-        async with asyncio.timeout(CALL_TIMEOUT_S):
-            async for event in stream:
-                if isinstance(event, h11.Response):
-                    response = event
-                    break
-                if isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                    raise KubeError("the API server closed the connection without answering")
-    except TimeoutError:
-        writer.close()
-        raise KubeError(f"the API server did not answer in {CALL_TIMEOUT_S:g}s") from None
-    except BaseException:
-        writer.close()
-        raise
-
-    async def body() -> AsyncIterator[bytes]:
-        """The body as it comes, one piece per read however the server chunks it (a
-        chunk per byte is as many h11 events, not as many pieces for the reader)."""
-        parts: list[bytes] = []
-        async for event in stream:
-            if isinstance(event, h11.Data):
-                parts.append(bytes(event.data))
-            elif event is h11.NEED_DATA or isinstance(event, h11.EndOfMessage):
-                if parts:
-                    yield b"".join(parts)
-                    parts.clear()
-            elif isinstance(event, h11.ConnectionClosed):
-                raise KubeError("the API server closed the connection mid-answer")
-
-    assert response is not None  # the loop above returns or raises otherwise
-    return response.status_code, body(), writer.close
+    return await open_get(access, path, headers, API, CALL_TIMEOUT_S)
 
 
-async def _read_all(body: AsyncIterator[bytes], limit: int) -> bytes:
+async def _read_all(answer: Answer, limit: int) -> bytes:
     data = bytearray()
-    async for chunk in body:
+    async for chunk in answer.pieces():
         data += chunk
         if len(data) > limit:
             raise KubeError(f"the API server's answer is over {limit} bytes")
     return bytes(data)
 
 
-async def _refusal(status: int, body: AsyncIterator[bytes], what: str) -> Exception:
+async def _refusal(answer: Answer, what: str) -> Exception:
     """The error for a non-200 answer, with the server's own message."""
+    status = answer.status
     try:
         async with asyncio.timeout(CALL_TIMEOUT_S):
-            raw = await _read_all(body, MAX_ERROR_BODY)
+            raw = await _read_all(answer, MAX_ERROR_BODY)
         message = decode.json(raw, into=_ApiStatus).message
     except (KubeError, TimeoutError, msgspec.DecodeError, msgspec.ValidationError):
         message = ""
@@ -668,34 +618,15 @@ class PodWatcher:
         """List every page, report the set, and watch from the list's resourceVersion."""
         found: dict[str, ServiceSpec] = {}
         listed: set[str] = set()
-        version = ""
-        token = ""
+        page = _Page()
         while True:
-            query = {"labelSelector": self.selector, "limit": str(PAGE)}
-            if token:
-                query["continue"] = token
-            status, body, close = await _call(self.access, f"{self._base}?{urlencode(query)}")
-            try:
-                if status != 200:
-                    raise await _refusal(status, body, f"listing {self.where}")
-                try:
-                    async with asyncio.timeout(CALL_TIMEOUT_S):
-                        raw = await _read_all(body, MAX_LIST_PAGE)
-                except TimeoutError:
-                    raise KubeError("the pod list did not arrive in time") from None
-            finally:
-                close()
-            try:
-                page = decode.json(raw, into=_Page)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                raise KubeError(f"the pod list is not a PodList: {exc}") from None
+            page = await self._page(page.metadata.next)
             for pod in page.items:
                 listed.add(pod.metadata.name)
                 spec = self._service(pod)
                 if spec is not None and len(found) < MAX_PODS:
                     found[spec.name] = spec
-            version, token = page.metadata.resourceVersion, page.metadata.next
-            if not token:
+            if not page.metadata.next:
                 break
         for name in [name for name in self._bad if name not in listed]:
             del self._bad[name]  # gone while no watch said so
@@ -704,7 +635,28 @@ class PodWatcher:
             log.info("kubernetes: %s: %d ready pod(s)", self.where, len(found))
         self.members = set(found)
         self.on_list(found)
-        self.version = version
+        self.version = page.metadata.resourceVersion
+
+    async def _page(self, token: str) -> _Page:
+        """One page of the list: the first, or the one ``token`` continues to."""
+        query = {"labelSelector": self.selector, "limit": str(PAGE)}
+        if token:
+            query["continue"] = token
+        answer = await _call(self.access, f"{self._base}?{urlencode(query)}")
+        try:
+            if answer.status != 200:
+                raise await _refusal(answer, f"listing {self.where}")
+            try:
+                async with asyncio.timeout(CALL_TIMEOUT_S):
+                    raw = await _read_all(answer, MAX_LIST_PAGE)
+            except TimeoutError:
+                raise KubeError("the pod list did not arrive in time") from None
+        finally:
+            answer.close()
+        try:
+            return decode.json(raw, into=_Page)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise KubeError(f"the pod list is not a PodList: {exc}") from None
 
     async def watch(self) -> None:
         """Follow changes from ``self.version`` until the server ends the watch,
@@ -716,32 +668,58 @@ class PodWatcher:
             "resourceVersion": self.version or "",
             "timeoutSeconds": str(WATCH_S),
         }
-        status, body, close = await _call(self.access, f"{self._base}?{urlencode(query)}")
+        answer = await _call(self.access, f"{self._base}?{urlencode(query)}")
         try:
-            if status != 200:
-                raise await _refusal(status, body, f"watching {self.where}")
+            if answer.status != 200:
+                raise await _refusal(answer, f"watching {self.where}")
             self._answered()
-            lines = Lines()
+            await self._follow(answer.pieces())
+        finally:
+            answer.close()
+
+    async def _follow(self, body: AsyncIterator[bytes]) -> None:
+        """Apply a watch's events, a line each, until its body ends."""
+        lines = Lines()
+        while True:
             # No byte for this long (bookmarks come every minute or so): the
             # connection is dead without having said so.
-            while True:
-                try:
-                    async with asyncio.timeout(WATCH_S + 30):
-                        chunk = await anext(body, None)
-                except TimeoutError:
-                    raise KubeError("the watch went silent") from None
-                if chunk is None:
-                    return
-                for line in lines.feed(chunk):
-                    if line.strip():
-                        self.version = self._event(line) or self.version
-                if len(lines) > MAX_EVENT:
-                    raise KubeError(f"a watch event is over {MAX_EVENT} bytes")
-        finally:
-            close()
+            try:
+                async with asyncio.timeout(WATCH_S + 30):
+                    chunk = await anext(body, None)
+            except TimeoutError:
+                raise KubeError("the watch went silent") from None
+            if chunk is None:
+                return
+            for line in lines.feed(chunk):
+                if line.strip():
+                    self.version = self._event(line) or self.version
+            if len(lines) > MAX_EVENT:
+                raise KubeError(f"a watch event is over {MAX_EVENT} bytes")
 
     def _event(self, line: bytes) -> str | None:
         """Apply one watch event; return its resourceVersion (None: none, or skipped)."""
+        read = self._read_event(line)
+        if read is None:
+            return None
+        kind, pod = read
+        name = pod.metadata.name
+        if kind in ("ADDED", "MODIFIED"):
+            spec = self._service(pod)
+            if spec is not None and (name in self.members or len(self.members) < MAX_PODS):
+                self.members.add(name)
+                self.on_pod(name, spec, "")
+            elif name in self.members:
+                self.members.discard(name)
+                self.on_pod(name, None, why_not_routable(pod) or "has a wrong annotation")
+        elif kind == "DELETED":
+            self._bad.pop(name, None)
+            if name in self.members:
+                self.members.discard(name)
+                self.on_pod(name, None, "was deleted")
+        return pod.metadata.resourceVersion or None
+
+    def _read_event(self, line: bytes) -> tuple[str, Pod] | None:
+        """A watch event's type and pod; None for one skipped (logged once per cause)."""
         try:
             event = decode.json(line, into=_Event)
             if event.type == "ERROR":
@@ -749,7 +727,7 @@ class PodWatcher:
                 if status.code == 410:
                     raise Gone(status.message)
                 raise KubeError(f"the watch failed: {status.code} {status.message}")
-            pod = decode.json(bytes(event.object), into=Pod)
+            return event.type, decode.json(bytes(event.object), into=Pod)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             # One event the router cannot read does not end the watch: the next
             # ones still apply, and the next list corrects what this one changed.
@@ -762,21 +740,6 @@ class PodWatcher:
                 )
                 self._unreadable = cause
             return None
-        name = pod.metadata.name
-        if event.type in ("ADDED", "MODIFIED"):
-            spec = self._service(pod)
-            if spec is not None and (name in self.members or len(self.members) < MAX_PODS):
-                self.members.add(name)
-                self.on_pod(name, spec, "")
-            elif name in self.members:
-                self.members.discard(name)
-                self.on_pod(name, None, why_not_routable(pod) or "has a wrong annotation")
-        elif event.type == "DELETED":
-            self._bad.pop(name, None)
-            if name in self.members:
-                self.members.discard(name)
-                self.on_pod(name, None, "was deleted")
-        return pod.metadata.resourceVersion or None
 
     def _service(self, pod: Pod) -> ServiceSpec | None:
         if why_not_routable(pod) is not None:
@@ -838,3 +801,117 @@ def watcher_settings(config: Config) -> tuple[Any, ...]:
         config.kubeconfig,
         config.discover_scheme,
     )
+
+
+class PodDiscovery:
+    """The pods of each selector (--k8s-selector, and the prefill and decode ones),
+    each watched by a PodWatcher: a pod that stops being Ready, starts terminating or
+    is deleted leaves at once (the API server says so for certain), and a lost watch
+    removes nothing."""
+
+    origin = "k8s"
+    what = "Kubernetes discovery"
+
+    def __init__(self, members: Members, config: Config) -> None:
+        self.members = members
+        self.config = config
+        # Each selector's watch (by the role its pods get), and the settings it runs with.
+        self._watchers: dict[str, PodWatcher] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._settings: dict[str, tuple[Any, ...]] = {}
+        # Here, so that missing credentials stop start-up.
+        self._access = resolve_access(config.kubeconfig) if selectors(config) else None
+        self._access_from = config.kubeconfig
+
+    def start(self) -> None:
+        self.apply(self.config)
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def found(self) -> set[str]:
+        return set().union(*(w.members for w in self._watchers.values()))
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+    def forget(self, name: str) -> None:
+        pass
+
+    def apply(self, config: Config) -> None:
+        """Watch the pods of each selector; a reload that changes what one watches
+        starts a new watch (whose first list prunes what no longer matches), and drops
+        a selector's watch."""
+        self.config = config
+        wanted = selectors(config)
+        for role in [r for r in self._tasks if r not in wanted]:
+            self._end(role)
+            self.members.mark_gone(
+                self.origin,
+                {s.name for s in self.members.registry.services.values() if s.role != role},
+                "came from Kubernetes discovery, no longer configured",
+            )
+        access = self._credentials() if wanted else None
+        if access is None:
+            return
+        for role, selector in wanted.items():
+            settings = (*watcher_settings(config), tuple(selector))
+            if self._settings.get(role) != settings or role not in self._tasks:
+                self._end(role)
+                self._settings[role] = settings
+                self._watch(role, selector, access)
+
+    def _credentials(self) -> Access | None:
+        """The API server's access, read again when --kubeconfig changed; None (logged)
+        when it cannot be read."""
+        try:
+            if self._access is None or self.config.kubeconfig != self._access_from:
+                self._access = resolve_access(self.config.kubeconfig)
+        except ConfigError as exc:
+            log.error("Kubernetes discovery: %s; its pods are kept, not watched", exc)
+            return None
+        self._access_from = self.config.kubeconfig
+        return self._access
+
+    def _end(self, role: str) -> None:
+        task = self._tasks.pop(role, None)
+        if task is not None:
+            task.cancel()
+        self._watchers.pop(role, None)
+        self._settings.pop(role, None)
+
+    def _watch(self, role: str, selector: list[str], access: Access) -> None:
+        watcher = PodWatcher(
+            access,
+            self.config.k8s_namespace or access.namespace,
+            selector,
+            self.config.k8s_port,
+            self.config.discover_scheme,
+            self._pod_changed,
+            functools.partial(self._pods_listed, role),
+            role,
+        )
+        log.info("kubernetes: watching %s (credentials: %s)", watcher.where, access.source)
+        self._watchers[role] = watcher
+        self._tasks[role] = asyncio.create_task(watcher.run(), name=f"fleet:k8s:{role}")
+
+    def _pod_changed(self, name: str, spec: ServiceSpec | None, why: str) -> None:
+        if spec is not None:
+            self.members.claim(spec, self.origin)
+            return
+        service = self.members.registry.services.get(name)
+        if service is not None and service.origin == self.origin:
+            self.members.remove(name, f"pod {why}")
+
+    def _pods_listed(self, role: str, specs: dict[str, ServiceSpec]) -> None:
+        """One selector's full list: its pods not in it are gone."""
+        for spec in specs.values():
+            self.members.claim(spec, self.origin)
+        for service in list(self.members.registry.services.values()):
+            if service.origin == self.origin and service.role == role and service.name not in specs:
+                self.members.remove(
+                    service.name, "pod no longer listed (deleted, not Ready, or relabelled)"
+                )

@@ -141,9 +141,11 @@ class PageScan:
             raise PageRefused(f"a sample of {name} is not a count: {rest[:40]!r}")
         if family >= len(RUNNING) + len(WAITING):
             self._kv[family] = max(self._kv.get(family, 0.0), value)
-            return
-        requests = int(value)
-        is_running = family < len(RUNNING)
+        else:
+            self._requests(family < len(RUNNING), int(value), labels)
+
+    def _requests(self, is_running: bool, requests: int, labels: bytes) -> None:
+        """A running or waiting count: the batch's or the queue's, and its model's."""
         if is_running:
             self._batch += requests
         else:

@@ -25,8 +25,21 @@ if TYPE_CHECKING:
     from lmproxy.tracing import Exporter
 
 
+class Discovery(Protocol):
+    """The fleet (``fleet.Fleet``), as the router's own endpoints read it."""
+
+    def status(self) -> dict[str, Any]:
+        """Its sources' fields in /stats."""
+        ...
+
+
 class RouterState(Protocol):
     """What the router's own endpoints (``api.py``) read: a Router, or the supervisor."""
+
+    @property
+    def fleet(self) -> Discovery | None:
+        """None in a worker: the supervisor holds the fleet."""
+        ...
 
     @property
     def registry(self) -> Registry: ...

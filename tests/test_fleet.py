@@ -190,7 +190,7 @@ async def test_a_loop_whose_step_fails_logs_once_backs_off_and_goes_on(caplog):
     """The registry poll, DNS discovery and the expiry of registrations each run as
     ``repeat``: whatever a step raises, the loop logs it once with its traceback,
     waits twice as long after each failure in a row, and goes on."""
-    from lmproxy.fleet import repeat
+    from lmproxy.sources import repeat
 
     caplog.set_level(logging.INFO, "lmproxy")
     loop = asyncio.get_running_loop()
@@ -219,3 +219,39 @@ async def test_a_loop_whose_step_fails_logs_once_backs_off_and_goes_on(caplog):
         (logging.INFO, "the test's loop works again"),
     ]  # fmt: skip
     assert caplog.records[0].exc_info is not None
+
+
+async def test_the_fleet_holds_its_sources_in_rank_order_and_each_says_what_it_found():
+    """Each source is one object in the fleet's list: what it lists, its fields in
+    /stats, and its rank, the first source holding a name keeping it."""
+    import msgspec
+
+    from lmproxy.config import Config, ServiceSpec
+    from lmproxy.fleet import Fleet
+    from lmproxy.registry import Registry as Services
+
+    config = msgspec.convert(
+        {
+            "services": [{"name": "a", "url": "http://127.0.0.1:9", "models": ["m"]}],
+            "registry_url": "http://user:secret@127.0.0.1:9",
+        },
+        Config,
+    )
+    services = Services(max_errors=config.max_errors)
+    fleet = Fleet(services, config)
+    assert [s.origin for s in fleet.sources] == ["config", "admin", "registry", "dns", "k8s"]
+    assert fleet.status() == {"registry_url": "http://user:***@127.0.0.1:9"}
+    config_source, admin, polled, dns = fleet.sources[:4]
+    assert config_source.found() == {"a"}
+    # A polled source cannot take a name another source holds, nor a registration
+    # a configured one; a registration takes a polled source's name over.
+    fleet.members.claim(ServiceSpec(url="http://127.0.0.2:9", name="a"), "dns")
+    fleet.members.claim(ServiceSpec(url="http://127.0.0.3:9", name="b"), "dns")
+    assert services.services["a"].origin == "config" and services.services["b"].origin == "dns"
+    taken = b'{"name": "b", "url": "http://127.0.0.4:9", "models": ["m"]}'
+    assert fleet.admin(b"POST", b"/services", taken)[0] == 201
+    refused = b'{"name": "a", "url": "http://127.0.0.4:9", "models": ["m"]}'
+    assert fleet.admin(b"POST", b"/services", refused)[0] == 409
+    assert services.services["b"].origin == "admin" and admin.found() == {"b"}
+    assert polled.found() == set() and dns.found() == set()
+    await fleet.stop()

@@ -89,22 +89,32 @@ class AdmissionQueue:
             journey.fail(self._full_error(candidates, 0.0))
             return None
         waiting = self.waiting
-        if self.max_queue and len(waiting) >= self.max_queue:
-            lowest = waiting[-1]  # the lowest priority, and the newest of it
-            if lowest.priority >= journey.priority:
-                self._shed(journey, candidates)
-                return None
-            self._take(lowest)
-            self._shed(lowest, lowest.last_candidates)
+        if self.max_queue and len(waiting) >= self.max_queue and not self._make_room(journey):
+            self._shed(journey, candidates)
+            return None
         journey.queued_at = self.loop.time()
         journey.queued = True
         if not waiting or waiting[-1].priority >= journey.priority:
             waiting.append(journey)  # the common case: one priority, arrival order
         else:
-            # Behind every request of its priority or higher, before the lower ones.
-            index = next(i for i, other in enumerate(waiting) if other.priority < journey.priority)
-            waiting.insert(index, journey)
+            self._insert(journey)
         return None
+
+    def _make_room(self, journey: Waiter) -> bool:
+        """The queue is full: whether ``journey`` may have the place of the lowest
+        request waiting, which is then shed."""
+        lowest = self.waiting[-1]  # the lowest priority, and the newest of it
+        if lowest.priority >= journey.priority:
+            return False
+        self._take(lowest)
+        self._shed(lowest, lowest.last_candidates)
+        return True
+
+    def _insert(self, journey: Waiter) -> None:
+        """Behind every request of its priority or higher, before the lower ones."""
+        waiting = self.waiting
+        index = next(i for i, other in enumerate(waiting) if other.priority < journey.priority)
+        waiting.insert(index, journey)
 
     def _shed(self, journey: Waiter, candidates: list[Service]) -> None:
         error = self._full_error(candidates, 0.0)

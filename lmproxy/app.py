@@ -318,29 +318,12 @@ class Router:
         path = request.path
         route = self._routes.get(path) or self._prefix_route(path)
         if route is None:
-            if request.method == b"CONNECT":
-                client.respond_error(
-                    Fault.METHOD_NOT_ALLOWED,
-                    "CONNECT is not served: lmproxy is not a forward proxy",
-                )
+            route = self._unrouted(client, request)
+            if route is None:
                 return
-            if not path.startswith(b"/"):  # an absolute URL or "*": for a forward proxy
-                client.respond_error(
-                    Fault.NOT_FOUND,
-                    f"no route for {printable(request.method)} {printable(path)}; {NOT_FOUND_HINT}",
-                )
-                return
-            # Not the router's own: the backends' (SGLang's /generate, vLLM's /tokenize,
-            # /version...), forwarded as the InfiniLM routers forward every path.
-            route = self._forwarded
         endpoint = route.get(request.method) or route.get(ANY_METHOD)
         if endpoint is None:
-            allowed = ", ".join(m.decode() for m in route)
-            client.respond_error(
-                Fault.METHOD_NOT_ALLOWED,
-                f"{printable(path)} answers {allowed}, not {printable(request.method)}",
-                b"Allow: %s\r\n" % allowed.encode(),
-            )
+            self._not_allowed(client, request, route)
             return
         access = endpoint.access
         # Checked inline for the common case, an open API (no keys): no call on the hot path.
@@ -349,6 +332,33 @@ class Router:
         ):
             return
         endpoint.handle(client, request)
+
+    def _unrouted(self, client: ClientConnection, request: ClientRequest) -> Route | None:
+        """The route of a path that is not the router's own, or None once answered."""
+        if request.method == b"CONNECT":
+            client.respond_error(
+                Fault.METHOD_NOT_ALLOWED,
+                "CONNECT is not served: lmproxy is not a forward proxy",
+            )
+            return None
+        if not request.path.startswith(b"/"):  # an absolute URL or "*": for a forward proxy
+            client.respond_error(
+                Fault.NOT_FOUND,
+                f"no route for {printable(request.method)} {printable(request.path)}; "
+                f"{NOT_FOUND_HINT}",
+            )
+            return None
+        # Not the router's own: the backends' (SGLang's /generate, vLLM's /tokenize,
+        # /version...), forwarded as the InfiniLM routers forward every path.
+        return self._forwarded
+
+    def _not_allowed(self, client: ClientConnection, request: ClientRequest, route: Route) -> None:
+        allowed = ", ".join(m.decode() for m in route)
+        client.respond_error(
+            Fault.METHOD_NOT_ALLOWED,
+            f"{printable(request.path)} answers {allowed}, not {printable(request.method)}",
+            b"Allow: %s\r\n" % allowed.encode(),
+        )
 
     # --- the route table: path -> method -> (who may, what answers) ---------------------
 
@@ -637,6 +647,17 @@ class Router:
             self.server.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
+        await self._finish_in_flight()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        for handshake in list(self.handshakes):
+            handshake.abort()
+        await self._stop_parts()
+
+    async def _finish_in_flight(self) -> None:
+        """Close the idle connections, and wait (up to --shutdown-timeout) for the
+        requests in flight on the others to end."""
         for conn in list(self.connections):
             if conn.current is None:
                 conn.close()
@@ -650,11 +671,10 @@ class Router:
             )
         while self.loop.time() < deadline and any(c.current is not None for c in self.connections):
             await asyncio.sleep(0.05)
-        for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.abort()
-        for handshake in list(self.handshakes):
-            handshake.abort()
+
+    async def _stop_parts(self) -> None:
+        """Stop what runs beside the connections: tracing, limits, timers, discovery,
+        and the backend pools."""
         if self.tracer is not None:
             self.tracer.shutdown()  # what is still queued is exported
         await self.limits.aclose()

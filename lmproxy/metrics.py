@@ -288,6 +288,35 @@ class Metrics:
         return generate_latest(self.prometheus)
 
     def collect(self) -> Iterator[Metric]:
+        requests, duration, ttfb, tokens = self._figure_families()
+        yield requests
+        yield from self._count_families()
+        yield duration
+        yield ttfb
+        yield tokens
+        added = HistogramMetricFamily(
+            "lmproxy_added_latency_seconds",
+            "Time the router itself adds before the backend sees a request "
+            "(from the request's last byte to the send)",
+        )
+        added.add_metric([], self.added.buckets(), self.added.total)
+        yield added
+        *per_service, engine = self._service_families()
+        yield from per_service
+        queue = GaugeMetricFamily(
+            "lmproxy_queue_length",
+            "Requests waiting for a free slot (every eligible service at its max_in_flight)",
+        )
+        queue.add_metric([], self.queue_length())
+        yield queue
+        yield from engine
+
+    def _figure_families(
+        self,
+    ) -> tuple[
+        CounterMetricFamily, HistogramMetricFamily, HistogramMetricFamily, CounterMetricFamily
+    ]:
+        """The figures of the requests each service answered, per model."""
         requests = CounterMetricFamily(
             "lmproxy_requests",
             "Proxied requests, by service, model and status class",
@@ -318,6 +347,11 @@ class Metrics:
             ttfb.add_metric([service, model], figures.ttfb.buckets(), figures.ttfb.total)
             tokens.add_metric([service, model, "prompt"], figures.prompt)
             tokens.add_metric([service, model, "completion"], figures.completion)
+        return requests, duration, ttfb, tokens
+
+    def _count_families(self) -> list[Metric]:
+        """What is counted beside the answers: errors, disaggregated steps, fallbacks,
+        the API keys' figures and the requests shed."""
         errors = CounterMetricFamily(
             "lmproxy_errors",
             "Failed requests, by service and kind of failure",
@@ -367,12 +401,11 @@ class Metrics:
             "Requests shed from a full admission queue (--max-queue), the lowest priority first",
             self._shed,
         )
-        added = HistogramMetricFamily(
-            "lmproxy_added_latency_seconds",
-            "Time the router itself adds before the backend sees a request "
-            "(from the request's last byte to the send)",
-        )
-        added.add_metric([], self.added.buckets(), self.added.total)
+        return [errors, pd, fallbacks, key_requests, key_tokens, key_rejected, shed]
+
+    def _service_families(self) -> tuple[Metric, Metric, Metric, Metric, Metric, list[Metric]]:
+        """Each service's state now: in flight, health, breaker, limit, and the engine
+        load last scraped."""
         in_flight = GaugeMetricFamily(
             "lmproxy_in_flight_requests", "Requests under way, per service", labels=["service"]
         )
@@ -419,32 +452,7 @@ class Metrics:
                 if each.engine_kv is not None:
                     engine["kv_cache_usage"].add_metric(labels, each.engine_kv)
                 engine["load_age_seconds"].add_metric(labels, max(0.0, now - each.engine_at))
-        queue = GaugeMetricFamily(
-            "lmproxy_queue_length",
-            "Requests waiting for a free slot (every eligible service at its max_in_flight)",
-        )
-        queue.add_metric([], self.queue_length())
-        yield from (
-            requests,
-            errors,
-            pd,
-            fallbacks,
-            key_requests,
-            key_tokens,
-            key_rejected,
-            shed,
-            duration,
-            ttfb,
-            tokens,
-            added,
-            in_flight,
-            healthy,
-            circuit,
-            opened,
-            limit,
-            queue,
-            *engine.values(),
-        )
+        return in_flight, healthy, circuit, opened, limit, list(engine.values())
 
 
 _encode = msgspec.json.Encoder().encode

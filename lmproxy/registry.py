@@ -504,25 +504,8 @@ class Registry:
     def _take_models(
         self, service: Service, models: list[tuple[str, int | None, str | None]]
     ) -> None:
-        """What a service listed, within bounds: a backend cannot make the router hold
-        (or log) more than MAX_MODELS_PER_SERVICE models of MAX_MODEL_ID characters."""
-        listed: dict[str, tuple[int | None, str | None]] = {}
-        refused = 0
-        for model, created, owned_by in models:
-            if len(listed) >= MAX_MODELS_PER_SERVICE or len(model) > MAX_MODEL_ID or not model:
-                refused += 1
-            else:
-                listed.setdefault(model, (created, owned_by))
-        if refused and not service.models_capped:
-            service.models_capped = True
-            log.warning(
-                "service %s lists %d models the router does not take (it takes at most %d, "
-                "each 1 to %d characters)",
-                service.name,
-                refused,
-                MAX_MODELS_PER_SERVICE,
-                MAX_MODEL_ID,
-            )
+        """What a service listed, within bounds (``_within_bounds``)."""
+        listed = _within_bounds(service, models)
         new = tuple(listed)
         if new == service.models:
             service.models_known = True
@@ -812,6 +795,12 @@ class Registry:
         self._whole = (
             [s for s in self._healthy if s.role == "both"] if self.pd_models else self._healthy
         )
+        self._note_static()
+        self._notify()
+
+    def _note_static(self) -> None:
+        """Whether any service routed to whole is static (``any_static``), told once
+        when size-based routing comes on."""
         static = [s.name for s in self._whole if s.cache_type == "static"]
         if static and not self.any_static:
             self.note(
@@ -821,8 +810,6 @@ class Registry:
                 name_models(static, "GET /services", LOGGED_SERVICES),
             )
         self.any_static = bool(static)
-        for listener in self.listeners:
-            listener()
 
 
 # What makes a service another one: a change of any is a new service, probed anew.
@@ -871,6 +858,32 @@ def name_models(
     if len(listed) > most:
         shown += f" and {len(listed) - most} more ({where})"
     return shown
+
+
+def _within_bounds(
+    service: Service, models: list[tuple[str, int | None, str | None]]
+) -> dict[str, tuple[int | None, str | None]]:
+    """The models a service listed that the router takes: a backend cannot make it hold
+    (or log) more than MAX_MODELS_PER_SERVICE models of MAX_MODEL_ID characters. The
+    first refusal is logged, once per service."""
+    listed: dict[str, tuple[int | None, str | None]] = {}
+    refused = 0
+    for model, created, owned_by in models:
+        if len(listed) >= MAX_MODELS_PER_SERVICE or len(model) > MAX_MODEL_ID or not model:
+            refused += 1
+        else:
+            listed.setdefault(model, (created, owned_by))
+    if refused and not service.models_capped:
+        service.models_capped = True
+        log.warning(
+            "service %s lists %d models the router does not take (it takes at most %d, "
+            "each 1 to %d characters)",
+            service.name,
+            refused,
+            MAX_MODELS_PER_SERVICE,
+            MAX_MODEL_ID,
+        )
+    return listed
 
 
 def service_entry(service: Service) -> dict[str, Any]:

@@ -101,6 +101,17 @@ def _is_null(raw: msgspec.Raw) -> bool:
     return len(raw) == 4 and bytes(raw) == b"null"
 
 
+def _undecodable(exc: Exception) -> ProxyError:
+    """The 400 for a body that msgspec could not decode as a request."""
+    if isinstance(exc, msgspec.ValidationError):  # a DecodeError too: asked first
+        return ProxyError(Fault.BAD_REQUEST, f"invalid request body: {exc}")
+    if isinstance(exc, msgspec.DecodeError):
+        return ProxyError(Fault.BAD_REQUEST, f"request body is not valid JSON: {exc}")
+    if isinstance(exc, RecursionError):
+        return ProxyError(Fault.BAD_REQUEST, "request body is nested too deeply")
+    return ProxyError(Fault.BAD_REQUEST, "request body is not valid UTF-8")
+
+
 def decode_head(path: bytes, body: bytes) -> RequestHead:
     """Decode and validate a JSON body; 400 with a message naming the field otherwise."""
     if not body:
@@ -109,14 +120,8 @@ def decode_head(path: bytes, body: bytes) -> RequestHead:
         )
     try:
         head = _decode_head(body)
-    except msgspec.ValidationError as exc:
-        raise ProxyError(Fault.BAD_REQUEST, f"invalid request body: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise ProxyError(Fault.BAD_REQUEST, f"request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise ProxyError(Fault.BAD_REQUEST, "request body is nested too deeply") from None
-    except UnicodeDecodeError:
-        raise ProxyError(Fault.BAD_REQUEST, "request body is not valid UTF-8") from None
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
+        raise _undecodable(exc) from None
     if path in CHAT_PATHS:
         # A memoryview: the messages may be megabytes, and are never copied here.
         messages = memoryview(head.messages)

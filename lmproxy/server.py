@@ -231,11 +231,7 @@ class ClientConnection(asyncio.Protocol):
             self._on_upgrade(data[exc.args[0] :] if exc.args else b"")
             return
         except httptools.HttpParserError as exc:
-            # httptools chains what a callback raised as the error's context.
-            reject = exc.__context__
-            if not isinstance(reject, _Reject):
-                reject = _Reject(Fault.BAD_REQUEST, f"malformed HTTP request: {_describe(exc)}")
-            self._reject(reject)
+            self._parse_failed(exc)
             return
         if self._stalled > MAX_LINE_BYTES:
             self._check_stall()
@@ -326,48 +322,27 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = INFINITY  # data_received arms the body timeout if a body follows
         limit = self.router.config.max_body_size
         body_expected = False
+        unusual = False  # a header _note_unusual acted on
         for name, value in request.headers:
             if name not in _NOTED:
                 continue
+            # Content-Length and Content-Type, in nearly every request, are read here;
+            # the rest in a call made only for a request that has them.
             if name == b"content-length":
                 try:
                     size = int(value)
                 except ValueError:
                     size = -1  # httptools rejects it right after
                 if size > limit:
-                    raise _Reject(
-                        Fault.BODY_TOO_LARGE,
-                        f"request body of {size} bytes is over the limit of {limit} bytes "
-                        "(--max-body-size)",
-                    )
+                    raise _body_too_large(size, limit)
                 body_expected = size > 0
-            elif name == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
-                    # httptools accepts "gzip, chunked"; the backend would then get a
-                    # compressed body with nothing saying so.
-                    raise _Reject(
-                        Fault.NOT_IMPLEMENTED, "only 'Transfer-Encoding: chunked' is supported"
-                    )
-                body_expected = True
             elif name == b"content-type":
                 request.is_json = b"json" in value.lower()
-            elif name == b"expect":
-                request.expect_continue = value.lower() == b"100-continue"
-            elif name == b"x-request-id":
-                if request.request_id is None:
-                    request.request_id = value
-            elif name == b"connection":
-                request.connection = value
-            elif name == b"via":
-                request.looped = request.looped or self.router.via_token in value
-            elif name == b"upgrade":
-                request.upgrade = True
-            elif name == b"traceparent":
-                request.traceparent = value
-        if request.upgrade:
-            self._upgrade_offered(request, body_expected)
-        if request.expect_continue:
-            self._expect_continue(request, body_expected)
+            else:
+                unusual = True
+                body_expected = self._note_unusual(request, name, value, body_expected)
+        if unusual:
+            self._unusual_head(request, body_expected)
 
     def on_body(self, body: bytes) -> None:
         self._stalled = 0
@@ -575,6 +550,48 @@ class ClientConnection(asyncio.Protocol):
         self.flow.resume_reading()  # what still comes is read and dropped
         self.loop.call_later(LINGER_S, _end_linger, transport)
 
+    def _parse_failed(self, exc: httptools.HttpParserError) -> None:
+        # httptools chains what a callback raised as the error's context.
+        reject = exc.__context__
+        if not isinstance(reject, _Reject):
+            reject = _Reject(Fault.BAD_REQUEST, f"malformed HTTP request: {_describe(exc)}")
+        self._reject(reject)
+
+    def _note_unusual(
+        self, request: ClientRequest, name: bytes, value: bytes, body_expected: bool
+    ) -> bool:
+        """A noted header other than Content-Length and Content-Type, read into
+        ``request``; returns ``body_expected``, made true by a Transfer-Encoding."""
+        if name == b"transfer-encoding":
+            if value.strip().lower() != b"chunked":
+                # httptools accepts "gzip, chunked"; the backend would then get a
+                # compressed body with nothing saying so.
+                raise _Reject(
+                    Fault.NOT_IMPLEMENTED, "only 'Transfer-Encoding: chunked' is supported"
+                )
+            return True
+        if name == b"expect":
+            request.expect_continue = value.lower() == b"100-continue"
+        elif name == b"x-request-id":
+            if request.request_id is None:
+                request.request_id = value
+        elif name == b"connection":
+            request.connection = value
+        elif name == b"via":
+            request.looped = request.looped or self.router.via_token in value
+        elif name == b"upgrade":
+            request.upgrade = True
+        elif name == b"traceparent":
+            request.traceparent = value
+        return body_expected
+
+    def _unusual_head(self, request: ClientRequest, body_expected: bool) -> None:
+        """What the unusual headers ask once the whole head is read."""
+        if request.upgrade:
+            self._upgrade_offered(request, body_expected)
+        if request.expect_continue:
+            self._expect_continue(request, body_expected)
+
     def _upgrade_offered(self, request: ClientRequest, body_expected: bool) -> None:
         """An ``Upgrade`` header: no protocol is switched to (RFC 9110 7.8 lets a server
         ignore the offer), and the request is served as HTTP/1.1. httptools reads no
@@ -747,6 +764,13 @@ _NOTED = frozenset(
         b"traceparent",
     }
 )
+
+
+def _body_too_large(size: int, limit: int) -> _Reject:
+    return _Reject(
+        Fault.BODY_TOO_LARGE,
+        f"request body of {size} bytes is over the limit of {limit} bytes (--max-body-size)",
+    )
 
 
 def _headers_too_large() -> _Reject:

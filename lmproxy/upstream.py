@@ -104,18 +104,17 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_body",
         "_done",
-        "_extra",
         "_framing",
         "_head",
         "_head_only",
         "_head_seen",
         "_informational",
-        "_keep_alive",
         "_pieces_parser",
         "_probe_hit",
         "_probing",
         "_raw_parser",
         "_remaining",
+        "_reusable",
         "_scan",
         "connection",
         "idle_since",
@@ -151,8 +150,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._body = b""  # the body bytes of the read being parsed
         self._remaining = -1  # body bytes still due, for a Content-Length body
         self._done = False  # the parser saw the response end
-        self._keep_alive = False
-        self._extra = False  # bytes came after the response's end
+        self._reusable = False  # the response ended, and nothing came after it
         self._probing = False
         self._probe_hit = False
         self.connection: bytes | None = None  # the response's Connection header
@@ -178,16 +176,8 @@ class UpstreamConnection(asyncio.Protocol):
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserError as exc:
-                cause = exc.__context__
-                if cause is not None and not isinstance(cause, _SecondResponse):
-                    # A callback raised (httptools chains it): not the backend's bytes.
-                    raise cause from None
-                if not self._done:
-                    # Where in this read the garbage starts is unknown: none of it is relayed.
-                    self._fail(f"backend sent broken HTTP: {exc}", broken=True)
-                    return
-                self._extra = True  # a complete response, then garbage
-            if self.sink is not sink:  # the response ended inside a callback (HEAD)
+                self._parse_failed(exc)
+            if self.sink is not sink:  # it ended in a callback (HEAD), or failed just above
                 return
             if len(self._head) > MAX_HEAD_BYTES:  # still no end of the head
                 self._fail(f"backend sent a response head over {MAX_HEAD_BYTES} bytes", broken=True)
@@ -196,19 +186,11 @@ class UpstreamConnection(asyncio.Protocol):
             if body:
                 self._body = b""
                 if self._remaining >= 0:
-                    if len(body) > self._remaining:
-                        body = body[: self._remaining]
-                        self._extra = True
-                    self._remaining -= len(body)
-                elif self._done and self._framing == CHUNKED and not body.endswith(CHUNKED_END[2:]):
-                    # Trailers, or bytes after the last chunk (or they followed the response
-                    # from llhttp's view): relay through the last chunk, never reuse.
-                    body = _through_last_chunk(body)
-                    self._extra = True
+                    self._remaining -= len(body)  # on_message_complete cut what follows
                 if self.parser is self._raw_parser:
                     sink.on_body(body)
             if self._done:
-                self._complete(self._keep_alive and not self._extra)
+                self._complete(self._reusable)
             else:
                 sink.flush()
         except Exception as exc:  # the sink's own code (a strategy's), or a bug
@@ -275,17 +257,16 @@ class UpstreamConnection(asyncio.Protocol):
             elif value.rstrip().lower().endswith(b"chunked"):
                 framing = CHUNKED
                 self._remaining = -1
-        if self._head_only or status in (204, 304):
+        if self._head_only:
+            self._head_answered(status, head)
+            return
+        if status in (204, 304):
             framing = NO_BODY
             self._remaining = 0
         self._framing = framing
         self._head_seen = True
         assert self.sink is not None
         self.sink.on_head(status, head, framing)
-        if self._head_only:
-            # httptools cannot be told a response answers HEAD; end it here and
-            # close, since the parser would wait for a body that never comes.
-            self._complete(reusable=False)
 
     def on_message_complete(self) -> None:
         if self._probing:
@@ -294,7 +275,19 @@ class UpstreamConnection(asyncio.Protocol):
             self._informational = False
         else:
             self._done = True
-            self._keep_alive = self.parser.should_keep_alive()
+            self._reusable = self.parser.should_keep_alive()
+            # The read being parsed ends the response: what follows its end in the read
+            # is not relayed, and the connection is not reused.
+            body = self._body
+            if self._remaining >= 0:
+                if len(body) > self._remaining:
+                    self._body = body[: self._remaining]
+                    self._reusable = False
+            elif self._framing == CHUNKED and not body.endswith(CHUNKED_END[2:]):
+                # Trailers, or bytes after the last chunk (or they followed the response
+                # from llhttp's view): relay through the last chunk.
+                self._body = _through_last_chunk(body)
+                self._reusable = False
 
     # --- used by the proxy -------------------------------------------------------
 
@@ -315,7 +308,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._scan = 0
         self._remaining = -1
         self._done = False
-        self._extra = False
         if pieces:
             if self._pieces_parser is None:
                 self._pieces_parser = httptools.HttpResponseParser(_Pieces(self))
@@ -379,6 +371,28 @@ class UpstreamConnection(asyncio.Protocol):
         )
 
     # --- internals ------------------------------------------------------------
+
+    def _head_answered(self, status: int, head: bytes) -> None:
+        """The head of an answer to HEAD: it has no body, whatever its head says.
+        httptools cannot be told a response answers HEAD; it is ended here, and the
+        connection closed, since the parser would wait for a body that never comes."""
+        self._framing = NO_BODY
+        self._remaining = 0
+        self._head_seen = True
+        assert self.sink is not None
+        self.sink.on_head(status, head, NO_BODY)
+        self._complete(reusable=False)
+
+    def _parse_failed(self, exc: httptools.HttpParserError) -> None:
+        cause = exc.__context__
+        if cause is not None and not isinstance(cause, _SecondResponse):
+            # A callback raised (httptools chains it): not the backend's bytes.
+            raise cause from None
+        if not self._done:
+            # Where in this read the garbage starts is unknown: none of it is relayed.
+            self._fail(f"backend sent broken HTTP: {exc}", broken=True)
+            return
+        self._reusable = False  # a complete response, then garbage
 
     def _complete(self, reusable: bool) -> None:
         sink = self.sink

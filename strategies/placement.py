@@ -80,14 +80,18 @@ class Rendezvous:
         # would find every engine over a bound half as large as it should be.
         total = sum(service_load(s) for s in candidates) + 1  # including this request
         weights = sum(max(s.weight, 0) for s in candidates)
-        ordered = self.order(candidates, key)
-        # An engine that queues requests (a fresh scrape says its batch is full) is
-        # passed over while another has room: its queue may be behind long requests.
-        if any(s.engine_full for s in ordered) and not all(s.engine_full for s in ordered):
-            ordered = [s for s in ordered if not s.engine_full]
+        ordered = _with_room(self.order(candidates, key))
         for service in ordered:
             share = max(service.weight, 0) / weights if weights else 1 / len(candidates)
             load = service_load(service)
             if load < math.ceil((1 + epsilon) * total * share) or load <= total * share + slack:
                 return service
         return min(ordered, key=service_load)
+
+
+def _with_room(ordered: list[Service]) -> list[Service]:
+    """An engine that queues requests (a fresh scrape says its batch is full) is passed
+    over while another has room: its queue may be behind long requests."""
+    if any(s.engine_full for s in ordered) and not all(s.engine_full for s in ordered):
+        return [s for s in ordered if not s.engine_full]
+    return ordered

@@ -53,20 +53,26 @@ def _utf8(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
+def _messages_size(messages: msgspec.Raw) -> int:
+    """The bytes of the chat messages' text; raises what msgspec raises for messages
+    that are not a list of chat messages."""
+    total = 0
+    for message in _decode_messages(messages) or ():
+        content = message.content
+        if isinstance(content, str):
+            total += _utf8(content)
+        elif content is not None:
+            for part in content:
+                total += _utf8(part.text or "") + _utf8(part.content or "")
+    return total
+
+
 def prompt_size(head: RequestHead) -> int | None:
     """The bytes of prompt text infini-router counts; None if it could not read them."""
     messages = head.messages
     try:
         if messages and bytes(memoryview(messages)[:4]) != b"null":
-            total = 0
-            for message in _decode_messages(messages) or ():
-                content = message.content
-                if isinstance(content, str):
-                    total += _utf8(content)
-                elif content is not None:
-                    for part in content:
-                        total += _utf8(part.text or "") + _utf8(part.content or "")
-            return total
+            return _messages_size(messages)
         prompt = head.prompt
         if not prompt:
             return 0

@@ -127,17 +127,21 @@ class Disaggregation:
         for room, host, port in zip(rooms, hosts, ports, strict=True):
             if not isinstance(room, int) or not isinstance(port, int):
                 return "bootstrap_room and bootstrap_port must be integers"
-            deadline = asyncio.get_running_loop().time() + self.bootstrap_timeout_s
-            while True:
-                # Like SGLang's decode: a bootstrap server not up yet is asked again.
-                wait = max(0.0, deadline - asyncio.get_running_loop().time())
-                status = await ask(str(host), port, f"/mock/room/{room}?wait={wait}", wait + 5)
-                if status or wait <= 0:
-                    break
-                await asyncio.sleep(0.05)
-            if status != 200:
+            if await self._ask_room(room, str(host), port) != 200:
                 return f"bootstrap room {room} was never prefilled at {host}:{port}"
         return None
+
+    async def _ask_room(self, room: int, host: str, port: int) -> int:
+        """Ask the prefill's bootstrap server whether ``room`` was prefilled, waiting up
+        to the bootstrap timeout; its answer's status, 0 if none came."""
+        deadline = asyncio.get_running_loop().time() + self.bootstrap_timeout_s
+        while True:
+            # Like SGLang's decode: a bootstrap server not up yet is asked again.
+            wait = max(0.0, deadline - asyncio.get_running_loop().time())
+            status = await ask(host, port, f"/mock/room/{room}?wait={wait}", wait + 5)
+            if status or wait <= 0:
+                return status
+            await asyncio.sleep(0.05)
 
     def rooms_of(self, fields: dict[str, Any]) -> list[int] | None:
         rooms = _listed(fields.get("bootstrap_room"))

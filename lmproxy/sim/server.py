@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from ssl import SSLContext
 from typing import Any
 
@@ -154,103 +155,16 @@ class MockConnection(asyncio.Protocol):
     async def _handle(
         self, method: bytes, url: bytes, headers: dict[bytes, bytes], body: bytes
     ) -> None:
-        state = self.state
         path = url.split(b"?", 1)[0].decode("latin-1")
         if not path.startswith("/mock/"):  # the test's own questions are not traffic
-            state.requests += 1
-            state.paths.append(path)
-            state.last_headers = {
-                k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()
-            }
-            state.last_body = body
-            if body:
-                state.bodies.append(body)
-        if path == "/health":
-            if state.health_delay_s:
-                await asyncio.sleep(state.health_delay_s)
-            if state.fault == "unhealthy":
-                self.write(json_answer(503, {"status": "unhealthy"}))
-            else:
-                self.write(json_answer(200, {"status": "healthy"}))
-            state.completed += 1
+            self._record(path, headers, body)
+        local = _LOCAL.get(path)
+        if local is not None:
+            await local(self, body)
             return
-        if path == "/v1/models" and not state.v1_models:
-            self.write(json_answer(404, {"detail": "Not Found"}))
-            return
-        if path in ("/models", "/v1/models"):
-            models = state.models
-            if state.fault == "model-flood":
-                first = state.requests * FLOOD_MODELS
-                models = [f"flood-{i}" for i in range(first, first + FLOOD_MODELS)]
-            data = [
-                {"id": m, "object": "model", "created": CREATED, "owned_by": state.name}
-                for m in models
-            ]
-            listing = {"object": "list", "data": data}
-            if state.fault == "models-deep":  # spliced in: an encoder refuses such depth
-                deep = b"[" * DEEP_LEVELS + b"]" * DEEP_LEVELS
-                body = msgspec.json.encode(listing)[:-1] + b',"extra":' + deep + b"}"
-                self.write(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-                )
-            else:
-                self.write(json_answer(200, listing))
-            state.completed += 1
-            return
-        if path == "/metrics":
-            if state.metrics == "none":
-                self.write(json_answer(404, {"detail": "Not Found"}))
-            else:
-                body = flood_metrics() if state.fault == "metrics-flood" else engine_metrics(state)
-                self.write(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-                )
-            return
-        if path == "/mock/stats":
-            self.write(json_answer(200, state.stats()))
-            return
-        if path.startswith(("/mock/kv/", "/mock/room/")) and state.pd is not None:
+        if path.startswith(("/mock/kv/", "/mock/room/")) and self.state.pd is not None:
             await self._disaggregation(path, url)
             return
-        if path == "/mock/settings":
-            try:
-                settings = msgspec.json.decode(body, type=dict[str, float])
-                state.ttft_s = settings.get("ttft", state.ttft_s)
-                state.token_delay_s = settings.get("token_delay", state.token_delay_s)
-                state.health_delay_s = settings.get("health_delay", state.health_delay_s)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                self.write(json_answer(400, {"error": f"settings: {exc}"}))
-                return
-            now = {
-                "ttft": state.ttft_s,
-                "token_delay": state.token_delay_s,
-                "health_delay": state.health_delay_s,
-            }
-            self.write(json_answer(200, now))
-            return
-        if path == "/mock/fault":
-            try:
-                fault = msgspec.json.decode(body)["fault"]
-            except (msgspec.DecodeError, KeyError, TypeError):
-                fault = None
-            if fault not in FAULTS:
-                self.write(json_answer(400, {"error": f"fault must be one of {', '.join(FAULTS)}"}))
-                return
-            state.fault = fault
-            self.write(json_answer(200, {"fault": fault}))
-            return
-        kind = {
-            "/v1/chat/completions": "chat",
-            "/chat/completions": "chat",
-            "/v1/completions": "text",
-            "/completions": "text",
-            "/v1/embeddings": "embedding",
-            "/embeddings": "embedding",
-            "/v1/chat/completions/render": "render-chat",
-            "/v1/completions/render": "render-text",
-        }.get(path)
         raw = headers.get(b"x-mock-raw")
         if raw is not None:
             self.write(base64.b64decode(raw))
@@ -258,29 +172,154 @@ class MockConnection(asyncio.Protocol):
                 self.close()
             return
         asked = headers.get(b"x-mock-fault", b"").decode()
+        kind = _KINDS.get(path)
         if kind is None or method not in (b"POST", b"HEAD"):
-            # A fault asked for by header applies on any path and method (a HEAD to
-            # some /v1/ path, say); otherwise there is nothing here.
-            if not (asked and await answer_with_fault(self, asked)):
-                self.write(json_answer(404, {"error": f"no route {method.decode()} {path}"}))
+            await self._unrouted(method, path, asked)
             return
-        fault = asked or state.fault
-        if await answer_with_fault(self, fault):
+        fault = asked or self.state.fault
+        if not await answer_with_fault(self, fault):
+            await self._generate(kind, headers, body, fault)
+
+    async def _unrouted(self, method: bytes, path: str, asked: str) -> None:
+        # A fault asked for by header applies on any path and method (a HEAD to some
+        # /v1/ path, say); otherwise there is nothing here.
+        if not (asked and await answer_with_fault(self, asked)):
+            self.write(json_answer(404, {"error": f"no route {method.decode()} {path}"}))
+
+    def _record(self, path: str, headers: dict[bytes, bytes], body: bytes) -> None:
+        """What /mock/stats shows of the traffic: counts, paths, the last request."""
+        state = self.state
+        state.requests += 1
+        state.paths.append(path)
+        state.last_headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()}
+        state.last_body = body
+        if body:
+            state.bodies.append(body)
+
+    # --- the simulator's own endpoints (_LOCAL) ---------------------------------------
+
+    async def _health(self, body: bytes) -> None:
+        state = self.state
+        if state.health_delay_s:
+            await asyncio.sleep(state.health_delay_s)
+        if state.fault == "unhealthy":
+            self.write(json_answer(503, {"status": "unhealthy"}))
+        else:
+            self.write(json_answer(200, {"status": "healthy"}))
+        state.completed += 1
+
+    async def _v1_models(self, body: bytes) -> None:
+        if not self.state.v1_models:
+            self.write(json_answer(404, {"detail": "Not Found"}))
             return
+        await self._models(body)
+
+    async def _models(self, body: bytes) -> None:
+        state = self.state
+        models = state.models
+        if state.fault == "model-flood":
+            first = state.requests * FLOOD_MODELS
+            models = [f"flood-{i}" for i in range(first, first + FLOOD_MODELS)]
+        data = [
+            {"id": m, "object": "model", "created": CREATED, "owned_by": state.name} for m in models
+        ]
+        listing = {"object": "list", "data": data}
+        if state.fault == "models-deep":  # spliced in: an encoder refuses such depth
+            deep = b"[" * DEEP_LEVELS + b"]" * DEEP_LEVELS
+            body = msgspec.json.encode(listing)[:-1] + b',"extra":' + deep + b"}"
+            self.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+        else:
+            self.write(json_answer(200, listing))
+        state.completed += 1
+
+    async def _metrics(self, body: bytes) -> None:
+        state = self.state
+        if state.metrics == "none":
+            self.write(json_answer(404, {"detail": "Not Found"}))
+            return
+        body = flood_metrics() if state.fault == "metrics-flood" else engine_metrics(state)
+        self.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+
+    async def _stats(self, body: bytes) -> None:
+        self.write(json_answer(200, self.state.stats()))
+
+    async def _settings(self, body: bytes) -> None:
+        state = self.state
+        try:
+            settings = msgspec.json.decode(body, type=dict[str, float])
+            state.ttft_s = settings.get("ttft", state.ttft_s)
+            state.token_delay_s = settings.get("token_delay", state.token_delay_s)
+            state.health_delay_s = settings.get("health_delay", state.health_delay_s)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.write(json_answer(400, {"error": f"settings: {exc}"}))
+            return
+        now = {
+            "ttft": state.ttft_s,
+            "token_delay": state.token_delay_s,
+            "health_delay": state.health_delay_s,
+        }
+        self.write(json_answer(200, now))
+
+    async def _set_fault(self, body: bytes) -> None:
+        try:
+            fault = msgspec.json.decode(body)["fault"]
+        except (msgspec.DecodeError, KeyError, TypeError):
+            fault = None
+        if fault not in FAULTS:
+            self.write(json_answer(400, {"error": f"fault must be one of {', '.join(FAULTS)}"}))
+            return
+        self.state.fault = fault
+        self.write(json_answer(200, {"fault": fault}))
+
+    # --- generation: chat, completions, embeddings, renders --------------------------
+
+    async def _generate(
+        self, kind: str, headers: dict[bytes, bytes], body: bytes, fault: str
+    ) -> None:
+        state = self.state
+        checked = self._checked(kind, body)
+        if checked is None:
+            return
+        request, model, choices = checked
+        n = request.max_completion_tokens or request.max_tokens or state.tokens
+        step = await self._step(kind, request)
+        if step is None:
+            return
+        if step == "prefill":
+            n = 1  # the first token; the decode generates the rest
+        if kind.startswith("render"):  # no generation: the engine's batch is not involved
+            self.write(json_answer(200, _render(kind, model, request, n, next(state.ids))))
+            state.completed += 1
+            return
+        ttft = float(headers.get(b"x-mock-ttft", b"") or state.ttft_s)
+        delay = float(headers.get(b"x-mock-token-delay", b"") or state.token_delay_s)
+        if kind == "embedding":
+            await self._embed(request, model, body, ttft)
+            return
+        await self._complete(kind, request, model, n, choices, step, ttft, delay, fault)
+
+    def _checked(self, kind: str, body: bytes) -> tuple[_Body, str, int] | None:
+        """The request, its model and its count of choices; None once refused."""
+        state = self.state
         try:
             request = _decode_body(body)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self.write(json_answer(400, {"error": f"invalid body: {exc}"}))
-            return
+            return None
         model = request.model or (state.models[0] if state.models else "mock")
         if model not in state.models:
             self.write(json_answer(404, {"error": f"model {model!r} is not served here"}))
-            return
-        n = request.max_completion_tokens or request.max_tokens or state.tokens
+            return None
         per_prompt = 1 if request.n is None else request.n
         if not 1 <= per_prompt <= MAX_N:
             self.write(json_answer(400, {"error": f"n must be 1 to {MAX_N}, not {request.n}"}))
-            return
+            return None
         choices = per_prompt
         if kind == "text":
             choices *= prompt_count(bytes(request.prompt))
@@ -290,40 +329,54 @@ class MockConnection(asyncio.Protocol):
                     400, {"error": f"n times the prompts is {choices}: at most {MAX_CHOICES}"}
                 )
             )
-            return
-        step = "whole"
-        if state.pd is not None and kind in ("chat", "text"):
-            step, why = await self._pd_step(request)
-            if why is not None:
-                state.pd.refused += 1
-                self.write(json_answer(400, {"error": why}))
-                return
-            if step == "prefill":
-                n = 1  # the first token; the decode generates the rest
-        if kind.startswith("render"):  # no generation: the engine's batch is not involved
-            self.write(json_answer(200, _render(kind, model, request, n, next(state.ids))))
-            state.completed += 1
-            return
-        ttft = float(headers.get(b"x-mock-ttft", b"") or state.ttft_s)
-        delay = float(headers.get(b"x-mock-token-delay", b"") or state.token_delay_s)
-        if kind == "embedding":
-            if request.encoding_format not in (None, "float", "base64"):
-                self.write(
-                    json_answer(
-                        400,
-                        {
-                            "error": f"encoding_format must be float or base64, "
-                            f"not {request.encoding_format!r}"
-                        },
-                    )
+            return None
+        return request, model, choices
+
+    async def _step(self, kind: str, request: _Body) -> str | None:
+        """The request's step (``_pd_step``), "whole" off disaggregation; None once
+        refused."""
+        pd = self.state.pd
+        if pd is None or kind not in ("chat", "text"):
+            return "whole"
+        step, why = await self._pd_step(request)
+        if why is not None:
+            pd.refused += 1
+            self.write(json_answer(400, {"error": why}))
+            return None
+        return step
+
+    async def _embed(self, request: _Body, model: str, body: bytes, ttft: float) -> None:
+        if request.encoding_format not in (None, "float", "base64"):
+            self.write(
+                json_answer(
+                    400,
+                    {
+                        "error": f"encoding_format must be float or base64, "
+                        f"not {request.encoding_format!r}"
+                    },
                 )
-                return
-            await asyncio.sleep(ttft)
-            prompt_tokens = max(1, len(body) // Engine.BYTES_PER_TOKEN)
-            as_base64 = request.encoding_format == "base64"
-            self.write(json_answer(200, embeddings(model, request.input, prompt_tokens, as_base64)))
-            state.completed += 1
+            )
             return
+        await asyncio.sleep(ttft)
+        prompt_tokens = max(1, len(body) // Engine.BYTES_PER_TOKEN)
+        as_base64 = request.encoding_format == "base64"
+        self.write(json_answer(200, embeddings(model, request.input, prompt_tokens, as_base64)))
+        self.state.completed += 1
+
+    async def _complete(
+        self,
+        kind: str,
+        request: _Body,
+        model: str,
+        n: int,
+        choices: int,
+        step: str,
+        ttft: float,
+        delay: float,
+        fault: str,
+    ) -> None:
+        """A chat or text completion, in a place of the engine's batch."""
+        state = self.state
         engine = state.engine
         if request.stream:
             state.streams_started += 1
@@ -339,27 +392,12 @@ class MockConnection(asyncio.Protocol):
             }
             if step != "decode":  # a decode has the KV cache: the prompt's time was spent
                 await asyncio.sleep(ttft + prefill_s)
-            if step == "prefill" and state.pd is not None:
-                state.pd.prefilled += 1
-                if state.pd.mode == "sglang":
-                    for room in state.pd.rooms_of(_fields(request)) or []:
-                        state.pd.room(room).set()
-                else:
-                    payload = completion(kind, state.name, next(state.ids), model, text(n), usage)
-                    payload["kv_transfer_params"] = state.pd.hold_blocks(prompt_tokens)
-                    self.write(
-                        json_answer(200, payload, b"X-Mock-Server: %s\r\n" % state.name.encode())
-                    )
-                    state.completed += 1
-                    return
-            if step == "decode" and state.pd is not None:
-                state.pd.decoded += 1
+            if step != "whole" and self._disaggregated(step, kind, request, model, n, usage):
+                return
             if request.stream:
-                options = request.stream_options
-                wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-                if state.stream_usage == "asked" and not wants_usage:
-                    usage = {}
-                await self._stream(kind, model, n, choices, usage, delay, fault)
+                await self._stream(
+                    kind, model, n, choices, self._usage_shown(request, usage), delay, fault
+                )
                 return
             if delay:
                 for _ in range(n):
@@ -369,6 +407,37 @@ class MockConnection(asyncio.Protocol):
             state.completed += 1
         finally:
             engine.release()
+
+    def _disaggregated(
+        self, step: str, kind: str, request: _Body, model: str, n: int, usage: dict[str, Any]
+    ) -> bool:
+        """A prefill's or a decode's own part, once the prompt is prefilled; whether it
+        answered the request (a vLLM prefill answers with its KV blocks' handle)."""
+        pd = self.state.pd
+        assert pd is not None
+        if step == "decode":
+            pd.decoded += 1
+            return False
+        pd.prefilled += 1
+        if pd.mode == "sglang":
+            for room in pd.rooms_of(_fields(request)) or []:
+                pd.room(room).set()
+            return False
+        state = self.state
+        payload = completion(kind, state.name, next(state.ids), model, text(n), usage)
+        payload["kv_transfer_params"] = pd.hold_blocks(usage["prompt_tokens"])
+        self.write(json_answer(200, payload, b"X-Mock-Server: %s\r\n" % state.name.encode()))
+        state.completed += 1
+        return True
+
+    def _usage_shown(self, request: _Body, usage: dict[str, Any]) -> dict[str, Any]:
+        """The usage a stream ends with; none (empty) if the simulator shows it only
+        when asked (``stream_usage``) and the request did not ask."""
+        options = request.stream_options
+        wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+        if self.state.stream_usage == "asked" and not wants_usage:
+            return {}
+        return usage
 
     async def _stream(
         self,
@@ -385,30 +454,21 @@ class MockConnection(asyncio.Protocol):
         chunk of its own with no choices, as OpenAI's ``include_usage`` has it."""
         state = self.state
         engine = state.engine
-        cid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{state.name}-{next(state.ids)}"
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-        created = int(time.time())
+        events = _Events(kind, f"{state.name}-{next(state.ids)}", model, choices)
         self.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
             b"X-Mock-Server: %s\r\nTransfer-Encoding: chunked\r\n\r\n" % state.name.encode()
         )
         cut_at = n // 2 if fault in ("close-mid-stream", "stall-mid-stream") else -1
-        pending: list[bytes] = []
-        if kind == "chat":
-            role = {"delta": {"role": "assistant", "content": ""}}
-            for c in range(choices):
-                pending.append(event(cid, obj, created, model, role, c))
+        pending = events.pending
+        if events.chat:
+            events.add({"delta": {"role": "assistant", "content": ""}})
         for i in range(n):
             if i == cut_at:
-                self._flush(pending)
-                if fault == "close-mid-stream":
-                    self.close()  # FIN after what was sent, as a killed process does
-                    return
-                await asyncio.Event().wait()
+                await self._cut(pending, fault)
+                return
             word = WORDS[i % len(WORDS)] + " "
-            choice = {"delta": {"content": word}} if kind == "chat" else {"text": word}
-            for c in range(choices):
-                pending.append(event(cid, obj, created, model, choice, c))
+            events.add({"delta": {"content": word}} if events.chat else {"text": word})
             if delay:
                 self._flush(pending)
                 await asyncio.sleep(engine.token_delay(delay))
@@ -418,33 +478,21 @@ class MockConnection(asyncio.Protocol):
                 await self.writable.wait()
             if self.closed:
                 return
-        final: dict[str, Any] = {
-            "id": cid,
-            "object": obj,
-            "created": created,
-            "model": model,
-            "choices": [
-                {
-                    "index": c,
-                    "finish_reason": "length" if n else "stop",
-                    **({"delta": {}} if kind == "chat" else {"text": ""}),
-                }
-                for c in range(choices)
-            ],
-        }
-        pending.append(b"data: " + encode(final) + b"\n\n")
-        if usage:
-            final["choices"] = []
-            final["usage"] = usage
-            pending.append(b"data: " + encode(final) + b"\n\n")
-        pending.append(b"data: [DONE]\n\n")
         # The last events and the end of the body in one write: a client that closes at
         # [DONE] (the openai SDK does) then never races the router for the last chunk.
-        data = b"".join(pending)
-        pending.clear()
+        data = events.last(n, usage)
         self.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
         state.streams_completed += 1
         state.completed += 1
+
+    async def _cut(self, pending: list[bytes], fault: str) -> None:
+        """A stream's fault, halfway: what was made so far is sent, then the connection
+        is closed (``close-mid-stream``) or nothing more is ever sent."""
+        self._flush(pending)
+        if fault == "close-mid-stream":
+            self.close()  # FIN after what was sent, as a killed process does
+            return
+        await asyncio.Event().wait()
 
     async def _pd_step(self, request: _Body) -> tuple[str, str | None]:
         """Which step this request is on a prefill or decode service ("prefill",
@@ -496,6 +544,78 @@ class MockConnection(asyncio.Protocol):
             data = b"".join(pending)
             pending.clear()
             self.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+class _Events:
+    """The events of one streamed completion, made up to be sent in batches."""
+
+    __slots__ = ("chat", "choices", "cid", "created", "model", "obj", "pending")
+
+    def __init__(self, kind: str, number: str, model: str, choices: int) -> None:
+        self.chat = kind == "chat"
+        self.cid = f"{'chatcmpl' if self.chat else 'cmpl'}-{number}"
+        self.obj = "chat.completion.chunk" if self.chat else "text_completion"
+        self.created = int(time.time())
+        self.model = model
+        self.choices = choices
+        self.pending: list[bytes] = []
+
+    def add(self, delta: dict[str, Any]) -> None:
+        """One event per choice, each with ``delta`` (or a completion's text)."""
+        for c in range(self.choices):
+            self.pending.append(event(self.cid, self.obj, self.created, self.model, delta, c))
+
+    def last(self, n: int, usage: dict[str, Any]) -> bytes:
+        """What is pending, then each choice's finish, ``usage`` (unless empty) and
+        [DONE], joined."""
+        pending = self.pending
+        final: dict[str, Any] = {
+            "id": self.cid,
+            "object": self.obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": c,
+                    "finish_reason": "length" if n else "stop",
+                    **({"delta": {}} if self.chat else {"text": ""}),
+                }
+                for c in range(self.choices)
+            ],
+        }
+        pending.append(b"data: " + encode(final) + b"\n\n")
+        if usage:
+            final["choices"] = []
+            final["usage"] = usage
+            pending.append(b"data: " + encode(final) + b"\n\n")
+        pending.append(b"data: [DONE]\n\n")
+        data = b"".join(pending)
+        pending.clear()
+        return data
+
+
+# The simulator's own endpoints, answered before any fault or generation.
+_LOCAL: dict[str, Callable[[MockConnection, bytes], Awaitable[None]]] = {
+    "/health": MockConnection._health,
+    "/models": MockConnection._models,
+    "/v1/models": MockConnection._v1_models,
+    "/metrics": MockConnection._metrics,
+    "/mock/stats": MockConnection._stats,
+    "/mock/settings": MockConnection._settings,
+    "/mock/fault": MockConnection._set_fault,
+}
+
+# The generating endpoints, by the kind of answer they make.
+_KINDS = {
+    "/v1/chat/completions": "chat",
+    "/chat/completions": "chat",
+    "/v1/completions": "text",
+    "/completions": "text",
+    "/v1/embeddings": "embedding",
+    "/embeddings": "embedding",
+    "/v1/chat/completions/render": "render-chat",
+    "/v1/completions/render": "render-text",
+}
 
 
 def _fields(request: _Body) -> dict[str, Any]:

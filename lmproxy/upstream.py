@@ -47,11 +47,20 @@ CHUNKED_END = b"\r\n0\r\n\r\n"
 # holds that much for a client that stopped reading before the backend feels any
 # back-pressure. Tokens need no more than this (the kernel doubles it for bookkeeping).
 RECEIVE_BUFFER = 256 * 1024
-# llhttp allows no space before the colon; it has checked the values.
-# Connection too: the headers it names are hop-by-hop, and the proxy drops them.
-_FRAMING_FIELDS = re.compile(
-    rb"\r\n(content-length|transfer-encoding|connection):[ \t]*([^\r]*)", re.I
+# The head's fields the relay needs, in one scan: its framing (llhttp has checked the
+# values, and allows no space before the colon), its Connection header (the headers
+# it names are hop-by-hop too), its Content-Type, and whether any other line is
+# hop-by-hop (RFC 9110 7.6.1), so that a head with none is relayed without a rewrite.
+_HEAD_FIELDS = re.compile(
+    rb"\r\n(content-length|transfer-encoding|connection|content-type|keep-alive|"
+    rb"proxy-authenticate|proxy-authorization|proxy-connection|te|trailer|upgrade)"
+    rb":[ \t]*([^\r]*)",
+    re.I,
 )
+# What UpstreamConnection.marks says of the last head.
+EVENT_STREAM = 1  # Content-Type: text/event-stream
+TRANSFER_ENCODING = 2  # a Transfer-Encoding line
+HOP_LINES = 4  # another hop-by-hop line (Connection among them)
 
 
 class _SecondResponse(Exception):
@@ -120,6 +129,7 @@ class UpstreamConnection(asyncio.Protocol):
         "idle_since",
         "last_activity",
         "loop",
+        "marks",
         "parser",
         "pool",
         "received_any",
@@ -154,6 +164,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._probing = False
         self._probe_hit = False
         self.connection: bytes | None = None  # the response's Connection header
+        self.marks = 0  # EVENT_STREAM, TRANSFER_ENCODING, HOP_LINES: of the response's head
 
     # --- asyncio.Protocol -------------------------------------------------------
 
@@ -244,19 +255,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head = b""
         self._scan = 0
         head = head[start:end]
-        framing = UNTIL_CLOSE
-        self.connection = None
-        for name, value in _FRAMING_FIELDS.findall(head):
-            if len(name) == 10:  # connection
-                self.connection = value
-            elif framing == CHUNKED:
-                pass  # chunked wins over a Content-Length (RFC 9112 6.3)
-            elif len(name) == 14:  # content-length
-                framing = LENGTH
-                self._remaining = int(value)
-            elif value.rstrip().lower().endswith(b"chunked"):
-                framing = CHUNKED
-                self._remaining = -1
+        framing = self._read_fields(head)
         if self._head_only:
             self._head_answered(status, head)
             return
@@ -267,6 +266,33 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_seen = True
         assert self.sink is not None
         self.sink.on_head(status, head, framing)
+
+    def _read_fields(self, head: bytes) -> int:
+        """The framing a response head gives its body; ``connection`` and ``marks`` for
+        the relay."""
+        framing = UNTIL_CLOSE
+        self.connection = None
+        marks = 0
+        for name, value in _HEAD_FIELDS.findall(head):
+            size = len(name)
+            if size == 14:  # content-length; a chunked one wins over it (RFC 9112 6.3)
+                if framing != CHUNKED:
+                    framing = LENGTH
+                    self._remaining = int(value)
+            elif size == 12:  # content-type
+                if value[:17].lower() == b"text/event-stream":
+                    marks |= EVENT_STREAM
+            elif size == 17:  # transfer-encoding
+                marks |= TRANSFER_ENCODING
+                if value.rstrip().lower().endswith(b"chunked"):
+                    framing = CHUNKED
+                    self._remaining = -1
+            else:
+                marks |= HOP_LINES
+                if size == 10 and name[0] in b"cC":  # connection, not keep-alive
+                    self.connection = value
+        self.marks = marks
+        return framing
 
     def on_message_complete(self) -> None:
         if self._probing:

@@ -30,7 +30,15 @@ from lmproxy.journey.attempt import (
     request_data,
 )
 from lmproxy.metrics import whole_usage_tokens
-from lmproxy.upstream import LENGTH, NO_BODY, UNTIL_CLOSE, UpstreamConnection
+from lmproxy.upstream import (
+    EVENT_STREAM,
+    HOP_LINES,
+    LENGTH,
+    NO_BODY,
+    TRANSFER_ENCODING,
+    UNTIL_CLOSE,
+    UpstreamConnection,
+)
 
 if TYPE_CHECKING:
     from lmproxy.journey.attempt import Journey
@@ -46,8 +54,14 @@ def _header_lines(names: frozenset[bytes]) -> re.Pattern[bytes]:
 # it keeps its Transfer-Encoding.
 _HOP_BY_HOP_FIELDS = _header_lines(HOP_BY_HOP)
 _HOP_BY_HOP_BUT_TE = _header_lines(HOP_BY_HOP - {b"transfer-encoding"})
-_SSE_TYPE = re.compile(rb"\r\ncontent-type[ \t]*:[ \t]*text/event-stream", re.I)
 _named_lines_cache: dict[frozenset[bytes], re.Pattern[bytes]] = {}
+# The framing lines of the client's head, by (framed here, kept alive).
+_FRAMING_LINES = {
+    (False, True): b"",
+    (False, False): b"Connection: close\r\n",
+    (True, True): b"Transfer-Encoding: chunked\r\n",
+    (True, False): b"Transfer-Encoding: chunked\r\nConnection: close\r\n",
+}
 # Answered before any byte, these are dropped for another service's (--retry-on-5xx);
 # a 429 is "busy": retried, never a breaker's step.
 RETRIED_STATUSES = SERVER_ERRORS | {429}
@@ -138,22 +152,29 @@ class Exchange(Attempt):
         eol = head.find(b"\r\n")
         line = head[:eol] if head.startswith(b"HTTP/1.1 ") else b"HTTP/1.1" + head[8:eol]
         fields = head[eol:-4]  # each header preceded by its CRLF
-        hop = _HOP_BY_HOP_BUT_TE if self._chunked and not self._frame else _HOP_BY_HOP_FIELDS
-        connection = self.conn.connection  # type: ignore[union-attr]
-        if connection is not None:
-            fields = drop_named(fields, connection)
-        fields = hop.sub(b"", fields)
-        self._sse = _SSE_TYPE.search(fields) is not None
-        out = [line, fields, b"\r\n"]
-        if self._frame:
-            out.append(b"Transfer-Encoding: chunked\r\n")
-        if not keep_alive:
-            out.append(b"Connection: close\r\n")
+        conn = self.conn
+        assert conn is not None
+        marks = conn.marks
+        if marks & (HOP_LINES | TRANSFER_ENCODING):
+            fields = self._own_lines_dropped(fields, conn, marks)
+        self._sse = bool(marks & EVENT_STREAM)
+        out = [line, fields, b"\r\n", _FRAMING_LINES[self._frame, keep_alive]]
         if self.journey.head_extra:
             out.append(self.journey.head_extra)
         out.append(b"\r\n")
         self._out.append(b"".join(out))
         self.head_sent = True
+
+    def _own_lines_dropped(self, fields: bytes, conn: UpstreamConnection, marks: int) -> bytes:
+        """The head's fields less its hop-by-hop lines and those its Connection names; a
+        chunked body relayed as the backend framed it keeps its Transfer-Encoding."""
+        keeps_te = self._chunked and not self._frame
+        if keeps_te and not marks & HOP_LINES:
+            return fields  # its one such line is the Transfer-Encoding it keeps
+        if conn.connection is not None:
+            fields = drop_named(fields, conn.connection)
+        hop = _HOP_BY_HOP_BUT_TE if keeps_te else _HOP_BY_HOP_FIELDS
+        return hop.sub(b"", fields)
 
     def _drops(self, status: int) -> bool:
         """Whether this error answer is dropped, unrelayed, because something else may

@@ -366,13 +366,7 @@ class Journey:
         log_crash(exc, f"request {self.request_id.decode()} failed inside the router")
         client = self.client
         try:
-            reason = f"the router failed: {type(exc).__name__}"
-            answered = False  # the client has this request's response head
-            for held in (attempt, self.try_):
-                if held is not None and held.stop(reason):
-                    answered = True
-            if self.queued:
-                self.router.admission.leave(self)
+            answered = self._stop(f"the router failed: {type(exc).__name__}", attempt)
             if self.ended:  # answered and logged; what failed came after that
                 if client.current is self.request:
                     client.close()
@@ -392,6 +386,17 @@ class Journey:
         except Exception:  # crash must end the request even when its own steps fail
             log.exception("request %s: ending it after a failure failed", self.request_id.decode())
             client.abort()
+
+    def _stop(self, reason: str, attempt: Attempt | None) -> bool:
+        """Everything under way stops, its slots returned: whether the client has the
+        response head."""
+        answered = False
+        for held in (attempt, self.try_):
+            if held is not None and held.stop(reason):
+                answered = True
+        if self.queued:
+            self.router.admission.leave(self)
+        return answered
 
     def end(self, status: int, attempt: Attempt | None = None) -> None:
         """The request's one end, whatever it was: the client's handle let go, the key's

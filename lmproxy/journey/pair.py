@@ -201,7 +201,14 @@ def pair_or_error(journey: Journey) -> tuple[list[Service], list[Service]] | Pro
         )
     if not router.admission.limited:
         return prefills, decodes
-    if router.admission.full():  # --max-concurrent-requests: the whole router's
+    return _with_room(journey, model, prefills, decodes)
+
+
+def _with_room(
+    journey: Journey, model: str, prefills: list[Service], decodes: list[Service]
+) -> tuple[list[Service], list[Service]] | ProxyError:
+    """Under admission limits, the services with room; a pair never waits in the queue."""
+    if journey.router.admission.full():  # --max-concurrent-requests: the whole router's
         error = ProxyError(
             Fault.QUEUE_TIMEOUT,
             "the router has its --max-concurrent-requests under way; retry shortly",

@@ -98,6 +98,7 @@ def any_model(router: ProxyHost, route: RouteRequest) -> None:
 
 
 def candidates(router: ProxyHost, route: RouteRequest) -> list[Service]:
+    """The healthy services of the route's model; else the error that says why none."""
     registry = router.registry
     model = route.model
     if model is None:
@@ -116,19 +117,25 @@ def candidates(router: ProxyHost, route: RouteRequest) -> list[Service]:
         # client's invented names must not become metric labels or strategy state.
         route.model = None
         return candidates(router, route)
+    raise _unknown(router, model)
+
+
+def _unknown(router: ProxyHost, model: str) -> ProxyError:
+    """Why no service lists ``model``: discovery is still pending, or none serves it."""
+    registry = router.registry
     if registry.discovery_pending():
         pending = [s for s in registry.services.values() if not s.models_known]
         if any(s.last_check is None for s in pending):
-            raise ProxyError(
+            return ProxyError(
                 Fault.NO_HEALTHY_SERVICE,
                 f"model {model!r} is not known yet: model discovery is still pending on "
                 f"{name_models((s.name for s in pending), 'GET /services', LOGGED_SERVICES)}; "
                 "retry shortly",
             )
         # Every service that might serve it has failed its check: say why, not "pending".
-        raise ProxyError(Fault.NO_HEALTHY_SERVICE, registry.why_unavailable(model, pending))
+        return ProxyError(Fault.NO_HEALTHY_SERVICE, registry.why_unavailable(model, pending))
     models = name_models(registry.known_models) or "none"
-    raise ProxyError(
+    return ProxyError(
         Fault.MODEL_NOT_FOUND, f"model {model!r} not found; available models: {models}"
     )
 

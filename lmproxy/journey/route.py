@@ -143,7 +143,10 @@ def _unknown(router: ProxyHost, model: str) -> ProxyError:
 def choices(router: ProxyHost, route: RouteRequest, tried: list[Service]) -> list[Service]:
     """The services a whole-request try may choose from: the model's healthy ones not
     tried yet (none left: an empty list), by infini-router's size rule where it applies."""
-    found = candidates(router, route)
+    model = route.model
+    found = router.registry.candidates(model) if model is not None else None
+    if not found:  # the reasons why not, or a request without a model
+        found = candidates(router, route)
     if tried:
         found = [s for s in found if s not in tried]
     if found and router.registry.any_static:

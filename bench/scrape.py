@@ -18,10 +18,10 @@ import asyncio
 import contextlib
 import time
 
+from lmproxy.backend.probe import MAX_PROBE_BODY, probe
 from lmproxy.config import ServiceSpec
-from lmproxy.load import PageRefused, PageScan
-from lmproxy.probe import MAX_PROBE_BODY, probe
-from lmproxy.registry import Service
+from lmproxy.fleet.load import PageRefused, PageScan
+from lmproxy.fleet.roster import Service
 
 PIECE = 65536
 

@@ -17,21 +17,21 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from lmproxy.errors import Fault, error_payload
-from lmproxy.infinilm import followed
-from lmproxy.logs import iso_time, masked_url
-from lmproxy.registry import babysitter_url, kept_entry, name_models, service_entry
+from lmproxy.fleet.infinilm import followed
+from lmproxy.fleet.roster import babysitter_url, kept_entry, name_models, service_entry
+from lmproxy.telemetry.logs import iso_time, masked_url
 
 if TYPE_CHECKING:
+    from lmproxy.fleet.roster import Service
     from lmproxy.protocols import RouterState
-    from lmproxy.registry import Service
 
 Payload = tuple[int, Any]
 
 
 def health(router: RouterState) -> Payload:
-    registry = router.registry
-    healthy = len(registry.healthy())
-    total = len(registry.services)
+    roster = router.roster
+    healthy = len(roster.healthy())
+    total = len(roster.services)
     body = {
         "status": "healthy" if healthy else "unhealthy",
         "router": "stopping" if router.draining else "running",
@@ -57,17 +57,17 @@ def discovery(router: RouterState) -> dict[str, Any]:
 
 def readiness(router: RouterState) -> Payload:
     """200 while a request could be served; 503, with why, while none could."""
-    registry = router.registry
-    healthy = len(registry.healthy())
+    roster = router.roster
+    healthy = len(roster.healthy())
     body: dict[str, Any] = {
         "status": "ready",
         "healthy_services": healthy,
-        "total_services": len(registry.services),
+        "total_services": len(roster.services),
     }
     if router.draining:
         reason = "the router is shutting down"
     elif not healthy:
-        reason = registry.why_unavailable(None)
+        reason = roster.why_unavailable(None)
     else:
         return 200, body
     # A load balancer or Kubernetes takes the router out of rotation meanwhile.
@@ -82,14 +82,14 @@ def liveness(router: RouterState) -> Payload:
 
 def _model_object(router: RouterState, model: str) -> dict[str, Any]:
     """A model as /v1/models lists it; an alias with its served model's card."""
-    info = router.registry.known_models.get(router.config.aliases.get(model, model))
+    info = router.roster.known_models.get(router.config.aliases.get(model, model))
     created = info.created if info is not None else None
     owned_by = info.owned_by if info is not None else None
     # Told by no service: the router's start and its own name stand in.
     return {
         "id": model,
         "object": "model",
-        "created": router.registry.started_at if created is None else created,
+        "created": router.roster.started_at if created is None else created,
         "owned_by": owned_by or "lmproxy",
     }
 
@@ -97,7 +97,7 @@ def _model_object(router: RouterState, model: str) -> dict[str, Any]:
 def listed_models(router: RouterState, allowed: frozenset[str] = frozenset()) -> list[str]:
     """The healthy services' models, then each alias whose served model is among them;
     with ``allowed`` (a [[keys]] key's models), only those."""
-    served = router.registry.healthy_models()
+    served = router.roster.healthy_models()
     aliases = router.config.aliases
     if aliases:
         known = set(served)
@@ -123,9 +123,9 @@ def model(router: RouterState, model_id: str, allowed: frozenset[str] = frozense
 
 
 def services(router: RouterState) -> Payload:
-    registry = router.registry
-    listed = [service_entry(s) for s in registry.services.values()]
-    listed += [kept_entry(e) for e in registry.entries.values()]
+    roster = router.roster
+    listed = [service_entry(s) for s in roster.services.values()]
+    listed += [kept_entry(e) for e in roster.entries.values()]
     return 200, {"services": listed, "total": len(listed), "registry_url": registry_url(router)}
 
 
@@ -148,7 +148,7 @@ def engine_figures(service: Service) -> dict[str, Any] | None:
 
 
 def stats(router: RouterState) -> Payload:
-    registry = router.registry
+    roster = router.roster
     listed = [
         {
             "name": s.name,
@@ -173,17 +173,17 @@ def stats(router: RouterState) -> Payload:
             "circuit": s.breaker.state_name,
             "circuit_opened": s.breaker.opened_total,
         }
-        for s in registry.services.values()
+        for s in roster.services.values()
     ]
     payload = {
         "total_services": len(listed),
-        "healthy_services": len(registry.healthy()),
+        "healthy_services": len(roster.healthy()),
         **discovery(router),
         "queue_length": router.queue_length,
         "connections": router.connection_figures(),
         "services": listed,
     }
-    if registry.pd_models:
+    if roster.pd_models:
         payload["disaggregation"] = disaggregation(router)
     if router.config.keys:
         # By name, never the key: requests, tokens and refusals by reason.
@@ -195,7 +195,7 @@ def disaggregation(router: RouterState) -> dict[str, Any]:
     """Per role: services, healthy ones, requests and errors (summed from the services),
     and the steps of disaggregated requests by outcome."""
     roles: dict[str, dict[str, Any]] = {}
-    for s in router.registry.services.values():
+    for s in router.roster.services.values():
         role = roles.setdefault(
             s.role, {"services": 0, "healthy": 0, "request_count": 0, "error_count": 0}
         )
@@ -206,4 +206,4 @@ def disaggregation(router: RouterState) -> dict[str, Any]:
     steps = router.pd_counts()
     for name, role in roles.items():
         role["steps"] = steps.get(name, {})
-    return {"models": sorted(router.registry.pd_models), "roles": roles}
+    return {"models": sorted(router.roster.pd_models), "roles": roles}

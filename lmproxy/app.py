@@ -22,22 +22,24 @@ from typing import Any, NamedTuple, Protocol
 from urllib.parse import parse_qs, unquote
 
 import strategies
-from lmproxy import api, errors, tls, tracing
-from lmproxy.accept import Gate, Handshake, connection_limit, tls_protocol_for
-from lmproxy.admission import AdmissionQueue
+from lmproxy import api, errors
+from lmproxy.backend import tls
+from lmproxy.backend.upstream import Pool
+from lmproxy.client.accept import Gate, Handshake, connection_limit, tls_protocol_for
+from lmproxy.client.connection import ClientConnection, ClientRequest
+from lmproxy.client.request import MODEL_PATHS
 from lmproxy.config import Config, ConfigError
-from lmproxy.control import Channel
 from lmproxy.errors import Fault, encode_json, http_response, json_response
-from lmproxy.fleet import FIRST_CHECKS_MAX_S, Fleet
+from lmproxy.fleet.membership import FIRST_CHECKS_MAX_S, Fleet
+from lmproxy.fleet.roster import Roster, Service, share
+from lmproxy.journey.admission import AdmissionQueue
 from lmproxy.journey.journey import Journey, log_crash
-from lmproxy.limits import Key, Limits, LocalLimits, RemoteLimits
-from lmproxy.logs import printable
-from lmproxy.metrics import CONTENT_TYPE, Metrics
-from lmproxy.registry import Registry, Service, share
-from lmproxy.request import MODEL_PATHS
-from lmproxy.server import ClientConnection, ClientRequest
+from lmproxy.keys.limits import Key, Limits, LocalLimits, RemoteLimits
 from lmproxy.system import raise_open_file_limit
-from lmproxy.upstream import Pool
+from lmproxy.telemetry import tracing
+from lmproxy.telemetry.logs import printable
+from lmproxy.telemetry.metrics import CONTENT_TYPE, Metrics
+from lmproxy.workers.control import Channel
 
 log = logging.getLogger("lmproxy")
 
@@ -137,16 +139,16 @@ class Router:
         self.instance_id = link.instance_id if link is not None else new_instance_id()
         self.via_token = self.instance_id.encode()
         self.via_line = b"Via: 1.1 %s\r\n" % self.via_token
-        self.registry = Registry(max_errors=config.max_errors, make_pool=self._make_pool)
-        self.registry.configure_breakers(*config.breaker_settings)
-        self.registry.backend_tls = backend_tls(config)
+        self.roster = Roster(max_errors=config.max_errors, make_pool=self._make_pool)
+        self.roster.configure_breakers(*config.breaker_settings)
+        self.roster.backend_tls = backend_tls(config)
         # Before any service is added: a CA or certificate file that cannot be read
         # stops the start here, with its name.
         self.ssl = tls.server_context(config)
         for spec in config.services:
-            self.registry.tls_context(spec)
+            self.roster.tls_context(spec)
         if link is not None:
-            self.registry.limit_share = link.workers
+            self.roster.limit_share = link.workers
         self.strategy, self.model_strategies = load_strategies(config)
         self.policies = _has_policies(config)
         self.model_policies = _has_model_policies(config)
@@ -160,12 +162,12 @@ class Router:
         # Disaggregated models (pd.py): each side's strategy.
         self.prefill_strategy = strategies.load(config.prefill_strategy, {})
         self.decode_strategy = strategies.load(config.decode_strategy, {})
-        self.fleet = Fleet(self.registry, config, self.instance_id) if link is None else None
+        self.fleet = Fleet(self.roster, config, self.instance_id) if link is None else None
         self.admission = AdmissionQueue(
-            self.registry, config.queue_timeout, config.max_queue, self._router_limit(config)
+            self.roster, config.queue_timeout, config.max_queue, self._router_limit(config)
         )
-        self.registry.set_router_limit(self.admission.max_concurrent)
-        self.metrics = Metrics(self.registry, lambda: len(self.admission))
+        self.roster.set_router_limit(self.admission.max_concurrent)
+        self.metrics = Metrics(self.roster, lambda: len(self.admission))
         # Request ids: a random prefix per process and a counter, cheaper than uuid4.
         self._id_prefix = os.urandom(4).hex().encode()
         self._ids = itertools.count(1)
@@ -272,7 +274,7 @@ class Router:
             self.config.host,
             self.port,
             self.config.strategy,
-            len(self.registry.services),
+            len(self.roster.services),
             gate.limit,
             gate.per_source,
             f", {gate.handshake_limit} in TLS handshakes" if self.ssl is not None else "",
@@ -543,16 +545,16 @@ class Router:
                 tls.load_server_certificate(self.ssl, config)
             except ConfigError as exc:
                 log.error("reload: keeping the certificate in use: %s", exc)
-        self.registry.backend_tls = backend_tls(config)
+        self.roster.backend_tls = backend_tls(config)
         self.config = config
         self.policies = _has_policies(config)
         self.model_policies = _has_model_policies(config)
-        self.registry.max_errors = config.max_errors
-        self.registry.configure_breakers(*config.breaker_settings)
+        self.roster.max_errors = config.max_errors
+        self.roster.configure_breakers(*config.breaker_settings)
         self.admission.timeout_s = config.queue_timeout
         self.admission.max_queue = config.max_queue
         self.admission.max_concurrent = self._router_limit(config)
-        self.registry.set_router_limit(self.admission.max_concurrent)
+        self.roster.set_router_limit(self.admission.max_concurrent)
         self._keys = key_table(config)
         self.limits.forget_others({spec.name for spec in config.keys})
         self._admin_token = config.admin_token.encode() if config.admin_token else None
@@ -619,8 +621,8 @@ class Router:
                     conn.abort()
             if self.admission.waiting:
                 self.admission.expire(now)
-            if self.registry.open_circuits:
-                self.registry.recover_circuits()
+            if self.roster.open_circuits:
+                self.roster.recover_circuits()
         finally:
             self._sweeper = self.loop.call_later(self.sweep_interval_s, self._sweep)
 
@@ -684,7 +686,7 @@ class Router:
             self._hangup_poll.cancel()
         if self.fleet is not None:
             await self.fleet.stop()
-        for service in self.registry.services.values():
+        for service in self.roster.services.values():
             if service.pool is not None:
                 service.pool.close()
 
@@ -784,7 +786,7 @@ def with_under_way(
 def authority_limits(config: Config, replica: str) -> Limits:
     """The process that keeps the limits: in Redis with --redis-url, else its own."""
     if config.redis_url:  # even with no limit yet: a reload may set some
-        from lmproxy.redis_limits import RedisLimits
+        from lmproxy.keys.redis_limits import RedisLimits
 
         return RedisLimits(config.redis_url, config.redis_prefix, replica)
     return LocalLimits()

@@ -11,7 +11,7 @@ from types import ModuleType
 from typing import Any
 
 import strategies
-from lmproxy import __version__, launchers, logs
+from lmproxy import __version__, launchers
 from lmproxy.config import (
     PD_MODES,
     Config,
@@ -22,6 +22,7 @@ from lmproxy.config import (
     parse_prefill,
 )
 from lmproxy.errors import COMPAT, ERROR_FORMATS
+from lmproxy.telemetry import logs
 
 DEFAULTS = Config()
 _log = logging.getLogger("lmproxy")
@@ -913,7 +914,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # Windows: plain asyncio still works, only slower
         uvloop = None
     from lmproxy.startup import serve
-    from lmproxy.supervisor import supervise
+    from lmproxy.workers.supervisor import supervise
 
     def reload() -> Config:
         config = load_config(argv)

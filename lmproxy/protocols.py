@@ -19,10 +19,10 @@ if TYPE_CHECKING:
     import strategies
     from lmproxy.config import Config
     from lmproxy.errors import ProxyError
-    from lmproxy.limits import Limits
-    from lmproxy.metrics import Metrics
-    from lmproxy.registry import Registry, Service
-    from lmproxy.tracing import Exporter
+    from lmproxy.fleet.roster import Roster, Service
+    from lmproxy.keys.limits import Limits
+    from lmproxy.telemetry.metrics import Metrics
+    from lmproxy.telemetry.tracing import Exporter
 
 
 class Discovery(Protocol):
@@ -42,7 +42,7 @@ class RouterState(Protocol):
         ...
 
     @property
-    def registry(self) -> Registry: ...
+    def roster(self) -> Roster: ...
 
     @property
     def draining(self) -> bool: ...
@@ -76,7 +76,7 @@ class ProxyHost(Protocol):
     def config(self) -> Config: ...
 
     @property
-    def registry(self) -> Registry: ...
+    def roster(self) -> Roster: ...
 
     @property
     def admission(self) -> Admission: ...

@@ -28,7 +28,7 @@ async def serve(config: Config, reload: Callable[[], Config] | None = None) -> N
     demo_servers, demo_specs = await start_demo(config)
     router = Router(config)
     await router.start()
-    startup_warnings(config, len(router.registry.services), router.port)
+    startup_warnings(config, len(router.roster.services), router.port)
 
     def on_hangup() -> None:
         new = reread(reload, demo_specs)

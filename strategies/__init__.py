@@ -7,7 +7,7 @@ services it sees are the router's live objects: read their figures
 (``in_flight``, ``weight``, ``latency``...) but do not change them. A load-aware
 strategy weighs ``service_load(service)``: the router's own requests in flight plus, while
 a fresh scrape of the engine's /metrics says so, the requests the engine has from
-elsewhere (``engine_extra``; see ``lmproxy/load.py``).
+elsewhere (``engine_extra``; see ``lmproxy/fleet/load.py``).
 
 Strategies are found by name in the entry-point group ``lmproxy.strategies``
 (the built-ins are registered there by lmproxy's own pyproject.toml, exactly as
@@ -22,8 +22,8 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from lmproxy.registry import Service
-    from lmproxy.request import RouteRequest
+    from lmproxy.client.request import RouteRequest
+    from lmproxy.fleet.roster import Service
 
 ENTRY_POINT_GROUP = "lmproxy.strategies"
 

@@ -26,8 +26,8 @@ from strategies import BaseStrategy, Option
 from strategies.prompt import opening_key, session_key, stable_hash
 
 if TYPE_CHECKING:
-    from lmproxy.registry import Service
-    from lmproxy.request import RouteRequest
+    from lmproxy.client.request import RouteRequest
+    from lmproxy.fleet.roster import Service
 
 
 class Ring:

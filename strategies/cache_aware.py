@@ -47,8 +47,8 @@ from strategies.placement import Rendezvous
 from strategies.prompt import block_hashes, opening_key, prompt_bytes, session_key, stable_hash
 
 if TYPE_CHECKING:
-    from lmproxy.registry import Service
-    from lmproxy.request import RouteRequest
+    from lmproxy.client.request import RouteRequest
+    from lmproxy.fleet.roster import Service
 
 
 # Prefix lists a worker keeps for the others between two exchanges (about 0.1 s): past

@@ -28,7 +28,7 @@ from strategies import service_load
 from strategies.prompt import stable_hash
 
 if TYPE_CHECKING:
-    from lmproxy.registry import Service
+    from lmproxy.fleet.roster import Service
 
 _MASK = (1 << 64) - 1
 _TOP = float(1 << 53)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 if TYPE_CHECKING:
-    from lmproxy.request import RouteRequest
+    from lmproxy.client.request import RouteRequest
 
 _decode_items = msgspec.json.Decoder(list[msgspec.Raw]).decode
 

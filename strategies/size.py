@@ -16,7 +16,7 @@ size-routed: the strategy picks among all of the model's services, as infini-rou
 does.
 
 Here it is a rule the journey applies before the strategy picks, and only while some
-healthy service is static (``Registry.any_static``). A fleet without one pays one
+healthy service is static (``Roster.any_static``). A fleet without one pays one
 attribute read per request. One difference: the small side is every service that is
 not static. infini-router takes only those labelled ``"paged"``, so an unlabelled
 service there got small requests only when no paged one was healthy.
@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, TypeVar
 import msgspec
 
 if TYPE_CHECKING:
-    from lmproxy.registry import Service
-    from lmproxy.request import RequestHead, RouteRequest
+    from lmproxy.client.request import RequestHead, RouteRequest
+    from lmproxy.fleet.roster import Service
 
 STATIC = "static"
 S = TypeVar("S", bound="Service")

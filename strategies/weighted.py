@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 from strategies import BaseStrategy
 
 if TYPE_CHECKING:
-    from lmproxy.registry import Service
-    from lmproxy.request import RouteRequest
+    from lmproxy.client.request import RouteRequest
+    from lmproxy.fleet.roster import Service
 
 
 class Weighted(BaseStrategy):

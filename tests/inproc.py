@@ -14,10 +14,10 @@ import asyncio
 from typing import Any
 
 from lmproxy.app import Router
+from lmproxy.backend.upstream import UpstreamConnection
+from lmproxy.client.connection import ClientConnection
 from lmproxy.config import Config, ServiceSpec
-from lmproxy.registry import Service
-from lmproxy.server import ClientConnection
-from lmproxy.upstream import UpstreamConnection
+from lmproxy.fleet.roster import Service
 
 MODEL = "Qwen3-32B"
 BODY = b'{"model":"Qwen3-32B","messages":[{"role":"user","content":"Hello"}],"max_tokens":16}'
@@ -112,9 +112,9 @@ class Harness:
         if specs is None:
             specs = [spec(name, n) for n, name in enumerate(names)]
         self.router = Router(Config(services=specs, **settings))
-        self.service: Service = self.router.registry.services[specs[0].name]
-        for service in self.router.registry.services.values():
-            self.router.registry.probe_passed(service, None)
+        self.service: Service = self.router.roster.services[specs[0].name]
+        for service in self.router.roster.services.values():
+            self.router.roster.probe_passed(service, None)
 
     def client(self) -> tuple[ClientConnection, MemoryTransport]:
         """A new client connection, as the listener would make it."""
@@ -126,7 +126,7 @@ class Harness:
     def backend(self, name: str | None = None) -> tuple[UpstreamConnection, MemoryTransport]:
         """A connection to the service (``name``'s), idle in its pool: the next request
         takes it."""
-        service = self.service if name is None else self.router.registry.services[name]
+        service = self.service if name is None else self.router.roster.services[name]
         pool = service.pool
         assert pool is not None
         conn = UpstreamConnection(pool)

@@ -11,7 +11,7 @@ import pytest
 from conftest import Mock, Router, wait_until
 from test_tls import Certs, serving
 
-from lmproxy.accept import Gate, connection_budget, connection_limit, source_of
+from lmproxy.client.accept import Gate, connection_budget, connection_limit, source_of
 from lmproxy.config import Config, ConfigError
 
 MODEL = "Qwen3-32B"

@@ -483,17 +483,17 @@ def test_registrations_with_unsafe_names_or_paths_are_refused(router, entry, nam
 
 
 async def test_a_health_check_that_fails_oddly_is_recorded_not_lost(monkeypatch):
-    from lmproxy import health
     from lmproxy.config import ServiceSpec
-    from lmproxy.registry import Registry
+    from lmproxy.fleet.membership import health
+    from lmproxy.fleet.roster import Roster
 
     async def broken(*args: object, **kwargs: object) -> tuple[int, bytes]:
         raise ValueError("something no one planned for")
 
     monkeypatch.setattr(health, "probe", broken)
-    registry = Registry()
-    service = registry.add(ServiceSpec(url="http://127.0.0.1:9", name="odd"))
-    checker = health.HealthChecker(registry, 0.05, 1.0)
+    roster = Roster()
+    service = roster.add(ServiceSpec(url="http://127.0.0.1:9", name="odd"))
+    checker = health.HealthChecker(roster, 0.05, 1.0)
     checker.start()
     try:
         deadline = time.monotonic() + 5

@@ -1,6 +1,6 @@
 """A backend's 5xx counts: retried on another service, and a circuit breaker per service.
 
-The state machine (``lmproxy/breaker.py``) and the registry's routing of it are tested
+The state machine (``lmproxy/fleet/breaker.py``) and the registry's routing of it are tested
 without a network first; then real processes: a simulator answering 500 to every
 request while its /health says 200, beside a good one.
 """
@@ -13,10 +13,10 @@ import pytest
 from conftest import Mock, chat_body, router_over, wait_until
 from test_pd import CHAT, MODEL, decode, pd_router, prefill
 
-from lmproxy.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 from lmproxy.cli import load_config
 from lmproxy.config import ConfigError, ServiceSpec
-from lmproxy.registry import Registry
+from lmproxy.fleet.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
+from lmproxy.fleet.roster import Roster
 
 # --- the state machine -------------------------------------------------------------
 
@@ -77,52 +77,52 @@ def test_a_threshold_of_0_never_opens_and_turning_it_off_closes_an_open_one():
     assert on.state == CLOSED and on.routable and on.clean
 
 
-def _registry(*names: str) -> Registry:
-    registry = Registry()
-    registry.configure_breakers(2, 1, 5.0)
+def _registry(*names: str) -> Roster:
+    roster = Roster()
+    roster.configure_breakers(2, 1, 5.0)
     for name in names:
-        registry.add(ServiceSpec(url=f"http://127.0.0.1:9/{name}", name=name, models=["m"]))
-        registry.probe_passed(registry.services[name], None)
-    return registry
+        roster.add(ServiceSpec(url=f"http://127.0.0.1:9/{name}", name=name, models=["m"]))
+        roster.probe_passed(roster.services[name], None)
+    return roster
 
 
 def test_an_open_breaker_takes_a_healthy_service_out_of_routing():
-    registry = _registry("a", "b")
-    a, b = registry.services["a"], registry.services["b"]
-    registry.answered_error(a, 500)
-    assert registry.candidates("m") == [a, b]
-    registry.request_failed(a, "connection refused")  # a connect failure counts the same
-    assert registry.candidates("m") == [b] and a.healthy  # healthy: its checks pass
+    roster = _registry("a", "b")
+    a, b = roster.services["a"], roster.services["b"]
+    roster.answered_error(a, 500)
+    assert roster.candidates("m") == [a, b]
+    roster.request_failed(a, "connection refused")  # a connect failure counts the same
+    assert roster.candidates("m") == [b] and a.healthy  # healthy: its checks pass
     assert a.consecutive_errors == 1  # only the connect failure counts for --max-errors
     # All out: the 503 says why.
-    registry.answered_error(b, 503)
-    registry.answered_error(b, 503)
-    assert registry.candidates("m") == []
-    why = registry.why_unavailable("m")
+    roster.answered_error(b, 503)
+    roster.answered_error(b, 503)
+    assert roster.candidates("m") == []
+    why = roster.why_unavailable("m")
     assert "a: circuit breaker open (last: connection refused)" in why
     assert "b: circuit breaker open (last: answered 503)" in why
 
 
 def test_half_open_routes_one_request_at_a_time_and_its_verdict_decides():
-    registry = _registry("a", "b")
-    a, b = registry.services["a"], registry.services["b"]
-    registry.answered_error(a, 500)
-    registry.answered_error(a, 500)
-    registry.recover_circuits(a.breaker.opened_at + 4.9)
-    assert registry.candidates("m") == [b] and registry.open_circuits == {a}
-    registry.recover_circuits(a.breaker.opened_at + 5.0)
-    assert registry.candidates("m") == [a, b] and not registry.open_circuits
+    roster = _registry("a", "b")
+    a, b = roster.services["a"], roster.services["b"]
+    roster.answered_error(a, 500)
+    roster.answered_error(a, 500)
+    roster.recover_circuits(a.breaker.opened_at + 4.9)
+    assert roster.candidates("m") == [b] and roster.open_circuits == {a}
+    roster.recover_circuits(a.breaker.opened_at + 5.0)
+    assert roster.candidates("m") == [a, b] and not roster.open_circuits
     a.acquire()  # the trial: no other request beside it
-    assert registry.candidates("m") == [b]
+    assert roster.candidates("m") == [b]
     a.release()  # back in, until its verdict...
-    assert registry.candidates("m") == [a, b]
-    registry.answered_error(a, 502)  # ... which reopens it
-    assert registry.candidates("m") == [b] and a.breaker.opened_total == 2
-    registry.recover_circuits(a.breaker.opened_at + 5.0)
+    assert roster.candidates("m") == [a, b]
+    roster.answered_error(a, 502)  # ... which reopens it
+    assert roster.candidates("m") == [b] and a.breaker.opened_total == 2
+    roster.recover_circuits(a.breaker.opened_at + 5.0)
     a.acquire()
     a.release()
-    registry.request_succeeded(a)  # success threshold 1: closed
-    assert a.breaker.state == CLOSED and registry.candidates("m") == [a, b]
+    roster.request_succeeded(a)  # success threshold 1: closed
+    assert a.breaker.state == CLOSED and roster.candidates("m") == [a, b]
 
 
 def test_the_flags_and_their_checks():

@@ -17,20 +17,20 @@ MAX_COMPLEXITY = 12
 # The request path, as globs under the repository's root: a module moved into a
 # subpackage, or added there, is one line here.
 REQUEST_PATH = (
-    "lmproxy/server.py",
-    "lmproxy/request.py",
+    "lmproxy/client/connection.py",
+    "lmproxy/client/request.py",
     "lmproxy/journey/*.py",
-    "lmproxy/upstream.py",
+    "lmproxy/backend/upstream.py",
     "lmproxy/app.py",
-    "lmproxy/admission.py",
-    "lmproxy/registry.py",
-    "lmproxy/metrics.py",
-    "lmproxy/tracing.py",
+    "lmproxy/journey/admission.py",
+    "lmproxy/fleet/roster.py",
+    "lmproxy/telemetry/metrics.py",
+    "lmproxy/telemetry/tracing.py",
     "lmproxy/errors.py",
-    "lmproxy/breaker.py",
-    "lmproxy/limits.py",
+    "lmproxy/fleet/breaker.py",
+    "lmproxy/keys/limits.py",
     "lmproxy/decode.py",
-    "lmproxy/accept.py",
+    "lmproxy/client/accept.py",
     "strategies/*.py",
     "lmproxy/sim/server.py",  # the simulator's request handling
 )

@@ -13,7 +13,7 @@ from pathlib import Path
 from conftest import Mock, Router, chat_body, request, router_over, wait_until
 from inproc import Harness, MemoryTransport
 
-from lmproxy.upstream import RECEIVE_BUFFER, Pool
+from lmproxy.backend.upstream import RECEIVE_BUFFER, Pool
 
 
 async def _past_the_deadline(h: Harness, transport: MemoryTransport, delay_s: float) -> bytes:

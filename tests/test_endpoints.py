@@ -51,11 +51,11 @@ def test_readiness_is_503_while_draining():
 
     from lmproxy import api
     from lmproxy.config import Config, ServiceSpec
-    from lmproxy.registry import Registry
+    from lmproxy.fleet.roster import Roster
 
-    registry = Registry()
-    registry.probe_passed(registry.add(ServiceSpec(url="http://127.0.0.1:9", name="a")), None)
-    router = SimpleNamespace(registry=registry, draining=False, config=Config())
+    roster = Roster()
+    roster.probe_passed(roster.add(ServiceSpec(url="http://127.0.0.1:9", name="a")), None)
+    router = SimpleNamespace(roster=roster, draining=False, config=Config())
     assert api.readiness(router)[0] == 200  # type: ignore[arg-type]
     router.draining = True
     status, body = api.readiness(router)  # type: ignore[arg-type]

@@ -16,8 +16,8 @@ import pytest
 from conftest import Mock, Router, request, router_over, wait_until
 
 from lmproxy.config import ServiceSpec
-from lmproxy.load import LoadScraper, PageRefused, PageScan, parse
-from lmproxy.registry import Registry
+from lmproxy.fleet.load import LoadScraper, PageRefused, PageScan, parse
+from lmproxy.fleet.roster import Roster
 from strategies.least_outstanding import LeastOutstanding
 
 VLLM = """\
@@ -74,15 +74,15 @@ def test_parse_reads_vllm_sglang_and_the_deprecated_name():
 
 
 async def test_a_page_that_does_not_parse_costs_one_scrape_not_the_loop():
-    registry = Registry()
-    service = registry.add(ServiceSpec(url="http://127.0.0.1:1", name="odd"))
+    roster = Roster()
+    service = roster.add(ServiceSpec(url="http://127.0.0.1:1", name="odd"))
     pages = iter([b'vllm:num_requests_running{model_name="a" 3\n', VLLM.encode()])
 
     async def fetch(*args: object, sink: Callable[[bytes], None]) -> tuple[int, bytes]:
         sink(next(pages))
         return 200, b""
 
-    scraper = LoadScraper(registry, 1.0, 1.0, fetch=fetch)
+    scraper = LoadScraper(roster, 1.0, 1.0, fetch=fetch)
     await scraper.scrape(service)  # garbage: no figure, no exception, asked again later
     assert service.engine_at is None and not service.metrics_missing
     await scraper.scrape(service)
@@ -90,16 +90,16 @@ async def test_a_page_that_does_not_parse_costs_one_scrape_not_the_loop():
 
 
 def test_the_engines_other_traffic_counts_only_while_fresh():
-    registry = Registry()
-    busy = registry.add(ServiceSpec(url="http://127.0.0.1:1", name="busy"))
-    idle = registry.add(ServiceSpec(url="http://127.0.0.1:2", name="idle"))
+    roster = Roster()
+    busy = roster.add(ServiceSpec(url="http://127.0.0.1:1", name="busy"))
+    idle = roster.add(ServiceSpec(url="http://127.0.0.1:2", name="idle"))
     busy.in_flight = 2  # the router's own: the engine counts them among its 2 + 50
-    registry.engine_load(busy, 2, 50, 0.9, at=0.0)
+    roster.engine_load(busy, 2, 50, 0.9, at=0.0)
     assert busy.engine_extra == 50
     strategy = LeastOutstanding()
     busy.in_flight, idle.in_flight = 0, 3
     assert strategy.choose([busy, idle], None) is idle  # type: ignore[arg-type]
-    registry.engine_stale(busy)  # too old to trust: the router's own count decides
+    roster.engine_stale(busy)  # too old to trust: the router's own count decides
     assert busy.engine_extra == 0
     assert strategy.choose([busy, idle], None) is busy  # type: ignore[arg-type]
 
@@ -107,18 +107,18 @@ def test_the_engines_other_traffic_counts_only_while_fresh():
 def test_a_full_engine_is_passed_over_by_miss_placement():
     from strategies.placement import Rendezvous
 
-    registry = Registry()
-    pool = [registry.add(ServiceSpec(url=f"http://127.0.0.1:{i}", name=f"s{i}")) for i in (1, 2, 3)]
+    roster = Roster()
+    pool = [roster.add(ServiceSpec(url=f"http://127.0.0.1:{i}", name=f"s{i}")) for i in (1, 2, 3)]
     keys = range(300)
     owners = {k: Rendezvous().choose(pool, k, 0.25) for k in keys}
     full = owners[0]
-    registry.engine_load(full, 8, 2, None, at=0.0)  # its batch is full: 2 wait
+    roster.engine_load(full, 8, 2, None, at=0.0)  # its batch is full: 2 wait
     assert full.engine_full
     assert all(Rendezvous().choose(pool, k, 0.25) is not full for k in keys)
     # Keys it did not own stay where they were.
     kept = [k for k in keys if owners[k] is not full]
     assert all(Rendezvous().choose(pool, k, 0.25) is owners[k] for k in kept)
-    registry.engine_stale(full)
+    roster.engine_stale(full)
     assert not full.engine_full and Rendezvous().choose(pool, 0, 0.25) is full
 
 
@@ -258,11 +258,11 @@ def test_a_metrics_flood_is_refused_once_and_bystanders_are_served(spawn):
 
 
 async def test_a_scrape_that_raises_costs_its_service_a_back_off_not_the_loop(caplog):
-    registry = Registry()
-    good = registry.add(ServiceSpec(url="http://127.0.0.1:1", name="good"))
-    bad = registry.add(ServiceSpec(url="http://127.0.0.1:2", name="bad"))
+    roster = Roster()
+    good = roster.add(ServiceSpec(url="http://127.0.0.1:1", name="good"))
+    bad = roster.add(ServiceSpec(url="http://127.0.0.1:2", name="bad"))
     for service in (good, bad):
-        registry.probe_passed(service, None)
+        roster.probe_passed(service, None)
     asked = collections.Counter()
     failure: list[Exception | None] = [RuntimeError("the scrape broke")]
 
@@ -284,7 +284,7 @@ async def test_a_scrape_that_raises_costs_its_service_a_back_off_not_the_loop(ca
         return sum(text in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
 
     caplog.set_level(logging.INFO, "lmproxy")
-    scraper = LoadScraper(registry, 0.02, 1.0, fetch=fetch)
+    scraper = LoadScraper(roster, 0.02, 1.0, fetch=fetch)
     scraper.start()
     try:
         await until(lambda: asked["good"] >= 30)

@@ -190,7 +190,7 @@ async def test_a_loop_whose_step_fails_logs_once_backs_off_and_goes_on(caplog):
     """The registry poll, DNS discovery and the expiry of registrations each run as
     ``repeat``: whatever a step raises, the loop logs it once with its traceback,
     waits twice as long after each failure in a row, and goes on."""
-    from lmproxy.sources import repeat
+    from lmproxy.fleet.sources import repeat
 
     caplog.set_level(logging.INFO, "lmproxy")
     loop = asyncio.get_running_loop()
@@ -227,8 +227,8 @@ async def test_the_fleet_holds_its_sources_in_rank_order_and_each_says_what_it_f
     import msgspec
 
     from lmproxy.config import Config, ServiceSpec
-    from lmproxy.fleet import Fleet
-    from lmproxy.registry import Registry as Services
+    from lmproxy.fleet.membership import Fleet
+    from lmproxy.fleet.roster import Roster as Services
 
     config = msgspec.convert(
         {

@@ -18,7 +18,7 @@ import openai
 import pytest
 from conftest import Process, Router, request
 
-from lmproxy.request import MAX_FORM_PARTS, form_model
+from lmproxy.client.request import MAX_FORM_PARTS, form_model
 
 
 class Echo(Process):

@@ -182,7 +182,7 @@ def test_timeout_is_not_retried(spawn):
 async def test_a_probe_answer_in_tiny_chunks_is_refused_past_its_pieces():
     # h11 costs microseconds per chunk: 20,000 one-byte chunks would be a long stretch
     # of Python, so an answer is bounded in pieces too (and yields to the loop meanwhile).
-    from lmproxy.probe import MAX_PROBE_PIECES, ProbeError, http_get
+    from lmproxy.backend.probe import MAX_PROBE_PIECES, ProbeError, http_get
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")

@@ -414,7 +414,7 @@ def test_docs_give_each_babysitter_its_own_registry_flag():
 
 def _services(*kinds: str) -> list:
     from lmproxy.config import ServiceSpec
-    from lmproxy.registry import Service
+    from lmproxy.fleet.roster import Service
 
     return [
         Service(ServiceSpec(url=f"http://127.0.0.1:{9000 + i}", metadata={"cache_type": kind}))
@@ -423,7 +423,7 @@ def _services(*kinds: str) -> list:
 
 
 def _route(body: dict):
-    from lmproxy.request import RouteRequest, decode_head
+    from lmproxy.client.request import RouteRequest, decode_head
 
     raw = json.dumps(body).encode()
     return RouteRequest(b"/v1/chat/completions", "m", decode_head(b"/v1/x", raw), raw, [])
@@ -469,7 +469,7 @@ def test_error_settings_reach_prebuilt_answers_and_stream_events():
     """configure() runs before the gate builds its answers once; the stream's error
     event takes the shape too; the statuses are InfiniLM's only under --compat."""
     from lmproxy import errors
-    from lmproxy.accept import Gate
+    from lmproxy.client.accept import Gate
     from lmproxy.errors import Fault
 
     try:

@@ -8,7 +8,7 @@ import re
 
 from inproc import BODY, MODEL, Harness, MemoryTransport, chat_request
 
-from lmproxy.upstream import UpstreamConnection
+from lmproxy.backend.upstream import UpstreamConnection
 
 OK_BODY = b'{"id":"x","object":"chat.completion"}'
 
@@ -216,11 +216,11 @@ async def test_a_500_head_is_dropped_unrelayed_and_another_service_answers():
     answer = downstream.take()
     assert statuses(answer) == [200] and answer.endswith(OK_BODY)
     assert b"engine" not in answer
-    registry = h.router.registry
-    a, b = registry.services["a"], registry.services["b"]
+    roster = h.router.roster
+    a, b = roster.services["a"], roster.services["b"]
     assert a.error_count == 1 and a.breaker.failures == 1 and a.consecutive_errors == 0
     assert a.in_flight == 0 and b.in_flight == 0  # every slot came back
-    assert registry.candidates(MODEL) == [a, b]  # one of two: still closed
+    assert roster.candidates(MODEL) == [a, b]  # one of two: still closed
 
 
 async def test_without_a_retry_left_the_500_is_relayed_as_it_came_and_counted():
@@ -232,10 +232,10 @@ async def test_without_a_retry_left_the_500_is_relayed_as_it_came_and_counted():
     await h.turn()
     answer = downstream.take()
     assert statuses(answer) == [500] and answer.endswith(SERVER_ERROR)
-    registry = h.router.registry
-    a = registry.services["a"]
+    roster = h.router.roster
+    a = roster.services["a"]
     assert a.breaker.state_name == "open"
-    assert registry.candidates(MODEL) == [registry.services["b"]]
+    assert roster.candidates(MODEL) == [roster.services["b"]]
     assert a.healthy  # its checks decide health; the breaker, routing
 
 

@@ -17,9 +17,9 @@ import pytest
 from conftest import free_port
 from inproc import BODY, MODEL, Harness, MemoryTransport, chat_request, spec
 
+from lmproxy.backend.upstream import UpstreamConnection
 from lmproxy.config import KeySpec, ModelSettings, ServiceSpec
-from lmproxy.limits import Key, Refusal
-from lmproxy.upstream import UpstreamConnection
+from lmproxy.keys.limits import Key, Refusal
 from strategies import BaseStrategy, Option
 
 Backends = dict[str, tuple[UpstreamConnection, MemoryTransport]]
@@ -71,14 +71,12 @@ def access(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
 
 
 def slots(h: Harness) -> dict[str, int]:
-    return {name: s.in_flight for name, s in h.router.registry.services.items()}
+    return {name: s.in_flight for name, s in h.router.roster.services.items()}
 
 
 def counts(h: Harness) -> dict[str, tuple[int, int]]:
     """Each service's (request_count, error_count)."""
-    return {
-        name: (s.request_count, s.error_count) for name, s in h.router.registry.services.items()
-    }
+    return {name: (s.request_count, s.error_count) for name, s in h.router.roster.services.items()}
 
 
 def sent(backends: Backends, prefix: str) -> list[str]:
@@ -200,7 +198,7 @@ async def test_a_prefill_4xx_is_the_clients_error(mode, caplog):
     assert sent(backends, "p") == []  # nor another prefill
     assert slots(h) == dict.fromkeys(PD_NAMES, 0)
     assert counts(h)[prefill] == (1, 0)  # the client's error, not the prefill's
-    assert h.router.registry.services[prefill].breaker.failures == 0
+    assert h.router.roster.services[prefill].breaker.failures == 0
     assert 'lmproxy_pd_requests_total{outcome="failed",role="prefill"} 1.0' in metrics(h)
     (line,) = access(caplog)
     # Today's line names the prefill alone, SGLang's stopped decode too.
@@ -246,7 +244,7 @@ async def test_a_prefill_5xx_is_retried_on_another_prefill(mode, caplog):
         assert first_decodes == []
         assert 'outcome="failed",role="decode"' not in text
     assert {n: c for n, c in counts(h).items() if c != (0, 0)} == expected
-    assert h.router.registry.services[prefill].breaker.failures == 1  # a 5xx: its step
+    assert h.router.roster.services[prefill].breaker.failures == 1  # a 5xx: its step
     (line,) = access(caplog)
     assert (line["status"], line["service"]) == (200, f"prefill={prefill2},decode={decode}")
 

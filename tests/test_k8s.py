@@ -22,9 +22,8 @@ import pytest
 import trustme
 from conftest import ROOT, STARTUP_TIMEOUT_S, Mock, Process, Router, request, wait_until
 
-from lmproxy import kube
 from lmproxy.config import ConfigError
-from lmproxy.kube import (
+from lmproxy.fleet.kube import (
     Access,
     Pod,
     PodWatcher,
@@ -34,6 +33,7 @@ from lmproxy.kube import (
     resolve_access,
     why_not_routable,
 )
+from lmproxy.fleet.membership import kube
 
 MODEL = "Qwen3-32B"
 PATH = "/v1/chat/completions"
@@ -610,7 +610,7 @@ def test_a_watch_sent_a_byte_per_chunk_does_not_hold_the_router(spawn, ca, tmp_p
 
 def test_lines_look_at_each_byte_once():
     """However small the pieces, each byte is searched for a newline once."""
-    from lmproxy.kube import Lines
+    from lmproxy.fleet.kube import Lines
 
     lines = Lines()
     event = b'{"type": "ADDED", "object": {"padding": "' + b"x" * 100_000 + b'"}}'

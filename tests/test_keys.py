@@ -21,10 +21,10 @@ import openai
 import pytest
 from conftest import Mock, Router, free_port, request, wait_until
 
-from lmproxy import limits as limits_module
 from lmproxy.cli import load_config
 from lmproxy.config import ConfigError, KeySpec
-from lmproxy.limits import Authority, Key, LocalLimits, Refusal, RemoteLimits
+from lmproxy.keys import limits as limits_module
+from lmproxy.keys.limits import Authority, Key, LocalLimits, Refusal, RemoteLimits
 
 CHAT = "/v1/chat/completions"
 ASK = [{"role": "user", "content": "hi"}]
@@ -1021,14 +1021,14 @@ def test_a_redis_that_answers_ok_to_everything_is_not_believed(keyed):
     ],
 )
 def test_a_limit_check_reply_of_the_wrong_type_or_range_is_refused(reply):
-    from lmproxy.redis_limits import WrongAnswer, check_reply
+    from lmproxy.keys.redis_limits import WrongAnswer, check_reply
 
     with pytest.raises(WrongAnswer):
         check_reply(reply, make_key(rpm=5, tpm=100))
 
 
 def test_a_limit_check_reply_as_the_script_makes_it_is_taken():
-    from lmproxy.redis_limits import check_ended, check_heartbeat, check_reply
+    from lmproxy.keys.redis_limits import check_ended, check_heartbeat, check_reply
 
     key = make_key(rpm=5, tpm=100)
     assert check_reply([b"", b"0"], key) == ("", 0.0)

@@ -11,7 +11,7 @@ import openai
 import pytest
 from conftest import ROOT, Mock, Router, wait_until
 
-from lmproxy.request import replace_model
+from lmproxy.client.request import replace_model
 
 CHAT = "/v1/chat/completions"
 ASK = {"messages": [{"role": "user", "content": "x"}]}

@@ -22,7 +22,7 @@ from inproc import BODY, Harness, chat_request
 from test_inproc import EVENT, WHOLE, ok_response, statuses
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-MAX_HEADERS = 100  # lmproxy.server.MAX_HEADERS, as a client sees it
+MAX_HEADERS = 100  # lmproxy.client.connection.MAX_HEADERS, as a client sees it
 
 
 def head_with(count: int, request_line: bytes = b"GET /health HTTP/1.1") -> bytes:

@@ -14,9 +14,9 @@ import pytest
 from conftest import ROOT, Mock, Router, chat_body, request, router_over, wait_until
 
 import strategies
+from lmproxy.client.request import RouteRequest, decode_head
 from lmproxy.config import ServiceSpec
-from lmproxy.registry import Service
-from lmproxy.request import RouteRequest, decode_head
+from lmproxy.fleet.roster import Service
 from strategies.affinity import Affinity
 from strategies.cache_aware import CacheAware
 from strategies.least_outstanding import LeastOutstanding

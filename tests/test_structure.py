@@ -66,7 +66,7 @@ def find_circle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_import_graph_has_no_circle():
     graph = import_graph()
-    assert "lmproxy.app" in graph and "lmproxy.server" in graph["lmproxy.app"]
+    assert "lmproxy.app" in graph and "lmproxy.client.connection" in graph["lmproxy.app"]
     circle = find_circle(graph)
     assert circle is None, " -> ".join(circle or [])
 
@@ -89,8 +89,8 @@ def _lines_matching(pattern: str) -> list[tuple[str, str]]:
 
 def test_in_flight_changes_only_in_acquire_and_release():
     changes = _lines_matching(r"in_flight [-+]=")
-    assert {path for path, _ in changes} == {"lmproxy/registry.py"}, changes
-    text = (PACKAGE / "registry.py").read_text()
+    assert {path for path, _ in changes} == {"lmproxy/fleet/roster.py"}, changes
+    text = (PACKAGE / "fleet" / "roster.py").read_text()
     body = text[text.index("    def acquire(self)") : text.index("    def note_error(")]
     assert len(changes) == body.count("in_flight -=") + body.count("in_flight +=") == 4
 
@@ -99,9 +99,9 @@ def test_queued_is_written_by_admission_alone():
     """A journey's place in the queue (``queued``) is admission.py's, but for its start."""
     writes = _writes_to("queued")
     assert {(path, where) for path, where, _ in writes} == {
-        ("lmproxy/admission.py", "AdmissionQueue.admit"),
-        ("lmproxy/admission.py", "AdmissionQueue.leave"),
-        ("lmproxy/admission.py", "AdmissionQueue._take"),
+        ("lmproxy/journey/admission.py", "AdmissionQueue.admit"),
+        ("lmproxy/journey/admission.py", "AdmissionQueue.leave"),
+        ("lmproxy/journey/admission.py", "AdmissionQueue._take"),
         ("lmproxy/journey/journey.py", "Journey.__init__"),
     }, writes
 
@@ -188,10 +188,10 @@ def test_a_services_counts_change_only_in_attempt_end():
     }
     assert released and released <= ATTEMPT_END, released
     errors = {(p, w) for p, w, _ in _writes_to("error_count", augmented_only=True)}
-    assert {p for p, _ in errors} == {"lmproxy/registry.py"}, errors
+    assert {p for p, _ in errors} == {"lmproxy/fleet/roster.py"}, errors
     reports = set()
     for report in ("request_failed", "answered_error", "request_succeeded"):
-        reports |= {(p, w) for p, w, _ in _calls_of(report) if p != "lmproxy/registry.py"}
+        reports |= {(p, w) for p, w, _ in _calls_of(report) if p != "lmproxy/fleet/roster.py"}
     assert reports == ATTEMPT_END, reports
 
 
@@ -201,7 +201,7 @@ def test_a_grant_is_ended_only_in_the_journeys_end():
     ends = [
         (p, w)
         for p, w, line in _calls_of("end")
-        if p not in ("lmproxy/limits.py", "lmproxy/redis_limits.py")
+        if p not in ("lmproxy/keys/limits.py", "lmproxy/keys/redis_limits.py")
         and re.search(r"\b(grant|verdict)\.end\(", _router_sources()[p].splitlines()[line - 1])
     ]
     assert ends == [("lmproxy/journey/journey.py", "Journey._end_grant")], ends
@@ -215,7 +215,7 @@ def test_the_clients_handle_is_set_only_by_the_request_path():
     or by the attempts under the journey; the connection only declares it."""
     writes = {(p, w) for p, w, _ in _writes_to("underway")}
     assert writes == {
-        ("lmproxy/server.py", "ClientConnection.__init__"),
+        ("lmproxy/client/connection.py", "ClientConnection.__init__"),
         ("lmproxy/journey/journey.py", "Journey.start"),
         ("lmproxy/journey/journey.py", "Journey.end"),
         ("lmproxy/app.py", "Answering.__init__"),
@@ -237,7 +237,7 @@ def test_the_strategy_hears_of_a_try_only_from_its_attempt():
 
 def test_the_upstream_connection_alone_writes_its_last_activity():
     writes = _lines_matching(r"last_activity =")
-    assert {path for path, _ in writes} == {"lmproxy/upstream.py"}, writes
+    assert {path for path, _ in writes} == {"lmproxy/backend/upstream.py"}, writes
 
 
 def _slug(heading: str) -> str:

@@ -10,7 +10,7 @@ import sys
 
 from conftest import ROOT, STARTUP_TIMEOUT_S, Mock, Process, Router, wait_until
 
-from lmproxy.tracing import context
+from lmproxy.telemetry.tracing import context
 
 CHAT = "/v1/chat/completions"
 ASK = {"model": "Qwen3-32B", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}

@@ -24,15 +24,15 @@ import enum
 import time
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
+from lmproxy.backend.upstream import ConnectError, UpstreamConnection
 from lmproxy.errors import Fault, ProxyError
-from lmproxy.upstream import ConnectError, UpstreamConnection
 
 if TYPE_CHECKING:
     import strategies
+    from lmproxy.client.connection import ClientConnection, ClientRequest
+    from lmproxy.client.request import RouteRequest
+    from lmproxy.fleet.roster import Service
     from lmproxy.protocols import ProxyHost
-    from lmproxy.registry import Service
-    from lmproxy.request import RouteRequest
-    from lmproxy.server import ClientConnection, ClientRequest
 
 # A tpm key's answer that ends without usage is charged an estimate: its prompt at one
 # token per BYTES_PER_TOKEN of the request body (as sent), and one token per SSE event
@@ -103,8 +103,8 @@ class Failure(NamedTuple):
     retry may go; ``fault`` None: the client already has all it gets)."""
 
     counted: bool  # one more of the service's requests
-    blames: bool  # a failure of the service: its health (Registry.request_failed)
-    answered: bool  # an error answer: Registry.answered_error (a 5xx is its breaker's step)
+    blames: bool  # a failure of the service: its health (Roster.request_failed)
+    answered: bool  # an error answer: Roster.answered_error (a 5xx is its breaker's step)
     metric: bool  # counted in lmproxy_backend_failures_total, by the outcome's value
     fine: bool  # what the strategy's on_end is told: the service did its part
     fault: Fault | None
@@ -441,7 +441,7 @@ class Attempt:
             self._failed(latency_s)
             return
         router = self.journey.router
-        registry = router.registry
+        roster = router.roster
         status = self.status
         self.tokens = router.metrics.finished(
             service, self.route.model, status, latency_s, self.ttfb_s, self.tail
@@ -450,13 +450,13 @@ class Attempt:
         service.latencies.append(latency_s)
         if status == 508:
             # A router (this one, or one in a ring with it) saw its own Via.
-            registry.request_failed(
+            roster.request_failed(
                 service, f"routing loop: {service.url} leads back to a router it came through"
             )
         elif status >= 500 or status == 429:
-            registry.answered_error(service, status)  # a 5xx is its breaker's step
+            roster.answered_error(service, status)  # a 5xx is its breaker's step
         elif service.watched:
-            registry.request_succeeded(service)  # only then is there a streak to end
+            roster.request_succeeded(service)  # only then is there a streak to end
         conn = self.conn
         assert conn is not None
         if self.reusable:
@@ -483,11 +483,11 @@ class Attempt:
         if row.counted:
             service.request_count += 1
         if row.answered:
-            router.registry.answered_error(service, self.status)
+            router.roster.answered_error(service, self.status)
         if row.metric:
             router.metrics.failed(service, outcome.value)
         if row.blames:
-            router.registry.request_failed(service, self.reason)
+            router.roster.request_failed(service, self.reason)
         if outcome is Outcome.CRASHED:
             return  # nothing of it is counted, nor told: what raised may raise again
         if self.side and outcome is not Outcome.LET_GO:

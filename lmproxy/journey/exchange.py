@@ -18,8 +18,17 @@ import re
 import time
 from typing import TYPE_CHECKING
 
-from lmproxy.breaker import SERVER_ERRORS
+from lmproxy.backend.upstream import (
+    EVENT_STREAM,
+    HOP_LINES,
+    LENGTH,
+    NO_BODY,
+    TRANSFER_ENCODING,
+    UNTIL_CLOSE,
+    UpstreamConnection,
+)
 from lmproxy.errors import sse_error_event
+from lmproxy.fleet.breaker import SERVER_ERRORS
 from lmproxy.journey.attempt import (
     BYTES_PER_TOKEN,
     HOP_BY_HOP,
@@ -29,16 +38,7 @@ from lmproxy.journey.attempt import (
     prompt_estimate,
     request_data,
 )
-from lmproxy.metrics import whole_usage_tokens
-from lmproxy.upstream import (
-    EVENT_STREAM,
-    HOP_LINES,
-    LENGTH,
-    NO_BODY,
-    TRANSFER_ENCODING,
-    UNTIL_CLOSE,
-    UpstreamConnection,
-)
+from lmproxy.telemetry.metrics import whole_usage_tokens
 
 if TYPE_CHECKING:
     from lmproxy.journey.attempt import Journey

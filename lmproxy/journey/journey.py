@@ -32,21 +32,21 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from lmproxy import tracing
 from lmproxy.errors import Fault, ProxyError
 from lmproxy.journey import pair, policies
 from lmproxy.journey.attempt import FAILURES, Attempt, Outcome, Retry
 from lmproxy.journey.exchange import Exchange, MeteredExchange
 from lmproxy.journey.route import any_model, choices, may_retry_on, may_start, route
-from lmproxy.metrics import log_access, usage_tokens
+from lmproxy.telemetry import tracing
+from lmproxy.telemetry.metrics import log_access, usage_tokens
 
 if TYPE_CHECKING:
     import strategies
-    from lmproxy.limits import Grant
+    from lmproxy.client.connection import ClientConnection, ClientRequest
+    from lmproxy.client.request import RouteRequest
+    from lmproxy.fleet.roster import Service
+    from lmproxy.keys.limits import Grant
     from lmproxy.protocols import ProxyHost
-    from lmproxy.registry import Service
-    from lmproxy.request import RouteRequest
-    from lmproxy.server import ClientConnection, ClientRequest
 
 log = logging.getLogger("lmproxy")
 
@@ -174,7 +174,7 @@ class Journey:
         router = self.router
         if router.config.any_model and route.model is not None:
             any_model(router, route)
-        pd_models = router.registry.pd_models
+        pd_models = router.roster.pd_models
         if pd_models and route.model in pd_models:
             self._serve(route.model)
             return
@@ -185,7 +185,7 @@ class Journey:
         """Tries for ``model``: whole requests, or pairs when it is disaggregated."""
         router = self.router
         self.strategy = router.strategy_for(model)
-        pd_models = router.registry.pd_models
+        pd_models = router.roster.pd_models
         self.split = None
         self.try_ = None
         if pd_models and model in pd_models:

@@ -48,18 +48,18 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from lmproxy import decode
-from lmproxy.admission import has_room
+from lmproxy.backend.upstream import UpstreamConnection
+from lmproxy.client.request import COMPLETION_PATHS, RouteRequest
 from lmproxy.errors import Fault, ProxyError
+from lmproxy.journey.admission import has_room
 from lmproxy.journey.attempt import Attempt, Journey, Outcome, Retry, request_data
 from lmproxy.journey.exchange import Exchange, MeteredExchange
-from lmproxy.request import COMPLETION_PATHS, RouteRequest
-from lmproxy.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     import asyncio
 
     import strategies
-    from lmproxy.registry import Service
+    from lmproxy.fleet.roster import Service
 
 log = logging.getLogger("lmproxy")
 
@@ -179,7 +179,7 @@ def untried(journey: Journey, role: str, failed: Service | None = None) -> list[
     tried = journey.tried
     return [
         s
-        for s in journey.router.registry.pd_candidates(route.model, role)
+        for s in journey.router.roster.pd_candidates(route.model, role)
         if s is not failed and s not in tried
     ]
 
@@ -194,7 +194,7 @@ def pair_or_error(journey: Journey) -> tuple[list[Service], list[Service]] | Pro
     prefills = untried(journey, "prefill")
     decodes = untried(journey, "decode")
     if not prefills or not decodes:
-        if router.registry.candidates(model):
+        if router.roster.candidates(model):
             return None
         return journey.last_error or _unavailable(
             journey, model, "prefill" if not prefills else "decode"
@@ -229,17 +229,17 @@ def _with_room(
 
 
 def _unavailable(journey: Journey, model: str, side: str) -> ProxyError:
-    registry = journey.router.registry
-    among = [s for s in registry.services.values() if s.role == side and model in s.models]
+    roster = journey.router.roster
+    among = [s for s in roster.services.values() if s.role == side and model in s.models]
     return ProxyError(
         Fault.NO_HEALTHY_SERVICE,
         f"no healthy {side} service for model {model!r}: "
-        + (registry.why_unavailable(model, among) if among else "none is configured"),
+        + (roster.why_unavailable(model, among) if among else "none is configured"),
     )
 
 
 class Prefill(Attempt):
-    """The prefill side of one pair: the :class:`~lmproxy.upstream.Sink` of its
+    """The prefill side of one pair: the :class:`~lmproxy.backend.upstream.Sink` of its
     upstream connection (the answer, de-chunked, kept up to ``limit`` bytes). Its
     deadline is a timer of its own: an SGLang prefill may outlive its request."""
 
@@ -527,7 +527,7 @@ class Pair:
         route = journey.route
         assert route is not None and route.model is not None
         pair = untried(journey, "prefill") and untried(journey, "decode", failed)
-        return bool(pair) or bool(journey.router.registry.candidates(route.model))
+        return bool(pair) or bool(journey.router.roster.candidates(route.model))
 
     # --- what the journey drives: the client side and the sweep ---------------------------
 

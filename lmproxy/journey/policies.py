@@ -16,16 +16,16 @@ import logging
 import re
 from typing import TYPE_CHECKING, Protocol
 
+from lmproxy.client.request import USAGE_PATHS, find_header, naming_model, with_stream_usage
 from lmproxy.config import fallback_chain
 from lmproxy.errors import Fault, ProxyError
-from lmproxy.limits import UNLIMITED, Refusal
-from lmproxy.request import USAGE_PATHS, find_header, naming_model, with_stream_usage
+from lmproxy.keys.limits import UNLIMITED, Refusal
 
 if TYPE_CHECKING:
-    from lmproxy.limits import Grant, Key, Verdict
+    from lmproxy.client.connection import ClientConnection, ClientRequest
+    from lmproxy.client.request import RouteRequest
+    from lmproxy.keys.limits import Grant, Key, Verdict
     from lmproxy.protocols import ProxyHost
-    from lmproxy.request import RouteRequest
-    from lmproxy.server import ClientConnection, ClientRequest
 
 log = logging.getLogger("lmproxy")
 

@@ -1,7 +1,7 @@
 """What routing reads of a request, and which services may take it.
 
 ``route`` decodes only the fields routing needs (the ``model``, ``stream``, what
-cache-aware hashes) into a :class:`~lmproxy.request.RouteRequest` and raises the
+cache-aware hashes) into a :class:`~lmproxy.client.request.RouteRequest` and raises the
 400/404/503 a request deserves; ``candidates`` is the healthy services of its model,
 or the reason there are none, in words that say what to change.
 """
@@ -10,10 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lmproxy.admission import has_room
-from lmproxy.errors import Fault, ProxyError
-from lmproxy.registry import LOGGED_SERVICES, name_models
-from lmproxy.request import (
+from lmproxy.client.request import (
     MODEL_PATHS,
     RequestHead,
     RouteRequest,
@@ -23,12 +20,15 @@ from lmproxy.request import (
     is_form,
     with_model,
 )
+from lmproxy.errors import Fault, ProxyError
+from lmproxy.fleet.roster import LOGGED_SERVICES, name_models
+from lmproxy.journey.admission import has_room
 from strategies.size import by_cache_type
 
 if TYPE_CHECKING:
+    from lmproxy.client.connection import ClientRequest
+    from lmproxy.fleet.roster import Service
     from lmproxy.protocols import ProxyHost
-    from lmproxy.registry import Service
-    from lmproxy.server import ClientRequest
 
 
 def route(router: ProxyHost, request: ClientRequest) -> RouteRequest:
@@ -43,7 +43,7 @@ def route(router: ProxyHost, request: ClientRequest) -> RouteRequest:
         config = router.config
         model = config.default_model
         if model is None:
-            served = router.registry.served_models()
+            served = router.roster.served_models()
             if len(served) == 1:
                 model = served[0]
             elif config.require_model:
@@ -88,29 +88,29 @@ def any_model(router: ProxyHost, route: RouteRequest) -> None:
     """--any-model, before routing: a name no service lists is the one model served, as
     the Rust routers take it (so a disaggregated model is split as its own name would
     be); with several served, a request without a model (see candidates)."""
-    registry = router.registry
-    if route.model in registry.known_models or not registry.services:
+    roster = router.roster
+    if route.model in roster.known_models or not roster.services:
         return
-    if registry.discovery_pending():
+    if roster.discovery_pending():
         return  # it may yet be listed: _candidates decides
-    served = list(registry.known_models)
+    served = list(roster.known_models)
     route.model = served[0] if len(served) == 1 else None
 
 
 def candidates(router: ProxyHost, route: RouteRequest) -> list[Service]:
     """The healthy services of the route's model; else the error that says why none."""
-    registry = router.registry
+    roster = router.roster
     model = route.model
     if model is None:
-        found = registry.whole()
+        found = roster.whole()
         if not found:
-            raise ProxyError(Fault.NO_HEALTHY_SERVICE, registry.why_unavailable(None))
+            raise ProxyError(Fault.NO_HEALTHY_SERVICE, roster.why_unavailable(None))
         return found
-    found = registry.candidates(model)
+    found = roster.candidates(model)
     if found:
         return found
-    if model in registry.known_models or not registry.services:
-        raise ProxyError(Fault.NO_HEALTHY_SERVICE, registry.why_unavailable(model))
+    if model in roster.known_models or not roster.services:
+        raise ProxyError(Fault.NO_HEALTHY_SERVICE, roster.why_unavailable(model))
     if router.config.any_model:
         # A name no service lists (--any-model): it goes on as a request without a
         # model, to every healthy service, its body as sent. Its name is not kept: a
@@ -122,9 +122,9 @@ def candidates(router: ProxyHost, route: RouteRequest) -> list[Service]:
 
 def _unknown(router: ProxyHost, model: str) -> ProxyError:
     """Why no service lists ``model``: discovery is still pending, or none serves it."""
-    registry = router.registry
-    if registry.discovery_pending():
-        pending = [s for s in registry.services.values() if not s.models_known]
+    roster = router.roster
+    if roster.discovery_pending():
+        pending = [s for s in roster.services.values() if not s.models_known]
         if any(s.last_check is None for s in pending):
             return ProxyError(
                 Fault.NO_HEALTHY_SERVICE,
@@ -133,8 +133,8 @@ def _unknown(router: ProxyHost, model: str) -> ProxyError:
                 "retry shortly",
             )
         # Every service that might serve it has failed its check: say why, not "pending".
-        return ProxyError(Fault.NO_HEALTHY_SERVICE, registry.why_unavailable(model, pending))
-    models = name_models(registry.known_models) or "none"
+        return ProxyError(Fault.NO_HEALTHY_SERVICE, roster.why_unavailable(model, pending))
+    models = name_models(roster.known_models) or "none"
     return ProxyError(
         Fault.MODEL_NOT_FOUND, f"model {model!r} not found; available models: {models}"
     )
@@ -144,12 +144,12 @@ def choices(router: ProxyHost, route: RouteRequest, tried: list[Service]) -> lis
     """The services a whole-request try may choose from: the model's healthy ones not
     tried yet (none left: an empty list), by infini-router's size rule where it applies."""
     model = route.model
-    found = router.registry.candidates(model) if model is not None else None
+    found = router.roster.candidates(model) if model is not None else None
     if not found:  # the reasons why not, or a request without a model
         found = candidates(router, route)
     if tried:
         found = [s for s in found if s not in tried]
-    if found and router.registry.any_static:
+    if found and router.roster.any_static:
         found = by_cache_type(found, route, router.config.cache_type_routing_threshold)
     return found
 

@@ -37,14 +37,14 @@ from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
-from lmproxy.accept import source_of
+from lmproxy.client.accept import source_of
+from lmproxy.client.request import find_header
 from lmproxy.errors import Fault, error_response
-from lmproxy.request import find_header
 
 if TYPE_CHECKING:
-    from lmproxy.accept import Gate
+    from lmproxy.client.accept import Gate
     from lmproxy.config import Config
-    from lmproxy.limits import Key
+    from lmproxy.keys.limits import Key
     from lmproxy.protocols import Underway
 
 MAX_HEADER_BYTES = 64 * 1024

@@ -16,8 +16,8 @@ import logging
 import msgspec
 
 from lmproxy import decode
-from lmproxy.probe import ProbeError, probe
-from lmproxy.registry import Registry, Service
+from lmproxy.backend.probe import ProbeError, probe
+from lmproxy.fleet.roster import Roster, Service
 
 log = logging.getLogger("lmproxy")
 
@@ -38,10 +38,8 @@ class _ModelList(msgspec.Struct):
 
 
 class HealthChecker:
-    def __init__(
-        self, registry: Registry, interval_s: float, timeout_s: float, via: str = ""
-    ) -> None:
-        self.registry = registry
+    def __init__(self, roster: Roster, interval_s: float, timeout_s: float, via: str = "") -> None:
+        self.roster = roster
         self.via = via  # the router's Via name: a service that is the router fails with 508
         self.interval_s = interval_s
         self.timeout_s = timeout_s
@@ -49,7 +47,7 @@ class HealthChecker:
         self._unexpected: dict[str, str] = {}  # service -> the unexpected failure last logged
 
     def start(self) -> None:
-        for service in self.registry.services.values():
+        for service in self.roster.services.values():
             self.watch(service)
 
     def watch(self, service: Service) -> None:
@@ -84,9 +82,9 @@ class HealthChecker:
             async with asyncio.timeout(self.timeout_s):
                 models = await self._probe(service)
         except TimeoutError:
-            self.registry.probe_failed(service, f"health check timed out after {self.timeout_s}s")
+            self.roster.probe_failed(service, f"health check timed out after {self.timeout_s}s")
         except ProbeError as exc:
-            self.registry.probe_failed(service, f"health check failed: {exc}")
+            self.roster.probe_failed(service, f"health check failed: {exc}")
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -96,10 +94,10 @@ class HealthChecker:
             if self._unexpected.get(service.name) != reason:
                 self._unexpected[service.name] = reason
                 log.exception("health check of %s failed unexpectedly", service.name)
-            self.registry.probe_failed(service, f"health check failed: {reason}")
+            self.roster.probe_failed(service, f"health check failed: {reason}")
         else:
             self._unexpected.pop(service.name, None)
-            self.registry.probe_passed(service, models)
+            self.roster.probe_passed(service, models)
 
     async def _probe(self, service: Service) -> list[tuple[str, int | None, str | None]] | None:
         # Messages name the path asked, prefix included: the one to try by hand.

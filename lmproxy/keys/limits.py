@@ -39,11 +39,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from lmproxy.control import ChannelClosed, Message
+from lmproxy.workers.control import ChannelClosed, Message
 
 if TYPE_CHECKING:
     from lmproxy.config import Config, KeySpec
-    from lmproxy.control import Channel
+    from lmproxy.workers.control import Channel
 
 log = logging.getLogger("lmproxy")
 

@@ -35,7 +35,7 @@ from typing import Protocol
 
 import httptools
 
-from lmproxy.tls import tls_reason
+from lmproxy.backend.tls import tls_reason
 
 # Framing of a response body as the backend sent it.
 LENGTH, CHUNKED, UNTIL_CLOSE, NO_BODY = range(4)

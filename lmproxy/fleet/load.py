@@ -17,7 +17,7 @@ Each model's own figures are kept too, and ``/stats`` shows them. A service
 whose ``/metrics`` is missing, or has none of these, is asked once and then
 left alone. A figure older than ``STALE_INTERVALS`` intervals is dropped, so a
 stale engine view never outweighs the router's fresh count
-(``Registry.engine_stale``).
+(``Roster.engine_stale``).
 
 The page is read as it arrives (``PageScan``), never as a whole: an engine's
 page is mostly histograms, and a hostile one can be 4 MiB of lines. One
@@ -44,8 +44,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple, Protocol
 
-from lmproxy.probe import ProbeError, probe
-from lmproxy.registry import Registry, Service
+from lmproxy.backend.probe import ProbeError, probe
+from lmproxy.fleet.roster import Roster, Service
 
 log = logging.getLogger("lmproxy")
 
@@ -181,13 +181,13 @@ class Fetch(Protocol):
 class LoadScraper:
     def __init__(
         self,
-        registry: Registry,
+        roster: Roster,
         interval_s: float,
         timeout_s: float,
         via: str = "",
         fetch: Fetch = probe,
     ) -> None:
-        self.registry = registry
+        self.roster = roster
         self.interval_s = interval_s  # 0: off
         self.timeout_s = timeout_s
         self.via = via
@@ -231,19 +231,19 @@ class LoadScraper:
         now = time.monotonic()
         services = [
             s
-            for s in self.registry.healthy()
+            for s in self.roster.healthy()
             if not s.metrics_missing and self._retry.get(s.name, (0.0, 0.0))[0] <= now
         ]
         await asyncio.gather(*(self._scrape_guarded(s) for s in services))
 
     def _sweep(self, interval: float) -> None:
         now = time.time()
-        services = self.registry.services
+        services = self.roster.services
         for service in services.values():
             at = service.engine_at
             # Turned off by a reload, or too old: the router's own count decides.
             if at is not None and (interval <= 0 or now - at > STALE_INTERVALS * interval):
-                self.registry.engine_stale(service)
+                self.roster.engine_stale(service)
         for book in (self._logged, self._retry):
             for name in [n for n in book if n and n not in services]:
                 del book[name]
@@ -258,7 +258,7 @@ class LoadScraper:
             backoff = min(max(2 * backoff, self.interval_s), BACKOFF_MAX_S)
             self._retry[service.name] = (time.monotonic() + backoff, backoff)
             self._note(service.name, f"{type(exc).__name__}: {exc}", exc)
-            self.registry.engine_stale(service, forget=True)
+            self.roster.engine_stale(service, forget=True)
         else:
             self._retry.pop(service.name, None)
 
@@ -288,7 +288,7 @@ class LoadScraper:
                 service.name,
                 f"{path} refused: {exc}; its load is the router's own count until it reads",
             )
-            self.registry.engine_stale(service, forget=True)
+            self.roster.engine_stale(service, forget=True)
             return
         if figures is None:
             if status in (200, 404):
@@ -302,6 +302,6 @@ class LoadScraper:
             else:
                 self._note(service.name, f"{path} answered {status}")
             return
-        self.registry.engine_load(
+        self.roster.engine_load(
             service, figures.running, figures.waiting, figures.kv, time.time(), figures.models
         )

@@ -30,7 +30,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
-    from lmproxy.registry import Registry, Service
+    from lmproxy.fleet.roster import Roster, Service
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -128,8 +128,8 @@ class Metrics:
     died are kept, never go back).
     """
 
-    def __init__(self, registry: Registry, queue_length: Callable[[], int]) -> None:
-        self.registry = registry
+    def __init__(self, roster: Roster, queue_length: Callable[[], int]) -> None:
+        self.roster = roster
         self.queue_length = queue_length
         self._figures: dict[tuple[str, str], _Figures] = {}
         self._errors: dict[tuple[str, str], int] = {}
@@ -439,7 +439,7 @@ class Metrics:
             )
         }
         now = time.time()
-        for each in self.registry.services.values():
+        for each in self.roster.services.values():
             in_flight.add_metric([each.name], each.in_flight)
             healthy.add_metric([each.name], 1 if each.healthy else 0)
             circuit.add_metric([each.name], each.breaker.state)

@@ -16,7 +16,7 @@ on services at once (sglang-router's limit): past it a request waits in the same
 queue, and the same ``--max-queue`` bounds it (429 when full, as theirs answers
 ``--queue-size``). One that waits ``--queue-timeout`` for the router's limit gets
 408, as theirs does; one that waited for a service's ``max_in_flight``, 429. The
-limit caps each service's (``Registry.router_limit``), so a release wakes the
+limit caps each service's (``Roster.router_limit``), so a release wakes the
 queue as a limited service's does. A request holds its place from the choice of
 a service to its end (a retry's next choice is its own); a disaggregated
 request holds one for each step under way. With ``--workers``, each worker has
@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING
 from lmproxy.errors import Fault, ProxyError
 
 if TYPE_CHECKING:
+    from lmproxy.fleet.roster import Roster, Service
     from lmproxy.protocols import Waiter
-    from lmproxy.registry import Registry, Service
 
 MAX_RETRY_AFTER_S = 60
 
@@ -50,13 +50,13 @@ def has_room(service: Service) -> bool:
 class AdmissionQueue:
     def __init__(
         self,
-        registry: Registry,
+        roster: Roster,
         timeout_s: float,
         max_queue: int = 0,
         max_concurrent: int = 0,
     ) -> None:
         self.loop = asyncio.get_running_loop()
-        self.registry = registry
+        self.roster = roster
         self.timeout_s = timeout_s
         self.max_queue = max_queue  # 0: no limit
         self.max_concurrent = max_concurrent  # this process's share of the router's; 0: none
@@ -65,8 +65,8 @@ class AdmissionQueue:
         self.limited = False
         self._waking = False
         self._wake_soon = False
-        registry.listeners.append(self._fleet_changed)
-        registry.on_slot_freed = self.slot_freed
+        roster.listeners.append(self._fleet_changed)
+        roster.on_slot_freed = self.slot_freed
 
     def __len__(self) -> int:
         return len(self.waiting)
@@ -74,7 +74,7 @@ class AdmissionQueue:
     def under_way(self) -> int:
         """Requests this process holds on services (``--max-concurrent-requests`` counts
         them): read only while the limit is set, so the request path keeps no count."""
-        return sum(s.local_in_flight for s in self.registry.services.values())
+        return sum(s.local_in_flight for s in self.roster.services.values())
 
     def full(self) -> bool:
         """Whether the router-wide limit is reached."""
@@ -150,7 +150,7 @@ class AdmissionQueue:
         self._waking = True
         try:
             for journey in list(self.waiting):
-                healthy = self.registry.healthy()
+                healthy = self.roster.healthy()
                 if (healthy and not any(has_room(s) for s in healthy)) or self.full():
                     break
                 if journey.client.closing:
@@ -211,7 +211,7 @@ class AdmissionQueue:
 
     def _fleet_changed(self) -> None:
         # A router-wide limit caps every service's, so it is among these.
-        self.limited = any(s.max_in_flight for s in self.registry.services.values())
+        self.limited = any(s.max_in_flight for s in self.roster.services.values())
         if self.waiting:
             # Not inline: the registry may be mid-update.
             self.loop.call_soon(self.wake)

@@ -32,7 +32,7 @@ import re
 from typing import Any
 
 from lmproxy.config import ConfigError
-from lmproxy.limits import Key, LocalLimits, Verdict, refusal
+from lmproxy.keys.limits import Key, LocalLimits, Verdict, refusal
 
 log = logging.getLogger("lmproxy")
 

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple, Protocol
 
 import h11
 
-from lmproxy.tls import tls_reason
+from lmproxy.backend.tls import tls_reason
 
 MAX_PROBE_BODY = 4 * 1024 * 1024  # a /v1/models listing is far smaller
 MAX_PROBE_PIECES = 16384  # body chunks per answer: 256 bytes each on average
@@ -44,7 +44,7 @@ class ProbeError(Exception):
 
 
 class Peer(Protocol):
-    """Where a GET goes: a service (``registry.Service``), or the Kubernetes API
+    """Where a GET goes: a service (``roster.Service``), or the Kubernetes API
     server (``kube.Access``)."""
 
     @property
@@ -112,7 +112,7 @@ PROBE = Caller(
 
 
 class Probed(Protocol):
-    """A service as a probe reaches it (``registry.Service``)."""
+    """A service as a probe reaches it (``roster.Service``)."""
 
     host: str
     port: int

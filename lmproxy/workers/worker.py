@@ -1,6 +1,6 @@
 """One worker of ``--workers N``: a full serving Router whose fleet is the supervisor's.
 
-Started by the supervisor as ``python -m lmproxy.worker FD`` with one end of a
+Started by the supervisor as ``python -m lmproxy.workers.worker FD`` with one end of a
 socketpair. The worker binds the router's port itself with SO_REUSEPORT, so
 the kernel spreads new connections over the workers; a connection and its
 requests stay in the worker that accepted it.
@@ -38,15 +38,15 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from lmproxy import logs
 from lmproxy.config import Config
-from lmproxy.control import Channel, ChannelClosed, Message
 from lmproxy.errors import Fault, error_response, http_response
+from lmproxy.telemetry import logs
+from lmproxy.workers.control import Channel, ChannelClosed, Message
 from strategies import SharesState
 
 if TYPE_CHECKING:
     from lmproxy.app import Router
-    from lmproxy.server import ClientConnection, ClientRequest
+    from lmproxy.client.connection import ClientConnection, ClientRequest
 
 log = logging.getLogger("lmproxy")
 
@@ -88,7 +88,7 @@ class SupervisorLink:
         elif router is None:
             self._early.append(message)
         elif op == "state":
-            router.registry.sync(message["state"])
+            router.roster.sync(message["state"])
             self._apply_others()
         elif op == "others":
             self._others = message["counts"]
@@ -105,9 +105,9 @@ class SupervisorLink:
     def attach(self, router: Router, state: dict[str, Any]) -> None:
         """Start mirroring into ``router``, from the state sent with ``start``."""
         self.router = router
-        router.registry.on_eject = self.ejected
-        router.registry.note = log.debug  # the supervisor logs membership once
-        router.registry.sync(state)
+        router.roster.on_eject = self.ejected
+        router.roster.note = log.debug  # the supervisor logs membership once
+        router.roster.sync(state)
         self._share_learning()
         for message in self._early:
             self.handle(message)
@@ -121,7 +121,7 @@ class SupervisorLink:
     def _apply_others(self) -> None:
         assert self.router is not None
         others = self._others
-        for service in self.router.registry.services.values():
+        for service in self.router.roster.services.values():
             service.in_flight = service.local_in_flight + others.get(service.name, 0)
 
     # --- to the supervisor ---------------------------------------------------------------
@@ -139,7 +139,7 @@ class SupervisorLink:
                     "last_error": s.last_error,
                     "circuit": (s.breaker.state, s.breaker.opened_total),
                 }
-                for s in router.registry.services.values()
+                for s in router.roster.services.values()
             },
             "metrics": router.metrics.state(),
             "queue_length": len(router.admission),
@@ -155,7 +155,7 @@ class SupervisorLink:
         while True:
             await asyncio.sleep(INFLIGHT_SYNC_S)
             assert self.router is not None
-            counts = {s.name: s.local_in_flight for s in self.router.registry.services.values()}
+            counts = {s.name: s.local_in_flight for s in self.router.roster.services.values()}
             if counts != self._reported:
                 self._reported = counts
                 self.channel.send({"op": "inflight", "counts": counts})

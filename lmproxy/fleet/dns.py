@@ -28,7 +28,7 @@ import dns.rdatatype
 import dns.resolver
 
 from lmproxy.config import Config, ServiceSpec, Target, parse_discover, parse_dns_server
-from lmproxy.sources import Members, Polled
+from lmproxy.fleet.sources import Members, Polled
 
 log = logging.getLogger("lmproxy")
 

@@ -53,9 +53,9 @@ from urllib.parse import quote, urlencode, urlsplit
 import msgspec
 
 from lmproxy import decode
+from lmproxy.backend.probe import Answer, Caller, open_get
 from lmproxy.config import Config, ConfigError, ServiceSpec
-from lmproxy.probe import Answer, Caller, open_get
-from lmproxy.sources import BACKOFF_MAX_S, BACKOFF_MIN_S, MAX_CAUSE_TEXT, Members
+from lmproxy.fleet.sources import BACKOFF_MAX_S, BACKOFF_MIN_S, MAX_CAUSE_TEXT, Members
 
 log = logging.getLogger("lmproxy")
 
@@ -851,7 +851,7 @@ class PodDiscovery:
             self._end(role)
             self.members.mark_gone(
                 self.origin,
-                {s.name for s in self.members.registry.services.values() if s.role != role},
+                {s.name for s in self.members.roster.services.values() if s.role != role},
                 "came from Kubernetes discovery, no longer configured",
             )
         access = self._credentials() if wanted else None
@@ -902,7 +902,7 @@ class PodDiscovery:
         if spec is not None:
             self.members.claim(spec, self.origin)
             return
-        service = self.members.registry.services.get(name)
+        service = self.members.roster.services.get(name)
         if service is not None and service.origin == self.origin:
             self.members.remove(name, f"pod {why}")
 
@@ -910,7 +910,7 @@ class PodDiscovery:
         """One selector's full list: its pods not in it are gone."""
         for spec in specs.values():
             self.members.claim(spec, self.origin)
-        for service in list(self.members.registry.services.values()):
+        for service in list(self.members.roster.services.values()):
             if service.origin == self.origin and service.role == role and service.name not in specs:
                 self.members.remove(
                     service.name, "pod no longer listed (deleted, not Ready, or relabelled)"

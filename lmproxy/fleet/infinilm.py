@@ -17,11 +17,12 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from lmproxy import decode, tls
+from lmproxy import decode
+from lmproxy.backend import tls
+from lmproxy.backend.probe import ProbeError, http_get
 from lmproxy.config import Config, ConfigError, ServiceSpec, spec_from_entry, url_port
-from lmproxy.logs import masked_url
-from lmproxy.probe import ProbeError, http_get
-from lmproxy.sources import MAX_CAUSE_TEXT, Members, Polled
+from lmproxy.fleet.sources import MAX_CAUSE_TEXT, Members, Polled
+from lmproxy.telemetry.logs import masked_url
 
 log = logging.getLogger("lmproxy")
 
@@ -92,7 +93,7 @@ class RegistryPoll(Polled):
         path = parts.path.rstrip("/") + "/services?healthy=true"
         # The registry is checked with the router-wide --backend-* TLS settings.
         context = (
-            tls.client_context(*self.members.registry.backend_tls)
+            tls.client_context(*self.members.roster.backend_tls)
             if parts.scheme == "https"
             else None
         )

@@ -37,15 +37,15 @@ import asyncio
 import time
 from typing import Any
 
-from lmproxy.admin import AdminSource, Payload
 from lmproxy.config import Config
-from lmproxy.discovery import DnsDiscovery
-from lmproxy.health import HealthChecker
-from lmproxy.infinilm import RegistryPoll
-from lmproxy.kube import PodDiscovery
-from lmproxy.load import LoadScraper
-from lmproxy.registry import Registry
-from lmproxy.sources import ConfigSource, Loop, Members, Source
+from lmproxy.fleet.admin import AdminSource, Payload
+from lmproxy.fleet.dns import DnsDiscovery
+from lmproxy.fleet.health import HealthChecker
+from lmproxy.fleet.infinilm import RegistryPoll
+from lmproxy.fleet.kube import PodDiscovery
+from lmproxy.fleet.load import LoadScraper
+from lmproxy.fleet.roster import Roster
+from lmproxy.fleet.sources import ConfigSource, Loop, Members, Source
 
 TICK_S = 0.5  # how often grace periods are checked
 FIRST_CHECK_POLL_S = 0.01
@@ -54,15 +54,15 @@ FIRST_CHECKS_MAX_S = 5.0
 
 
 class Fleet:
-    def __init__(self, registry: Registry, config: Config, instance_id: str = "") -> None:
-        self.registry = registry
+    def __init__(self, roster: Roster, config: Config, instance_id: str = "") -> None:
+        self.roster = roster
         self.config = config
         self.own_port = config.port  # the port bound, once the router listens
         self.checker = HealthChecker(
-            registry, config.health_interval, config.health_timeout, instance_id
+            roster, config.health_interval, config.health_timeout, instance_id
         )
-        self.load = LoadScraper(registry, config.load_interval, config.health_timeout, instance_id)
-        self.members = Members(registry, self.checker, config)
+        self.load = LoadScraper(roster, config.load_interval, config.health_timeout, instance_id)
+        self.members = Members(roster, self.checker, config)
         self.registrations = AdminSource(self.members, config, lambda: self.own_port)
         # In order of rank: a name belongs to the first source that claims it.
         self.sources: list[Source] = [
@@ -88,7 +88,7 @@ class Fleet:
         503 for services that are up (sglang-router waits for its workers too). A refused
         connection fails at once; only a backend that hangs makes this wait its limit."""
         deadline = time.monotonic() + limit_s
-        services = list(self.registry.services.values())
+        services = list(self.roster.services.values())
         while any(s.last_check is None for s in services) and time.monotonic() < deadline:
             await asyncio.sleep(FIRST_CHECK_POLL_S)
 
@@ -105,7 +105,7 @@ class Fleet:
         self.checker.timeout_s = config.health_timeout
         self.load.interval_s = config.load_interval
         self.load.timeout_s = config.health_timeout
-        self.registry.max_errors = config.max_errors
+        self.roster.max_errors = config.max_errors
         self.members.apply(config)
         for source in self.sources:
             source.apply(config)

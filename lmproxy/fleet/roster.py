@@ -1,4 +1,5 @@
-"""The services the router knows, the models each serves, and whether each is healthy.
+"""The roster: the services the router knows, the models each serves, and whether each
+is healthy. (The word "registry" is kept for the InfiniLM-SVC registry it may poll.)
 
 Health has two inputs: the active checker (``health.py``) sets it after every
 probe, and the proxy ejects a service passively after ``max_errors`` consecutive
@@ -9,7 +10,7 @@ half-open trials: a service is routed to while healthy and its breaker routable.
 The per-model candidate lists are cached and rebuilt only when health or
 membership changes, so a request's lookup is one dict access.
 
-Membership changes at run time (``fleet.py``: the admin API, an InfiniLM
+Membership changes at run time (``membership.py``: the admin API, an InfiniLM
 registry, a reloaded config). A removed service leaves the lookups at once;
 requests already on it finish, and its connections close as they come back.
 In a worker process the whole state is mirrored from the supervisor (``sync``).
@@ -26,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from lmproxy import tls
-from lmproxy.breaker import (
+from lmproxy.backend import tls
+from lmproxy.config import ServiceSpec
+from lmproxy.fleet.breaker import (
     CLOSED,
     DEFAULT_FAILURE_THRESHOLD,
     DEFAULT_SUCCESS_THRESHOLD,
@@ -36,11 +38,10 @@ from lmproxy.breaker import (
     SERVER_ERRORS,
     Breaker,
 )
-from lmproxy.config import ServiceSpec
-from lmproxy.logs import iso_time, masked_url
+from lmproxy.telemetry.logs import iso_time, masked_url
 
 if TYPE_CHECKING:
-    from lmproxy.upstream import Pool
+    from lmproxy.backend.upstream import Pool
 
 log = logging.getLogger("lmproxy")
 
@@ -150,7 +151,7 @@ class Service:
         self.weight = spec.weight
         self.health_path = spec.health_path
         self.cache_type = cache_type_of(spec)  # "static": takes infini-router's large prompts
-        # https://: the one TLS context of its requests, checks and scrapes (Registry.add).
+        # https://: the one TLS context of its requests, checks and scrapes (Roster.add).
         self.ssl: ssl.SSLContext | None = None
         self.models: tuple[str, ...] = tuple(spec.models)
         self.models_configured = bool(spec.models)
@@ -209,7 +210,7 @@ class Service:
         self.in_flight -= 1
         self.local_in_flight -= 1
         if self.watched and self.breaker.end_trial():
-            self.on_circuit()  # its verdict, if it has one, comes next (Registry)
+            self.on_circuit()  # its verdict, if it has one, comes next (Roster)
         if self.max_in_flight:
             self.on_free()
 
@@ -230,7 +231,7 @@ class Service:
         return f"<Service {self.name} {self.url} healthy={self.healthy}>"
 
 
-class Registry:
+class Roster:
     def __init__(
         self,
         max_errors: int = 3,

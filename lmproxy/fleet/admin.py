@@ -31,9 +31,9 @@ from lmproxy.config import (
     spec_from_entry,
 )
 from lmproxy.errors import Fault, encode_json, error_payload
-from lmproxy.logs import iso_time, printable
-from lmproxy.registry import Entry, Registry, Service, kept_entry, service_entry
-from lmproxy.sources import Loop, Members
+from lmproxy.fleet.roster import Entry, Roster, Service, kept_entry, service_entry
+from lmproxy.fleet.sources import Loop, Members
+from lmproxy.telemetry.logs import iso_time, printable
 
 log = logging.getLogger("lmproxy")
 
@@ -116,8 +116,8 @@ def worker_info(service: Service) -> dict[str, Any]:
     return info
 
 
-def worker_list(registry: Registry) -> dict[str, Any]:
-    workers = [worker_info(s) for s in registry.services.values()]
+def worker_list(roster: Roster) -> dict[str, Any]:
+    workers = [worker_info(s) for s in roster.services.values()]
     counts = {"prefill": 0, "decode": 0, "regular": 0}
     for worker in workers:
         counts[worker["worker_type"]] += 1
@@ -163,7 +163,7 @@ class AdminSource:
 
     def __init__(self, members: Members, config: Config, own_port: Callable[[], int]) -> None:
         self.members = members
-        self.registry = members.registry
+        self.roster = members.roster
         self.config = config
         self._own_port = own_port  # the port bound, once the router listens
         self._expires: dict[str, tuple[float, float]] = {}  # name -> (ttl, monotonic deadline)
@@ -182,7 +182,7 @@ class AdminSource:
         await self._clock.stop()
 
     def found(self) -> set[str]:
-        return self.members.of(self.origin) | set(self.registry.entries)
+        return self.members.of(self.origin) | set(self.roster.entries)
 
     def status(self) -> dict[str, Any]:
         return {}
@@ -238,10 +238,10 @@ class AdminSource:
             return error_payload(
                 Fault.METHOD_NOT_ALLOWED, f"/services/{name} answers GET and DELETE"
             )
-        service = self.registry.services.get(name)
+        service = self.roster.services.get(name)
         if service is not None:
             return 200, describe(service)
-        entry = self.registry.entries.get(name)
+        entry = self.roster.entries.get(name)
         if entry is not None:
             return 200, kept_entry(entry)
         return error_payload(Fault.NOT_FOUND, f"no service named {name!r}")
@@ -255,9 +255,9 @@ class AdminSource:
         ``?url=`` is the body's ``url`` here: app.py moves it). A worker is added at
         once, so the answers that are 202 there (a queued job) say it is done."""
         if path == b"/list_workers":
-            return 200, {"urls": [s.url for s in self.registry.services.values()]}
+            return 200, {"urls": [s.url for s in self.roster.services.values()]}
         if path == b"/workers" and method in (b"GET", b"HEAD"):
-            return 200, worker_list(self.registry)
+            return 200, worker_list(self.roster)
         if path in (b"/workers", b"/add_worker"):
             return self.add_worker(body, legacy=path == b"/add_worker")
         if path == b"/remove_worker":
@@ -277,7 +277,7 @@ class AdminSource:
     def _worker(self, key: str) -> Service | None:
         """The service a worker key names: its URL (as the Rust routers key workers) or
         its lmproxy name."""
-        services = self.registry.services
+        services = self.roster.services
         url = key.rstrip("/")
         return services.get(key) or next((s for s in services.values() if s.url == url), None)
 
@@ -379,7 +379,7 @@ class AdminSource:
             )
         if ttl < 0:
             return error_payload(Fault.BAD_REQUEST, "ttl must be >= 0 seconds (0: no expiry)")
-        current = self.registry.services.get(target.name)
+        current = self.roster.services.get(target.name)
         if current is not None and self.members.rank(current.origin) < self.members.rank(
             self.origin
         ):
@@ -388,7 +388,7 @@ class AdminSource:
                 f"service {target.name!r} is defined in the config; change the config "
                 "and reload (SIGHUP), or register under another name",
             )
-        entries = self.registry.entries
+        entries = self.roster.entries
         if isinstance(target, Entry) and target.name not in entries and len(entries) >= MAX_ENTRIES:
             return error_payload(
                 Fault.BAD_REQUEST,
@@ -399,15 +399,15 @@ class AdminSource:
 
     def _keep(self, entry: Entry) -> tuple[bool, dict[str, Any]]:
         """Keep an entry of another type: (whether it is new, its answer)."""
-        if entry.name in self.registry.services:
+        if entry.name in self.roster.services:
             self.members.remove(entry.name, f"registered again, as type {entry.type!r}")
-        created = entry.name not in self.registry.entries
-        self.registry.keep(entry)
+        created = entry.name not in self.roster.entries
+        self.roster.keep(entry)
         return created, kept_entry(entry)
 
     def _add(self, spec: ServiceSpec) -> tuple[bool, dict[str, Any]]:
         """Add or change a registered service: (whether it is new, its answer)."""
-        self.registry.drop(spec.name, "registered again, as type 'openai-api'")
+        self.roster.drop(spec.name, "registered again, as type 'openai-api'")
         service, created = self.members.put(spec, self.origin)
         self._heartbeats[spec.name] = time.time()  # an entry keeps its own
         return created, describe(service)
@@ -422,8 +422,8 @@ class AdminSource:
         """Keep a registration's ttl alive. An entry's heartbeat may carry a new
         ``status``, as the InfiniLM registry allows; a service's health is the
         router's checks' alone, so there a status is ignored."""
-        service = self.registry.services.get(name)
-        entry = self.registry.entries.get(name)
+        service = self.roster.services.get(name)
+        entry = self.roster.entries.get(name)
         if service is None and entry is None:
             # "not found": what InfiniLM's babysitter looks for before its server registers.
             return error_payload(
@@ -464,8 +464,8 @@ class AdminSource:
     def health_of(self, name: str) -> Payload:
         """``GET /services/{name}/health`` in the InfiniLM registry's shape. A service's
         health is the router's own checks'; an entry's, its heartbeats' (never probed)."""
-        service = self.registry.services.get(name)
-        entry = self.registry.entries.get(name)
+        service = self.roster.services.get(name)
+        entry = self.roster.entries.get(name)
         if service is not None:
             healthy = service.healthy
             status = (

@@ -33,18 +33,19 @@ from typing import Any
 
 import msgspec
 
-from lmproxy import api, tls
+from lmproxy import api
 from lmproxy.app import authority_limits, backend_tls, new_instance_id, with_under_way
-from lmproxy.breaker import CLOSED, WORSE
+from lmproxy.backend import tls
 from lmproxy.config import Config, ConfigError
-from lmproxy.control import Channel, ChannelClosed, Message
 from lmproxy.errors import configure as configure_errors
 from lmproxy.errors import encode_json
-from lmproxy.fleet import FIRST_CHECKS_MAX_S, Fleet
-from lmproxy.limits import Authority, keys_by_name
-from lmproxy.metrics import CONTENT_TYPE, Metrics
-from lmproxy.registry import Registry
+from lmproxy.fleet.breaker import CLOSED, WORSE
+from lmproxy.fleet.membership import FIRST_CHECKS_MAX_S, Fleet
+from lmproxy.fleet.roster import Roster
+from lmproxy.keys.limits import Authority, keys_by_name
 from lmproxy.startup import reread, start_demo, startup_warnings
+from lmproxy.telemetry.metrics import CONTENT_TYPE, Metrics
+from lmproxy.workers.control import Channel, ChannelClosed, Message
 
 log = logging.getLogger("lmproxy")
 
@@ -78,16 +79,16 @@ class Supervisor:
         self.requested_port = config.port  # config.port becomes the one bound (port 0)
         self.reload = reload
         self.loop = asyncio.get_running_loop()
-        self.registry = Registry(max_errors=config.max_errors)
-        self.registry.configure_breakers(*config.breaker_settings)
-        self.registry.backend_tls = backend_tls(config)
+        self.roster = Roster(max_errors=config.max_errors)
+        self.roster.configure_breakers(*config.breaker_settings)
+        self.roster.backend_tls = backend_tls(config)
         # Checked here once, before any worker starts: a certificate or CA file that
         # cannot be read stops the start with its name, not each worker in turn.
         self.https = tls.server_context(config) is not None
         for spec in config.services:
-            self.registry.tls_context(spec)
+            self.roster.tls_context(spec)
         self.instance_id = new_instance_id()  # the workers' shared Via name
-        self.fleet = Fleet(self.registry, config, self.instance_id)
+        self.fleet = Fleet(self.roster, config, self.instance_id)
         # [[keys]] limits for the whole router: every worker asks (limits.py).
         self.limits = authority_limits(config, self.instance_id)
         self.authority = Authority(self.limits, keys_by_name(config))
@@ -96,13 +97,13 @@ class Supervisor:
         self.serving = False  # every worker started once
         self.queue_length = 0
         # Figures of workers that exited: counters never go back.
-        self.retired = Metrics(self.registry, lambda: 0)
+        self.retired = Metrics(self.roster, lambda: 0)
         self.retired_counts: dict[str, list[int]] = {}
         self._state_pending = False
         self._in_flight_pending = False
         self._watchers: set[asyncio.Task[None]] = set()
         self.demo_specs: list[Any] = []
-        self.registry.listeners.append(self._state_changed)
+        self.roster.listeners.append(self._state_changed)
 
     # --- life ------------------------------------------------------------------------
 
@@ -132,9 +133,9 @@ class Supervisor:
             self.config.port,
             self.config.workers,
             self.config.strategy,
-            len(self.registry.services),
+            len(self.roster.services),
         )
-        startup_warnings(self.config, len(self.registry.services), self.config.port)
+        startup_warnings(self.config, len(self.roster.services), self.config.port)
         await stop.wait()
         log.info("shutting down")
         await self.shutdown()
@@ -170,7 +171,7 @@ class Supervisor:
             worker.process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "lmproxy.worker",
+                "lmproxy.workers.worker",
                 str(theirs.fileno()),
                 pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
@@ -186,7 +187,7 @@ class Supervisor:
                 "workers": self.config.workers,
                 "instance": self.instance_id,
                 "config": msgspec.to_builtins(self.config),
-                "state": self.registry.state(),
+                "state": self.roster.state(),
             }
         )
         reading = asyncio.create_task(channel.run())
@@ -343,9 +344,9 @@ class Supervisor:
             for worker in self.workers.values():
                 worker.heard_at = time.monotonic()
         self.config = config
-        self.registry.max_errors = config.max_errors
-        self.registry.configure_breakers(*config.breaker_settings)
-        self.registry.backend_tls = backend_tls(config)
+        self.roster.max_errors = config.max_errors
+        self.roster.configure_breakers(*config.breaker_settings)
+        self.roster.backend_tls = backend_tls(config)
         self.fleet.apply_config(config)
         self.authority.keys = keys_by_name(config)
         self.limits.forget_others(set(self.authority.keys))
@@ -376,7 +377,7 @@ class Supervisor:
             assert worker.channel is not None
             self.authority.end(worker.channel, message)
         elif op == "eject":
-            self.registry.eject(message["name"], message["reason"])
+            self.roster.eject(message["name"], message["reason"])
         elif op == "learnt":
             # What one worker's strategies learnt goes to the others, as it came.
             for other in self._live():
@@ -416,7 +417,7 @@ class Supervisor:
 
     def _summed_metrics(self) -> Metrics:
         """Every worker's figures, those of workers that exited included."""
-        metrics = Metrics(self.registry, lambda: self.queue_length)
+        metrics = Metrics(self.roster, lambda: self.queue_length)
         metrics.absorb(self.retired.state())
         for live in self.workers.values():
             if live.snapshot is not None:
@@ -448,7 +449,7 @@ class Supervisor:
         await asyncio.gather(*(ask(w) for w in self._live()))
         snapshots = [w.snapshot for w in self.workers.values() if w.snapshot is not None]
         self.queue_length = sum(s["queue_length"] for s in snapshots)
-        for service in self.registry.services.values():
+        for service in self.roster.services.values():
             requests, errors = self.retired_counts.get(service.name, (0, 0))
             latencies: list[float] = []
             under_way = 0
@@ -491,7 +492,7 @@ class Supervisor:
         if not self._state_pending:
             return
         self._state_pending = False
-        message = {"op": "state", "state": self.registry.state()}
+        message = {"op": "state", "state": self.roster.state()}
         for worker in self._live():
             worker.channel.send(message)  # type: ignore[union-attr]
 
@@ -507,7 +508,7 @@ class Supervisor:
         for worker in self.workers.values():
             for name, count in worker.in_flight.items():
                 totals[name] = totals.get(name, 0) + count
-        for service in self.registry.services.values():
+        for service in self.roster.services.values():
             service.in_flight = totals.get(service.name, 0)
         for worker in self._live():
             others = {n: t - worker.in_flight.get(n, 0) for n, t in totals.items()}

@@ -23,10 +23,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lmproxy.config import Config, ServiceSpec
-from lmproxy.registry import Entry, Registry, Service, same_backend
+from lmproxy.fleet.roster import Entry, Roster, Service, same_backend
 
 if TYPE_CHECKING:
-    from lmproxy.health import HealthChecker
+    from lmproxy.fleet.health import HealthChecker
 
 log = logging.getLogger("lmproxy")
 
@@ -73,8 +73,8 @@ class Members:
     removes through these, so that rank, grace periods and health checks hold for
     all of them alike."""
 
-    def __init__(self, registry: Registry, checker: HealthChecker, config: Config) -> None:
-        self.registry = registry
+    def __init__(self, roster: Roster, checker: HealthChecker, config: Config) -> None:
+        self.roster = roster
         self.checker = checker
         self.config = config
         self._sources: Sequence[Source] = ()
@@ -92,8 +92,8 @@ class Members:
 
     def put(self, spec: ServiceSpec, origin: str) -> tuple[Service, bool]:
         """Add or change a service; (service, whether it is new) and start probing it."""
-        before = self.registry.services.get(spec.name)
-        service = self.registry.update(spec, origin)
+        before = self.roster.services.get(spec.name)
+        service = self.roster.update(spec, origin)
         created = service is not before
         if created:
             self.checker.watch(service)
@@ -102,7 +102,7 @@ class Members:
     def claim(self, spec: ServiceSpec, origin: str) -> None:
         """A polled source lists ``spec``: add or refresh it, unless another source
         (the config, a registration, another polled source) holds the name."""
-        current = self.registry.services.get(spec.name)
+        current = self.roster.services.get(spec.name)
         if current is not None and current.origin != origin:
             return
         self._gone_since.pop(spec.name, None)
@@ -118,15 +118,15 @@ class Members:
         self._gone_since.pop(name, None)
         for source in self._sources:
             source.forget(name)
-        return self.registry.remove(name, why) or self.registry.drop(name, why)
+        return self.roster.remove(name, why) or self.roster.drop(name, why)
 
     def of(self, origin: str) -> set[str]:
-        return {s.name for s in self.registry.services.values() if s.origin == origin}
+        return {s.name for s in self.roster.services.values() if s.origin == origin}
 
     def mark_gone(self, origin: str, listed: set[str], what: str) -> None:
         """Start the grace period of ``origin``'s services that it no longer lists."""
         now = time.monotonic()
-        for service in self.registry.services.values():
+        for service in self.roster.services.values():
             if (
                 service.origin == origin
                 and service.name not in listed
@@ -146,7 +146,7 @@ class Members:
         grace = self.config.service_removal_grace_period
         for name, since in list(self._gone_since.items()):
             if now - since >= grace:
-                service = self.registry.services.get(name)
+                service = self.roster.services.get(name)
                 self.remove(name, f"gone from {self._what(service)} for {grace:g}s")
 
     def _what(self, service: Service | None) -> str:
@@ -267,7 +267,7 @@ class ConfigSource:
     def __init__(self, members: Members, config: Config) -> None:
         self.members = members
         for spec in config.services:
-            members.registry.add(spec, self.origin)
+            members.roster.add(spec, self.origin)
 
     def start(self) -> None:
         pass
@@ -290,7 +290,7 @@ class ConfigSource:
         wanted = {spec.name: spec for spec in config.services}
         leaving = [
             s
-            for s in members.registry.services.values()
+            for s in members.roster.services.values()
             if s.origin == self.origin and s.name not in wanted
         ]
         for spec in wanted.values():
@@ -304,7 +304,7 @@ class ConfigSource:
         """Add or change one configured service; one of ``leaving`` at the same backend
         is its old name (taken out of ``leaving``)."""
         members = self.members
-        current = members.registry.services.get(spec.name)
+        current = members.roster.services.get(spec.name)
         if current is not None and current.origin != self.origin:
             # The config outranks a registration or a polled source for the name.
             members.remove(spec.name, "now defined in the config")
@@ -313,5 +313,5 @@ class ConfigSource:
         if created and renamed is not None:
             # A rename: the backend's health is known; a check cannot tell it sooner.
             leaving.remove(renamed)
-            members.registry.inherit(service, renamed)
+            members.roster.inherit(service, renamed)
             members.remove(renamed.name, f"renamed to {spec.name}")

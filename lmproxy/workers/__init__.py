@@ -1,0 +1,1 @@
+"""--workers N: the supervisor, each worker, and the channel between them."""

@@ -484,7 +484,7 @@ def test_registrations_with_unsafe_names_or_paths_are_refused(router, entry, nam
 
 async def test_a_health_check_that_fails_oddly_is_recorded_not_lost(monkeypatch):
     from lmproxy.config import ServiceSpec
-    from lmproxy.fleet.membership import health
+    from lmproxy.fleet import health
     from lmproxy.fleet.roster import Roster
 
     async def broken(*args: object, **kwargs: object) -> tuple[int, bytes]:

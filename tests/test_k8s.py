@@ -23,6 +23,7 @@ import trustme
 from conftest import ROOT, STARTUP_TIMEOUT_S, Mock, Process, Router, request, wait_until
 
 from lmproxy.config import ConfigError
+from lmproxy.fleet import kube
 from lmproxy.fleet.kube import (
     Access,
     Pod,
@@ -33,7 +34,6 @@ from lmproxy.fleet.kube import (
     resolve_access,
     why_not_routable,
 )
-from lmproxy.fleet.membership import kube
 
 MODEL = "Qwen3-32B"
 PATH = "/v1/chat/completions"

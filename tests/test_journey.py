@@ -787,3 +787,11 @@ async def test_the_docs_plugin_on_each_side_of_a_disaggregated_request(mode):
     assert ("first_byte", decode2) in decodes.calls
     # The prefill's head reaches no on_first_byte today; that is left unasserted.
     assert slots(h) == dict.fromkeys(PD_NAMES, 0)
+
+
+def test_a_plugin_may_still_import_route_request_where_the_docs_named_it():
+    """docs/strategies.md named ``lmproxy.request.RouteRequest`` before the modules moved."""
+    from lmproxy.client.request import RouteRequest as Moved
+    from lmproxy.request import RouteRequest
+
+    assert RouteRequest is Moved

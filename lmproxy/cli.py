@@ -333,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--dns-server",
         metavar="HOST[:PORT]",
-        help="resolver for --discover (default: the system's, from /etc/resolv.conf)",
+        help="DNS server for --discover, asked alone (default: names resolve as on the "
+        "rest of the machine, by getaddrinfo: /etc/hosts, nsswitch, DNS; SRV records "
+        "from /etc/resolv.conf)",
     )
     g.add_argument(
         "--discover-scheme",

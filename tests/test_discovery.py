@@ -181,3 +181,29 @@ def test_https_services_found_in_dns_are_checked_against_the_name(spawn, tmp_pat
         f"https://127.0.0.1:{backend.port}"
     )
     assert served_by(router, 2) == {"tls-engine"}
+
+
+def test_a_name_resolves_as_on_the_rest_of_the_machine(spawn):
+    """Without --dns-server a name's addresses come from getaddrinfo, as for curl or
+    nginx: ``localhost`` is in /etc/hosts (nsswitch), and no DNS server knows it."""
+    port = free_port()
+    spawn(Mock, "local", [MODEL], port=port)
+    router = spawn(Router, "--discover", f"dns://localhost:{port}", "--discover-interval", "0.2")
+    router.wait_healthy(1)
+    listed = router.listed()
+    assert listed[f"127.0.0.1:{port}"]["origin"] == "dns", listed
+    assert router.post("/v1/chat/completions", ONE_TOKEN).status == 200
+    assert "resolves to no address" not in router.output
+
+
+def test_a_name_with_no_address_is_a_warning_naming_the_resolver(spawn, tmp_path):
+    dns = spawn(DnsServer, tmp_path / "zone.json")
+    dns.set({"other.test.": {"A": ["127.0.0.2"]}})
+    router = discovering(spawn, dns, "dns://nothing.test:8000")
+    says = f"resolves to no address (asked the DNS server 127.0.0.1:{dns.port} (--dns-server))"
+    wait_until(lambda: says in router.output, 5, "the warning")
+    # Logged once while it stays so, however many lookups follow (each asks A and AAAA).
+    asked = dns.output.count("query nothing.test. A")
+    wait_until(lambda: dns.output.count("query nothing.test. A") >= asked + 3, 5, "more lookups")
+    assert router.output.count("resolves to no address") == 1, router.output
+    assert "WARNING" in next(line for line in router.output.splitlines() if says in line)

@@ -3,12 +3,16 @@ selector agrees with the router and with the other manifests."""
 
 from __future__ import annotations
 
+import json
+import tomllib
+
 import trustme
 import yaml
 from conftest import ROOT, Mock, Router, wait_until
 from test_k8s import HOSTS, ApiServer, kubeconfig
 
 from lmproxy.cli import build_parser, load_config
+from lmproxy.config import Config
 
 DEPLOY = ROOT / "deploy" / "kubernetes"
 
@@ -88,3 +92,75 @@ def test_the_probe_paths_are_served(spawn, tmp_path):
     assert router.get(ready).status == 503
     api.put("vllm-0", HOSTS[0])
     wait_until(lambda: router.get(ready).status == 200, 10, "ready once an engine pod is")
+
+
+# --- the image: the Dockerfile, as a container engine would read it -------------------
+# No container engine can pull a base image where lmproxy is tested, so the image is not
+# built here: what can drift (the user, the entrypoint, the port, the health path, the
+# install step) is checked against the router, the manifests and README instead.
+
+
+def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
+    """Each stage's instructions, (INSTRUCTION, arguments), continuation lines joined."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instruction, _, arguments = line.partition(" ")
+        instruction = instruction.upper()
+        if instruction == "FROM":
+            name = arguments.split()[-1] if " AS " in arguments.upper() else str(len(stages))
+            current = stages.setdefault(name, [])
+        current.append((instruction, arguments.strip()))
+    return stages
+
+
+def readme_install_command() -> str:
+    """README's quick-start install step: the `pip install ...` of its first command."""
+    readme = (ROOT / "README.md").read_text()
+    first = readme.split("```sh\n", 1)[1].split("\n", 1)[0]
+    (step,) = [part.strip() for part in first.split("&&") if part.strip().startswith("pip ")]
+    return step
+
+
+def test_the_image_runs_the_router_as_it_is_installed_and_probed():
+    stages = dockerfile_stages()
+    assert list(stages) == ["build", "runtime"], stages.keys()
+    runtime = stages["runtime"]
+    # Not root: a USER that names neither root nor uid 0.
+    users = [args for op, args in runtime if op == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), users
+    # The entrypoint is a console script the package installs.
+    (entrypoint,) = [args for op, args in runtime if op == "ENTRYPOINT"]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert json.loads(entrypoint)[0] in scripts, entrypoint
+    # The port and the health path are the router's defaults and the Deployment's.
+    defaults = Config()
+    (exposed,) = [args for op, args in runtime if op == "EXPOSE"]
+    (health,) = [args for op, args in runtime if op == "HEALTHCHECK"]
+    container = manifests()["Deployment/lmproxy"]["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert int(exposed) == defaults.port == ports["http"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/liveness"
+    assert f"http://127.0.0.1:{defaults.port}/liveness" in health
+    # Nothing of the build in the final stage: it copies the built environment only.
+    runs = " ".join(args for op, args in runtime if op == "RUN")
+    assert "pip" not in runs and "gcc" not in runs and "apt-get" not in runs, runs
+    copies = [args for op, args in runtime if op == "COPY"]
+    assert copies and all(c.startswith("--from=build ") for c in copies), copies
+    # The build stage installs lmproxy with README's own command, so the two cannot drift.
+    build_runs = [args for op, args in stages["build"] if op == "RUN"]
+    assert readme_install_command() in build_runs, (readme_install_command(), build_runs)
+    # The Python version is a build argument, the same for both stages.
+    assert all("${PYTHON_VERSION}" in args for op, args in (stages["build"][0], runtime[0]))
+
+
+def test_the_deployment_names_the_image_as_published():
+    container = manifests()["Deployment/lmproxy"]["spec"]["template"]["spec"]["containers"][0]
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert container["image"] == f"ghcr.io/lmproxy/lmproxy:{version}"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "tests", "bench"} <= set(ignored)

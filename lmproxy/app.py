@@ -159,7 +159,7 @@ class Router:
             if config.otlp_endpoint
             else None
         )
-        # Disaggregated models (pd.py): each side's strategy.
+        # Disaggregated models (journey/pair.py): each side's strategy.
         self.prefill_strategy = strategies.load(config.prefill_strategy, {})
         self.decode_strategy = strategies.load(config.decode_strategy, {})
         self.fleet = Fleet(self.roster, config, self.instance_id) if link is None else None

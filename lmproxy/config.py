@@ -82,7 +82,7 @@ class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
     # The name its certificate is checked against (and SNI), when not the URL's host:
     # a discovered address whose certificate names the DNS name it was found by.
     server_name: str | None = None
-    # Prefill/decode disaggregation (pd.py): "prefill", "decode", or "both" (whole
+    # Prefill/decode disaggregation (journey/pair.py): "prefill", "decode", or "both" (whole
     # requests, as ever). A prefill's bootstrap_port is where SGLang decodes fetch its KV.
     role: str = "both"
     bootstrap_port: int | None = None
@@ -179,7 +179,7 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True):
     strategy: str | None = None
     strategy_options: dict[str, Any] = {}
     pd_mode: str | None = None  # its disaggregation protocol, if not the router's
-    # Models to try, in order, when none of this one's services can answer (proxy.py).
+    # Models to try, in order, when none of this one's services can answer (journey/journey.py).
     fallbacks: list[str] = []
 
 
@@ -302,7 +302,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     dns_server: str | None = None  # HOST[:PORT]; default: the system's resolver
     # Kubernetes discovery (kube.py): the pods a label selector picks, watched.
     k8s_selector: list[str] = []  # KEY=VALUE terms, all of which a pod's labels match
-    k8s_prefill_selector: list[str] = []  # pods that are prefill services (pd.py)
+    k8s_prefill_selector: list[str] = []  # pods that are prefill services (journey/pair.py)
     k8s_decode_selector: list[str] = []  # pods that are decode services
     k8s_namespace: str | None = None  # default: the router pod's own (or the kubeconfig's)
     k8s_port: int = 8000  # unless a pod's lmproxy.io/port annotation says otherwise
@@ -313,7 +313,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Tracing (tracing.py): W3C trace context always; OTLP spans with an endpoint.
     otlp_endpoint: str | None = None  # http(s)://collector:4318/v1/traces
     otel_sample_ratio: float = 1.0
-    # Prefill/decode disaggregation (pd.py): the protocol, and each side's strategy.
+    # Prefill/decode disaggregation (journey/pair.py): the protocol, and each side's strategy.
     pd_mode: str = "vllm"
     prefill_strategy: str = "cache-aware"
     decode_strategy: str = "least-outstanding"

@@ -3,7 +3,7 @@
 Every error the router answers itself names a :class:`Fault`, whose status is
 decided here and nowhere else, in the spirit of h11's ``error_status_hint``.
 Whether a failure counts against a backend service is the proxy's decision
-(``proxy.py``): it depends on what happened, not on the status.
+(``journey/attempt.py``): it depends on what happened, not on the status.
 
 Two start-up settings change what a client sees, never what the router does
 (:func:`configure`, once per process, before any answer is prebuilt):

@@ -144,7 +144,7 @@ class Service:
         self.host = spec.host
         self.server_name = spec.server_name or spec.host  # what its certificate must name
         self.port = spec.port
-        self.role = spec.role  # "both": whole requests; "prefill"/"decode": one step (pd.py)
+        self.role = spec.role  # "both": whole requests; "prefill"/"decode": one step (pair.py)
         host = f"[{spec.host}]" if ":" in spec.host else spec.host  # IPv6 literal
         self.host_header = f"{host}:{spec.port}".encode()
         self.path_prefix = spec.path_prefix.encode()
@@ -266,7 +266,7 @@ class Roster:
         self.known_models: dict[str, ModelInfo] = {}
         self._candidates: dict[str, list[Service]] = {}
         self._healthy: list[Service] = []
-        # Disaggregation (pd.py): healthy services that take whole requests (all of
+        # Disaggregation (journey/pair.py): healthy services that take whole requests (all of
         # them when no service has a role), the models that some prefill or decode
         # service serves, and each (model, role)'s healthy services.
         self._whole: list[Service] = []

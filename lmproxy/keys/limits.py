@@ -8,7 +8,7 @@ A request made with a ``[[keys]]`` key is checked here before it is routed:
   holds tokens; each response's ``usage`` is taken from it when the response
   ends, so one response may overdraw it, and the key then waits until the debt
   is repaid. An answer that ends without its usage (the client hung up before
-  the usage chunk) is charged the router's estimate of it (``proxy.py``,
+  the usage chunk) is charged the router's estimate of it (``journey/exchange.py``,
   ``MeteredExchange``).
 - ``max_in_flight`` counts the key's requests under way.
 

@@ -134,7 +134,7 @@ class Metrics:
         self._figures: dict[tuple[str, str], _Figures] = {}
         self._errors: dict[tuple[str, str], int] = {}
         self.added = _Histogram(ADDED_BUCKETS_S)
-        # Disaggregated requests' steps (pd.py), by role ("prefill", "decode") and
+        # Disaggregated requests' steps (journey/pair.py), by role ("prefill", "decode") and
         # outcome ("ok", "failed").
         self._pd: dict[tuple[str, str], int] = {}
         self._fallbacks: dict[tuple[str, str], int] = {}  # (model, fallback taken)

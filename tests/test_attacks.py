@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import select
 import socket
@@ -262,26 +263,38 @@ def test_a_silent_new_connection_is_closed_after_the_header_timeout(router):
     assert time.monotonic() - started > 0.9  # not before --header-timeout
 
 
-def open_fds(proc: Router) -> int:
-    return len(list(Path(f"/proc/{proc.proc.pid}/fd").iterdir()))
+def holds(proc: Router, sock: socket.socket) -> bool:
+    """Whether the router's process holds the far end of ``sock``: the kernel's socket
+    whose peer is ``sock`` (/proc/net/tcp), among the process's descriptors. (A count of
+    descriptors would also see other connections close meanwhile.)"""
+    port = sock.getsockname()[1]
+    inodes = {
+        fields[9]
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+        if (fields := line.split()) and int(fields[2].rsplit(":", 1)[1], 16) == port
+    }
+    held = set()
+    for fd in Path(f"/proc/{proc.proc.pid}/fd").iterdir():
+        try:
+            held.add(os.readlink(fd))
+        except FileNotFoundError:  # closed while listed
+            continue
+    return any(f"socket:[{inode}]" in held for inode in inodes - {"0"})
 
 
 def test_a_rejected_client_that_never_reads_is_let_go(router):
     """Answers it never reads, then a malformed request, then silence: the error waits
     behind answers the client will never take. The router lets the connection go (its
     socket closes) after --send-timeout, or the lingering close's two seconds."""
-    baseline = open_fds(router)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
     sock.connect(("127.0.0.1", router.port))
     with sock:
         # Far more answers than the kernel's socket buffers hold.
         sock.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n" * 3000 + b"BAD\r\n\r\n")
-        wait_until(lambda: open_fds(router) > baseline, 5, "the router to hold the connection")
+        wait_until(lambda: holds(router, sock), 5, "the router to hold the connection")
         # Bounded by the wait: without the send timeout the socket would stay open.
-        wait_until(
-            lambda: open_fds(router) <= baseline, float(SEND_TIMEOUT) + 8, "the router to let go"
-        )
+        wait_until(lambda: not holds(router, sock), float(SEND_TIMEOUT) + 8, "the router to let go")
 
 
 # --- 4. a backend that answers more than it was asked ---------------------------------
